@@ -129,3 +129,27 @@ def test_masked_residues_are_ignored():
 def test_tm_d0():
   assert float(evaluate.tm_d0(100)) == pytest.approx(1.24 * 85 ** (1 / 3) - 1.8, rel=1e-6)
   assert float(evaluate.tm_d0(10)) == 0.5
+
+
+def test_violation_statistics_flag_a_distorted_structure():
+  import ml_collections
+  from af2flax.data import targets
+  aatype, positions, mask = load_chain("1ahsA")
+  aatype, positions, mask = aatype[:NUM_RES], positions[:NUM_RES], mask[:NUM_RES]
+  batch = targets.make_targets(aatype, positions, mask)
+  batch.update(aatype=aatype, residue_index=np.arange(NUM_RES, dtype=np.int32),
+               seq_mask=np.ones(NUM_RES, np.float32))
+  batch["atom14_atom_exists"] = batch["atom14_gt_exists"]
+  config = ml_collections.ConfigDict({"violation_tolerance_factor": 12.0,
+                                      "clash_overlap_tolerance": 1.5})
+  stats_fn = jax.jit(lambda b, x: evaluate.violation_statistics(b, x, config))
+  clean = stats_fn(batch, batch["atom14_gt_positions"])
+  assert float(clean["violations_per_residue"]) == 0.0 and float(clean["violation_loss"]) < 1e-3
+  distorted = batch["atom14_gt_positions"].copy()
+  distorted[30:] += np.asarray([0.0, 0.0, 2.0])  # Breaks the 29-30 peptide bond.
+  distorted[10, 1] = distorted[50, 1]             # Puts CA(10) onto CA(50).
+  stats = stats_fn(batch, distorted)
+  # Residues 29-30 (broken bond) and 9-11 (bond angles around the moved CA).
+  assert float(stats["violations_between_residue_bond"]) == pytest.approx(5 / NUM_RES)
+  assert float(stats["num_clashing_atoms"]) >= 2
+  assert float(stats["bonds_c_n_loss_mean"]) > 0 and float(stats["violation_loss"]) > 0.1
