@@ -129,7 +129,8 @@ def from_model_output(batch: Mapping[str, Any], outputs: Mapping[str, Any],
   (0-based, written + 1), optional `batch['asym_id']` (1-based chain ids), and
   `outputs['structure_module']['final_atom_positions' | 'final_atom_mask']` (or those keys
   at the top level of `outputs`). A leading recycling/ensemble axis on batch features
-  ([R, N]) is dropped by taking its first slice. `plddt` defaults to `outputs['plddt']`.
+  ([R, N]) is dropped by taking its first slice. `plddt` defaults to `outputs['plddt']`,
+  else to the pLDDT of `outputs['predicted_lddt']['logits']` (Suppl. Alg. 29), else none.
   """
   structure = outputs.get("structure_module", outputs)
   positions = np.asarray(structure["final_atom_positions"])
@@ -145,6 +146,9 @@ def from_model_output(batch: Mapping[str, Any], outputs: Mapping[str, Any],
     chain_index = np.unique(asym_id, return_inverse=True)[1].astype(np.int32)
   if plddt is None and "plddt" in outputs:
     plddt = outputs["plddt"]
+  elif plddt is None and "predicted_lddt" in outputs:
+    from af2flax.common import confidence  # Lazy: keeps JAX out of file-only users.
+    plddt = np.asarray(confidence.compute_plddt(outputs["predicted_lddt"]["logits"]))
   return from_prediction(feature("aatype"), positions, structure["final_atom_mask"], plddt,
                          residue_index=feature("residue_index") + 1, chain_index=chain_index)
 

@@ -346,6 +346,13 @@ def test_from_model_output_with_batch_axis_and_chains():
   assert pred.chain_names == ("A", "B")
   np.testing.assert_array_equal(pred.chain_index, truth.chain_index)
   np.testing.assert_allclose(pred.b_factors, 50.0)
+  # pLDDT from the head's logits when no per-residue value is given: one-hot logits on bin
+  # b of 50 give 100 * (b + 0.5) / 50.
+  bins = np.arange(n) % 50
+  logits = np.where(np.arange(50)[None] == bins[:, None], 1e4, 0.0).astype(np.float32)
+  outputs = {"structure_module": outputs["structure_module"], "predicted_lddt": {"logits": logits}}
+  pred = protein.from_model_output(batch, outputs)
+  np.testing.assert_allclose(pred.b_factors[:, 1], 100 * (bins + 0.5) / 50, atol=1e-3)
 
 
 # --- Bad input ---------------------------------------------------------------------------------
