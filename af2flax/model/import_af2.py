@@ -1,0 +1,178 @@
+"""AlphaFold (Haiku) parameter files <-> af2flax parameter trees, and params checkpoints.
+
+Our Flax tree mirrors AlphaFold's Haiku names (MODEL_CONTRACT section 1), so the mapping is
+mechanical: the Haiku key
+    alphafold/alphafold_iteration/evoformer/evoformer_iteration/msa_transition/transition1//bias
+is the Flax path
+    ('alphafold_iteration', 'evoformer', 'evoformer_iteration', 'msa_transition', 'transition1',
+     'bias')
+under `{'params': ...}` (the top-level `AlphaFold` module plays Haiku's `alphafold`). Stacked
+layers keep their leading layer axis on both sides. `haiku_from_flax` is the inverse, used to
+name gradients. Checks against an expected tree (from `jax.eval_shape` of the model's init)
+fail with the offending path.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+
+ROOT_MODULE = "alphafold"
+PARAM_SEPARATOR = "//"
+
+
+class ParameterMismatchError(ValueError):
+  """A parameter file does not fit the model: names or shapes differ."""
+
+
+def haiku_name_to_path(name: str) -> tuple[str, ...]:
+  """'alphafold/a/b//w' -> ('a', 'b', 'w')."""
+  if PARAM_SEPARATOR not in name:
+    raise ParameterMismatchError(f"{name!r} is not a Haiku parameter key "
+                                 f"('<module path>{PARAM_SEPARATOR}<parameter name>')")
+  module_path, param_name = name.split(PARAM_SEPARATOR)
+  modules = module_path.split("/")
+  if modules[0] != ROOT_MODULE:
+    raise ParameterMismatchError(f"{name!r} is not under the '{ROOT_MODULE}/' module")
+  return tuple(modules[1:]) + (param_name,)
+
+
+def path_to_haiku_name(path: Iterable[str]) -> str:
+  """('a', 'b', 'w') -> 'alphafold/a/b//w'."""
+  path = tuple(path)
+  return "/".join((ROOT_MODULE,) + path[:-1]) + PARAM_SEPARATOR + path[-1]
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+  """Nested dict -> {path tuple: leaf}."""
+  flat = {}
+  for key, value in params.items():
+    if isinstance(value, Mapping):
+      for sub_path, leaf in flatten_params(value).items():
+        flat[(key,) + sub_path] = leaf
+    else:
+      flat[(key,)] = value
+  return flat
+
+
+def unflatten_params(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return tree
+
+
+def haiku_from_flax(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Our parameter (or gradient) tree -> {Haiku key: array}. Accepts {'params': tree} too."""
+  if set(params) == {"params"}:
+    params = params["params"]
+  return {path_to_haiku_name(path): leaf for path, leaf in flatten_params(params).items()}
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+  """Shape of an array or ShapeDtypeStruct."""
+  return tuple(int(d) for d in leaf.shape)
+
+
+def check_against(flat_haiku: Mapping[str, Any], expected: Mapping[str, Any],
+                  source: str = "parameters") -> None:
+  """Raises ParameterMismatchError naming every missing, unexpected or mis-shaped path.
+
+  `expected` is our tree (arrays or ShapeDtypeStructs, with or without the 'params' level).
+  """
+  expected_flat = haiku_from_flax(expected)
+  problems = []
+  for name in sorted(set(expected_flat) - set(flat_haiku)):
+    problems.append(f"missing in {source}: {name} (model expects {_shape(expected_flat[name])})")
+  for name in sorted(set(flat_haiku) - set(expected_flat)):
+    problems.append(f"not in the model: {name} ({source} has {_shape(flat_haiku[name])})")
+  for name in sorted(set(flat_haiku) & set(expected_flat)):
+    got, want = _shape(flat_haiku[name]), _shape(expected_flat[name])
+    if got != want:
+      problems.append(f"shape mismatch: {name}: {source} has {got}, model expects {want}")
+  if problems:
+    shown = "\n  ".join(problems[:40])
+    more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
+    raise ParameterMismatchError(f"{len(problems)} parameter mismatch(es) between {source} and "
+                                 f"the model:\n  {shown}{more}")
+
+
+def flax_from_haiku(flat_haiku: Mapping[str, Any], expected: Mapping[str, Any] | None = None,
+                    source: str = "parameters", dtype: Any = np.float32) -> dict[str, Any]:
+  """{Haiku key: array} -> {'params': our tree}; checked against `expected` when given."""
+  if expected is not None:
+    check_against(flat_haiku, expected, source)
+  flat = {haiku_name_to_path(name): np.asarray(value, dtype=dtype)
+          for name, value in flat_haiku.items()}
+  return {"params": unflatten_params(flat)}
+
+
+def load_alphafold_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a DeepMind `params_model_*.npz` (or a reference dump's params.npz)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such AlphaFold parameter file")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      flat = {key: data[key] for key in data.files}
+  except (ValueError, OSError) as error:
+    raise ParameterMismatchError(f"{path}: not a readable .npz parameter file ({error})") from error
+  if not flat:
+    raise ParameterMismatchError(f"{path}: the file holds no arrays")
+  bad = [key for key in flat if PARAM_SEPARATOR not in key]
+  if bad:
+    raise ParameterMismatchError(f"{path}: keys are not Haiku parameter names, e.g. {bad[0]!r}")
+  return flat
+
+
+def group_norms(flat_haiku: Mapping[str, Any], prefixes: Iterable[str]) -> dict[str, float]:
+  """L2 norm over all arrays whose Haiku key starts with each `prefix` + '/'."""
+  norms = {}
+  for prefix in prefixes:
+    squares = [float(np.sum(np.square(np.asarray(value, np.float64))))
+               for name, value in flat_haiku.items()
+               if name.startswith(prefix + "/") or name.startswith(prefix + PARAM_SEPARATOR)]
+    if not squares:
+      raise KeyError(f"no parameter under {prefix!r}")
+    norms[prefix] = float(np.sqrt(sum(squares)))
+  return norms
+
+
+# --- Orbax params checkpoints -------------------------------------------------------------
+
+def save_params(directory: str | os.PathLike, params: Mapping[str, Any]) -> pathlib.Path:
+  """Saves {'params': tree} as an Orbax checkpoint at `directory` (must not exist)."""
+  import orbax.checkpoint as ocp  # Imported here: only the tools and training need Orbax.
+
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists():
+    raise FileExistsError(f"{directory}: already exists; choose a new output directory")
+  if set(params) != {"params"}:
+    params = {"params": params}
+  params = jax.tree.map(np.asarray, params)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory, params)
+  checkpointer.wait_until_finished()
+  return directory
+
+
+def restore_params(directory: str | os.PathLike,
+                   target: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Restores {'params': tree} saved by `save_params` (optionally onto `target`'s
+  shapes/shardings, e.g. a `jax.eval_shape` of the model's init)."""
+  import orbax.checkpoint as ocp
+
+  directory = pathlib.Path(directory).absolute()
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory}: no params checkpoint here")
+  checkpointer = ocp.StandardCheckpointer()
+  if target is None:
+    return checkpointer.restore(directory)
+  return checkpointer.restore(directory, target)
