@@ -7,8 +7,9 @@ is the Flax path
     ('alphafold_iteration', 'evoformer', 'evoformer_iteration', 'msa_transition', 'transition1',
      'bias')
 under `{'params': ...}` (the top-level `AlphaFold` module plays Haiku's `alphafold`). Stacked
-layers keep their leading layer axis on both sides. `haiku_from_flax` is the inverse, used to
-name gradients. Checks against an expected tree (from `jax.eval_shape` of the model's init)
+layers keep their leading layer axis on both sides. `haiku_to_flax`/`flax_to_haiku` do this
+below any module prefix; `flax_from_haiku`/`haiku_from_flax` for the full model (the latter
+names gradients). Checks against an expected tree (from `jax.eval_shape` of the model's init)
 fail with the offending path.
 """
 
@@ -29,51 +30,72 @@ class ParameterMismatchError(ValueError):
   """A parameter file does not fit the model: names or shapes differ."""
 
 
-def haiku_name_to_path(name: str) -> tuple[str, ...]:
-  """'alphafold/a/b//w' -> ('a', 'b', 'w')."""
-  if PARAM_SEPARATOR not in name:
-    raise ParameterMismatchError(f"{name!r} is not a Haiku parameter key "
-                                 f"('<module path>{PARAM_SEPARATOR}<parameter name>')")
-  module_path, param_name = name.split(PARAM_SEPARATOR)
-  modules = module_path.split("/")
-  if modules[0] != ROOT_MODULE:
-    raise ParameterMismatchError(f"{name!r} is not under the '{ROOT_MODULE}/' module")
-  return tuple(modules[1:]) + (param_name,)
+def haiku_to_flax(flat_params: Mapping[str, Any], prefix: str = ROOT_MODULE) -> dict[str, Any]:
+  """Nests Haiku `module/path//param` arrays found under `prefix` into a Flax params tree.
 
+  Args:
+    flat_params: Haiku-style flat mapping (e.g. `np.load(params_model_1.npz)`).
+    prefix: Haiku module path that the Flax module receiving the tree plays, e.g.
+      "alphafold" for the full model or "alphafold/alphafold_iteration/structure_module" for the
+      structure module alone. Keys outside it are ignored.
 
-def path_to_haiku_name(path: Iterable[str]) -> str:
-  """('a', 'b', 'w') -> 'alphafold/a/b//w'."""
-  path = tuple(path)
-  return "/".join((ROOT_MODULE,) + path[:-1]) + PARAM_SEPARATOR + path[-1]
+  Returns:
+    Nested dict {module: {submodule: {param: array}}} (pass as `{'params': tree}`).
 
-
-def flatten_params(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
-  """Nested dict -> {path tuple: leaf}."""
-  flat = {}
-  for key, value in params.items():
-    if isinstance(value, Mapping):
-      for sub_path, leaf in flatten_params(value).items():
-        flat[(key,) + sub_path] = leaf
-    else:
-      flat[(key,)] = value
-  return flat
-
-
-def unflatten_params(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  Raises:
+    ValueError: a key is not `path//name`, or two keys map to the same Flax path.
+  """
+  prefix = prefix.strip("/")
   tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
+  for key, value in flat_params.items():
+    if PARAM_SEPARATOR not in key:
+      raise ParameterMismatchError(
+          f"Parameter key {key!r} is not of the form 'module/path{PARAM_SEPARATOR}name'")
+    module_path, param_name = key.split(PARAM_SEPARATOR, 1)
+    if prefix:
+      if module_path == prefix:
+        relative = []
+      elif module_path.startswith(prefix + "/"):
+        relative = module_path[len(prefix) + 1:].split("/")
+      else:
+        continue
+    else:
+      relative = module_path.split("/") if module_path else []
     node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = leaf
+    for name in relative:
+      node = node.setdefault(name, {})
+      if not isinstance(node, dict):
+        raise ParameterMismatchError(f"Parameter key {key!r}: {name!r} is both a parameter and "
+                                     "a module")
+    if param_name in node:
+      raise ParameterMismatchError(f"Parameter key {key!r} maps onto an existing Flax path")
+    node[param_name] = value
   return tree
 
 
+def flax_to_haiku(tree: Mapping[str, Any], prefix: str = ROOT_MODULE) -> dict[str, Any]:
+  """Inverse of `haiku_to_flax`: flattens a Flax params tree into Haiku `path//name` keys."""
+  flat: dict[str, Any] = {}
+
+  def visit(node: Mapping[str, Any], path: list[str]) -> None:
+    for name, value in node.items():
+      if isinstance(value, Mapping):
+        visit(value, path + [name])
+      else:
+        flat["/".join(path) + PARAM_SEPARATOR + name] = value
+
+  visit(tree, [prefix.strip("/")] if prefix.strip("/") else [])
+  return flat
+
+
 def haiku_from_flax(params: Mapping[str, Any]) -> dict[str, Any]:
-  """Our parameter (or gradient) tree -> {Haiku key: array}. Accepts {'params': tree} too."""
+  """The full model's parameter (or gradient) tree -> {Haiku key: leaf}.
+
+  Accepts the tree with or without its {'params': ...} level.
+  """
   if set(params) == {"params"}:
     params = params["params"]
-  return {path_to_haiku_name(path): leaf for path, leaf in flatten_params(params).items()}
+  return flax_to_haiku(params, ROOT_MODULE)
 
 
 def _shape(leaf: Any) -> tuple[int, ...]:
@@ -106,12 +128,18 @@ def check_against(flat_haiku: Mapping[str, Any], expected: Mapping[str, Any],
 
 def flax_from_haiku(flat_haiku: Mapping[str, Any], expected: Mapping[str, Any] | None = None,
                     source: str = "parameters", dtype: Any = np.float32) -> dict[str, Any]:
-  """{Haiku key: array} -> {'params': our tree}; checked against `expected` when given."""
+  """{Haiku key: array} of the full model -> {'params': our tree}.
+
+  With `expected` (our tree, e.g. `jax.eval_shape` of the model's init), every name and shape
+  is checked first; keys outside 'alphafold/' are then an error too.
+  """
   if expected is not None:
     check_against(flat_haiku, expected, source)
-  flat = {haiku_name_to_path(name): np.asarray(value, dtype=dtype)
-          for name, value in flat_haiku.items()}
-  return {"params": unflatten_params(flat)}
+  outside = [key for key in flat_haiku if not key.startswith(ROOT_MODULE + "/")]
+  if outside:
+    raise ParameterMismatchError(f"{source}: key {outside[0]!r} is not under '{ROOT_MODULE}/'")
+  arrays = {key: np.asarray(value, dtype=dtype) for key, value in flat_haiku.items()}
+  return {"params": haiku_to_flax(arrays, ROOT_MODULE)}
 
 
 def load_alphafold_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
