@@ -8,8 +8,9 @@ HH-suite database of them (bfd_uniclust_hits.a3m), and HHsearch with the jackhmm
 same HH-suite database (pdb70_hits.hhr, AlphaFold's template search recipe), so every builder stage
 (structure parsing, MSA features, templates read from the pdb_chains files, encoding, writing)
 does real work. Then `af2flax.data.build_dataset.build` runs on them and the table shows:
-wall time, chains/s, peak resident memory (main process + workers, sampled every 50 ms) and the
-share of each stage in the summed stage time (worker stages are CPU-seconds over all workers).
+wall time, chains/s, CPU time, peak resident memory (main process + workers, sampled every 50 ms)
+and each stage's CPU seconds (summed over workers) and share. CPU time, unlike wall time, does not
+depend on what else runs on the machine.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def make_alignments(work: pathlib.Path, sequences: dict[str, str]) -> tuple[path
   shutil.rmtree(work, ignore_errors=True)
   (work / "db").mkdir(parents=True)
   fasta = work / "db" / "seqres.fasta"
-  fasta.write_text("".join(f">{n} mol:protein length:{len(s)}\n{s}\n" for n, s in sequences.items()))
+  fasta.write_text("".join(f">{n} mol:protein length:{len(s)}\n{s}\n"
+                           for n, s in sequences.items()))
   hhdb = hhsuite_db.build_hhsuite_database({n: f">{n}\n{s}\n" for n, s in sequences.items()},
                                            str(work / "db" / "pdb_mini"))
   jackhmmer = Jackhmmer(database_path=str(fasta), n_cpu=2)
@@ -159,7 +161,7 @@ def main() -> None:
   print(f"| machine load average before the run (other processes) | {load_before:.1f} |")
   print(f"| output size | {sum(p.stat().st_size for p in (out / 'shards').iterdir()) / 2**20:.1f}"
         " MiB |")
-  print("\n| stage | seconds | share |\n|---|---|---|")
+  print("\n| stage | CPU seconds | share |\n|---|---|---|")
   for stage in STAGES:
     seconds = summary.timings.get(stage, 0.0)
     print(f"| {stage} | {seconds:.2f} | {100 * seconds / total:.1f}% |")

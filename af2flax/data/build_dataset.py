@@ -84,7 +84,8 @@ def discover_structures(root: str, exclude: str | None = None) -> list[str]:
   found = []
   exclude = os.path.abspath(exclude) if exclude else None
   for directory, subdirs, files in os.walk(root):
-    subdirs[:] = sorted(d for d in subdirs if os.path.abspath(os.path.join(directory, d)) != exclude)
+    subdirs[:] = sorted(d for d in subdirs
+                        if os.path.abspath(os.path.join(directory, d)) != exclude)
     for name in files:
       found.append(os.path.relpath(os.path.join(directory, name), root))
   return sorted(found)
@@ -129,14 +130,14 @@ def process_file(task: tuple[int, str]) -> FileResult:
                                       ".gz)"))
     return result
   entry_id, only_chain = examples.parse_structure_name(relative)
-  start = time.perf_counter()
+  start = time.process_time()
   try:
     chains = examples.list_chains(path)
   except Exception as e:  # StructureParseError; anything else is reported the same way
     result.failures.append((relative, _clean(f"{type(e).__name__}: {e}", roots)))
     return result
   finally:
-    result.timings["parse"] = time.perf_counter() - start
+    result.timings["parse"] = time.process_time() - start
   if only_chain is not None:
     if only_chain not in chains:
       result.failures.append((relative, f"file name names chain {only_chain}, the file has "
@@ -151,9 +152,10 @@ def process_file(task: tuple[int, str]) -> FileResult:
                          cluster_id, cluster_size, options.is_distillation)
     try:
       features = examples.make_example(source, config, result.timings)
-      start = time.perf_counter()
+      start = time.process_time()
       serialized = tfrecord.frame_record(tfrecord.encode_example(features))
-      result.timings["encode"] = result.timings.get("encode", 0.0) + time.perf_counter() - start
+      result.timings["encode"] = (result.timings.get("encode", 0.0)
+                                  + time.process_time() - start)
     except Exception as e:  # a bad chain is reported, never fatal
       result.failures.append((f"{relative}:{chain}", _clean(f"{type(e).__name__}: {e}", roots)))
       continue
@@ -270,14 +272,14 @@ def build(options: BuildOptions) -> BuildSummary:
         timings["first_result"] = time.perf_counter() - start  # worker start-up included
       for stage, seconds in result.timings.items():
         timings[stage] = timings.get(stage, 0.0) + seconds
-      write_start = time.perf_counter()
+      write_start = time.process_time()
       if result.shard not in writers:
         writers[result.shard] = _ShardWriter(options, result.shard, num_shards)
       writers[result.shard].add(result)
       remaining[result.shard] -= 1
       if remaining[result.shard] == 0:
         writers.pop(result.shard).close()
-      timings["write"] = timings.get("write", 0.0) + time.perf_counter() - write_start
+      timings["write"] = timings.get("write", 0.0) + time.process_time() - write_start
   except BaseException:
     for writer in writers.values():
       writer.abort()
@@ -356,9 +358,11 @@ def parse_args(argv: Sequence[str]) -> BuildOptions:
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--shards", type=int, default=8)
   parser.add_argument("--compression", choices=("none", "gzip"), default="none")
-  parser.add_argument("--clusters", help="sequence clusters: one line per cluster of <pdbid>_<chain>")
+  parser.add_argument("--clusters",
+                      help="sequence clusters: one line per cluster of <pdbid>_<chain>")
   parser.add_argument("--distillation", action="store_true", help="mark examples is_distillation")
-  parser.add_argument("--template_structures", help="template mmCIF directory (default --structures)")
+  parser.add_argument("--template_structures",
+                      help="template mmCIF directory (default --structures)")
   parser.add_argument("--max_template_date", help="YYYY-MM-DD; also query release date - 60 days")
   parser.add_argument("--max_templates", type=int, default=20)
   parser.add_argument("--kalign_binary_path", default="kalign")

@@ -62,9 +62,9 @@ class ExampleFilters:
     if self.max_length is not None and length > self.max_length:
       raise ExampleError(f"filtered: length {length} > {self.max_length}")
     counts = collections.Counter(sequence)
-    if self.min_distinct_residue_types is not None and len(counts) < self.min_distinct_residue_types:
-      raise ExampleError(f"filtered: {len(counts)} distinct residue types < "
-                         f"{self.min_distinct_residue_types}")
+    minimum_types = self.min_distinct_residue_types
+    if minimum_types is not None and len(counts) < minimum_types:
+      raise ExampleError(f"filtered: {len(counts)} distinct residue types < {minimum_types}")
     if self.max_single_residue_fraction is not None and length:
       letter, count = counts.most_common(1)[0]
       if count / length > self.max_single_residue_fraction:
@@ -178,10 +178,10 @@ def read_chain(path: str, chain_id: str) -> ChainStructure:
 
 @contextlib.contextmanager
 def _timed(timings: MutableMapping[str, float] | None, stage: str) -> Iterator[None]:
-  start = time.perf_counter()
+  start = time.process_time()
   yield
   if timings is not None:
-    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+    timings[stage] = timings.get(stage, 0.0) + time.process_time() - start
 
 
 def make_example(source: ChainSource, config: ExampleConfig = ExampleConfig(),
@@ -190,7 +190,8 @@ def make_example(source: ChainSource, config: ExampleConfig = ExampleConfig(),
 
   Raises ExampleError (filtered, inconsistent), parsers.ParseError (bad alignment file),
   protein.StructureParseError (bad structure) or pipeline.FeatureError; each message names the
-  input. `timings`, if given, accumulates seconds per stage ('parse', 'msa', 'templates').
+  input. `timings`, if given, accumulates this process's CPU seconds per stage ('parse', 'msa',
+  'templates').
   """
   with _timed(timings, "parse"):
     chain = read_chain(source.structure_path, source.chain_id)

@@ -73,7 +73,7 @@ def read_template_structure(path: str, fix_arginine: bool = True) -> TemplateStr
 
 
 def find_structure_file(directory: str, pdb_id: str, chain_id: str) -> str | None:
-  """`<id>.cif[.gz]` (either case), else the one-chain files `<id><chain>.pdb[.gz]`, `<id>.pdb[.gz]`."""
+  """`<id>.cif[.gz]` (either case), else `<id><chain>.pdb[.gz]` or `<id>.pdb[.gz]`."""
   candidates = [f"{stem}{ext}" for stem in (pdb_id.lower(), pdb_id.upper())
                 for ext in (".cif", ".cif.gz")]
   candidates += [f"{pdb_id.lower()}{chain_id}{ext}" for ext in (".pdb", ".pdb.gz")]

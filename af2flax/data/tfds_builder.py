@@ -64,7 +64,8 @@ class Af2flaxProteins(tfds.core.GeneratorBasedBuilder):
     with open(info_path) as f:
       info = json.load(f)
     if info.get("format") != build_dataset.FORMAT:
-      raise ValueError(f"{info_path}: format {info.get('format')!r}, expected {build_dataset.FORMAT}")
+      raise ValueError(f"{info_path}: format {info.get('format')!r}, expected "
+                       f"{build_dataset.FORMAT}")
     for shard_index, shard in enumerate(info["shards"]):
       records = tfrecord.read_tfrecord(os.path.join(directory, shard),
                                        info.get("compression") or None)

@@ -1,4 +1,4 @@
-"""`tf.train.Example` codec for feature dicts: every array stored with its dtype and shape, no pickle.
+"""`tf.train.Example` codec for feature dicts: arrays stored with dtype and shape, no pickle.
 
 Layout of one feature `name` in the Example:
   name          bytes_list: numeric arrays -> one value, the little-endian raw bytes (C order);
@@ -117,8 +117,8 @@ def _as_bytes(value: Any) -> bytes:
   return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
-def encode_example(features: Mapping[str, Any], schema: Mapping[str, tuple[str, int]] | None = FEATURES
-                   ) -> bytes:
+def encode_example(features: Mapping[str, Any],
+                   schema: Mapping[str, tuple[str, int]] | None = FEATURES) -> bytes:
   """Serializes a feature dict; with a schema, every schema feature must be present and match it."""
   if schema is not None:
     missing = sorted(set(schema) - set(features))
@@ -224,7 +224,8 @@ _CRC_CHUNK = 1024
 def _crc_table() -> np.ndarray:
   table = np.arange(256, dtype=np.uint32)
   for _ in range(8):
-    table = np.where(table & 1, (table >> 1) ^ np.uint32(_CRC32C_POLY), table >> 1).astype(np.uint32)
+    table = np.where(table & 1, (table >> 1) ^ np.uint32(_CRC32C_POLY), table >> 1)
+    table = table.astype(np.uint32)
   return table
 
 

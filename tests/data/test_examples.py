@@ -23,7 +23,8 @@ def test_mmcif_chain_with_alignments():
   np.testing.assert_array_equal(features["all_atom_positions"], positions)
   np.testing.assert_array_equal(features["all_atom_mask"], mask)
   assert features["msa"].shape[0] > 10 and features["msa"].shape[1] == len(entry.seqres["A"])
-  np.testing.assert_array_equal(features["msa"][0], pipeline.msa_rows_to_ids([entry.seqres["A"]])[0])
+  np.testing.assert_array_equal(features["msa"][0],
+                                pipeline.msa_rows_to_ids([entry.seqres["A"]])[0])
   assert features["resolution"].tolist() == [3.0]
   assert features["release_date"][0] == b"2008-02-05"
   assert (features["cluster_id"][0], features["cluster_size"][0]) == (7, 3)
