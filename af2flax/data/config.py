@@ -97,8 +97,10 @@ def get_config(stage: str = "initial_training") -> ml_collections.ConfigDict:
       # Runtime knobs of the tf.data pipeline; they never change the batches' content.
       "pipeline": {
           "prefetch_batches": 2,
-          # Size of the pipeline's private thread pool (0: tf.data's shared pool).
+          # Size of the pipeline's private thread pool (0: tf.data's shared pool) and the
+          # threads one op may use (0: TF's default).
           "threads": 0,
+          "max_intra_op_parallelism": 0,
       },
   })
   if stage == "finetuning":

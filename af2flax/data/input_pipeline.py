@@ -66,13 +66,13 @@ class BadRecordCounter:
     self.count = 0
     self.ids: list[str] = []
 
-  def add(self, record_id: str, reason: str) -> None:
+  def add(self, record_id: str, path: str, reason: str) -> None:
     with self._lock:
       self.count += 1
       if len(self.ids) < 10_000:
         self.ids.append(record_id)
-    _LOG.warning("skipping bad training record %s (%d skipped so far): %s", record_id,
-                 self.count, reason)
+    _LOG.warning("skipping bad training record %s in %s (%d skipped so far): %s", record_id,
+                 path, self.count, reason)
 
 
 class ExampleLoader:
@@ -113,7 +113,7 @@ class ExampleLoader:
         prepared = training_example.prepare_example(raw, self.config, rng)
         return prepared, tf_seed, plan.num_iter_recycling
       except Exception as error:  # noqa: BLE001 - a long run must survive any bad record
-        self.counter.add(f"{self.table.ids[record]} ({self.table.paths[self.table.file_index[record]]})",
+        self.counter.add(self.table.ids[record], self.table.paths[self.table.file_index[record]],
                          f"{type(error).__name__}: {error}")
         if attempt == retries:
           raise RuntimeError(
@@ -174,10 +174,12 @@ def make_dataset(table: records_lib.RecordTable, config: ml_collections.ConfigDi
     example["_num_iter_recycling"] = tf.ensure_shape(outputs[-1], [])
     return example
 
+  featurize_graph = _featurize_function(config)
+
   def featurize(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     seed_tensor = example.pop("_seed")
     recycles = example.pop("_num_iter_recycling")
-    return training_example.featurize(example, seed_tensor, recycles, config)
+    return featurize_graph(example, seed_tensor, recycles)
 
   parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
   dataset = tf.data.Dataset.counter(start_step * batch_size)
@@ -189,7 +191,31 @@ def make_dataset(table: records_lib.RecordTable, config: ml_collections.ConfigDi
   options.deterministic = True
   if config.pipeline.threads:
     options.threading.private_threadpool_size = config.pipeline.threads
+  if config.pipeline.max_intra_op_parallelism:
+    options.threading.max_intra_op_parallelism = config.pipeline.max_intra_op_parallelism
   return dataset.with_options(options)
+
+
+_FEATURIZE_FUNCTIONS: dict[str, Any] = {}
+
+
+def _featurize_function(config: ml_collections.ConfigDict):
+  """training_example.featurize as a tf.function traced once per config and process.
+
+  tf.data traces a map function for every new dataset; calling an already traced tf.function
+  from it reuses that graph, so re-creating the pipeline (resume, tests) costs no re-tracing.
+  """
+  key = config.to_json(sort_keys=True)
+  if key not in _FEATURIZE_FUNCTIONS:
+    frozen = ml_collections.ConfigDict(config.to_dict())
+
+    @tf.function(input_signature=[training_example.prepared_signature(),
+                                  tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.int32)])
+    def featurize(example, seed, num_iter_recycling):
+      return training_example.featurize(example, seed, num_iter_recycling, frozen)
+
+    _FEATURIZE_FUNCTIONS[key] = featurize
+  return _FEATURIZE_FUNCTIONS[key]
 
 
 def make_sampler(table: records_lib.RecordTable, config: ml_collections.ConfigDict, *,

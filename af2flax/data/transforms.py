@@ -21,8 +21,6 @@ import numpy as np
 
 from af2flax.common import residue_constants as rc
 
-TEMPLATE_KEYS = ("template_aatype", "template_all_atom_masks", "template_all_atom_positions",
-                 "template_sum_probs")
 _HHBLITS_TO_OURS = np.asarray(rc.MAP_HHBLITS_AATYPE_TO_OUR_AATYPE, np.int32)
 GAP_INDEX = 21
 
@@ -53,10 +51,10 @@ def _expect_shape(name: str, array: np.ndarray, shape: tuple[int | None, ...]) -
 def canonicalize_features(features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """AlphaFold's raw feature dict (pipeline output + structure) -> canonical training arrays.
 
-  Accepts the layout of AlphaFold's data pipeline (`aatype` one-hot [L, 21], `msa` in HHblits
-  order, `deletion_matrix_int`, `template_aatype` one-hot [T, L, 22] in HHblits order,
-  per-residue copies of `seq_length`) or already-canonical arrays, like AlphaFold's
-  `correct_msa_restypes`, `squeeze_features` and `fix_templates_aatype`. Returns
+  Accepts the layout of AlphaFold's data pipeline and of our dataset builder (`aatype` one-hot
+  [L, 21] or indices, `msa` in HHblits order, `deletion_matrix_int`, `template_aatype` one-hot
+  [T, L, 22] in HHblits order or indices in ours) like AlphaFold's `correct_msa_restypes`,
+  `squeeze_features` and `fix_templates_aatype`. Returns
   aatype [L] (our order), msa [N, L] (our order; 21 = gap), deletion_matrix [N, L] float32,
   residue_index, between_segment_residues [L], template_* [T, ...], all_atom_positions
   [L, 37, 3], all_atom_mask [L, 37], resolution and is_distillation scalars.
@@ -69,18 +67,13 @@ def canonicalize_features(features: Mapping[str, np.ndarray]) -> dict[str, np.nd
   num_res = aatype.shape[0]
   if num_res == 0:
     raise BadExampleError("feature 'aatype' has no residues")
-  if "msa_is_hhblits_order" in features:
-    msa_in_hhblits_order = bool(_first_scalar(features["msa_is_hhblits_order"], "msa_is_hhblits_order"))
-  else:
-    msa_in_hhblits_order = True  # AlphaFold's pipeline writes HHblits order
   msa = _require(features, "msa").astype(np.int32)
   _expect_shape("msa", msa, (None, num_res))
   if msa.shape[0] == 0:
     raise BadExampleError("feature 'msa' has no sequences (the query must be row 0)")
   if msa.min() < 0 or msa.max() > GAP_INDEX:
     raise BadExampleError(f"feature 'msa' has values outside 0..{GAP_INDEX}")
-  if msa_in_hhblits_order:
-    msa = _HHBLITS_TO_OURS[msa]
+  msa = _HHBLITS_TO_OURS[msa]  # AlphaFold's pipeline writes the MSA in HHblits order
   deletion_key = "deletion_matrix_int" if "deletion_matrix_int" in features else "deletion_matrix"
   deletion_matrix = _require(features, deletion_key).astype(np.float32)
   _expect_shape(deletion_key, deletion_matrix, msa.shape)
