@@ -313,19 +313,30 @@ def _config_digest(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def load_table(dataset_dir: str, decode_fn: DecodeFn | None = None,
+               verify_checksums: bool = True) -> records_lib.RecordTable:
+  """The RecordTable of one dataset: a builder output directory (its index.tsv), or else a
+  directory / glob of TFRecord shards whose metadata is read from the records themselves."""
+  if tf.io.gfile.exists(f"{dataset_dir}/{records_lib.DATASET_INFO_FILE}"):
+    return records_lib.table_from_dataset(dataset_dir)
+  return records_lib.table_by_decoding(records_lib.shard_paths(dataset_dir),
+                                       decode_fn or default_decode_fn(), verify_checksums)
+
+
 def make_iterator(dataset_dirs: str | Sequence[str], config: ml_collections.ConfigDict, *,
                   batch_size: int, seed: int, **kwargs) -> InputIterator:
-  """InputIterator over the TFRecord shards of one or more dataset directories (or globs).
+  """InputIterator over one or more datasets (e.g. the PDB set and a self-distillation set,
+  mixed at config.sampling.distillation_fraction by their is_distillation column).
 
-  Record metadata (length, cluster, source) is read from the records themselves; see
-  records.table_by_decoding.
+  Args:
+    dataset_dirs: build_dataset output directories, or directories / globs of shards.
+    config: the data config; batch_size: per host; seed: the data seed.
+    **kwargs: InputIterator's (process_index, process_count, state, decode_fn, ...).
   """
   if isinstance(dataset_dirs, str):
     dataset_dirs = [dataset_dirs]
-  decode_fn = kwargs.get("decode_fn") or default_decode_fn()
   table = None
   for directory in dataset_dirs:
-    part = records_lib.table_by_decoding(records_lib.shard_paths(directory), decode_fn,
-                                         kwargs.get("verify_checksums", True))
+    part = load_table(directory, kwargs.get("decode_fn"), kwargs.get("verify_checksums", True))
     table = part if table is None else table.concat(part)
   return InputIterator(table, config, batch_size=batch_size, seed=seed, **kwargs)

@@ -8,6 +8,7 @@ record with TFRecord's CRC32C checks (a corrupt record raises `CorruptRecordErro
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -143,6 +144,45 @@ def record_positions(paths: Sequence[str], cache: bool = True) -> tuple[np.ndarr
     file_index.append(np.full(len(shard_offsets), index, np.int32))
     offsets.append(shard_offsets)
   return np.concatenate(file_index), np.concatenate(offsets)
+
+
+DATASET_INFO_FILE = "dataset_info.json"
+INDEX_FILE = "index.tsv"
+
+
+def table_from_dataset(directory: str | os.PathLike) -> RecordTable:
+  """The RecordTable of a dataset written by `python -m af2flax.data.build_dataset`.
+
+  Reads `dataset_info.json` (shard list) and `index.tsv` (one row per record, in shard order:
+  id, length, cluster_id (-1: none), is_distillation, ...) and scans the shards' record offsets
+  (cached). Raises ValueError naming the file if the index and the shards disagree, or if the
+  shards are compressed (records cannot then be read at random).
+  """
+  directory = str(directory)
+  info_path = os.path.join(directory, DATASET_INFO_FILE)
+  with tf.io.gfile.GFile(info_path, "r") as handle:
+    info = json.load(handle)
+  if info.get("compression"):
+    raise ValueError(f"{info_path}: shards are {info['compression']}-compressed; the input "
+                     "pipeline reads records at random positions and needs uncompressed shards "
+                     "(rebuild without --compression)")
+  paths = [os.path.join(directory, shard) for shard in info["shards"]]
+  file_index, offsets = record_positions(paths)
+  index_path = os.path.join(directory, INDEX_FILE)
+  with tf.io.gfile.GFile(index_path, "r") as handle:
+    rows = list(csv.DictReader(handle, delimiter="\t"))
+  shards_of_rows = np.asarray([int(row["shard"]) for row in rows], np.int32)
+  if len(rows) != len(offsets) or not np.array_equal(shards_of_rows, file_index):
+    raise ValueError(f"{index_path}: {len(rows)} rows do not match the {len(offsets)} records of "
+                     f"the shards listed in {info_path} (per shard: "
+                     f"{np.bincount(file_index, minlength=len(paths)).tolist()})")
+  metadata = {
+      "id": [row["id"] for row in rows],
+      "num_res": [int(row["length"]) for row in rows],
+      "cluster_id": ["" if int(row["cluster_id"]) < 0 else row["cluster_id"] for row in rows],
+      "is_distillation": [float(row["is_distillation"]) for row in rows],
+  }
+  return RecordTable.from_metadata(paths, file_index, offsets, metadata)
 
 
 def table_by_decoding(paths: Sequence[str], decode_fn: Callable[[bytes], Mapping[str, np.ndarray]],

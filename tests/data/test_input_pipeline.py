@@ -192,3 +192,33 @@ def test_truncated_shard_is_reported(tmp_path):
   path.write_bytes(path.read_bytes()[:-10])
   with pytest.raises(records.CorruptRecordError, match="broken.tfrecord"):
     records.scan_record_offsets(str(path))
+
+
+def test_batch_at_af2_tiny_shapes_feeds_the_losses(dataset):
+  """At af2_tiny's sizes (40 residues, 8 clusters, 16 extra, 2 templates, R = 2) every batch
+  array has exactly the reference batch's shape and dtype, and the final-iteration slice of
+  each example gives a finite AlphaFold loss against af2_tiny's model outputs."""
+  from tests.losses import af2_tiny  # pylint: disable=import-outside-toplevel
+  config = data_config.get_config()
+  config.common.num_recycle = 1
+  config.train.crop_size = 40
+  config.train.max_msa_clusters = 8
+  config.common.max_extra_msa = 16
+  config.train.max_templates = 2
+  batch = _take(_iterator(dataset, config, batch_size=2, seed=3), 1)[0]
+  reference = af2_tiny.raw_batch()
+  for key, value in reference.items():
+    assert batch[key].shape[1:] == value.shape and batch[key].dtype == value.dtype, key
+  loss_fn = af2_tiny.jitted_loss()
+  outputs = af2_tiny.model_outputs()
+  totals = []
+  for example in range(2):
+    final = int(batch["num_iter_recycling"][example, 0])
+    features = {key: value[example, final] for key, value in batch.items()}
+    total, aux = loss_fn(features, outputs, features["is_distillation"])
+    assert np.isfinite(float(total))
+    for name in ("distogram/loss", "masked_msa/loss", "structure_module/fape",
+                 "structure_module/chi_loss", "predicted_lddt/loss"):
+      assert np.isfinite(float(aux[name])), name
+    totals.append(float(total))
+  assert totals[0] != totals[1]
