@@ -93,8 +93,10 @@ class Checkpointer:
           reverse=config.get("best_mode", "max") == "min",
           n=int(config.keep_best),
           keep_checkpoints_without_metrics=False))
+    # Saving is decided here (`save`), not by Orbax's default policies (which would also
+    # save the first step of every run).
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=self.every_steps,
+        save_interval_steps=1,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=bool(config.get("async_save", True)),
         cleanup_tmp_directories=True,
@@ -110,10 +112,17 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree, input_state: Any, *,
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-    """Starts an asynchronous save of `step` if it is due (or `force`); True if started."""
+    """Starts an asynchronous save of `step` if it is due (or `force`); True if started.
+
+    Due: every `every_steps` steps. A step that is already saved is not saved again.
+    """
+    if not (force or step % self.every_steps == 0):
+      return False
+    if step in self.manager.all_steps():
+      return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               input=IteratorStateSave(input_state))
-    return self.manager.save(step, args=args, metrics=metrics, force=force)
+    return self.manager.save(step, args=args, metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, Any]:
     """(state, input_state) of `step`, the arrays placed as in `abstract_state`.
