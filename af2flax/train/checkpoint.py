@@ -27,7 +27,9 @@ from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 PyTree = Any
 
@@ -174,3 +176,89 @@ class PreemptionWatcher:
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
       self._previous_handler = None
+
+
+def _restore_as_numpy(manager_or_path: Any, step: int | None = None) -> PyTree:
+  """A checkpoint's arrays as host numpy arrays, shapes from its own metadata."""
+  if isinstance(manager_or_path, ocp.CheckpointManager):
+    metadata = manager_or_path.item_metadata(step)["state"]
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(metadata))
+    return manager_or_path.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(manager_or_path)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(metadata))
+  return checkpointer.restore(manager_or_path, target)
+
+
+def read_pretrained_params(path: str | os.PathLike) -> dict[str, Any]:
+  """Parameters (nested dict of numpy arrays) from one of:
+
+  * DeepMind's published parameter file (`params_model_1_ptm.npz`): Haiku names mapped to our
+    tree by `af2flax.model.import_af2.haiku_to_flax` (MODEL_CONTRACT section 1);
+  * a training workdir of ours (it has `checkpoints/`): the EMA parameters of its latest
+    checkpoint, e.g. to fine-tune after initial training;
+  * an Orbax checkpoint of a parameter tree (`python -m af2flax.tools.convert_params`), with or
+    without a top-level 'params' key.
+  """
+  path = epath.Path(path)
+  if path.suffix == ".npz":
+    from af2flax.model import import_af2  # pylint: disable=g-import-not-at-top
+    if not path.exists():
+      raise FileNotFoundError(f"{path}: parameter file not found")
+    with path.open("rb") as f:
+      flat = dict(np.load(f, allow_pickle=False))
+    return import_af2.haiku_to_flax(flat)
+  if (path / "checkpoints").is_dir():
+    manager = ocp.CheckpointManager((path / "checkpoints").absolute(), item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "input": IteratorStateHandler()})
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{path / 'checkpoints'}: no complete checkpoint to start from")
+    state = _restore_as_numpy(manager, step)
+    manager.close()
+    logging.info("init_from: EMA parameters of %s step %d", path, step)
+    return state["ema_params"]
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path}: not a .npz parameter file, a training workdir or an "
+                            "Orbax checkpoint directory")
+  tree = _restore_as_numpy(path.absolute())
+  return tree["params"] if "params" in tree else tree
+
+
+def merge_pretrained_params(init_params: PyTree, pretrained: PyTree, source: str) -> PyTree:
+  """`init_params` with every parameter that `pretrained` has replaced by its value.
+
+  Parameters only in the model (e.g. a head added for fine-tuning) keep their initial values;
+  parameters only in `pretrained` are ignored; both are logged. A shape mismatch, or no
+  parameter in common at all, is an error naming `source`.
+  """
+  flat_init = traverse_util.flatten_dict(init_params, sep="/")
+  flat_loaded = traverse_util.flatten_dict(pretrained, sep="/")
+  merged, taken = {}, 0
+  for name, value in flat_init.items():
+    if name in flat_loaded:
+      loaded = np.asarray(flat_loaded[name])
+      if loaded.shape != tuple(value.shape):
+        raise ValueError(f"{source}: parameter {name} has shape {loaded.shape}, the model "
+                         f"expects {tuple(value.shape)} (a different model config?)")
+      merged[name] = loaded.astype(value.dtype)
+      taken += 1
+    else:
+      merged[name] = value
+  if taken == 0:
+    raise ValueError(f"{source}: none of its {len(flat_loaded)} parameters matches the "
+                     f"model's {len(flat_init)} (e.g. {next(iter(flat_init), None)})")
+  missing = sorted(set(flat_init) - set(flat_loaded))
+  unused = sorted(set(flat_loaded) - set(flat_init))
+  logging.info("init_from %s: %d parameters loaded, %d kept at initialisation %s, %d unused %s",
+               source, taken, len(missing), missing[:5], len(unused), unused[:5])
+  return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def load_pretrained_params(path: str | os.PathLike, init_params: PyTree) -> PyTree:
+  """`merge_pretrained_params` of `read_pretrained_params(path)`, placed like `init_params`."""
+  merged = merge_pretrained_params(init_params, read_pretrained_params(path), str(path))
+  shardings = jax.tree.map(lambda x: x.sharding, init_params)
+  return jax.tree.map(jax.device_put, merged, shardings)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from af2flax.common import residue_constants
 from af2flax.train import checkpoint as checkpoint_lib
 from af2flax.train import metrics as metrics_lib
 from af2flax.train import optimizer as optimizer_lib
@@ -67,17 +68,26 @@ class InputData:
 
 def create_model(config: ml_collections.ConfigDict) -> ModelFns:
   """AlphaFold (MODEL_CONTRACT sections 3-6) with its losses and validation metrics."""
+  from af2flax.losses import total as total_loss_lib  # pylint: disable=g-import-not-at-top
   from af2flax.model.alphafold import AlphaFold  # pylint: disable=g-import-not-at-top
   from af2flax.train import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
 
   model = AlphaFold(config.model)
+  ca = residue_constants.atom_order["CA"]
 
   def init(rng, example):
     return model.init({"params": rng, "dropout": rng}, example, deterministic=True)["params"]
 
   def evaluate(params, example):
+    """Validation metrics of one example, EMA params, all recycles of the batch, no dropout."""
     outputs = model.apply({"params": params}, example, deterministic=True)
-    return evaluate_lib.structure_metrics(step_lib.final_iteration_features(example), outputs)
+    outputs = step_lib.to_float32(outputs)
+    final = step_lib.final_iteration_features(example)
+    metrics = evaluate_lib.structure_metrics(
+        outputs["structure_module"]["final_atom_positions"][:, ca],
+        final["all_atom_positions"][:, ca], final["all_atom_mask"][:, ca])
+    metrics["loss"], _ = total_loss_lib.alphafold_loss(final, outputs, config.model.heads)
+    return metrics
 
   return ModelFns(init=init, objective=step_lib.alphafold_objective(model, config.model),
                   evaluate=evaluate)
@@ -91,12 +101,6 @@ def create_input(config: ml_collections.ConfigDict, workdir: epath.Path,
                                      local_batch_size=local_batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
-
-
-def load_pretrained_params(path: str, abstract_params: PyTree) -> PyTree:
-  """Parameters of an Orbax checkpoint written by `python -m af2flax.tools.convert_params`."""
-  from af2flax.tools import convert_params  # pylint: disable=g-import-not-at-top
-  return convert_params.load_params(path, abstract_params)
 
 
 def _evaluate(eval_step, params, eval_batches, batch_sharding) -> dict[str, float]:
@@ -185,15 +189,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       logging.warning("checkpoint %d has no input position for this process: the input "
                       "starts again from its beginning", latest)
-  elif config.get("init_from"):
-    logging.info("initialising parameters from %s", config.init_from)
-    abstract_params = sharding_lib.abstract_with_sharding(state_shape.params,
-                                                          state_shardings.params)
-    params = load_pretrained_params(config.init_from, abstract_params)
-    state = jax.jit(lambda p: state_lib.create_train_state(p, optimizer, state_rng),
-                    out_shardings=state_shardings)(params)
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    if config.get("init_from"):
+      # Imported AlphaFold weights or another run's EMA parameters; new parameters (e.g. a
+      # head added for fine-tuning) keep their initialisation. Optimizer and EMA start fresh.
+      params = checkpoint_lib.load_pretrained_params(config.init_from, state.params)
+      state = jax.jit(lambda p: state_lib.create_train_state(p, optimizer, state_rng),
+                      out_shardings=state_shardings)(params)
   initial_step = int(jax.device_get(state.step))
 
   # The step, jitted over the mesh; validation with the EMA parameters.

@@ -140,6 +140,12 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
   return train_step
 
 
+def to_float32(tree: PyTree) -> PyTree:
+  """Floating arrays of `tree` in float32 (losses and metrics of bf16 model outputs)."""
+  return jax.tree.map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def final_iteration_features(example: Batch) -> dict[str, jax.Array]:
   """The features of the last recycling iteration (MODEL_CONTRACT section 5).
 
@@ -165,9 +171,7 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> 
   def objective(params, example, dropout_rng):
     outputs = model.apply({"params": params}, example, deterministic=False,
                           rngs={"dropout": dropout_rng})
-    outputs = jax.tree.map(
-        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        outputs)
+    outputs = to_float32(outputs)
     loss, aux = alphafold_loss(final_iteration_features(example), outputs, heads_config)
     return loss, aux
 
