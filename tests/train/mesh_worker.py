@@ -1,7 +1,8 @@
-"""Runs two train steps of the MLP on a given mesh and prints losses and parameters as JSON.
+"""Runs two train steps of the MLP on given meshes and prints losses and parameters as JSON.
 
 Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 by
-test_sharding.py; argv: data fsdp (mesh shape; 1 1 = a single device).
+test_sharding.py; argv: meshes as data,fsdp pairs (1,1 = a single device), e.g. 1,1 8,1 4,2.
+Prints one JSON object {"data,fsdp": result}.
 """
 
 import json
@@ -19,7 +20,7 @@ from tests.train import mlp
 RULES = (("rng", "replicate"), (".*Dense_1/.*", "replicate"), (".*", "fsdp"))
 
 
-def main(data: int, fsdp: int) -> None:
+def run(data: int, fsdp: int) -> dict:
   devices = jax.devices()[:data * fsdp]
   mesh = sharding_lib.make_mesh({"data": data, "fsdp": fsdp}, devices=devices)
   config = mlp.train_config()
@@ -44,9 +45,9 @@ def main(data: int, fsdp: int) -> None:
             for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
   ema = {sharding_lib.path_name(p): np.asarray(x).tolist()
          for p, x in jax.tree_util.tree_leaves_with_path(state.ema_params)}
-  print(json.dumps({"losses": losses, "params": params, "ema": ema, "specs": specs,
-                    "devices": len(devices)}))
+  return {"losses": losses, "params": params, "ema": ema, "specs": specs,
+          "devices": len(devices)}
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]))
+  print(json.dumps({shape: run(*map(int, shape.split(","))) for shape in sys.argv[1:]}))

@@ -102,9 +102,15 @@ def test_metrics_in_tensorboard(uninterrupted):
   assert sorted(values("val/mse")) == [6, 12]
 
 
-def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
-  # max_consecutive_skips is 3 in the MLP config: batches 4, 5, 6 poisoned -> stop.
-  result, _ = _worker(tmp_path / "nan", "--nan_batches", "4,5,6", expect_rc=3)
-  message = result["non_finite_error"]
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
+  """In this process (no subprocess needed): batches 4, 5, 6 poisoned, max 3 skips -> stop."""
+  from af2flax.train import loop  # pylint: disable=g-import-not-at-top
+  from tests.train import mlp  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loop, "create_model", lambda config: mlp.model_fns())
+  monkeypatch.setattr(loop, "create_input", lambda config, workdir, size: loop.InputData(
+      train=mlp.MLPInput(size, nan_batches=(4, 5, 6)), eval_batches=None))
+  with pytest.raises(loop.NonFiniteTrainingError) as error:
+    loop.train_and_evaluate(mlp.loop_config(), tmp_path / "nan")
+  message = str(error.value)
   assert "3 consecutive steps up to step 7" in message
-  assert "optimizer.learning_rate" in message
+  assert "optimizer.learning_rate" in message and "last checkpoint is step 6" in message

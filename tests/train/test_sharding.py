@@ -13,19 +13,17 @@ from af2flax.train import sharding as sharding_lib
 from tests.conftest import REPO_ROOT
 
 
-def _run_mesh(data: int, fsdp: int) -> dict:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-  result = subprocess.run([sys.executable, "-m", "tests.train.mesh_worker", str(data),
-                           str(fsdp)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def runs():
-  return {shape: _run_mesh(*shape) for shape in [(1, 1), (8, 1), (4, 2)]}
+  """The same two steps on one device and on meshes (8, 1) and (4, 2) of 8 CPU devices."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  result = subprocess.run([sys.executable, "-m", "tests.train.mesh_worker", "1,1", "8,1",
+                           "4,2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  by_name = json.loads(result.stdout.strip().splitlines()[-1])
+  return {tuple(map(int, name.split(","))): value for name, value in by_name.items()}
 
 
 @pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
