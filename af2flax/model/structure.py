@@ -35,6 +35,7 @@ _ANGLE_NORM_EPS = 1e-12
 _POINT_NORM_EPS = 1e-8
 # Logit penalty for masked key residues.
 _MASK_PENALTY = 1e5
+# Geometry-facing contractions run in full float32 (no TF32/bf16 passes on accelerators).
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -77,8 +78,8 @@ class InvariantPointAttention(nn.Module):
     num_scalar_qk, num_scalar_v = c.num_scalar_qk, c.num_scalar_v
     num_point_qk, num_point_v = c.num_point_qk, c.num_point_v
 
-    def linear(size, name, dtype=self.dtype, initializer="linear"):
-      return Linear(size, initializer=initializer, dtype=dtype, name=name)
+    def linear(size, name, dtype=self.dtype, initializer="linear", precision=None):
+      return Linear(size, initializer=initializer, dtype=dtype, precision=precision, name=name)
 
     q_scalar = linear(num_head * num_scalar_qk, "q_scalar")(single_act)
     q_scalar = q_scalar.reshape(num_res, num_head, num_scalar_qk)
@@ -91,7 +92,8 @@ class InvariantPointAttention(nn.Module):
     frames = _frames_over_points(frames.astype(jnp.float32), 2)
 
     def global_points(num_points, name):
-      local = linear(num_head * 3 * num_points, name, dtype=jnp.float32)(single_act)
+      local = linear(num_head * 3 * num_points, name, dtype=jnp.float32,
+                     precision=_HIGHEST)(single_act)
       local = jnp.moveaxis(local.reshape(num_res, 3, num_head, num_points), 1, -1)
       return frames.apply(local)  # [N, H, P, 3]
 
@@ -180,7 +182,7 @@ class AngleResnet(nn.Module):
       update = Linear(c.num_channel, initializer=final_init, dtype=self.dtype,
                       name=f"resblock2{suffix}")(nn.relu(update))
       hidden = hidden + update
-    unnormalized = Linear(2 * all_atom.NUM_TORSIONS, dtype=jnp.float32,
+    unnormalized = Linear(2 * all_atom.NUM_TORSIONS, dtype=jnp.float32, precision=_HIGHEST,
                           name="unnormalized_angles")(nn.relu(hidden))
     unnormalized = unnormalized.reshape(act.shape[:-1] + (all_atom.NUM_TORSIONS, 2))
     norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(unnormalized), axis=-1, keepdims=True),
@@ -230,7 +232,8 @@ class FoldIteration(nn.Module):
         dropout(act + transition_input))
 
     # The update feeds the geometry directly: computed in float32.
-    update = Linear(6, initializer=final_init, dtype=jnp.float32, name="affine_update")(act)
+    update = Linear(6, initializer=final_init, dtype=jnp.float32, precision=_HIGHEST,
+                    name="affine_update")(act)
     quat, trans = backbone_update(quat, trans, update)
 
     angles, unnormalized_angles = AngleResnet(c.sidechain, self.global_config, dtype=self.dtype,
