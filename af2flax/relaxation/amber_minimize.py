@@ -45,6 +45,7 @@ class MinimizationResult:
   initial_positions: np.ndarray       # [num_atoms, 3] Å
   final_positions: np.ndarray         # [num_atoms, 3] Å
   pdb_string: str                     # minimised structure, chain and residue ids kept
+  topology: openmm_app.Topology       # of `pdb_string`
   num_restrained: int                 # atoms held by the position restraint
   attempts: int
   seconds: float
@@ -73,11 +74,12 @@ def will_restrain(atom: openmm_app.topology.Atom, restraint_set: str) -> bool:
 
 
 def add_position_restraints(system: openmm.System, topology: openmm_app.Topology,
-                            reference_positions: unit.Quantity, stiffness: float,
+                            reference_positions: np.ndarray, stiffness: float,
                             restraint_set: str, exclude_residues: Collection[int]) -> int:
   """Adds `0.5 k |x - x0|^2` on the restrained atoms; returns how many atoms it holds.
 
   Args:
+    reference_positions: [num_atoms, 3] x0, Å.
     stiffness: k in kcal/mol/Å².
     exclude_residues: zero-based residue indices (topology order) left unrestrained.
   """
@@ -86,7 +88,7 @@ def add_position_restraints(system: openmm.System, topology: openmm_app.Topology
   force.addGlobalParameter("k", stiffness_md)
   for name in ("x0", "y0", "z0"):
     force.addPerParticleParameter(name)
-  reference_nm = reference_positions.value_in_unit(unit.nanometer)
+  reference_nm = np.asarray(reference_positions, np.float64) * (LENGTH / unit.nanometer)
   excluded = set(exclude_residues)
   for atom in topology.atoms():
     if atom.residue.index in excluded or not will_restrain(atom, restraint_set):
@@ -102,14 +104,14 @@ def _pdb_string(topology: openmm_app.Topology, positions: unit.Quantity) -> str:
   return handle.getvalue()
 
 
-def _minimize_once(pdb: openmm_app.PDBFile, system_xml: str, max_iterations: int,
+def _minimize_once(positions: np.ndarray, system_xml: str, max_iterations: int,
                    tolerance: float, platform: openmm.Platform) -> tuple[float, float, np.ndarray]:
   """Builds a fresh context and minimises; returns initial, final energy and final positions."""
   system = openmm.XmlSerializer.deserialize(system_xml)
   # Temperature 0 and no stepping: the integrator only exists because a Context needs one.
   integrator = openmm.LangevinIntegrator(0.0, 0.01, 0.0)
   context = openmm.Context(system, integrator, platform)
-  context.setPositions(pdb.positions)
+  context.setPositions(positions * LENGTH)
   initial = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(ENERGY)
   openmm.LocalEnergyMinimizer.minimize(
       context, (tolerance * ENERGY / unit.nanometer).value_in_unit_system(unit.md_unit_system),
@@ -143,6 +145,7 @@ def minimize(pdb_string: str, *, stiffness: float = 10.0, tolerance: float = 2.3
     raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
   platform = select_platform(use_gpu)
   pdb = openmm_app.PDBFile(io.StringIO(pdb_string))
+  start_positions = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(LENGTH))
   # Force-field errors (a residue without template) are deterministic: no retry.
   try:
     system = openmm_app.ForceField(FORCE_FIELD).createSystem(
@@ -151,7 +154,7 @@ def minimize(pdb_string: str, *, stiffness: float = 10.0, tolerance: float = 2.3
     raise MinimizationError(f"{FORCE_FIELD} cannot parameterise the structure: {error}") from error
   num_restrained = 0
   if stiffness > 0:
-    num_restrained = add_position_restraints(system, pdb.topology, pdb.positions, stiffness,
+    num_restrained = add_position_restraints(system, pdb.topology, start_positions, stiffness,
                                              restraint_set, exclude_residues)
   logger.info("Restraining %d / %d atoms.", num_restrained, system.getNumParticles())
   system_xml = openmm.XmlSerializer.serialize(system)
@@ -160,8 +163,8 @@ def minimize(pdb_string: str, *, stiffness: float = 10.0, tolerance: float = 2.3
   last_error: Exception | None = None
   for attempt in range(1, max_attempts + 1):
     try:
-      initial, final, positions = _minimize_once(pdb, system_xml, max_iterations, tolerance,
-                                                 platform)
+      initial, final, positions = _minimize_once(start_positions, system_xml, max_iterations,
+                                                 tolerance, platform)
       break
     except (openmm.OpenMMException, MinimizationError) as error:
       logger.info("Minimisation attempt %d of %d failed: %s", attempt, max_attempts, error)
@@ -172,7 +175,6 @@ def minimize(pdb_string: str, *, stiffness: float = 10.0, tolerance: float = 2.3
 
   return MinimizationResult(
       initial_energy=initial, final_energy=final,
-      initial_positions=np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(LENGTH)),
-      final_positions=positions,
-      pdb_string=_pdb_string(pdb.topology, positions * LENGTH),
+      initial_positions=start_positions, final_positions=positions,
+      pdb_string=_pdb_string(pdb.topology, positions * LENGTH), topology=pdb.topology,
       num_restrained=num_restrained, attempts=attempt, seconds=seconds)

@@ -143,6 +143,17 @@ def _restype_atom14_to_atom37() -> np.ndarray:
   return table
 
 
+@jax.jit
+def _violations_and_metrics(batch: dict[str, jax.Array], atom14_positions: jax.Array
+                            ) -> tuple[dict, dict]:
+  # One compiled program per protein length: op-by-op dispatch costs seconds per call.
+  config = ml_collections.ConfigDict({"violation_tolerance_factor": VIOLATION_TOLERANCE_FACTOR,
+                                      "clash_overlap_tolerance": CLASH_OVERLAP_TOLERANCE})
+  violations = violation_terms.find_structural_violations(batch, atom14_positions, config)
+  metrics = violation_terms.compute_violation_metrics(batch, atom14_positions, violations)
+  return violations, metrics
+
+
 def find_violations(structure: Atom14Structure) -> ViolationReport:
   """AlphaFold's structural violations of a structure (Suppl. 1.9.11), as relax uses them.
 
@@ -157,12 +168,9 @@ def find_violations(structure: Atom14Structure) -> ViolationReport:
       "residx_atom14_to_atom37": _restype_atom14_to_atom37()[structure.aatype],
       "seq_mask": np.ones([structure.num_residues], np.float32),
   }
-  config = ml_collections.ConfigDict({"violation_tolerance_factor": VIOLATION_TOLERANCE_FACTOR,
-                                      "clash_overlap_tolerance": CLASH_OVERLAP_TOLERANCE})
-  # Tiny arrays: keep them on the host CPU even when an accelerator is present.
+  # Small arrays: keep them on the host CPU even when an accelerator is present.
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
-    violations = violation_terms.find_structural_violations(batch, structure.positions, config)
-    metrics = violation_terms.compute_violation_metrics(batch, structure.positions, violations)
+    violations, metrics = _violations_and_metrics(batch, structure.positions)
   between = violations["between_residues"]
   return ViolationReport(
       per_residue=np.asarray(violations["total_per_residue_violations_mask"]) > 0,

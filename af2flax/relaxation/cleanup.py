@@ -54,9 +54,9 @@ def fix_pdb(pdb_string: str, report: CleanupReport) -> str:
   """Runs PDBFixer on a PDB string; returns the fixed PDB string (ids kept).
 
   Steps, in AlphaFold's order: replace non-standard residues; remove heterogens and water;
-  find missing residues (only from SEQRES records, which `protein.to_pdb` does not write, so
-  a model's chain gaps are never filled); add missing heavy atoms and terminal atoms; add
-  hydrogens at `HYDROGEN_PH`.
+  report residues that SEQRES lists but the coordinates lack (they are not built: AlphaFold's
+  relax never sees SEQRES, so it never fills a gap either); add missing heavy atoms and
+  terminal atoms; add hydrogens at `HYDROGEN_PH`.
   """
   fixer = pdbfixer.PDBFixer(pdbfile=io.StringIO(pdb_string))
   fixer.findNonstandardResidues()
@@ -70,8 +70,11 @@ def fix_pdb(pdb_string: str, report: CleanupReport) -> str:
   report.removed_heterogens = sorted(names_before - names_after)
 
   fixer.findMissingResidues()
-  report.missing_residues = [f"{chain_index}:{position}:{'-'.join(names)}"
+  report.missing_residues = [f"chain {chain_index} before residue {position}: {' '.join(names)}"
                              for (chain_index, position), names in fixer.missingResidues.items()]
+  # Relaxation refines the residues it is given: a chain gap (SEQRES residues without
+  # coordinates) is left open, never modelled, so residue ids and counts stay as in the input.
+  fixer.missingResidues = {}
   fixer.findMissingAtoms()
   report.missing_heavy_atoms = {_residue_label(residue): [atom.name for atom in atoms]
                                 for residue, atoms in fixer.missingAtoms.items()}
@@ -87,14 +90,15 @@ def fix_pdb(pdb_string: str, report: CleanupReport) -> str:
 
 def replace_met_selenium(structure: PdbStructure, report: CleanupReport) -> None:
   """Turns the SD selenium of MET residues (unmarked selenomethionine) into sulfur."""
-  for residue in structure.iter_residues():
-    if residue.get_name_with_spaces().strip() != "MET":
-      continue
-    sd_atom = residue.get_atom("SD")
-    if sd_atom is not None and sd_atom.element_symbol == "Se":
-      sd_atom.element_symbol = "S"
-      sd_atom.element = openmm_element.get_by_symbol("S")
-      report.selenium_in_met.append(f"{residue.chain_id}:{residue.number}:MET")
+  for chain in structure.iter_chains():
+    for residue in chain.iter_residues():
+      if residue.get_name_with_spaces().strip() != "MET" or "SD" not in residue:
+        continue
+      sd_atom = residue.get_atom("SD")
+      if sd_atom.element_symbol == "Se":
+        sd_atom.element_symbol = "S"
+        sd_atom.element = openmm_element.get_by_symbol("S")
+        report.selenium_in_met.append(f"{chain.chain_id}:{residue.number}:MET")
 
 
 def remove_single_residue_chains(structure: PdbStructure, report: CleanupReport) -> None:

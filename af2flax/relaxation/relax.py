@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 from openmm import app as openmm_app
+from openmm import unit
 
 from af2flax.relaxation import amber_minimize
 from af2flax.relaxation import checks
@@ -188,7 +189,8 @@ class AmberRelaxation:
       except amber_minimize.MinimizationError as error:
         raise RelaxationError(f"{source}: {error}") from error
       relaxed_pdb = minimized.pdb_string
-      violations_after = checks.find_violations(checks.atom14_from_pdb_string(relaxed_pdb, source))
+      violations_after = checks.find_violations(checks.atom14_from_topology(
+          minimized.topology, minimized.final_positions * unit.angstrom, source))
       violating = np.flatnonzero(violations_after.per_residue)
       rounds.append(RoundSummary(
           initial_energy=minimized.initial_energy, final_energy=minimized.final_energy,
@@ -198,7 +200,7 @@ class AmberRelaxation:
       logger.info("%s: round %d, energy %.1f -> %.1f kcal/mol, %d violating residues, %d "
                   "unrestrained", source, len(rounds), minimized.initial_energy,
                   minimized.final_energy, violating.size, len(excluded))
-      if violating.size == 0:
+      if violating.size == 0 or len(rounds) == self.max_outer_iterations:
         break
       excluded |= set(int(i) for i in violating)
       # Fresh hydrogens for the next round, as AlphaFold does (its default).
