@@ -211,12 +211,15 @@ class Rigid:
     return Rigid(rot=_map_leading(fn, self.rot, 2), trans=_map_leading(fn, self.trans, 1))
 
   def __getitem__(self, index) -> "Rigid":
+    """Indexes the frame axes; `rigid[..., 4]` selects along the last frame axis."""
     if not isinstance(index, tuple):
       index = (index,)
-    return Rigid(rot=self.rot[index + (Ellipsis, slice(None), slice(None))]
-                 if Ellipsis not in index else self.rot[index],
-                 trans=self.trans[index + (Ellipsis, slice(None))]
-                 if Ellipsis not in index else self.trans[index])
+    if any(item is Ellipsis for item in index):
+      # Keep the component axes after an explicit Ellipsis.
+      return Rigid(rot=self.rot[index + (slice(None), slice(None))],
+                   trans=self.trans[index + (slice(None),)])
+    return Rigid(rot=self.rot[index + (Ellipsis, slice(None), slice(None))],
+                 trans=self.trans[index + (Ellipsis, slice(None))])
 
   def __getattr__(self, name):  # pragma: no cover - clearer error for a common slip.
     raise AttributeError(f"Rigid has no attribute {name!r}")
