@@ -20,6 +20,7 @@ from openmm import app as openmm_app
 from openmm import unit
 
 from af2flax.common import residue_constants
+from af2flax.geometry import all_atom
 from af2flax.losses import violations as violation_terms
 
 # AlphaFold's model config (`structure_module.violation_tolerance_factor` and
@@ -134,15 +135,6 @@ class ViolationReport:
     return {**counts, **fractions}
 
 
-def _restype_atom14_to_atom37() -> np.ndarray:
-  """[21, 14] atom37 index of each atom14 slot (0 for empty slots and UNK)."""
-  table = np.zeros([21, 14], np.int32)
-  for restype, letter in enumerate(residue_constants.restypes):
-    names = residue_constants.restype_name_to_atom14_names[residue_constants.restype_1to3[letter]]
-    table[restype] = [residue_constants.atom_order[name] if name else 0 for name in names]
-  return table
-
-
 @jax.jit
 def _violations_and_metrics(batch: dict[str, jax.Array], atom14_positions: jax.Array
                             ) -> tuple[dict, dict]:
@@ -165,7 +157,7 @@ def find_violations(structure: Atom14Structure) -> ViolationReport:
       "aatype": structure.aatype,
       "residue_index": structure.residue_index,
       "atom14_atom_exists": structure.atom_mask,
-      "residx_atom14_to_atom37": _restype_atom14_to_atom37()[structure.aatype],
+      "residx_atom14_to_atom37": all_atom.RESTYPE_ATOM14_TO_ATOM37[structure.aatype],
       "seq_mask": np.ones([structure.num_residues], np.float32),
   }
   # Small arrays: keep them on the host CPU even when an accelerator is present.

@@ -160,11 +160,13 @@ class AmberRelaxation:
       # Hydrogens of the input are re-placed by the clean-up, as AlphaFold's (whose protein
       # reader drops them) does.
       pdb_string = strip_hydrogens(pdb_string)
-      before = checks.atom14_from_pdb_string(pdb_string, source)
+      pdb = openmm_app.PDBFile(io.StringIO(pdb_string))
+    except Exception as error:  # OpenMM's reader raises bare Exceptions on malformed text.
+      raise RelaxationError(f"{source}: not a readable PDB structure ({error!r})") from error
+    try:
+      before = checks.atom14_from_topology(pdb.topology, pdb.positions, source)
     except ValueError as error:
       raise RelaxationError(str(error)) from error
-    except Exception as error:  # OpenMM's reader raises bare Exceptions on malformed text.
-      raise RelaxationError(f"{source}: not a readable PDB structure ({error})") from error
     if before.num_residues == 0:
       raise RelaxationError(f"{source}: no protein residues to relax")
     empty = np.flatnonzero(before.atom_mask.sum(axis=-1) == 0)
