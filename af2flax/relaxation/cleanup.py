@@ -145,6 +145,9 @@ def clean_pdb(pdb_string: str, check: bool = True) -> tuple[str, CleanupReport]:
   structure = PdbStructure(io.StringIO(fixed))
   replace_met_selenium(structure, report)
   remove_single_residue_chains(structure, report)
+  if not any(True for _ in structure.iter_residues()):
+    raise CleanupError("no chain of two or more residues: Amber has no template for a lone "
+                       "residue (N- and C-terminus at once)")
   as_file = openmm_app.PDBFile(structure)
   handle = io.StringIO()
   openmm_app.PDBFile.writeFile(as_file.getTopology(), as_file.getPositions(), handle,

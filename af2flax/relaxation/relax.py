@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import time
 from typing import Sequence
 
@@ -21,6 +22,8 @@ import numpy as np
 from openmm import app as openmm_app
 from openmm import unit
 
+from af2flax.common import protein
+from af2flax.common import residue_constants
 from af2flax.relaxation import amber_minimize
 from af2flax.relaxation import checks
 from af2flax.relaxation import cleanup
@@ -68,6 +71,10 @@ class RelaxResult:
   def final_energy(self) -> float:
     return self.rounds[-1].final_energy
 
+  def to_protein(self) -> protein.Protein:
+    """The relaxed heavy atoms as a Protein (hydrogens dropped, B-factors kept)."""
+    return protein.from_pdb_string(self.pdb_string, source="relaxed structure")
+
   def summary(self) -> dict[str, object]:
     """Plain numbers for logs and JSON files."""
     return {
@@ -108,15 +115,16 @@ def set_b_factors(pdb_string: str, b_factors: dict[tuple[str, str], float]) -> s
   return "\n".join(lines) + "\n"
 
 
-def residue_b_factors(pdb_string: str) -> dict[tuple[str, str], float]:
-  """Each residue's B-factor (of CA, else its first atom), keyed like `set_b_factors`."""
-  values: dict[tuple[str, str], float] = {}
-  for line in pdb_string.splitlines():
-    if not line.startswith(("ATOM  ", "HETATM")) or len(line) < 66:
-      continue
-    key = (line[21], line[22:27].strip())
-    if key not in values or line[12:16].strip() == "CA":
-      values[key] = float(line[60:66])
+def residue_b_factors(prot: protein.Protein) -> dict[tuple[str, str], float]:
+  """Each residue's B-factor (its CA's, as AlphaFold takes it), keyed like `set_b_factors`."""
+  ca = residue_constants.atom_order["CA"]
+  values = {}
+  for i in range(prot.num_res):
+    present = np.flatnonzero(prot.atom_mask[i] > 0.5)
+    column = ca if prot.atom_mask[i, ca] > 0.5 or present.size == 0 else present[0]
+    key = (prot.chain_names[prot.chain_index[i]],
+           f"{prot.residue_index[i]}{prot.insertion_code[i]}")
+    values[key] = float(prot.b_factors[i, column])
   return values
 
 
@@ -147,37 +155,64 @@ class AmberRelaxation:
     if self.max_iterations < 0 or self.stiffness < 0 or self.tolerance <= 0:
       raise ValueError("max_iterations and stiffness must be >= 0 and tolerance > 0")
 
-  def relax_pdb_string(self, pdb_string: str, source: str = "<string>") -> RelaxResult:
-    """Relaxes a heavy-atom protein PDB (as `protein.to_pdb` writes it).
+  def process(self, prot: protein.Protein) -> RelaxResult:
+    """Relaxes a protein (a prediction: pLDDT in `b_factors`); see `RelaxResult`.
 
-    Args:
-      pdb_string: the structure; its B-factors (per residue, CA's) are carried over.
-      source: name of the input for error messages (a file path).
+    Raises RelaxationError, naming `prot.source`, for a protein Amber cannot take: no
+    residues, an unknown residue type (UNK), a residue without atoms, a chain id longer than
+    PDB's one character.
     """
-    start = time.perf_counter()
-    b_factors = residue_b_factors(pdb_string)
+    source = prot.source or "<protein>"
+    if prot.num_res == 0:
+      raise RelaxationError(f"{source}: no protein residues to relax")
+    labels = [f"{prot.chain_names[c]}:{r}{i}" for c, r, i in
+              zip(prot.chain_index, prot.residue_index, prot.insertion_code)]
+    unknown = np.flatnonzero(prot.aatype >= residue_constants.restype_num)
+    if unknown.size:
+      raise RelaxationError(
+          f"{source}: residue {labels[unknown[0]]} is of unknown type (UNK); Amber has no "
+          f"template for it, relaxation needs the 20 standard amino acids")
+    empty = np.flatnonzero(prot.atom_mask.max(axis=-1) < 0.5)
+    if empty.size:
+      raise RelaxationError(
+          f"{source}: residue {labels[empty[0]]} has no atom coordinates; relaxation needs "
+          f"every residue located (AlphaFold's requirement too)")
     try:
-      # Hydrogens of the input are re-placed by the clean-up, as AlphaFold's (whose protein
-      # reader drops them) does.
-      pdb_string = strip_hydrogens(pdb_string)
-      pdb = openmm_app.PDBFile(io.StringIO(pdb_string))
-    except Exception as error:  # OpenMM's reader raises bare Exceptions on malformed text.
-      raise RelaxationError(f"{source}: not a readable PDB structure ({error!r})") from error
+      pdb_string = protein.to_pdb(prot)
+    except ValueError as error:
+      raise RelaxationError(f"{source}: cannot be written as PDB for OpenMM: {error}") from error
+    return self._relax(pdb_string, residue_b_factors(prot), source)
+
+  def relax_pdb_string(self, pdb_string: str, source: str = "<string>") -> RelaxResult:
+    """Reads a PDB string with `protein.from_pdb_string` (all protein chains) and relaxes it."""
+    try:
+      prot = protein.from_pdb_string(pdb_string, source=source)
+    except protein.StructureParseError as error:
+      raise RelaxationError(str(error)) from error
+    return self.process(prot)
+
+  def relax_file(self, path: str | os.PathLike) -> RelaxResult:
+    """Reads a PDB or mmCIF file (gzipped or not; all protein chains) and relaxes it."""
+    try:
+      prot = protein.read_structure(path)
+    except protein.StructureParseError as error:
+      raise RelaxationError(str(error)) from error
+    return self.process(prot)
+
+  def _relax(self, pdb_string: str, b_factors: dict[tuple[str, str], float],
+             source: str) -> RelaxResult:
+    """The outer loop on a heavy-atom PDB of standard residues (`protein.to_pdb` output)."""
+    start = time.perf_counter()
+    pdb = openmm_app.PDBFile(io.StringIO(pdb_string))
     try:
       before = checks.atom14_from_topology(pdb.topology, pdb.positions, source)
     except ValueError as error:
       raise RelaxationError(str(error)) from error
-    if before.num_residues == 0:
-      raise RelaxationError(f"{source}: no protein residues to relax")
-    empty = np.flatnonzero(before.atom_mask.sum(axis=-1) == 0)
-    if empty.size:
-      raise RelaxationError(f"{source}: residue {before.residue_labels[empty[0]]} has no heavy "
-                            "atoms; every residue needs at least one")
     violations_before = checks.find_violations(before)
 
     try:
       cleaned, cleanup_report = cleanup.clean_pdb(pdb_string)
-    except Exception as error:
+    except Exception as error:  # PDBFixer and OpenMM raise bare Exceptions.
       raise RelaxationError(f"{source}: clean-up failed: {error}") from error
     excluded = set(int(i) for i in self.exclude_residues)
     rounds = []

@@ -5,6 +5,7 @@ Default tests use the two structures AlphaFold's own tests fully relax in one ro
 target and the CASP14 model with unresolvable violations run under `-m slow`.
 """
 
+import dataclasses
 import io
 import time
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 from openmm import app as openmm_app
 
+from af2flax.common import protein
+from af2flax.common import residue_constants
 from af2flax.relaxation import checks
 from af2flax.relaxation import relax
 from tests.conftest import SHARED_DATA
@@ -119,16 +122,57 @@ def test_casp14_model_adds_no_violations(shared_dir):
     assert result.heavy_atom_rmsd < 1.0
 
 
+def test_process_takes_a_protein_and_returns_it(shared_dir):
+  prot = protein.read_pdb(TESTDATA / "model_output.pdb")
+  plddt = np.linspace(30.0, 90.0, prot.num_res)
+  result = relax.AmberRelaxation(max_iterations=50).process(prot.with_residue_b_factors(plddt))
+  relaxed = result.to_protein()
+  np.testing.assert_array_equal(relaxed.aatype, prot.aatype)
+  np.testing.assert_array_equal(relaxed.residue_index, prot.residue_index)
+  oxt = residue_constants.atom_order["OXT"]
+  np.testing.assert_array_equal(np.delete(relaxed.atom_mask, oxt, axis=1),
+                                np.delete(prot.atom_mask, oxt, axis=1))
+  ca = residue_constants.atom_order["CA"]
+  np.testing.assert_allclose(relaxed.b_factors[:, ca], plddt, atol=0.005)
+
+
 @pytest.mark.parametrize("name, text, message", [
-    ("notes.pdb", "hello\nthis is not a PDB file\n", "notes.pdb: not a readable PDB structure"),
-    ("empty.pdb", "", "empty.pdb: not a readable PDB structure"),
+    ("notes.pdb", "hello\nthis is not a PDB file\n", "notes.pdb: no protein residues"),
+    ("empty.pdb", "", "empty.pdb: no protein residues"),
     ("ligand.pdb",
      "HETATM    1  C1  LIG A   1       0.000   0.000   0.000  1.00  0.00           C\nEND\n",
-     "ligand.pdb: residue A:1:LIG is not a standard amino acid"),
+     "ligand.pdb: no protein residues"),
+    ("lone.pdb",
+     "ATOM      1  CA  ALA A   7       0.000   0.000   0.000  1.00  0.00           C\nEND\n",
+     "lone.pdb: clean-up failed: no chain of two or more residues"),
 ])
 def test_bad_input_names_the_file(name, text, message):
   with pytest.raises(relax.RelaxationError, match=message):
     relax.AmberRelaxation().relax_pdb_string(text, name)
+
+
+def test_truncated_file_names_the_file_and_line(shared_dir, tmp_path):
+  text = (TESTDATA / "model_output.pdb").read_text()
+  path = tmp_path / "truncated.pdb"
+  path.write_text(text[:len(text) // 2])  # cut in the middle of an ATOM record
+  with pytest.raises(relax.RelaxationError, match=r"truncated\.pdb: line \d+"):
+    relax.AmberRelaxation().relax_file(path)
+  empty = tmp_path / "empty.pdb"
+  empty.write_text("")
+  with pytest.raises(relax.RelaxationError, match=r"empty\.pdb: the file is empty"):
+    relax.AmberRelaxation().relax_file(empty)
+
+
+def test_unknown_and_unlocated_residues_rejected(shared_dir):
+  prot = protein.read_pdb(TESTDATA / "model_output.pdb")
+  unknown = dataclasses.replace(prot, aatype=np.where(np.arange(prot.num_res) == 2, 20,
+                                                      prot.aatype))
+  with pytest.raises(relax.RelaxationError, match=r"model_output\.pdb: residue A:3 .*UNK"):
+    relax.AmberRelaxation().process(unknown)
+  mask = prot.atom_mask.copy()
+  mask[1] = 0.0
+  with pytest.raises(relax.RelaxationError, match=r"residue A:2 has no atom coordinates"):
+    relax.AmberRelaxation().process(dataclasses.replace(prot, atom_mask=mask))
 
 
 def test_invalid_settings_rejected():
