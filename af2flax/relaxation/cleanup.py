@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import random
 
 import numpy as np
 import pdbfixer
@@ -26,8 +27,9 @@ from openmm.app.internal.pdbstructure import PdbStructure
 
 # pH at which PDBFixer chooses protonation states (AlphaFold's choice).
 HYDROGEN_PH = 7.0
-# Seed of PDBFixer's placement of missing heavy atoms, so clean-up is reproducible.
+# Seeds of PDBFixer's placement of missing heavy atoms and of hydrogens (reproducibility).
 MISSING_ATOMS_SEED = 0
+HYDROGEN_SEED = 0
 
 
 class CleanupError(ValueError):
@@ -81,7 +83,15 @@ def fix_pdb(pdb_string: str, report: CleanupReport) -> str:
   report.missing_terminals = {_residue_label(residue): list(names)
                               for residue, names in fixer.missingTerminals.items()}
   fixer.addMissingAtoms(seed=MISSING_ATOMS_SEED)
-  fixer.addMissingHydrogens(HYDROGEN_PH)
+  # OpenMM's Modeller starts hydrogens at positions drawn from Python's global `random`, then
+  # minimises them briefly: seeding it makes clean-up, and so relaxation, reproducible
+  # (AlphaFold's is not; its tests allow for that). The caller's random state is restored.
+  random_state = random.getstate()
+  random.seed(HYDROGEN_SEED)
+  try:
+    fixer.addMissingHydrogens(HYDROGEN_PH)
+  finally:
+    random.setstate(random_state)
 
   handle = io.StringIO()
   openmm_app.PDBFile.writeFile(fixer.topology, fixer.positions, handle, keepIds=True)

@@ -1,6 +1,7 @@
 """PDBFixer clean-up (Suppl. 1.8.6): what it adds, removes and must leave in place."""
 
 import io
+import random
 
 import numpy as np
 import pytest
@@ -109,3 +110,21 @@ def test_check_heavy_atoms_unchanged_detects_a_move(shared_dir):
   assert moved != cleaned
   with pytest.raises(cleanup.CleanupError, match="moved atom"):
     cleanup.check_heavy_atoms_unchanged(moved, text)
+
+
+def test_clean_pdb_is_reproducible_and_leaves_global_random_alone(shared_dir):
+  text = (TESTDATA / "model_output.pdb").read_text()
+  bare = "".join(line + "\n" for line in text.splitlines() if line[76:78].strip() != "H")
+  random.seed(123)
+  expected_next = random.random()
+  random.seed(123)
+  first, _ = cleanup.clean_pdb(bare)
+  assert random.random() == expected_next
+  second, _ = cleanup.clean_pdb(bare)
+  # Same atoms; same hydrogen positions up to the CPU platform's thread-order rounding.
+  first_pdb = openmm_app.PDBFile(io.StringIO(first))
+  second_pdb = openmm_app.PDBFile(io.StringIO(second))
+  assert ([a.name for a in first_pdb.topology.atoms()]
+          == [a.name for a in second_pdb.topology.atoms()])
+  np.testing.assert_allclose(first_pdb.getPositions(asNumpy=True)._value,
+                             second_pdb.getPositions(asNumpy=True)._value, atol=1e-3)  # nm
