@@ -33,10 +33,17 @@ def outputs():
   return _load("outputs.npz")
 
 
-def _random_rigid(key, shape):
-  quat_key, trans_key = jax.random.split(key)
-  return Rigid.from_quaternion(jax.random.normal(quat_key, shape + (4,)),
-                               5.0 * jax.random.normal(trans_key, shape + (3,)))
+def _random_rigid(rng, shape):
+  """Random frames (numpy quaternions and translations -> Rigid)."""
+  quat = rng.normal(size=shape + (4,)).astype(np.float32)
+  trans = (5.0 * rng.normal(size=shape + (3,))).astype(np.float32)
+  return Rigid.from_quaternion(jnp.asarray(quat), jnp.asarray(trans))
+
+
+@jax.jit
+def _atoms_and_frames(aatype, backbone, angles):
+  frames = all_atom.torsion_angles_to_frames(aatype, backbone, angles)
+  return all_atom.frames_and_literature_positions_to_atom14_pos(aatype, frames), frames
 
 
 def test_make_atom14_masks_equals_alphafold_features(batch):
@@ -142,20 +149,18 @@ def test_rebuilds_real_structure_from_ground_truth_torsions(batch):
 
 def test_global_motion_moves_all_atoms_rigidly():
   """Composing every backbone frame with one rigid motion moves every frame and atom with it."""
-  keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  aatype = jnp.arange(21)
-  backbone = _random_rigid(keys[0], (21,))
-  angles = jax.random.normal(keys[1], (21, 7, 2))
-  motion = _random_rigid(keys[2], ())
-  frames = all_atom.torsion_angles_to_frames(aatype, backbone, angles)
+  rng = np.random.default_rng(0)
+  aatype = np.arange(21)
+  backbone = _random_rigid(rng, (21,))
+  angles = rng.normal(size=(21, 7, 2)).astype(np.float32)
+  motion = _random_rigid(rng, ())
   moved_backbone = Rigid(rot=jnp.broadcast_to(motion.rot, (21, 3, 3)),
                          trans=jnp.broadcast_to(motion.trans, (21, 3))) @ backbone
-  moved_frames = all_atom.torsion_angles_to_frames(aatype, moved_backbone, angles)
-  atoms = all_atom.frames_and_literature_positions_to_atom14_pos(aatype, frames)
-  moved_atoms = all_atom.frames_and_literature_positions_to_atom14_pos(aatype, moved_frames)
-  np.testing.assert_allclose(np.asarray(moved_atoms),
-                             np.asarray(motion.apply(atoms) * all_atom.RESTYPE_ATOM14_EXISTS[
-                                 np.arange(21)][..., None]), atol=1e-4)
+  atoms, frames = _atoms_and_frames(aatype, backbone, angles)
+  moved_atoms, moved_frames = _atoms_and_frames(aatype, moved_backbone, angles)
+  exists = all_atom.RESTYPE_ATOM14_EXISTS[aatype][..., None]
+  np.testing.assert_allclose(np.asarray(moved_atoms), np.asarray(motion.apply(atoms)) * exists,
+                             atol=1e-4)
   np.testing.assert_allclose(np.asarray(moved_frames.trans), np.asarray(motion.apply(frames.trans)),
                              atol=1e-4)
 
@@ -166,8 +171,8 @@ def test_torsions_rotate_groups_about_their_bond():
   backbone = Rigid.identity((2,))
   angles = np.tile(np.array([0.0, 1.0]), (2, 7, 1))
   angles[1, 3] = [np.sin(1.0), np.cos(1.0)]  # chi1 of the second residue turned by 1 rad
-  frames = all_atom.torsion_angles_to_frames(aatype, backbone, jnp.asarray(angles))
-  atoms = np.asarray(all_atom.frames_and_literature_positions_to_atom14_pos(aatype, frames))
+  atoms, _ = _atoms_and_frames(aatype, backbone, jnp.asarray(angles))
+  atoms = np.asarray(atoms)
   np.testing.assert_allclose(atoms[0, :5], atoms[1, :5], atol=1e-6)  # backbone and CB
   assert np.linalg.norm(atoms[0, 5] - atoms[1, 5]) > 0.5  # CG moved
   bonds0 = np.linalg.norm(np.diff(atoms[0, 4:11], axis=0), axis=-1)
@@ -177,18 +182,11 @@ def test_torsions_rotate_groups_about_their_bond():
 
 def test_leading_axes_and_jit():
   """Extra leading axes give the per-example results; the functions jit."""
-  keys = jax.random.split(jax.random.PRNGKey(1), 3)
-  aatype = jax.random.randint(keys[0], (2, 5), 0, 21)
-  backbone = _random_rigid(keys[1], (2, 5))
-  angles = jax.random.normal(keys[2], (2, 5, 7, 2))
-
-  @jax.jit
-  def atoms_fn(aatype, backbone, angles):
-    frames = all_atom.torsion_angles_to_frames(aatype, backbone, angles)
-    return all_atom.frames_and_literature_positions_to_atom14_pos(aatype, frames)
-
-  batched = atoms_fn(aatype, backbone, angles)
+  rng = np.random.default_rng(1)
+  aatype = rng.integers(0, 21, size=(2, 5))
+  backbone = _random_rigid(rng, (2, 5))
+  angles = rng.normal(size=(2, 5, 7, 2)).astype(np.float32)
+  batched, _ = _atoms_and_frames(aatype, backbone, angles)
   assert batched.shape == (2, 5, 14, 3)
-  for index in range(2):
-    single = atoms_fn(aatype[index], backbone[index], angles[index])
-    np.testing.assert_allclose(np.asarray(batched[index]), np.asarray(single), atol=1e-6)
+  single, _ = jax.jit(jax.vmap(_atoms_and_frames))(aatype, backbone, angles)
+  np.testing.assert_allclose(np.asarray(batched), np.asarray(single), atol=1e-6)
