@@ -83,7 +83,7 @@ class RelaxResult:
         "initial_energy_kcal_mol": self.initial_energy,
         "final_energy_kcal_mol": self.final_energy,
         "heavy_atom_rmsd_angstrom": self.heavy_atom_rmsd,
-        "rounds": len(self.rounds),
+        "rounds": [dataclasses.asdict(summary) for summary in self.rounds],
         "seconds": self.seconds,
     }
 
