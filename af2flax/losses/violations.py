@@ -89,7 +89,12 @@ def between_residue_bond_loss(pred_atom_positions: Array, pred_atom_mask: Array,
       rc.between_res_cos_angles_c_n_ca[1], this_c_mask * next_n_mask * next_ca_mask * no_gap,
       tolerance_factor_soft, tolerance_factor_hard)
 
-  per_bond_loss = c_n_per_res + ca_c_n_per_res + c_n_ca_per_res
+  # Unlike AlphaFold, which reports the unmasked per-bond loss here, bonds that are not scored
+  # (gaps, missing atoms, padding) add nothing to the per-residue sum. This sum is a diagnostic
+  # output only: the loss terms above are the same either way.
+  per_bond_loss = (c_n_per_res * this_c_mask * next_n_mask * no_gap
+                   + ca_c_n_per_res * this_ca_mask * this_c_mask * next_n_mask * no_gap
+                   + c_n_ca_per_res * this_c_mask * next_n_mask * next_ca_mask * no_gap)
   per_residue_loss_sum = 0.5 * (jnp.pad(per_bond_loss, (0, 1)) + jnp.pad(per_bond_loss, (1, 0)))
   per_bond_violation = jnp.maximum(jnp.maximum(c_n_violation, ca_c_n_violation), c_n_ca_violation)
   per_residue_violation = jnp.maximum(jnp.pad(per_bond_violation, (0, 1)),

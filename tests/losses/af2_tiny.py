@@ -5,9 +5,12 @@ from __future__ import annotations
 import functools
 import json
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+
+from af2flax.losses.total import alphafold_loss
 
 from tests.conftest import REFERENCE
 
@@ -74,3 +77,20 @@ def model_outputs() -> dict:
                                   "breaks": out["predicted_aligned_error/breaks"]},
       "structure_module": structure_module,
   }
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_loss():
+  """`alphafold_loss` with the af2_tiny heads config, jitted once for every test that uses it:
+  (batch, outputs, is_distillation) -> (total, aux)."""
+  config = heads_config()
+  return jax.jit(lambda batch, outputs, is_distillation: alphafold_loss(
+      batch, outputs, config, is_distillation=is_distillation))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_loss_and_grad():
+  """d total / d outputs of `alphafold_loss` (af2_tiny heads config), jitted once."""
+  config = heads_config()
+  return jax.jit(jax.value_and_grad(
+      lambda outputs, batch: alphafold_loss(batch, outputs, config)[0]))
