@@ -82,7 +82,6 @@ def predict_query(query: Query, models: Sequence[cli.PreparedModel], args: argpa
                   relaxer: Any, failures: FailureLog) -> list[Prediction]:
   """Every model on one query; writes all its files. Raises for a bad input (skipped)."""
   out_dir = os.path.join(args.out, query.name)
-  os.makedirs(out_dir, exist_ok=True)
   timings: dict[str, float] = {}
   start = time.perf_counter()
   alignment_dir = None
@@ -91,6 +90,7 @@ def predict_query(query: Query, models: Sequence[cli.PreparedModel], args: argpa
   elif search_config is not None:
     alignment_dir = inputs.run_search(query, os.path.join(out_dir, "msas"), search_config)
   raw, report = inputs.make_raw_features(query, alignment_dir, template_featurizer)
+  os.makedirs(out_dir, exist_ok=True)   # only now: a skipped input leaves no directory
   timings["features"] = time.perf_counter() - start
   logger.info("%s: %d residues, %d MSA rows, %d templates", query.name, len(query.sequence),
               report["num_alignments"], report["num_templates"])

@@ -154,8 +154,11 @@ def _make_step(config: ml_collections.ConfigDict) -> Callable:
 
 
 def compiled_step(config: ml_collections.ConfigDict) -> Callable:
-  """The jitted iteration of `config`, shared by all runners with an equal config."""
-  key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  """The jitted iteration of `config`, shared by all runners with an equal config (the
+  recycle count is not part of one iteration, so it does not count)."""
+  tree = config.to_dict()
+  tree.pop("num_recycle", None)
+  key = json.dumps(tree, sort_keys=True, default=str)
   if key not in _STEP_CACHE:
     _STEP_CACHE[key] = _make_step(config)
   return _STEP_CACHE[key]
