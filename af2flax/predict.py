@@ -77,6 +77,32 @@ def make_relaxer(args: argparse.Namespace) -> Any | None:
   return relax_lib.AmberRelaxation(use_gpu=args.relax_use_gpu)
 
 
+def relax_models(out_dir: str, query_name: str, names: Sequence[str], proteins: dict,
+                 relaxer: Any, failures: FailureLog, timings: dict[str, float]) -> dict[str, str]:
+  """Amber-relaxes the models `names` (Suppl. 1.8.6); writes relaxed_<model>.pdb and
+  relax_<model>.json (violations before/after, energies, RMSD). Returns model -> relaxed PDB.
+
+  A structure that cannot be relaxed (unknown residues, a minimisation that fails on a very
+  poor model) is recorded in failures.tsv; its unrelaxed structure stays in the ranking.
+  """
+  relaxed: dict[str, str] = {}
+  for name in names:
+    start = time.perf_counter()
+    try:
+      result = relaxer.process(proteins[name])
+    except ValueError as error:  # relax.RelaxationError
+      failures.add(Failure(f"{query_name}:relax_{name}", f"not relaxed: {error}"))
+      continue
+    relaxed[name] = result.pdb_string
+    outputs.write_text(os.path.join(out_dir, f"relaxed_{name}.pdb"), result.pdb_string)
+    outputs.write_json(os.path.join(out_dir, f"relax_{name}.json"), result.summary())
+    timings[f"relax_{name}"] = time.perf_counter() - start
+    logger.info("%s %s: relaxed in %.1f s, %d violating residues left", query_name, name,
+                timings[f"relax_{name}"],
+                result.summary()["violations_after"]["violating_residues"])
+  return relaxed
+
+
 def predict_query(query: Query, models: Sequence[cli.PreparedModel], args: argparse.Namespace,
                   template_featurizer: Any, search_config: inputs.SearchConfig | None,
                   relaxer: Any, failures: FailureLog) -> list[Prediction]:
@@ -118,20 +144,10 @@ def predict_query(query: Query, models: Sequence[cli.PreparedModel], args: argpa
 
   order, ranking_debug = outputs.rank(predictions)
   outputs.write_json(os.path.join(out_dir, "ranking_debug.json"), ranking_debug)
-  relaxed: dict[str, str] = {}
+  relaxed = {}
   if relaxer is not None:
-    for name in order[:1] if args.relax == "best" else order:
-      relax_start = time.perf_counter()
-      try:
-        result = relaxer.process(proteins[name])
-      except ValueError as error:  # RelaxationError: e.g. UNK residues
-        failures.add(Failure(f"{query.name}:relax_{name}", f"not relaxed: {error}"))
-        continue
-      relaxed[name] = result.pdb_string
-      with open(os.path.join(out_dir, f"relaxed_{name}.pdb"), "w") as handle:
-        handle.write(result.pdb_string)
-      outputs.write_json(os.path.join(out_dir, f"relax_{name}.json"), result.summary())
-      timings[f"relax_{name}"] = time.perf_counter() - relax_start
+    to_relax = order[:1] if args.relax == "best" else order
+    relaxed = relax_models(out_dir, query.name, to_relax, proteins, relaxer, failures, timings)
   outputs.write_ranked(out_dir, order, proteins, relaxed)
   if not args.no_plots:
     by_rank = [next(p for p in predictions if p.model_name == name) for name in order]

@@ -9,8 +9,8 @@ inputs skipped with their reasons while the good ones are predicted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
@@ -198,3 +198,66 @@ def test_training_checkpoints_predict_with_their_ema_parameters(run, tmp_path, p
   expected = load_json(run["out"] / "seqA" / "result_model_1_ptm.json")
   np.testing.assert_allclose(result["plddt"], expected["plddt"], atol=1e-2)
   assert result["ptm"] == pytest.approx(expected["ptm"], abs=1e-4)
+
+
+def test_run_search_builds_the_msa_with_jackhmmer(tmp_path):
+  """--run_search: jackhmmer against a small database; alignments land in msas/ and are reused."""
+  import shutil
+  if shutil.which("jackhmmer") is None:
+    pytest.skip("jackhmmer is not installed")
+  rng = np.random.default_rng(3)
+  letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+  records = {}
+  for index in range(8):
+    row = np.array(list(helpers.SEQ_A))
+    mutate = rng.random(len(row)) < 0.2
+    row[mutate] = rng.choice(letters, mutate.sum())
+    records[f"homolog{index}"] = "".join(row)
+  for index in range(8):
+    records[f"unrelated{index}"] = "".join(rng.choice(letters, 60))
+  database = helpers.write_fasta(tmp_path / "db.fasta", records)
+  fasta = helpers.write_fasta(tmp_path / "in.fasta", {"seqA": helpers.SEQ_A})
+  out = tmp_path / "out"
+  flags = ["--fasta", str(fasta), "--out", str(out), *helpers.TINY_MODEL_FLAGS,
+           "--run_search", "--uniref90_database_path", str(database), "--n_cpu", "1",
+           "--no_plots", *helpers.SHAPE_FLAGS]
+  assert predict.main(flags) == 0
+  sto = out / "seqA" / "msas" / "uniref90_hits.sto"
+  assert sto.exists() and "homolog" in sto.read_text()
+  log = (out / "predict.log").read_text()
+  rows = int(log.split("seqA: 33 residues, ")[1].split(" MSA rows")[0])
+  assert 1 < rows <= 9                  # the query and (some of) its 8 homologs
+  modified = sto.stat().st_mtime_ns
+  assert predict.main(flags) == 0       # the second run reuses the alignment
+  assert sto.stat().st_mtime_ns == modified
+  assert predict.main(flags[:-len(helpers.SHAPE_FLAGS) - 1] + [
+      "--run_search", "--uniref90_database_path", str(tmp_path / "missing.fasta")]) == 2
+
+
+def test_relax_the_best_model_and_rank_the_relaxed_structure(tmp_path):
+  """--relax wiring on a real AlphaFold model (the tiny model's random structures cannot be
+  minimised): relaxed_<model>.pdb and its report are written and ranked_0 is the relaxed one;
+  a structure Amber cannot take is recorded, and its unrelaxed file stays ranked."""
+  relax_lib = pytest.importorskip("af2flax.relaxation.relax")
+  from af2flax.inference import outputs
+  from af2flax.inference.queries import FailureLog
+  from tests.conftest import SHARED_DATA
+  model = protein.read_structure(SHARED_DATA / "alphafold_testdata" / "model_output.pdb")
+  model = model.with_residue_b_factors(np.linspace(60, 90, model.num_res).astype(np.float32))
+  unknown = dataclasses.replace(model, aatype=np.full(model.num_res, 20))
+  proteins = {"good": model, "unk": unknown}
+  failures = FailureLog(tmp_path / "failures.tsv")
+  timings = {}
+  relaxed = predict.relax_models(str(tmp_path), "q", ["good", "unk"], proteins,
+                                 relax_lib.AmberRelaxation(), failures, timings)
+  assert list(relaxed) == ["good"] and timings["relax_good"] > 0
+  report = load_json(tmp_path / "relax_good.json")
+  assert report["violations_after"]["violating_residues"] == 0
+  assert "q:relax_unk" in (tmp_path / "failures.tsv").read_text()
+  outputs.write_ranked(str(tmp_path), ["good", "unk"], proteins, relaxed)
+  ranked = (tmp_path / "ranked_0.pdb").read_text()
+  assert ranked == (tmp_path / "relaxed_good.pdb").read_text()
+  heavy = protein.read_structure(tmp_path / "ranked_0.cif")
+  assert heavy.sequence == model.sequence
+  np.testing.assert_allclose(heavy.b_factors[:, 1], model.b_factors[:, 1], atol=0.01)
+  assert protein.read_structure(tmp_path / "ranked_1.pdb").num_res == model.num_res
