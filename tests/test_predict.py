@@ -261,3 +261,20 @@ def test_relax_the_best_model_and_rank_the_relaxed_structure(tmp_path):
   assert heavy.sequence == model.sequence
   np.testing.assert_allclose(heavy.b_factors[:, 1], model.b_factors[:, 1], atol=0.01)
   assert protein.read_structure(tmp_path / "ranked_1.pdb").num_res == model.num_res
+
+
+def test_params_checkpoints_of_convert_params(run, tmp_path, params_dir):
+  """An Orbax {'params': tree} checkpoint (convert_params output) with its preset named."""
+  from af2flax.model import import_af2
+  with np.load(params_dir / "params_model_1_ptm.npz", allow_pickle=False) as data:
+    params = import_af2.flax_from_haiku({k: data[k] for k in data.files})
+  checkpoint = import_af2.save_params(tmp_path / "ckpt", params)
+  fasta = helpers.write_fasta(tmp_path / "in.fasta", {"seqA": helpers.SEQ_A})
+  common = ["--fasta", str(fasta), "--checkpoint", str(checkpoint), "--alignments",
+            str(run["root"] / "alignments"), "--no_plots", *helpers.SHAPE_FLAGS]
+  assert predict.main(["--out", str(tmp_path / "unnamed"), *common]) == 2
+  assert predict.main(["--out", str(tmp_path / "out"), *common, "--models", "model_1_ptm",
+                       "--model_config", str(helpers.TINY_CONFIG)]) == 0
+  result = load_json(tmp_path / "out" / "seqA" / "result_model_1_ptm.json")
+  expected = load_json(run["out"] / "seqA" / "result_model_1_ptm.json")
+  np.testing.assert_allclose(result["plddt"], expected["plddt"], atol=1e-2)
