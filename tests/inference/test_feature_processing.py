@@ -136,3 +136,26 @@ def test_single_sequence_input_has_one_masked_extra_row():
   batch = fp.process_features(raw, fp.FeatureConfig(num_recycle=0))
   assert batch["msa_feat"].shape == (1, 1, 4, 49)
   assert batch["extra_msa"].shape == (1, 1, 4) and not batch["extra_msa_mask"].any()
+
+
+@pytest.mark.parametrize("gap_agreement_weight", [0.0, 0.5])
+def test_clustering_equals_the_training_pipelines_tensorflow_ops(gap_agreement_weight):
+  """Inference (numpy) and training (tf.data) build the cluster features the same way."""
+  tf = pytest.importorskip("tensorflow")
+  from af2flax.data import msa_transforms
+  rng = np.random.default_rng(5)
+  centres = rng.integers(0, 23, size=(6, 40)).astype(np.int32)    # with mask tokens (22)
+  extra = rng.integers(0, 22, size=(50, 40)).astype(np.int32)
+  centre_del = rng.integers(0, 5, size=centres.shape).astype(np.float32)
+  extra_del = rng.integers(0, 5, size=extra.shape).astype(np.float32)
+  agreement = msa_transforms.nearest_cluster_agreement(
+      tf.constant(extra), tf.constant(centres), gap_agreement_weight)
+  tf_assignment = tf.argmax(agreement, axis=-1, output_type=tf.int32)
+  summary = msa_transforms.summarize_clusters(tf.constant(centres), tf.constant(centre_del),
+                                              tf.constant(extra), tf.constant(extra_del),
+                                              tf_assignment)
+  assignment, profile, deletion_mean = fp.cluster_extra_msa(
+      centres, centre_del, extra, extra_del, gap_agreement_weight, block_rows=16)
+  np.testing.assert_array_equal(assignment, tf_assignment.numpy())
+  np.testing.assert_allclose(profile, summary["cluster_profile"].numpy(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(deletion_mean, summary["cluster_deletion_mean"].numpy(), rtol=1e-5)
