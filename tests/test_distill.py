@@ -173,3 +173,20 @@ def test_the_input_pipeline_reads_the_set_as_distillation_examples(kept):
   # Masked residues stay masked after cropping: fewer supervised residues than real ones.
   supervised = batch["all_atom_mask"][:, 0].max(-1) > 0      # [batch, residues]
   assert np.all(supervised.sum(-1) < batch["seq_mask"][:, 0].sum(-1))
+
+
+def test_without_tensorflow_examples_stay_staged_until_a_run_that_has_it(inputs, monkeypatch):
+  """GPU machines have no TensorFlow: predictions are staged, a later run writes the shards."""
+  root, fasta = inputs
+  out = root / "staged"
+  args = distill_args(root, fasta, out, "--min_mean_plddt", "0")
+  monkeypatch.setitem(__import__("sys").modules, "tensorflow", None)   # import now fails
+  assert distill.main(args) == 1
+  staged = sorted(p.name for p in (out / "staging").iterdir())
+  assert "seqA.example" in staged and "seqB.example" in staged
+  assert not (out / "index.tsv").exists()
+  monkeypatch.undo()
+  assert distill.main(args) == 0
+  info, examples = read_examples(out)
+  assert sorted(examples) == ["seqA", "seqB"] and info["num_failures"] == 2
+  assert not list((out / "staging").iterdir())

@@ -79,3 +79,16 @@ def test_padding_does_not_change_the_prediction(tiny, raw):
   np.testing.assert_allclose(padded.predicted_aligned_error, exact.predicted_aligned_error,
                              atol=1e-2)
   assert padded.ptm == pytest.approx(exact.ptm, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_chunking_does_not_change_the_prediction(tiny, raw):
+  """--chunk_size (the model's low-memory mode) trades speed for memory, not accuracy."""
+  plain = runner.inference_config(tiny.config, num_recycle=1)
+  chunked = runner.inference_config(tiny.config, num_recycle=1, chunk_size=8)
+  assert chunked.global_config.low_memory and chunked.global_config.subbatch_size == 8
+  batch = make_batch(raw, plain)
+  expected = runner.ModelRunner("m", plain, tiny.params).predict(batch, num_res=33)
+  got = runner.ModelRunner("m", chunked, tiny.params).predict(batch, num_res=33)
+  np.testing.assert_allclose(got.plddt, expected.plddt, atol=1e-3)
+  np.testing.assert_allclose(got.final_atom_positions, expected.final_atom_positions, atol=1e-3)
