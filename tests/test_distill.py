@@ -33,9 +33,11 @@ def test_make_example_masks_low_confidence_residues_and_fits_the_schema():
   num_res = 4
   raw = {"aatype": np.eye(21, dtype=np.int32)[[0, 1, 2, 3]],
          "between_segment_residues": np.zeros(num_res, np.int32),
-         "domain_name": np.array([b"x"], object), "residue_index": np.arange(num_res, dtype=np.int32),
-         "seq_length": np.full(num_res, num_res, np.int32), "sequence": np.array([b"ARND"], object),
-         "msa": np.zeros((1, num_res), np.int32), "deletion_matrix_int": np.zeros((1, num_res), np.int32),
+         "domain_name": np.array([b"x"], object),
+         "residue_index": np.arange(num_res, dtype=np.int32),
+         "seq_length": np.full(num_res, num_res, np.int32),
+         "sequence": np.array([b"ARND"], object), "msa": np.zeros((1, num_res), np.int32),
+         "deletion_matrix_int": np.zeros((1, num_res), np.int32),
          "num_alignments": np.ones(num_res, np.int32),
          "msa_species_identifiers": np.array([b""], object)}
   positions = np.random.default_rng(0).normal(size=(num_res, 37, 3)).astype(np.float32)

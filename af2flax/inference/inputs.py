@@ -58,7 +58,8 @@ def run_search(query: Query, msa_dir: str, config: SearchConfig) -> str:
   Files already present (an earlier run) are reused, as AlphaFold's `use_precomputed_msas`.
   Returns `msa_dir`. Tool failures raise `af2flax.data.tools.utils.ToolError`.
   """
-  from af2flax.data.tools import hhblits, hhsearch, jackhmmer  # pylint: disable=import-outside-toplevel
+  # Imported here: only searches need the tool wrappers.
+  from af2flax.data.tools import hhblits, hhsearch, jackhmmer  # pylint: disable=g-import-not-at-top
 
   os.makedirs(msa_dir, exist_ok=True)
   fasta_path = os.path.join(msa_dir, "query.fasta")
@@ -116,7 +117,8 @@ def find_alignment_dir(alignments_root: str, query: Query) -> str:
     path = os.path.join(alignments_root, name)
     if os.path.isdir(path):
       return path
-  raise QueryError(f"{query.name}: no alignment directory {os.path.join(alignments_root, query.name)}"
+  expected = os.path.join(alignments_root, query.name)
+  raise QueryError(f"{query.name}: no alignment directory {expected}"
                    " (--alignments expects one directory per sequence, named like its FASTA "
                    "record; leave out --alignments for single-sequence mode)")
 
