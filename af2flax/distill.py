@@ -29,10 +29,13 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
+
+from af2flax.common import protein
 from af2flax.inference import cli, distillation, feature_processing, inputs, outputs
-from af2flax.inference.queries import read_queries
+from af2flax.inference.queries import Query, read_queries
 
 logger = logging.getLogger("af2flax.distill")
 
@@ -77,7 +80,9 @@ def _manifest(args: argparse.Namespace) -> dict[str, Any]:
           "templates": bool(args.template_mmcif_dir), "seed": args.seed}
 
 
-def distill_query(query, models, args, template_featurizer, distillation_filter,
+def distill_query(query: Query, models: Sequence[cli.PreparedModel], args: argparse.Namespace,
+                  template_featurizer: Any,
+                  distillation_filter: distillation.DistillationFilter,
                   writer: distillation.DistillationWriter) -> str:
   """Predicts one sequence and stages its example or failure; returns 'kept' / 'filtered'."""
   alignment_dir = inputs.find_alignment_dir(args.alignments, query)
@@ -92,18 +97,29 @@ def distill_query(query, models, args, template_featurizer, distillation_filter,
   best = next(p for p in predictions if p.model_name == order[0])
   aatype = feature_processing.canonical_inputs(raw)["aatype"]
   structure = os.path.join(distillation.STRUCTURES_DIR, f"{query.name}.pdb")
-  from af2flax.common import protein  # pylint: disable=import-outside-toplevel
   outputs.write_text(os.path.join(args.out, structure),
                      protein.to_pdb(outputs.to_protein(best, aatype, raw["residue_index"])))
-  rejection = distillation_filter.rejection(best.plddt)
-  logger.info("%s: %s mean pLDDT %.2f%s", query.name, best.model_name, best.mean_plddt,
+  return stage_prediction(writer, distillation_filter, raw, query.name,
+                          best.final_atom_positions, best.final_atom_mask, best.plddt,
+                          structure, best.model_name)
+
+
+def stage_prediction(writer: distillation.DistillationWriter,
+                     distillation_filter: distillation.DistillationFilter,
+                     raw: Mapping[str, np.ndarray], example_id: str, positions: np.ndarray,
+                     atom_mask: np.ndarray, plddt: np.ndarray, structure: str,
+                     source: str) -> str:
+  """Filters one predicted structure and stages its example or its rejection; returns 'kept'
+  or 'filtered'. Every route to the set (our predictions, published ones) ends here."""
+  rejection = distillation_filter.rejection(plddt)
+  logger.info("%s: %s mean pLDDT %.2f%s", example_id, source, float(plddt.mean()),
               f" -> {rejection}" if rejection else " -> kept")
   if rejection:
-    writer.add_failure(query.name, query.name, rejection)
+    writer.add_failure(example_id, example_id, rejection)
     return "filtered"
-  example = distillation.make_example(raw, query.name, best.final_atom_positions,
-                                      best.final_atom_mask, best.plddt, distillation_filter)
-  writer.add_example(query.name, example, structure)
+  example = distillation.make_example(raw, example_id, positions, atom_mask, plddt,
+                                      distillation_filter)
+  writer.add_example(example_id, example, structure)
   return "kept"
 
 

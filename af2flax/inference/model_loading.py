@@ -27,6 +27,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from af2flax.model import config as config_lib
+from af2flax.model import import_af2
+
 logger = logging.getLogger(__name__)
 PyTree = Any
 
@@ -58,7 +61,6 @@ class LoadedModel:
 
 def preset_config(name: str) -> ml_collections.ConfigDict:
   """AlphaFold preset `name` ('model_1' ... 'model_5_ptm')."""
-  from af2flax.model import config as config_lib  # pylint: disable=import-outside-toplevel
   try:
     return config_lib.model_config(name)
   except ValueError as error:
@@ -67,14 +69,12 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
 
 def preset_data_settings(name: str) -> dict[str, Any]:
   """AlphaFold's per-preset data settings (`max_extra_msa`, template rows), {} if none."""
-  from af2flax.model import config as config_lib  # pylint: disable=import-outside-toplevel
-  return dict(getattr(config_lib, "DATA_DIFFS", {}).get(name, {}))
+  return dict(config_lib.DATA_DIFFS.get(name, {}))
 
 
 def config_from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
   """A model config from JSON: an AlphaFold `model_config` tree, or a file holding one under
   'model_config' (reference dumps) or 'model' (our training runs' config.json)."""
-  from af2flax.model import config as config_lib  # pylint: disable=import-outside-toplevel
   try:
     with open(path) as handle:
       tree = json.load(handle)
@@ -123,7 +123,6 @@ def _abstract_params(config_json: str) -> PyTree:
 
 def load_alphafold_params(path: str | os.PathLike, config: ml_collections.ConfigDict) -> PyTree:
   """A DeepMind `params_model_*.npz` as our parameter tree, checked against `config`'s model."""
-  from af2flax.model import import_af2  # pylint: disable=import-outside-toplevel
   try:
     flat = import_af2.load_alphafold_npz(path)
     return import_af2.flax_from_haiku(flat, expected=abstract_params(config),
@@ -201,7 +200,7 @@ def restore_ema_params(state_dir: str) -> PyTree:
   checkpoint written on a multi-device mesh restores on any machine. Falls back to the raw
   `params` (with a warning) for a state without `ema_params`.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  # slow import
   checkpointer = ocp.StandardCheckpointer()
   try:
     tree = checkpointer.metadata(state_dir).item_metadata.tree
@@ -259,7 +258,6 @@ def load_checkpoint_models(checkpoint_paths: Sequence[str], model_names: Sequenc
       data_settings = _train_data_settings(config_json)
       source = state_dir
     else:
-      from af2flax.model import import_af2  # pylint: disable=import-outside-toplevel
       if not (given_name or model_config_path):
         raise ModelLoadError(f"--checkpoint {path} is a params checkpoint (convert_params); "
                              "name its preset with --models (e.g. model_1_ptm)")
@@ -280,7 +278,6 @@ def load_checkpoint_models(checkpoint_paths: Sequence[str], model_names: Sequenc
 
 def _check_tree(params: PyTree, config: ml_collections.ConfigDict, source: str) -> None:
   """Same paths and shapes as `config`'s model, or ModelLoadError naming the differences."""
-  from af2flax.model import import_af2  # pylint: disable=import-outside-toplevel
   try:
     import_af2.check_against(import_af2.haiku_from_flax(params), abstract_params(config), source)
   except import_af2.ParameterMismatchError as error:

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from af2flax.common import protein
 from af2flax.inference.runner import Prediction
 
 
@@ -98,10 +99,10 @@ def rank(predictions: Sequence[Prediction]) -> tuple[list[str], dict[str, Any]]:
   return order, debug
 
 
-def to_protein(prediction: Prediction, aatype: np.ndarray, residue_index: np.ndarray):
+def to_protein(prediction: Prediction, aatype: np.ndarray,
+               residue_index: np.ndarray) -> protein.Protein:
   """The predicted structure as a Protein with pLDDT in the B-factors (residue numbers 1-based
   from the features' 0-based `residue_index`, as AlphaFold writes them)."""
-  from af2flax.common import protein  # pylint: disable=import-outside-toplevel
   return protein.from_prediction(aatype, prediction.final_atom_positions,
                                  prediction.final_atom_mask, plddt=prediction.plddt,
                                  residue_index=np.asarray(residue_index) + 1)
@@ -110,7 +111,6 @@ def to_protein(prediction: Prediction, aatype: np.ndarray, residue_index: np.nda
 def write_model_files(out_dir: str, prediction: Prediction, aatype: np.ndarray,
                       residue_index: np.ndarray) -> dict[str, str]:
   """unrelaxed PDB/mmCIF, confidence, PAE and result JSONs of one model; returns the paths."""
-  from af2flax.common import protein  # pylint: disable=import-outside-toplevel
   name = prediction.model_name
   prot = to_protein(prediction, aatype, residue_index)
   paths = {"pdb": os.path.join(out_dir, f"unrelaxed_{name}.pdb"),
@@ -128,13 +128,12 @@ def write_model_files(out_dir: str, prediction: Prediction, aatype: np.ndarray,
   return paths
 
 
-def write_ranked(out_dir: str, order: Sequence[str], unrelaxed: Mapping[str, Any],
+def write_ranked(out_dir: str, order: Sequence[str], unrelaxed: Mapping[str, protein.Protein],
                  relaxed_pdb: Mapping[str, str]) -> list[str]:
   """ranked_<i>.pdb/.cif in ranking order: the relaxed structure where there is one.
 
   `unrelaxed`: model name -> Protein; `relaxed_pdb`: model name -> relaxed PDB text.
   """
-  from af2flax.common import protein  # pylint: disable=import-outside-toplevel
   written = []
   for index, name in enumerate(order):
     if name in relaxed_pdb:
