@@ -5,13 +5,16 @@ unlabelled sequences become training targets after a confidence filter, with low
 regions kept out of the structural losses. Here:
   * a prediction is kept when its mean pLDDT is at least `min_mean_plddt`;
   * residues with pLDDT below `mask_below` keep their sequence (MSA, aatype) but get
-    `all_atom_mask` 0, so FAPE, torsion and violation terms ignore them (the per-residue masking
-    of low-confidence residues; OpenFold, which reproduces AlphaFold's training, masks residues
-    below pLDDT 50: its `self_distillation_plddt_threshold`);
+    `all_atom_mask` 0, so FAPE, torsion and violation terms ignore them;
   * a prediction with fewer than `min_unmasked_residues` confident residues is dropped.
-The defaults (80 and 50) are those of the distillation tooling's other route (issue 11: AlphaFold
-DB files); both are flags. The exact numbers of Suppl. 1.3 could not be read back from the
-stored references when this was written -- check them against the supplement before a large run.
+Sources of the numbers: OpenFold, which reproduces AlphaFold's training, masks residues below
+pLDDT 50 (`self_distillation_plddt_threshold = 50.0`); DeepMind confirm AlphaFold 2 filtered its
+distillation set by pLDDT (google-deepmind/alphafold3#632: "We removed any pLDDT filtering for
+AF3"), built its MSAs with HHblits on UniClust30 only and did not relax the predictions
+(google-deepmind/alphafold#319). The mean-pLDDT default (80) is the one of the set's other route
+(issue 11, AlphaFold DB files). The supplement's own numbers could not be read from the stored
+references when this was written: both thresholds are flags; check them against Suppl. 1.3
+before a large run.
 
 Distillation examples carry `resolution` 0 (so the resolution-filtered heads skip them, as for
 NMR) and `is_distillation` 1, and an extra `plddt` [N] feature (not in the parsed schema:
@@ -207,6 +210,7 @@ class DistillationWriter:
 
   def write_shard(self, shard: int) -> bool:
     """Writes shard `shard` from its staged inputs; False when TensorFlow is missing."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # TensorFlow's start-up chatter
     try:
       import tensorflow  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401
     except ImportError:
