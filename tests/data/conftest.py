@@ -50,7 +50,7 @@ def hhsuite_db(tmp_path_factory, chain_sequences) -> str:
       {name: f">{name}\n{chain_sequences[name]}\n" for name in chosen}, prefix)
 
 
-# --- the search pipeline on the small databases (tests/data/test_search_beam.py, test_build_beam.py)
+# --- the search pipeline on the small databases (test_search_beam.py, test_build_beam.py) ---
 
 # Chains searched by the Beam pipeline, plus a duplicate of the first under another id.
 SEARCH_CHAINS = ("1ahs_A", "1i8n_A", "2cvi_A", "3gkn_A")  # all in hhsuite_db

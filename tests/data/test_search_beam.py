@@ -14,6 +14,7 @@ from af2flax.data import parsers, pipeline
 from af2flax.data.search import (SearchConfigError, Searcher, beam_pipeline, load_config, local,
                                  make_config, make_plan, searches)
 from af2flax.data.search import config as config_lib
+from tests.conftest import REPO_ROOT
 from tests.data.conftest import (DUPLICATE_CHAIN, OPENFOLD, SEARCH_CHAINS, beam_test_options,
                                  write_fasta)
 
@@ -60,6 +61,11 @@ def test_config_files_and_errors(tmp_path, search_config):
       ("small_bfd", "jackhmmer", "small_bfd_hits.sto"),
       ("mgnify", "jackhmmer", "mgnify_hits.sto"),
       ("pdb_seqres", "hmmsearch", "pdb_hits.sto")]
+  preset = load_config(f"{REPO_ROOT / 'configs' / 'search_alphafold.py'}:/dbs")
+  assert preset["uniclust30_database_path"] == "/dbs/uniclust30/uniclust30_2018_08/" \
+      "uniclust30_2018_08"
+  assert [s.name for s in config_lib.plan_searches(preset)] == ["uniref90", "bfd", "mgnify",
+                                                                "pdb70"]
   uniref30 = dict(search_config, uniclust30_database_path="",
                   uniref30_database_path=search_config["bfd_database_path"])
   assert make_plan(uniref30, "c").spec("bfd").output_filename == "bfd_uniref_hits.a3m"
@@ -95,8 +101,9 @@ def search_config_key(plan, sequence, name):
 
 
 def test_read_fasta_chains_reports_bad_records(tmp_path):
-  fasta = write_fasta(tmp_path / "in.fasta", [("1abc_A", "mkva"), ("../x", "MKV"), ("1abc_A", "MKV"),
-                                              ("2abc_B", "MK1V"), ("3abc_C", "MKVL")])
+  fasta = write_fasta(tmp_path / "in.fasta", [("1abc_A", "mkva"), ("../x", "MKV"),
+                                              ("1abc_A", "MKV"), ("2abc_B", "MK1V"),
+                                              ("3abc_C", "MKVL")])
   chains, failures = searches.read_fasta_chains(str(fasta))
   assert chains == [("1abc_A", "MKVA"), ("3abc_C", "MKVL")]
   assert [f[0] for f in failures] == ["../x", "1abc_A", "2abc_B"]
@@ -238,3 +245,26 @@ def test_hmmsearch_template_search(tmp_path, search_config, chain_sequences):
   text = open(outcome.cache_path).read()
   assert parsers.parse_hmmsearch_sto(sequence, text)[0].name == "2cvi_A"
   assert searcher.run(sequence, "pdb_seqres").status == searches.CACHED
+
+
+def test_one_database_group_per_run(searched, tmp_path, chain_sequences, search_config):
+  """config 'searches' runs part of the recipe; a template search alone reads UniRef90's cache."""
+  _, first_out, cache, _ = searched
+  with pytest.raises(SearchConfigError, match=r"searches \['pdb_seqres'\] are not in this recipe"):
+    make_plan(dict(search_config, searches=["pdb_seqres"]), str(cache))
+  templates_only = make_plan(dict(search_config, searches=["pdb70"]), str(cache))
+  new = chain_sequences["2xr6_A"][:70]
+  old = SEARCH_CHAINS[2]
+  fasta = write_fasta(tmp_path / "two.fasta", [(old, chain_sequences[old]), ("new_A", new)])
+  out = tmp_path / "out"
+  summary = beam_pipeline.run_search(str(fasta), templates_only, str(out), beam_test_options())
+  assert (summary.searched, summary.cached, summary.failed) == (0, 1, 1)
+  assert _files(out / SEARCH_CHAINS[2]) == {
+      "pdb70_hits.hhr": (first_out / SEARCH_CHAINS[2] / "pdb70_hits.hhr").read_bytes()}
+  reasons = (out / "failures.tsv").read_text()
+  assert "new_A\tpdb70: MissingUpstreamError" in reasons and "run the uniref90 search" in reasons
+  uniref90_only = make_plan(dict(search_config, searches=["uniref90"]), str(cache))
+  assert local.search_locally(str(fasta), uniref90_only, str(out)).searched == 1
+  again = local.search_locally(str(fasta), templates_only, str(out))
+  assert (again.searched, again.cached, again.chains_written) == (1, 1, 2)
+  assert sorted(_files(out / "new_A")) == ["pdb70_hits.hhr", "uniref90_hits.sto"]

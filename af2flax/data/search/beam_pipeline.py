@@ -129,8 +129,14 @@ class SearchChains(beam.PTransform):
                     # One element per search, spread over workers (no fusion with the read).
                     | "SpreadMsaTasks" >> beam.Reshuffle()
                     | "MsaSearch" >> beam.ParDo(RunSearch(plan)))
-    template_outcomes = (msa_outcomes
-                         | "TemplateTasks" >> beam.FlatMap(lambda o: _template_tasks(plan, o))
+    # A template search follows its UniRef90 search, or reads it from the cache of an earlier
+    # run when this one does not search UniRef90 (config 'searches').
+    chained = msa_outcomes | "TemplateTasks" >> beam.FlatMap(lambda o: _template_tasks(plan, o))
+    unchained = sequences | "CachedUpstreamTasks" >> beam.FlatMap(
+        lambda s: [(s, spec.name) for spec in plan.template_searches
+                   if not plan.runs_upstream_of(spec)])
+    template_outcomes = ((chained, unchained)
+                         | "AllTemplateTasks" >> beam.Flatten()
                          | "SpreadTemplateTasks" >> beam.Reshuffle()
                          | "TemplateSearch" >> beam.ParDo(RunSearch(plan)))
     outcomes = ((msa_outcomes, template_outcomes)

@@ -51,6 +51,10 @@ DEFAULTS: dict[str, Any] = {
     "database_versions": {},
     # Bump to invalidate every cached search (e.g. after upgrading hmmer or hhsuite).
     "cache_version": "",
+    # Run only these searches of the recipe (names: uniref90, mgnify, bfd | small_bfd, pdb70 |
+    # pdb_seqres); [] = all. One pipeline per database group keeps each worker's disk small; a
+    # template search alone reads the UniRef90 MSA from the cache of an earlier run.
+    "searches": [],
     "jackhmmer": {"n_iter": 1, "e_value": 0.0001, "z_value": 0, "filter_f1": 0.0005,
                   "filter_f2": 0.00005, "filter_f3": 0.0000005, "timeout_s": 0},
     "hhblits": {"n_iter": 3, "e_value": 0.001, "maxseq": 1_000_000, "realign_max": 100_000,
@@ -86,14 +90,16 @@ class SearchSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SearchPlan:
-  """Everything a worker needs: the config, the searches in order and the database fingerprints."""
+  """Everything a worker needs: the config, the searches to run in order (`searches`, a subset of
+  the whole `recipe`) and the fingerprints of the recipe's databases."""
   config: Mapping[str, Any]
   searches: tuple[SearchSpec, ...]
   fingerprints: Mapping[str, str]   # database name -> fingerprint
   cache_dir: str
+  recipe: tuple[SearchSpec, ...] = ()
 
   def spec(self, name: str) -> SearchSpec:
-    return next(s for s in self.searches if s.name == name)
+    return next(s for s in self.recipe + self.searches if s.name == name)
 
   @property
   def msa_searches(self) -> tuple[SearchSpec, ...]:
@@ -102,6 +108,10 @@ class SearchPlan:
   @property
   def template_searches(self) -> tuple[SearchSpec, ...]:
     return tuple(s for s in self.searches if s.upstream is not None)
+
+  def runs_upstream_of(self, spec: SearchSpec) -> bool:
+    """Whether this run also searches `spec`'s input (else it must be in the cache)."""
+    return any(s.name == spec.upstream for s in self.searches)
 
 
 def _merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any], source: str,
@@ -121,7 +131,7 @@ def _merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any], source: st
 
 
 def load_config(spec: str) -> dict[str, Any]:
-  """Reads a config: `file.json`, `file.py` (its `get_config()`) or `file.py:arg` (`get_config(arg)`)."""
+  """Reads a config: `x.json`, `x.py` (its `get_config()`) or `x.py:arg` (`get_config(arg)`)."""
   path, argument = spec, ""
   if ".py:" in spec:
     path, argument = spec.split(".py:", 1)
@@ -193,12 +203,23 @@ def plan_searches(config: Mapping[str, Any]) -> tuple[SearchSpec, ...]:
   return tuple(searches)
 
 
+def selected_searches(config: Mapping[str, Any],
+                      recipe: tuple[SearchSpec, ...]) -> tuple[SearchSpec, ...]:
+  """The recipe's searches named in config['searches'] (all when it is empty)."""
+  chosen = list(config["searches"])
+  unknown = sorted(set(chosen) - {s.name for s in recipe})
+  if unknown:
+    raise SearchConfigError(f"search config: searches {unknown} are not in this recipe "
+                            f"({', '.join(s.name for s in recipe)})")
+  return tuple(s for s in recipe if not chosen or s.name in chosen)
+
+
 def database_path(config: Mapping[str, Any], database: str) -> str:
   return config[f"{database}_database_path"]
 
 
 def database_files(path: str, hhsuite: bool) -> list[tuple[str, int]]:
-  """(basename, size) of a database's files: the FASTA itself, or an HH-suite prefix's `_*` files."""
+  """(basename, size) of a database's files: the FASTA itself, or an HH-suite prefix's `_*`."""
   pattern = FileSystems.match([path + "_*" if hhsuite else path])[0]
   return sorted((os.path.basename(m.path), m.size_in_bytes) for m in pattern.metadata_list)
 
@@ -223,13 +244,16 @@ def fingerprint_database(config: Mapping[str, Any], database: str, hhsuite: bool
 
 def make_plan(config: Mapping[str, Any], cache_dir: str) -> SearchPlan:
   """Validates the config and fingerprints every database the recipe searches."""
-  searches = plan_searches(config)
+  recipe = plan_searches(config)
+  searches = selected_searches(config, recipe)
+  needed = {s.name for s in searches} | {s.upstream for s in searches if s.upstream}
   fingerprints = {}
-  for spec in searches:
-    for database in spec.databases:
-      fingerprints[database] = fingerprint_database(config, database,
-                                                    spec.tool in ("hhblits", "hhsearch"))
-  return SearchPlan(dict(config), searches, fingerprints, cache_dir)
+  for spec in recipe:
+    if spec.name in needed:  # keys of template searches include the UniRef90 search's key
+      for database in spec.databases:
+        fingerprints[database] = fingerprint_database(config, database,
+                                                      spec.tool in ("hhblits", "hhsearch"))
+  return SearchPlan(dict(config), searches, fingerprints, cache_dir, recipe)
 
 
 def tool_settings(config: Mapping[str, Any], tool: str) -> dict[str, Any]:

@@ -21,10 +21,11 @@ from af2flax.data.search.config import SearchPlan
 
 def search_sequence(searcher: searches.Searcher, sequence: str) -> list[searches.SearchOutcome]:
   """All searches of one sequence: the MSA searches, then those that need the UniRef90 MSA."""
-  outcomes = [searcher.run(sequence, spec.name) for spec in searcher.plan.msa_searches]
+  plan = searcher.plan
+  outcomes = [searcher.run(sequence, spec.name) for spec in plan.msa_searches]
   succeeded = {o.search for o in outcomes if o.status != searches.FAILED}
-  outcomes += [searcher.run(sequence, spec.name) for spec in searcher.plan.template_searches
-               if spec.upstream in succeeded]
+  outcomes += [searcher.run(sequence, spec.name) for spec in plan.template_searches
+               if spec.upstream in succeeded or not plan.runs_upstream_of(spec)]
   return outcomes
 
 

@@ -35,6 +35,10 @@ QUERY_NAME = "query"   # the FASTA name tools see: identical chains share the se
 MAX_REASON_CHARS = 500
 
 
+class MissingUpstreamError(ValueError):
+  """A template search ran without its UniRef90 alignment in the cache."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchOutcome:
   """What one search of one sequence gave: a cache entry, or a failure with its reason."""
@@ -212,6 +216,9 @@ class Searcher:
     upstream = self.plan.spec(spec.upstream)
     upstream_path, _ = cache_paths(self.plan, upstream,
                                    search_config.search_key(self.plan, sequence, upstream))
+    if not FileSystems.exists(upstream_path):
+      raise MissingUpstreamError(f"the {upstream.name} alignment it searches with is not in the "
+                                 f"cache; run the {upstream.name} search first")
     alignment = template_query(read_bytes(upstream_path).decode("utf-8"), upstream_path)
     if spec.tool == "hhsearch":
       text = tool.query(parsers.stockholm_to_a3m(alignment))
