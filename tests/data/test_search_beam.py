@@ -13,6 +13,7 @@ import pytest
 from af2flax.data import parsers, pipeline
 from af2flax.data.search import (SearchConfigError, Searcher, beam_pipeline, load_config, local,
                                  make_config, make_plan, searches)
+from af2flax.data.search import __main__ as search_main
 from af2flax.data.search import config as config_lib
 from tests.conftest import REPO_ROOT
 from tests.data.conftest import (DUPLICATE_CHAIN, OPENFOLD, SEARCH_CHAINS, beam_test_options,
@@ -165,9 +166,15 @@ def test_rerun_hits_the_cache_for_every_sequence(searched, tmp_path, chain_seque
   fasta, out, cache, first = searched
   plan = make_plan(search_config, str(cache))
   rerun_out = tmp_path / "again"
-  again = beam_pipeline.run_search(str(fasta), plan, str(rerun_out), beam_test_options())
-  assert (again.searched, again.cached, again.failed) == (0, first.searched, 0)
-  assert again.cache_hit_rate == 1.0
+  config_file = tmp_path / "dbs.json"
+  config_file.write_text(json.dumps(search_config))
+  # The command line, with Beam's own flags passed through.
+  assert search_main.main(["--fasta", str(fasta), "--databases", str(config_file), "--out",
+                           str(rerun_out), "--cache", str(cache), "--runner", "DirectRunner",
+                           "--direct_num_workers", "1"]) == 0
+  again = json.loads((rerun_out / "search_summary.json").read_text())
+  assert (again["searched"], again["cached"], again["failed"]) == (0, first.searched, 0)
+  assert again["chains_written"] == 5 and again["by_search"]["bfd"]["cached"] == 4
   for chain in SEARCH_CHAINS + (DUPLICATE_CHAIN,):
     assert _files(rerun_out / chain) == _files(out / chain)
   # More sequences: only the new one is searched.

@@ -24,7 +24,8 @@ def _absolute(path: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m af2flax.data.search",
+  # No abbreviations: every flag this parser does not know exactly is Beam's.
+  parser = argparse.ArgumentParser(prog="python -m af2flax.data.search", allow_abbrev=False,
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--fasta", required=True, help="FASTA of chains (id = first word)")
   parser.add_argument("--databases", required=True,
