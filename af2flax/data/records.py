@@ -101,6 +101,15 @@ class RecordTable:
                cluster_ids=tuple("" if c is None else str(c) for c in clusters),
                is_distillation=np.asarray(distillation, float) > 0)
 
+  def subset(self, indices: np.ndarray) -> "RecordTable":
+    """The records at `indices` (e.g. a held-out validation split)."""
+    indices = np.asarray(indices, np.int64)
+    return dataclasses.replace(
+        self, file_index=self.file_index[indices], offsets=self.offsets[indices],
+        ids=tuple(self.ids[i] for i in indices), num_res=self.num_res[indices],
+        cluster_ids=tuple(self.cluster_ids[i] for i in indices),
+        is_distillation=self.is_distillation[indices])
+
   def concat(self, other: "RecordTable") -> "RecordTable":
     """Both tables' records (e.g. a PDB set and a self-distillation set)."""
     return RecordTable(

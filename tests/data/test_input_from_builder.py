@@ -68,3 +68,37 @@ def test_real_records_give_af2_tiny_batches_and_a_finite_loss(built):
       deep_msa_seen |= bool(features["msa_row_mask"].sum() > 1)
   assert deep_msa_seen   # 2q2k's real MSAs (20 sequences) give cluster centres beyond the query
   assert iterator.bad_records == 0
+
+
+def test_create_input_for_the_train_loop(built):
+  """The train loop's entry point: held-out validation records, padded validation batches,
+  a checkpointable train iterator over the rest."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  data = data_config.get_config()
+  data.common.num_recycle = 1
+  data.train.crop_size = 32
+  data.train.max_msa_clusters = 4
+  data.common.max_extra_msa = 8
+  config = ml_collections.ConfigDict({
+      "seed": 0, "data": data,
+      "dataset": {"train_dirs": str(built), "eval_dirs": "", "build_structures": "",
+                  "num_eval_examples": 1, "eval_batch_size": 4}})
+  inputs = [input_pipeline.create_input(config, workdir=str(built), local_batch_size=1,
+                                        process_index=index, process_count=2)
+            for index in range(2)]
+  assert len(inputs[0].train.table) == 3
+  eval_batches = [list(process.eval_batches()) for process in inputs]
+  assert [len(batches) for batches in eval_batches] == [1, 1]
+  np.testing.assert_array_equal(eval_batches[0][0]["eval_mask"], [1, 0])
+  np.testing.assert_array_equal(eval_batches[1][0]["eval_mask"], [0, 0])
+  assert eval_batches[0][0]["msa_feat"].shape == (2, 2, 4, 32, 49)
+  again = list(inputs[0].eval_batches())[0]
+  np.testing.assert_array_equal(again["msa_feat"], eval_batches[0][0]["msa_feat"])
+  np.testing.assert_array_equal(again["num_iter_recycling"], np.ones((2, 2)))
+  batch = next(inputs[0].train)
+  assert batch["aatype"].shape == (1, 2, 32) and inputs[0].train.get_state()["step"] == 1
+  for process in inputs:
+    process.train.close()
+  with pytest.raises(ValueError, match="training config"):
+    input_pipeline.create_input(data, workdir=str(built), local_batch_size=1, process_index=0,
+                                process_count=1)

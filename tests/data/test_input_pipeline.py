@@ -123,6 +123,8 @@ def test_same_seed_same_batches_and_resume_from_saved_state(dataset):
   assert not np.array_equal(other_seed["msa_feat"], batches[0]["msa_feat"])
   with pytest.raises(ValueError, match="seed"):
     _iterator(dataset, seed=1, state=state)
+  with pytest.raises(ValueError, match="global_batch_size"):
+    _iterator(dataset, batch_size=3, state=state)
 
 
 def test_get_state_tracks_consumed_batches(dataset):
