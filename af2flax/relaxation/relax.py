@@ -159,8 +159,8 @@ class AmberRelaxation:
     """Relaxes a protein (a prediction: pLDDT in `b_factors`); see `RelaxResult`.
 
     Raises RelaxationError, naming `prot.source`, for a protein Amber cannot take: no
-    residues, an unknown residue type (UNK), a residue without atoms, a chain id longer than
-    PDB's one character.
+    residues, an unknown residue type (UNK), a residue without atoms, a gap in a chain's
+    residue numbering, a chain id longer than PDB's one character.
     """
     source = prot.source or "<protein>"
     if prot.num_res == 0:
@@ -175,8 +175,18 @@ class AmberRelaxation:
     empty = np.flatnonzero(prot.atom_mask.max(axis=-1) < 0.5)
     if empty.size:
       raise RelaxationError(
-          f"{source}: residue {labels[empty[0]]} has no atom coordinates; relaxation needs "
-          f"every residue located (AlphaFold's requirement too)")
+          f"{source}: residue {labels[empty[0]]} has no atom coordinates (unobserved); "
+          f"relaxation needs every residue located, as AlphaFold's does")
+    # OpenMM bonds consecutive residues of a chain whatever their distance, so a numbering gap
+    # would be pulled shut by a stretched peptide bond.
+    same_chain = prot.chain_index[1:] == prot.chain_index[:-1]
+    step = np.diff(prot.residue_index)
+    inserted = prot.insertion_code[1:] != ""
+    gaps = np.flatnonzero(same_chain & ~((step == 1) | ((step == 0) & inserted)))
+    if gaps.size:
+      raise RelaxationError(
+          f"{source}: chain gap between residues {labels[gaps[0]]} and {labels[gaps[0] + 1]}; "
+          f"OpenMM would bond across it. Relax complete chains (split a chain at its gaps)")
     try:
       pdb_string = protein.to_pdb(prot)
     except ValueError as error:

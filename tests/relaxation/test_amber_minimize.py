@@ -32,7 +32,8 @@ def test_restraints_hold_heavy_atoms_except_excluded_residues(cleaned_model):
   result = amber_minimize.minimize(cleaned_model)
   assert result.num_restrained == sum(heavy_per_residue)
   excluded = amber_minimize.minimize(cleaned_model, exclude_residues=[1, 3])
-  assert excluded.num_restrained == sum(heavy_per_residue) - heavy_per_residue[1] - heavy_per_residue[3]
+  assert excluded.num_restrained == (sum(heavy_per_residue) - heavy_per_residue[1]
+                                     - heavy_per_residue[3])
   c_alpha = amber_minimize.minimize(cleaned_model, restraint_set="c_alpha")
   assert c_alpha.num_restrained == len(heavy_per_residue)
   assert amber_minimize.minimize(cleaned_model, stiffness=0.0).num_restrained == 0
@@ -55,13 +56,15 @@ def test_minimisation_lowers_energy_and_restraints_limit_motion(cleaned_model):
 
 def test_pdb_output_keeps_ids_and_atoms(cleaned_model):
   result = amber_minimize.minimize(cleaned_model, max_iterations=5)
-  before = [(r.chain.id, r.id, r.name, len(list(r.atoms()))) for r in _topology(cleaned_model).residues()]
-  after = [(r.chain.id, r.id, r.name, len(list(r.atoms()))) for r in _topology(result.pdb_string).residues()]
-  assert after == before
+  def residues(pdb_string):
+    return [(r.chain.id, r.id, r.name, len(list(r.atoms())))
+            for r in _topology(pdb_string).residues()]
+  assert residues(result.pdb_string) == residues(cleaned_model)
 
 
 def test_cuda_request_without_cuda_names_the_platforms():
-  names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+  names = [openmm.Platform.getPlatform(i).getName()
+           for i in range(openmm.Platform.getNumPlatforms())]
   if "CUDA" in names:
     assert amber_minimize.select_platform(True).getName() == "CUDA"
     return

@@ -176,7 +176,7 @@ def test_truncated_file_names_the_file_and_line(shared_dir, tmp_path):
     relax.AmberRelaxation().relax_file(empty)
 
 
-def test_unknown_and_unlocated_residues_rejected(shared_dir):
+def test_unknown_unlocated_and_gapped_residues_rejected(shared_dir):
   prot = protein.read_pdb(TESTDATA / "model_output.pdb")
   unknown = dataclasses.replace(prot, aatype=np.where(np.arange(prot.num_res) == 2, 20,
                                                       prot.aatype))
@@ -186,6 +186,15 @@ def test_unknown_and_unlocated_residues_rejected(shared_dir):
   mask[1] = 0.0
   with pytest.raises(relax.RelaxationError, match=r"residue A:2 has no atom coordinates"):
     relax.AmberRelaxation().process(dataclasses.replace(prot, atom_mask=mask))
+  renumbered = prot.residue_index + (np.arange(prot.num_res) >= 3) * 10
+  with pytest.raises(relax.RelaxationError, match=r"chain gap between residues A:3 and A:14"):
+    relax.AmberRelaxation().process(dataclasses.replace(prot, residue_index=renumbered))
+  # Separate chains may be numbered as they like.
+  two_chains = dataclasses.replace(prot, residue_index=renumbered, chain_names=("A", "B"),
+                                   chain_index=(np.arange(prot.num_res) >= 3).astype(np.int32))
+  result = relax.AmberRelaxation(max_iterations=20).process(two_chains)
+  assert [key[:2] for key in _atoms(result.pdb_string)] == [
+      ("A", "1"), ("A", "2"), ("A", "3"), ("B", "14"), ("B", "15")]
 
 
 def test_invalid_settings_rejected():
