@@ -20,7 +20,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.lib.io import tf_record  # random-access reader with CRC checks
+try:  # TensorFlow's random-access TFRecord reader (checks both CRC32Cs); not in tf.io's API
+  from tensorflow.python.lib.io import tf_record
+except ImportError:  # pragma: no cover - a future TensorFlow without it
+  tf_record = None
 
 _HEADER_BYTES = 12   # uint64 length + uint32 masked CRC of the length
 _FOOTER_BYTES = 4    # uint32 masked CRC of the data
@@ -246,6 +249,10 @@ class RecordReader:
   """
 
   def __init__(self, paths: Sequence[str], verify_checksums: bool = True):
+    if verify_checksums and (tf_record is None
+                             or not hasattr(tf_record, "tf_record_random_reader")):
+      raise RuntimeError("this TensorFlow has no tf_record_random_reader: checksummed random "
+                         "reads are unavailable; pass verify_checksums=False to read unchecked")
     self.paths = tuple(str(p) for p in paths)
     self.verify_checksums = verify_checksums
     self._local = threading.local()

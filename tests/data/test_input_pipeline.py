@@ -224,3 +224,16 @@ def test_batch_at_af2_tiny_shapes_feeds_the_losses(dataset):
       assert np.isfinite(float(aux[name])), name
     totals.append(float(total))
   assert totals[0] != totals[1]
+
+
+def test_reader_checks_crcs_and_unchecked_reads_agree(dataset_with_bad_records):
+  table = dataset_with_bad_records
+  checked = records.RecordReader(table.paths, verify_checksums=True)
+  unchecked = records.RecordReader(table.paths, verify_checksums=False)
+  for index in (0, 1, 4):
+    position = int(table.file_index[index]), int(table.offsets[index])
+    assert checked.read(*position) == unchecked.read(*position)
+  corrupt = int(table.file_index[3]), int(table.offsets[3])
+  with pytest.raises(records.CorruptRecordError, match="unreadable record"):
+    checked.read(*corrupt)
+  assert len(unchecked.read(*corrupt)) == len(checked.read(0, int(table.offsets[2])))
