@@ -207,9 +207,10 @@ def _example_config(options: BuildOptions) -> ExampleConfig:
 class _ShardWriter:
   """Writes one shard's records to a temporary file, renamed into place when complete."""
 
-  def __init__(self, options: BuildOptions, shard: int, num_shards: int):
+  def __init__(self, options: BuildOptions, shard: int, num_shards: int,
+               tmp_suffix: str = ".tmp"):
     self.path = shard_path(options.out, shard, num_shards)
-    self.tmp = f"{self.path}.tmp"
+    self.tmp = f"{self.path}{tmp_suffix}"
     self.writer = tfrecord.TFRecordWriter(self.tmp, options.compression)
     self.rows: list[dict[str, Any]] = []
     self.failures: list[tuple[str, str]] = []
@@ -234,9 +235,9 @@ class _ShardWriter:
       os.remove(self.tmp)
 
 
-def build(options: BuildOptions) -> BuildSummary:
-  """Builds (or completes) the dataset in `options.out`; see the module docstring."""
-  start = time.perf_counter()
+def prepare_build(options: BuildOptions) -> tuple[int, set[int], list[tuple[int, str]]]:
+  """Checks the inputs and the manifest of `options.out` -> (num_shards, shards already complete,
+  (shard, structure file) tasks of the others). Shared with `build_dataset_beam`."""
   if not os.path.isdir(options.structures):
     raise FileNotFoundError(f"--structures {options.structures}: no such directory")
   if options.alignments and not os.path.isdir(options.alignments):
@@ -260,6 +261,13 @@ def build(options: BuildOptions) -> BuildSummary:
   done = {s for s in range(num_shards)
           if os.path.exists(shard_path(options.out, s, num_shards) + ".index.tsv")}
   tasks = [(s, f) for s, f in zip(shard_of_file, files) if s not in done]
+  return num_shards, done, tasks
+
+
+def build(options: BuildOptions) -> BuildSummary:
+  """Builds (or completes) the dataset in `options.out`; see the module docstring."""
+  start = time.perf_counter()
+  num_shards, done, tasks = prepare_build(options)
   remaining = {s: sum(1 for t, _ in tasks if t == s) for s in range(num_shards) if s not in done}
   clusters = examples.read_clusters(options.clusters) if options.clusters else {}
   config = _example_config(options)
@@ -349,7 +357,8 @@ def _finalize(options: BuildOptions, num_shards: int, reused: int, timings: dict
                       timings)
 
 
-def parse_args(argv: Sequence[str]) -> BuildOptions:
+def argument_parser() -> argparse.ArgumentParser:
+  """The command's flags (also those of `build_dataset_beam`, which adds Beam's)."""
   parser = argparse.ArgumentParser(prog="python -m af2flax.data.build_dataset",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--structures", required=True, help="directory of mmCIF/PDB files")
@@ -375,7 +384,10 @@ def parse_args(argv: Sequence[str]) -> BuildOptions:
   parser.add_argument("--min_release_date")
   parser.add_argument("--max_release_date")
   parser.add_argument("--no_progress", action="store_true")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def options_from_args(args: argparse.Namespace) -> BuildOptions:
   filters = ExampleFilters(
       max_resolution=args.max_resolution if args.max_resolution > 0 else None,
       min_length=args.min_length, max_length=args.max_length,
@@ -392,6 +404,10 @@ def parse_args(argv: Sequence[str]) -> BuildOptions:
       template_structures=absolute(args.template_structures),
       max_template_date=args.max_template_date, max_templates=args.max_templates,
       kalign_binary_path=args.kalign_binary_path, progress=not args.no_progress)
+
+
+def parse_args(argv: Sequence[str]) -> BuildOptions:
+  return options_from_args(argument_parser().parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

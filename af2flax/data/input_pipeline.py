@@ -262,6 +262,11 @@ class InputIterator:
     self._iterator = None
 
   @property
+  def table(self) -> records_lib.RecordTable:
+    """The records this iterator samples from."""
+    return self._table
+
+  @property
   def step(self) -> int:
     """The step of the next batch."""
     return self._step
@@ -272,15 +277,19 @@ class InputIterator:
     return self.counter.count
 
   def _identity(self) -> dict[str, Any]:
+    """What a saved position must match: the examples of a step depend on nothing else (not on
+    the number of hosts), so a run may resume on another host count with the same global
+    batch."""
     kwargs = self._kwargs
     return {"version": _STATE_VERSION, "seed": int(kwargs["seed"]),
-            "batch_size": int(kwargs["batch_size"]), "process_index": int(kwargs["process_index"]),
-            "process_count": int(kwargs["process_count"]), "table": self._fingerprint,
-            "config": _config_digest(self._config)}
+            "global_batch_size": int(kwargs["batch_size"] * kwargs["process_count"]),
+            "table": self._fingerprint, "config": _config_digest(self._config)}
 
   def get_state(self) -> dict[str, Any]:
     """{'step': next step, ...identity}: JSON-serialisable, a few hundred bytes."""
-    return {"step": self._step, **self._identity()}
+    return {"step": self._step, **self._identity(),
+            "process_index": int(self._kwargs["process_index"]),
+            "process_count": int(self._kwargs["process_count"])}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continue from a saved state; raises ValueError if it belongs to another pipeline."""
@@ -340,3 +349,9 @@ def make_iterator(dataset_dirs: str | Sequence[str], config: ml_collections.Conf
     part = load_table(directory, kwargs.get("decode_fn"), kwargs.get("verify_checksums", True))
     table = part if table is None else table.concat(part)
   return InputIterator(table, config, batch_size=batch_size, seed=seed, **kwargs)
+
+
+def create_input(config: ml_collections.ConfigDict, **kwargs):
+  """The train loop's entry point; see `af2flax.data.train_input.create_input`."""
+  from af2flax.data import train_input  # pylint: disable=import-outside-toplevel
+  return train_input.create_input(config, **kwargs)

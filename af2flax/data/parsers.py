@@ -417,7 +417,10 @@ def parse_hmmsearch_sto(query_sequence: str, text: str,
 
   Row names are `<pdbid>_<chain>/<start>-<end>`; '#=GS ... DE mol:protein length:N' marks protein
   chains (others are skipped). Match states (upper case, '-') are the query's residues in order.
+  hmmsearch writes an empty file when nothing hits: that is no hits, as in AlphaFold.
   """
+  if not text.strip():
+    return []
   alignment = parse_stockholm_alignment(text, source)
   indices_query = list(range(len(query_sequence)))
   hits = []

@@ -20,7 +20,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.lib.io import tf_record  # random-access reader with CRC checks
+try:  # TensorFlow's random-access TFRecord reader (checks both CRC32Cs); not in tf.io's API
+  from tensorflow.python.lib.io import tf_record
+except ImportError:  # pragma: no cover - a future TensorFlow without it
+  tf_record = None
 
 _HEADER_BYTES = 12   # uint64 length + uint32 masked CRC of the length
 _FOOTER_BYTES = 4    # uint32 masked CRC of the data
@@ -100,6 +103,15 @@ class RecordTable:
                num_res=np.asarray(metadata["num_res"], np.int64),
                cluster_ids=tuple("" if c is None else str(c) for c in clusters),
                is_distillation=np.asarray(distillation, float) > 0)
+
+  def subset(self, indices: np.ndarray) -> "RecordTable":
+    """The records at `indices` (e.g. a held-out validation split)."""
+    indices = np.asarray(indices, np.int64)
+    return dataclasses.replace(
+        self, file_index=self.file_index[indices], offsets=self.offsets[indices],
+        ids=tuple(self.ids[i] for i in indices), num_res=self.num_res[indices],
+        cluster_ids=tuple(self.cluster_ids[i] for i in indices),
+        is_distillation=self.is_distillation[indices])
 
   def concat(self, other: "RecordTable") -> "RecordTable":
     """Both tables' records (e.g. a PDB set and a self-distillation set)."""
@@ -237,6 +249,10 @@ class RecordReader:
   """
 
   def __init__(self, paths: Sequence[str], verify_checksums: bool = True):
+    if verify_checksums and (tf_record is None
+                             or not hasattr(tf_record, "tf_record_random_reader")):
+      raise RuntimeError("this TensorFlow has no tf_record_random_reader: checksummed random "
+                         "reads are unavailable; pass verify_checksums=False to read unchecked")
     self.paths = tuple(str(p) for p in paths)
     self.verify_checksums = verify_checksums
     self._local = threading.local()

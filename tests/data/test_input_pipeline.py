@@ -123,6 +123,8 @@ def test_same_seed_same_batches_and_resume_from_saved_state(dataset):
   assert not np.array_equal(other_seed["msa_feat"], batches[0]["msa_feat"])
   with pytest.raises(ValueError, match="seed"):
     _iterator(dataset, seed=1, state=state)
+  with pytest.raises(ValueError, match="global_batch_size"):
+    _iterator(dataset, batch_size=3, state=state)
 
 
 def test_get_state_tracks_consumed_batches(dataset):
@@ -222,3 +224,16 @@ def test_batch_at_af2_tiny_shapes_feeds_the_losses(dataset):
       assert np.isfinite(float(aux[name])), name
     totals.append(float(total))
   assert totals[0] != totals[1]
+
+
+def test_reader_checks_crcs_and_unchecked_reads_agree(dataset_with_bad_records):
+  table = dataset_with_bad_records
+  checked = records.RecordReader(table.paths, verify_checksums=True)
+  unchecked = records.RecordReader(table.paths, verify_checksums=False)
+  for index in (0, 1, 4):
+    position = int(table.file_index[index]), int(table.offsets[index])
+    assert checked.read(*position) == unchecked.read(*position)
+  corrupt = int(table.file_index[3]), int(table.offsets[3])
+  with pytest.raises(records.CorruptRecordError, match="unreadable record"):
+    checked.read(*corrupt)
+  assert len(unchecked.read(*corrupt)) == len(checked.read(0, int(table.offsets[2])))

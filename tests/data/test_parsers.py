@@ -133,6 +133,10 @@ def test_hmmsearch_hits():
   assert (hit.index, hit.name, hit.aligned_cols, hit.sum_probs) == (1, "1abc_A", 4, None)
   assert hit.hit_sequence == "-KVKLA"
   assert hit.indices_hit == [-1, 2, 3, 5, 6]  # the insertion 'k' (index 4) is skipped
+  # hmmsearch writes an empty file when nothing hits (AlphaFold: no hits); junk still raises.
+  assert parsers.parse_hmmsearch_sto("MKVLA", "") == []
+  with pytest.raises(parsers.ParseError, match="no '# STOCKHOLM 1.0' header"):
+    parsers.parse_hmmsearch_sto("MKVLA", "garbage\n")
 
 
 def test_read_text_gzip(tmp_path):

@@ -1,0 +1,159 @@
+"""The full AlphaFold 2 monomer network with recycling.
+
+Jumper et al. (2021) Suppl. Alg. 2 "Inference" and Suppl. 1.10 "Recycling". Usage
+(MODEL_CONTRACT section 6):
+
+    model = AlphaFold(config)   # config = af2flax.model.config.model_config('model_1_ptm')
+    outputs = model.apply({'params': params}, batch, deterministic=False,
+                          rngs={'dropout': key})
+
+`batch` holds AlphaFold's features for one example with a leading recycle axis
+R = num_recycle + 1; iteration i reads slice i (`resample_msa_in_recycling`).
+`batch['num_iter_recycling'][0]` (capped at `num_recycle`; `num_recycle` when absent)
+iterations run first without gradient, then the final iteration reads slice
+`num_iter_recycling` and carries the gradient. Returns the final iteration's outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from af2flax.common import residue_constants as rc
+from af2flax.model.heads import (DistogramHead, ExperimentallyResolvedHead, MaskedMsaHead,
+                                 PredictedAlignedErrorHead, PredictedLDDTHead)
+from af2flax.model.structure import StructureModule
+from af2flax.model.trunk import EmbeddingsAndEvoformer
+
+# Head config name -> (module class, AlphaFold's Haiku module name).
+HEADS = {
+    "distogram": (DistogramHead, "distogram_head"),
+    "experimentally_resolved": (ExperimentallyResolvedHead, "experimentally_resolved_head"),
+    "masked_msa": (MaskedMsaHead, "masked_msa_head"),
+    "predicted_aligned_error": (PredictedAlignedErrorHead, "predicted_aligned_error_head"),
+    "predicted_lddt": (PredictedLDDTHead, "predicted_lddt_head"),
+    "structure_module": (StructureModule, "structure_module"),
+}
+# Heads that read the structure module's output run after it (AlphaFold's order).
+_AFTER_STRUCTURE = ("predicted_lddt", "predicted_aligned_error")
+
+
+class AlphaFoldIteration(nn.Module):
+  """One recycling iteration: embeddings, Evoformer and the heads.
+
+  Jumper et al. (2021) Suppl. Alg. 2 "Inference" lines 3-22. Heads with weight 0 are not
+  built (as in AlphaFold: model_1..5 have no predicted-aligned-error head); the others run
+  in sorted order, pLDDT and PAE after the structure module, whose single activations
+  become `representations['structure_module']`.
+  batch: one iteration's features (no recycle axis); prev: recycled `prev_pos`,
+  `prev_msa_first_row`, `prev_pair`.
+  """
+
+  config: Any   # the model config
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], prev: Mapping[str, jax.Array],
+               deterministic: bool = True) -> dict[str, Any]:
+    c = self.config
+    gc = c.global_config
+    representations = EmbeddingsAndEvoformer(c.embeddings_and_evoformer, gc, name="evoformer")(
+        batch, prev, deterministic)
+    outputs: dict[str, Any] = {"representations": representations}
+
+    def run_head(name: str) -> None:
+      head_class, module_name = HEADS[name]
+      outputs[name] = head_class(c.heads[name], gc, name=module_name)(
+          representations, batch, deterministic)
+
+    for name in sorted(c.heads):
+      if name in _AFTER_STRUCTURE or not c.heads[name].weight:
+        continue
+      if name not in HEADS:
+        raise ValueError(f"heads.{name}: unknown head; expected one of {', '.join(sorted(HEADS))}")
+      run_head(name)
+      if name == "structure_module":
+        representations["structure_module"] = outputs[name]["act"]
+    for name in _AFTER_STRUCTURE:
+      if name in c.heads and c.heads[name].weight:
+        run_head(name)
+    return outputs
+
+
+def _initial_prev(num_res: int, config: Any) -> dict[str, jax.Array]:
+  """Zero recycled inputs of the first iteration (Suppl. Alg. 2 line 1), float32."""
+  emb = config.embeddings_and_evoformer
+  prev = {}
+  if emb.recycle_pos:
+    prev["prev_pos"] = jnp.zeros([num_res, rc.atom_type_num, 3], jnp.float32)
+  if emb.recycle_features:
+    prev["prev_msa_first_row"] = jnp.zeros([num_res, emb.msa_channel], jnp.float32)
+    prev["prev_pair"] = jnp.zeros([num_res, num_res, emb.pair_channel], jnp.float32)
+  return prev
+
+
+def _prev_from_outputs(outputs: Mapping[str, Any], prev: Mapping[str, jax.Array]
+                       ) -> dict[str, jax.Array]:
+  """Recycled inputs of the next iteration, without gradient (Suppl. 1.10)."""
+  sources = {
+      "prev_pos": lambda: outputs["structure_module"]["final_atom_positions"],
+      "prev_msa_first_row": lambda: outputs["representations"]["msa_first_row"],
+      "prev_pair": lambda: outputs["representations"]["pair"],
+  }
+  return {key: jax.lax.stop_gradient(sources[key]().astype(jnp.float32)) for key in prev}
+
+
+def slice_recycle(batch: Mapping[str, jax.Array], index: jax.Array | int) -> dict[str, jax.Array]:
+  """Slice `index` of the leading recycle axis of every feature."""
+  return {key: jax.lax.dynamic_index_in_dim(value, index, axis=0, keepdims=False)
+          for key, value in batch.items()}
+
+
+class AlphaFold(nn.Module):
+  """AlphaFold with recycling as trained (Jumper et al. 2021, Suppl. Alg. 2, Suppl. 1.10).
+
+  `num_iter_recycling` iterations run inside a `while_loop` with their outputs passed
+  through `stop_gradient`; the final iteration runs outside the loop and carries the
+  gradient. Each iteration draws its own dropout randomness.
+  """
+
+  config: Any   # the model config
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array],
+               deterministic: bool = True) -> dict[str, Any]:
+    c = self.config
+    if batch["aatype"].ndim != 2:
+      raise ValueError(f"batch['aatype'] has shape {batch['aatype'].shape}; expected "
+                       "[num_recycle + 1, N_res] (leading recycle axis, no example axis)")
+    num_res = batch["aatype"].shape[1]
+    iteration = AlphaFoldIteration(c, name="alphafold_iteration")
+
+    def features(index):
+      return slice_recycle(batch, index if c.resample_msa_in_recycling else 0)
+
+    prev = _initial_prev(num_res, c)
+    if c.num_recycle:
+      if "num_iter_recycling" in batch:
+        num_iter = jnp.minimum(batch["num_iter_recycling"][0], c.num_recycle)
+      else:
+        num_iter = jnp.asarray(c.num_recycle)
+      num_iter = num_iter.astype(jnp.int32)
+
+      def body(module, carry):
+        index, carry_prev = carry
+        outputs = module(features(index), carry_prev, deterministic)
+        return index + 1, _prev_from_outputs(outputs, carry_prev)
+
+      if self.is_initializing():
+        # Parameters are created by one plain call; the loop needs them to exist.
+        body(iteration, (jnp.asarray(0, jnp.int32), prev))
+      else:
+        _, prev = nn.while_loop(lambda module, carry: carry[0] < num_iter, body, iteration,
+                                (jnp.asarray(0, jnp.int32), prev),
+                                broadcast_variables="params", split_rngs={"dropout": True})
+    else:
+      num_iter = jnp.asarray(0, jnp.int32)
+    return iteration(features(num_iter), prev, deterministic)
