@@ -10,12 +10,10 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("af2flax.model.alphafold")
-
-from af2flax import distill  # noqa: E402
-from af2flax.data import tfrecord  # noqa: E402
-from af2flax.inference import distillation  # noqa: E402
-from tests.inference import helpers  # noqa: E402
+from af2flax import distill
+from af2flax.data import tfrecord
+from af2flax.inference import distillation
+from tests.inference import helpers
 
 
 def test_filter_decisions_residue_by_residue():

@@ -15,11 +15,9 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("af2flax.model.alphafold")
-
-from af2flax import predict  # noqa: E402
-from af2flax.common import protein, residue_constants  # noqa: E402
-from tests.inference import helpers  # noqa: E402
+from af2flax import predict
+from af2flax.common import protein, residue_constants
+from tests.inference import helpers
 
 MODELS = ("model_1_ptm", "model_2_ptm")
 
@@ -238,7 +236,7 @@ def test_relax_the_best_model_and_rank_the_relaxed_structure(tmp_path):
   """--relax wiring on a real AlphaFold model (the tiny model's random structures cannot be
   minimised): relaxed_<model>.pdb and its report are written and ranked_0 is the relaxed one;
   a structure Amber cannot take is recorded, and its unrelaxed file stays ranked."""
-  relax_lib = pytest.importorskip("af2flax.relaxation.relax")
+  from af2flax.relaxation import relax as relax_lib
   from af2flax.inference import outputs
   from af2flax.inference.queries import FailureLog
   from tests.conftest import SHARED_DATA

@@ -27,8 +27,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from af2flax.model import batch_spec
 from af2flax.model import config as config_lib
 from af2flax.model import import_af2
+from af2flax.model.alphafold import AlphaFold
 
 logger = logging.getLogger(__name__)
 PyTree = Any
@@ -108,8 +110,6 @@ def abstract_params(config: ml_collections.ConfigDict) -> PyTree:
 def _abstract_params(config_json: str) -> PyTree:
   """Cached by config: tracing the model's init takes seconds."""
   config = ml_collections.ConfigDict(json.loads(config_json))
-  from af2flax.model import batch_spec  # pylint: disable=import-outside-toplevel
-  from af2flax.model.alphafold import AlphaFold  # pylint: disable=import-outside-toplevel
   template = config.embeddings_and_evoformer.template
   shapes = batch_spec.feature_shapes(num_res=8, num_msa=2, num_extra_msa=2,
                                      num_templates=int(template.max_templates), num_slices=1)

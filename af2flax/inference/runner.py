@@ -25,6 +25,7 @@ import numpy as np
 
 from af2flax.common import confidence
 from af2flax.common import residue_constants as rc
+from af2flax.model.alphafold import AlphaFoldIteration
 
 PyTree = Any
 _CA = rc.atom_order["CA"]
@@ -123,8 +124,6 @@ def ca_distance_change(ca: jax.Array, previous_ca: jax.Array, mask: jax.Array) -
 
 def _make_step(config: ml_collections.ConfigDict) -> Callable:
   """jit(params, features, prev) -> (slim outputs, next prev, Cα change), for `config`."""
-  from af2flax.model.alphafold import AlphaFoldIteration  # pylint: disable=import-outside-toplevel
-
   iteration = AlphaFoldIteration(config)
   has_pae = "predicted_aligned_error" in config.heads and bool(
       config.heads.predicted_aligned_error.weight)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("af2flax.model.alphafold")
-
-from af2flax.data import pipeline  # noqa: E402
-from af2flax.inference import feature_processing as fp  # noqa: E402
-from af2flax.inference import model_loading, runner  # noqa: E402
-from tests.inference import helpers  # noqa: E402
+from af2flax.data import pipeline
+from af2flax.inference import feature_processing as fp
+from af2flax.inference import model_loading, runner
+from tests.inference import helpers
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import REPO_ROOT
 
 MODULES = ("af2flax.predict", "af2flax.distill", "af2flax.inference.cli",
@@ -19,7 +17,6 @@ MODULES = ("af2flax.predict", "af2flax.distill", "af2flax.inference.cli",
 
 
 def test_prediction_modules_and_feature_processing_run_without_tensorflow_or_clu():
-  pytest.importorskip("af2flax.model.alphafold")
   code = "\n".join([
       "import sys",
       "sys.modules['tensorflow'] = None  # any import of it now raises ImportError",
