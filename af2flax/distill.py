@@ -16,8 +16,8 @@ structures (pLDDT in the B-factors) go to `structures/<name>.pdb`. Train on it w
 `--config.dataset.train_dirs=<pdb set>,<this directory>`.
 
 Resumable: a re-run of the same command skips every finished sequence and completes the set;
-a directory holding another run's output is refused. Exit status: 0 when the set is complete,
-1 when some shards could not be written yet (no TensorFlow here), 2 for unusable flags.
+a directory holding another run's output is refused. Needs no TensorFlow (GPU machines). Exit
+status: 0 when the set is complete, 1 when it is not (run again), 2 for unusable flags.
 """
 
 from __future__ import annotations
@@ -175,9 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("%s done in %.1f s", query.name, time.perf_counter() - start)
     summary = writer.finalize([(f.input, f.reason) for f in bad_records])
     if summary is None:
-      print(f"distill: predictions staged in {os.path.join(args.out, distillation.STAGING_DIR)};"
-            " TFRecord shards need TensorFlow: run the same command where it is installed",
-            file=sys.stderr)
+      missing = [q.name for q in queries if not writer.is_done(q.name)]
+      print(f"distill: the set is incomplete ({len(missing)} sequences not done, e.g. "
+            f"{missing[:3]}); run the same command again", file=sys.stderr)
       return 1
     print(f"{summary['num_examples']} distillation examples, {summary['num_failures']} "
           f"filtered or failed (see {os.path.join(args.out, 'failures.tsv')}); this run: "

@@ -25,9 +25,8 @@ again).
 failure sidecars, index.tsv, failures.tsv, dataset_info.json, build_manifest.json) one example
 at a time: each finished input is staged as `staging/<id>.example` (or `.failure`) and a shard
 is written as soon as all its inputs are staged, so a killed run loses at most the input in
-progress and a re-run skips finished inputs. Staging needs no TensorFlow (GPU machines); writing
-shards does (the builder's TFRecord writer) -- without it, examples stay staged and the same
-command on a machine with TensorFlow assembles them.
+progress and a re-run skips finished inputs. Nothing here needs TensorFlow (the builder's codec
+and TFRecord writer are pure Python), so the set can be made on GPU machines.
 """
 
 from __future__ import annotations
@@ -161,7 +160,6 @@ class DistillationWriter:
                            f"({manifest_path} differs); use a new --out directory")
     else:
       _write_atomically(manifest_path, manifest_bytes)
-    self.tensorflow_missing = False
 
   # --- staging ---------------------------------------------------------------------------------
 
@@ -202,24 +200,14 @@ class DistillationWriter:
   def _maybe_write_shard(self, example_id: str) -> None:
     shard = self.shard_of[example_id]
     members = [i for i in self.ids if self.shard_of[i] == shard]
-    if self.tensorflow_missing or self.shard_complete(shard) or not all(
+    if self.shard_complete(shard) or not all(
         os.path.exists(self._staged(i, "example")) or os.path.exists(self._staged(i, "failure"))
         for i in members):
       return
     self.write_shard(shard)
 
-  def write_shard(self, shard: int) -> bool:
-    """Writes shard `shard` from its staged inputs; False when TensorFlow is missing."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # TensorFlow's start-up chatter
-    try:
-      import tensorflow  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401
-    except ImportError:
-      if not self.tensorflow_missing:
-        logger.warning("TensorFlow is not installed: examples stay staged in %s; run the same "
-                       "command where TensorFlow is installed to write the TFRecord shards",
-                       os.path.join(self.out, STAGING_DIR))
-      self.tensorflow_missing = True
-      return False
+  def write_shard(self, shard: int) -> None:
+    """Writes shard `shard` from its staged inputs and removes them from staging."""
     members = [i for i in self.ids if self.shard_of[i] == shard]
     records, rows, failures = [], [], []
     for example_id in members:
@@ -243,7 +231,6 @@ class DistillationWriter:
         if os.path.exists(self._staged(example_id, kind)):
           os.remove(self._staged(example_id, kind))
     logger.info("wrote shard %s (%d examples, %d failures)", path, len(records), len(failures))
-    return True
 
   def finalize(self, extra_failures: Sequence[tuple[str, str]] = ()) -> dict[str, int] | None:
     """Writes any complete-but-unwritten shards, then index.tsv, failures.tsv and
@@ -251,8 +238,8 @@ class DistillationWriter:
     for shard in range(self.num_shards):
       if not self.shard_complete(shard):
         members = [i for i in self.ids if self.shard_of[i] == shard]
-        if all(self.is_done(i) for i in members) and not self.write_shard(shard):
-          return None
+        if all(self.is_done(i) for i in members):
+          self.write_shard(shard)
     if not all(self.shard_complete(s) for s in range(self.num_shards)):
       return None
     index_rows, failure_rows, sizes = [], [list(f) for f in extra_failures], []
