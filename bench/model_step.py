@@ -51,7 +51,8 @@ def _training_example(shapes: dict, num_slices: int, num_iter_recycling: int, se
   atom_mask = rc.restype_atom37_mask[aatype].astype(np.float32)
   truth = make_targets(aatype, positions, atom_mask)
   truth.update(all_atom_positions=positions, all_atom_mask=atom_mask,
-               true_msa=rng.integers(0, 21, (shapes["num_msa"], shapes["num_res"])).astype(np.int32),
+               true_msa=rng.integers(0, 21, (shapes["num_msa"], shapes["num_res"])
+                                     ).astype(np.int32),
                bert_mask=(rng.uniform(size=(shapes["num_msa"], shapes["num_res"])) < 0.15
                           ).astype(np.float32),
                resolution=np.asarray(2.0, np.float32), use_clamped_fape=np.asarray(1.0, np.float32))

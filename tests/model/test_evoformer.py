@@ -93,16 +93,6 @@ def _stack_inputs(seed=0):
   return (msa, pair), masks
 
 
-class _Stack(nn.Module):
-  config: Any
-
-  @nn.compact
-  def __call__(self, activations, masks):
-    block = EvoformerIteration(self.config.embeddings_and_evoformer.evoformer,
-                               self.config.global_config, name="evoformer_iteration")
-    return layer_stack(block, activations, 2, self.config.global_config, masks, True)
-
-
 class _TransitionBlock(nn.Module):
   """A cheap block (carry -> carry) to test the stacking machinery itself."""
 

@@ -70,7 +70,8 @@ def test_masks_and_alternative_torsions(two_chains):
   assert float(torsion_mask[0, 4, 3]) == float(has_chi1)
   placeholders = tf_lib.atom37_to_torsion_angles(aatype, two_chains[1], mask,
                                                  placeholder_for_undefined=True)
-  np.testing.assert_allclose(np.asarray(placeholders["torsion_angles_sin_cos"])[:, 0, 0], [[1, 0]] * 2)
+  np.testing.assert_allclose(np.asarray(placeholders["torsion_angles_sin_cos"])[:, 0, 0],
+                             [[1, 0]] * 2)
 
 
 def test_dgram_from_positions():
