@@ -50,7 +50,8 @@ def test_a3m_lowercase_insertions_become_deletion_counts():
 
 
 def test_a3m_bad_rows_name_the_line():
-  with pytest.raises(parsers.ParseError, match=r"x.a3m:3: record 'h' has 5 aligned columns but the query has 4"):
+  with pytest.raises(parsers.ParseError,
+                     match=r"x.a3m:3: record 'h' has 5 aligned columns but the query has 4"):
     parsers.parse_a3m(">q\nMKVL\n>h\nMKVLA\n", "x.a3m")
   with pytest.raises(parsers.ParseError, match=r"x.a3m:3: invalid character '1'"):
     parsers.parse_a3m(">q\nMKVL\n>h\nMK1L\n", "x.a3m")
@@ -132,6 +133,10 @@ def test_hmmsearch_hits():
   assert (hit.index, hit.name, hit.aligned_cols, hit.sum_probs) == (1, "1abc_A", 4, None)
   assert hit.hit_sequence == "-KVKLA"
   assert hit.indices_hit == [-1, 2, 3, 5, 6]  # the insertion 'k' (index 4) is skipped
+  # hmmsearch writes an empty file when nothing hits (AlphaFold: no hits); junk still raises.
+  assert parsers.parse_hmmsearch_sto("MKVLA", "") == []
+  with pytest.raises(parsers.ParseError, match="no '# STOCKHOLM 1.0' header"):
+    parsers.parse_hmmsearch_sto("MKVLA", "garbage\n")
 
 
 def test_read_text_gzip(tmp_path):

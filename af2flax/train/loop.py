@@ -1,0 +1,286 @@
+"""`train_and_evaluate(config, workdir)`: the training recipe, top to bottom.
+
+mesh → input → model → sharded train state → restore (or start from imported weights) →
+jitted step → loop with metrics, validation, checkpoints and preemption handling. Every knob
+is in the config (`configs/*.py`); the recipe's constants are Jumper et al. (2021) Suppl. 1.11.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from af2flax.common import residue_constants
+from af2flax.train import checkpoint as checkpoint_lib
+from af2flax.train import metrics as metrics_lib
+from af2flax.train import optimizer as optimizer_lib
+from af2flax.train import sharding as sharding_lib
+from af2flax.train import state as state_lib
+from af2flax.train import step as step_lib
+
+PyTree = Any
+Batch = Mapping[str, np.ndarray]
+EVAL_MASK_KEY = "eval_mask"
+
+
+class NonFiniteTrainingError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFns:
+  """What the loop needs from a model, all on ONE example (no batch axis).
+
+  init: (rng, example) -> params.
+  objective: (params, example, dropout_rng) -> (loss, aux scalars), see `step.py`.
+  evaluate: (params, example) -> {metric name: scalar}, deterministic (validation).
+  """
+
+  init: Callable[[jax.Array, Batch], PyTree]
+  objective: step_lib.Objective
+  evaluate: Callable[[PyTree, Batch], Mapping[str, jax.Array]]
+
+
+@dataclasses.dataclass
+class InputData:
+  """The training iterator and the validation set of this process.
+
+  train: yields local batches (numpy, leading axis = global batch / process count) and has
+    `get_state()` / `set_state(state)` with a JSON-serialisable state (its position).
+  eval_batches: None, or a callable returning the local validation batches; every batch has
+    the same local size and an `eval_mask` [B] (0 for padding), and every process yields the
+    same number of batches.
+  """
+
+  train: Iterator[Batch]
+  eval_batches: Callable[[], Iterable[Batch]] | None
+
+
+def create_model(config: ml_collections.ConfigDict) -> ModelFns:
+  """AlphaFold (MODEL_CONTRACT sections 3-6) with its losses and validation metrics."""
+  from af2flax.losses import total as total_loss_lib  # pylint: disable=g-import-not-at-top
+  from af2flax.model.alphafold import AlphaFold  # pylint: disable=g-import-not-at-top
+  from af2flax.train import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
+  model = AlphaFold(config.model)
+  ca = residue_constants.atom_order["CA"]
+
+  def init(rng, example):
+    return model.init({"params": rng, "dropout": rng}, example, deterministic=True)["params"]
+
+  def evaluate(params, example):
+    """Validation metrics of one example, EMA params, all recycles of the batch, no dropout."""
+    outputs = model.apply({"params": params}, example, deterministic=True)
+    outputs = step_lib.to_float32(outputs)
+    final = step_lib.final_iteration_features(example)
+    metrics = evaluate_lib.structure_metrics(
+        outputs["structure_module"]["final_atom_positions"][:, ca],
+        final["all_atom_positions"][:, ca], final["all_atom_mask"][:, ca])
+    metrics["loss"], _ = total_loss_lib.alphafold_loss(final, outputs, config.model.heads)
+    return metrics
+
+  return ModelFns(init=init, objective=step_lib.alphafold_objective(model, config.model),
+                  evaluate=evaluate)
+
+
+def create_input(config: ml_collections.ConfigDict, workdir: epath.Path,
+                 local_batch_size: int) -> InputData:
+  """AlphaFold's tf.data input (built from `config.data`), this process's shard."""
+  from af2flax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.create_input(config.data, workdir=workdir,
+                                     local_batch_size=local_batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+
+
+def _evaluate(eval_step, params, eval_batches, batch_sharding) -> dict[str, float]:
+  """Mean of each validation metric over the real (unmasked) examples of every process."""
+  sums, count = None, 0.0
+  for local_batch in eval_batches():
+    batch = sharding_lib.global_batch(local_batch, batch_sharding)
+    batch_sums, batch_count = jax.device_get(eval_step(params, batch))
+    sums = batch_sums if sums is None else {k: sums[k] + v for k, v in batch_sums.items()}
+    count += float(batch_count)
+  if not sums or count == 0:
+    return {}
+  return {f"val/{k}": float(v) / count for k, v in sums.items()}
+
+
+def _check_skips(consecutive_skips: jax.Array | None, max_skips: int, step: int,
+                 checkpointer: checkpoint_lib.Checkpointer, workdir: epath.Path) -> None:
+  if consecutive_skips is None or int(consecutive_skips) < max_skips:
+    return
+  raise NonFiniteTrainingError(
+      f"{int(consecutive_skips)} consecutive steps up to step {step} had a non-finite loss or "
+      f"gradient and were skipped (max_consecutive_skips={max_skips}); parameters are those "
+      f"before the first of them. The last checkpoint is step {checkpointer.latest_step()} in "
+      f"{workdir / 'checkpoints'}. Lower optimizer.learning_rate or check the input data, "
+      "then run again.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | os.PathLike) -> dict[str, float]:
+  """Trains (or resumes training of) a model as `config` says, writing into `workdir`.
+
+  Returns the last logged metrics (`train/...` and, if validated, `val/...`), the same on
+  every process.
+  """
+  workdir = epath.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  logging.info("process %d/%d, %d local / %d global devices, workdir %s",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), workdir)
+  if is_chief:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  writer = metrics_lib.create_writer(workdir, just_logging=not is_chief)
+
+  # Mesh: examples over every device, parameters over the fsdp axis.
+  mesh = sharding_lib.make_mesh(config.mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size={config.batch_size} must be a multiple of the "
+                     f"{jax.device_count()} devices (one or more examples per device)")
+  local_batch_size = config.batch_size // jax.process_count()
+  logging.info("mesh %s; global batch %d, %d per process", dict(mesh.shape),
+               config.batch_size, local_batch_size)
+
+  # Input: this process's shard of the training data, and the validation set.
+  data = create_input(config, workdir, local_batch_size)
+  train_iter = data.train
+  first_batch = next(train_iter)  # its shapes initialise the model
+  example = jax.tree.map(lambda x: np.asarray(x)[0], first_batch)
+
+  # Model and train state, created directly in their shards.
+  model = create_model(config)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer)
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+  def init_state(rng):
+    return state_lib.create_train_state(model.init(rng, example), optimizer, state_rng)
+
+  rules = [tuple(rule) for rule in config.sharding.rules]
+  state_shape = jax.eval_shape(init_state, init_rng)
+  state_shardings = sharding_lib.infer_sharding(state_shape, mesh, rules,
+                                                config.sharding.min_size_to_shard_mb)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
+  logging.info("model: %d parameters", num_params)
+
+  # Resume from the latest checkpoint; else start from imported weights; else from scratch.
+  checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s step %d", workdir / "checkpoints", latest)
+    abstract = sharding_lib.abstract_with_sharding(state_shape, state_shardings)
+    state, input_state = checkpointer.restore(latest, abstract)
+    if input_state is not None:
+      train_iter.set_state(input_state)
+      first_batch = None
+    else:
+      logging.warning("checkpoint %d has no input position for this process: the input "
+                      "starts again from its beginning", latest)
+  else:
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    if config.get("init_from"):
+      # Imported AlphaFold weights or another run's EMA parameters; new parameters (e.g. a
+      # head added for fine-tuning) keep their initialisation. Optimizer and EMA start fresh.
+      params = checkpoint_lib.load_pretrained_params(config.init_from, state.params)
+      state = jax.jit(lambda p: state_lib.create_train_state(p, optimizer, state_rng),
+                      out_shardings=state_shardings)(params)
+  initial_step = int(jax.device_get(state.step))
+
+  # The step, jitted over the mesh; validation with the EMA parameters.
+  train_step = sharding_lib.jit_train_step(
+      step_lib.make_train_step(model.objective, optimizer, config), state_shardings, mesh)
+
+  @jax.jit
+  def eval_step(params, batch):
+    mask = batch[EVAL_MASK_KEY]
+    batch = {k: v for k, v in batch.items() if k != EVAL_MASK_KEY}
+    values = jax.vmap(model.evaluate, in_axes=(None, 0))(params, batch)
+    sums = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in values.items()}
+    return sums, jnp.sum(mask)
+
+  # Metrics, progress, profiling and preemption.
+  writer.write_hparams({"batch_size": config.batch_size, "num_params": num_params,
+                        "learning_rate": config.optimizer.learning_rate})
+  actions = metrics_lib.periodic_actions(config, workdir, writer, config.num_train_steps)
+  accumulator = metrics_lib.MetricAccumulator()
+  preemption = checkpoint_lib.PreemptionWatcher()
+  max_skips = int(config.max_consecutive_skips)
+  previous_skips = None
+  log_time, log_step = time.monotonic(), initial_step
+  last_metrics: dict[str, float] = {}
+
+  logging.info("training from step %d to %d", initial_step, config.num_train_steps)
+  step = initial_step
+  try:
+    while step < config.num_train_steps:
+      step += 1
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        local_batch = first_batch if first_batch is not None else next(train_iter)
+        first_batch = None
+        state, metrics = train_step(state, sharding_lib.global_batch(local_batch,
+                                                                     batch_sharding))
+      accumulator.add(metrics)
+      for action in actions:
+        action(step)
+
+      # Stop on repeated non-finite steps (checked one step late: no wait for the device).
+      _check_skips(previous_skips, max_skips, step - 1, checkpointer, workdir)
+      previous_skips = metrics["consecutive_skips"]
+
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        summary = accumulator.summary()
+        now = time.monotonic()
+        steps_per_sec = (step - log_step) / max(now - log_time, 1e-9)
+        summary["train/steps_per_sec"] = steps_per_sec
+        summary["train/examples_per_sec"] = steps_per_sec * config.batch_size
+        log_time, log_step = now, step
+        last_metrics.update(summary)
+        writer.write_scalars(step, summary)
+        if is_chief:
+          logging.info(metrics_lib.format_line(step, summary, (
+              "train/loss", "train/grad_norm", "train/learning_rate", "train/skipped_steps",
+              "train/examples_per_sec")))
+
+      eval_metrics = None
+      if data.eval_batches is not None and config.eval_every_steps and (
+          step % config.eval_every_steps == 0 or step == config.num_train_steps):
+        eval_metrics = _evaluate(eval_step, state.ema_params, data.eval_batches,
+                                 batch_sharding)
+        last_metrics.update(eval_metrics)
+        writer.write_scalars(step, eval_metrics)
+        logging.info("step %d validation (EMA params): %s", step, eval_metrics)
+
+      preempted = preemption.should_stop(step)
+      checkpointer.save(step, state, train_iter.get_state(), metrics=eval_metrics,
+                        force=preempted or eval_metrics is not None
+                        or step == config.num_train_steps)
+      if preempted:
+        logging.warning("preempted: saved step %d, stopping", step)
+        break
+    _check_skips(previous_skips, max_skips, step, checkpointer, workdir)
+  finally:
+    checkpointer.wait_until_finished()  # a started save always completes
+    checkpointer.close()
+    preemption.close()
+    writer.flush()
+    writer.close()
+
+  if is_chief:
+    logging.info(
+        "finished at step %d. TensorBoard: tensorboard --logdir %s ; checkpoints in %s. "
+        "Running the same command again resumes from the latest checkpoint (raise "
+        "--config.num_train_steps to train longer).", step, workdir, workdir / "checkpoints")
+  return last_metrics

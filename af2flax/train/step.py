@@ -1,0 +1,178 @@
+"""The training step: per-example gradients clipped to a global norm, averaged, applied.
+
+Jumper et al. (2021) Suppl. 1.11.3: "we clip the gradients per example to a global norm of
+0.1" before averaging over the batch, then Adam. Suppl. 1.11.7: an exponential moving average
+of the parameters (decay 0.999) is kept for evaluation. Random recycling (Suppl. 1.10) is
+decided by the input pipeline (`num_iter_recycling` in the batch); the step only supplies the
+dropout randomness.
+
+The step is generic over an *objective* `(params, example, dropout_rng) -> (loss, aux)` that
+sees one example without a batch axis (MODEL_CONTRACT section 3); `alphafold_objective` builds
+it from the model and the losses. This module imports neither TensorFlow nor `af2flax.data`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from af2flax.train import optimizer as optimizer_lib
+from af2flax.train import state as state_lib
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+Objective = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+TrainStep = Callable[[state_lib.TrainState, Batch],
+                     tuple[state_lib.TrainState, dict[str, jax.Array]]]
+
+
+def clip_by_global_norm(grads: PyTree, max_norm: float) -> tuple[PyTree, jax.Array]:
+  """Scales `grads` so that their global L2 norm is at most `max_norm`; returns (grads, norm).
+
+  A non-finite norm propagates into the gradients, so the step's finiteness guard sees it.
+  """
+  norm = optax.global_norm(grads)
+  scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+  return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), norm
+
+
+def _tree_all_finite(tree: PyTree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def make_train_step(objective: Objective, optimizer: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict) -> TrainStep:
+  """Builds `train_step(state, batch) -> (state, metrics)` (not jitted; the loop jits it).
+
+  `batch` holds the global batch with a leading example axis [B, ...]. Each example's gradient
+  is clipped to `config.optimizer.clip_norm` (per-example clipping, Suppl. 1.11.3) and the
+  clipped gradients are averaged. `config.grad_accum_steps` = k splits the batch into k
+  micro-batches of B/k examples that are processed one after another (`lax.scan`), each
+  vmapped over its examples: the same result with 1/k of the per-example gradient memory.
+
+  If the mean loss or the averaged gradient is not finite, the update is skipped: params,
+  optimizer state and EMA stay as they were, `skipped_steps` and `consecutive_skips` count it
+  (the loop stops the run after `config.max_consecutive_skips`).
+
+  Metrics (all scalars, averaged over examples): `loss`, every scalar in the objective's aux,
+  `grad_norm` (mean per-example norm before clipping), `clipped_fraction`, `update_grad_norm`
+  (norm of the averaged clipped gradient), `param_norm`, `learning_rate`, `skipped`,
+  `skipped_steps`, `consecutive_skips`.
+  """
+  clip_norm = float(config.optimizer.clip_norm)
+  ema_decay = float(config.optimizer.ema_decay)
+  accum_steps = int(config.get("grad_accum_steps", 1) or 1)
+
+  def example_grads(params, example, rng):
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, example, rng)
+    grads, norm = clip_by_global_norm(grads, clip_norm)
+    scalars = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if jnp.ndim(v) == 0}
+    scalars["loss"] = jnp.asarray(loss, jnp.float32)
+    scalars["grad_norm"] = norm
+    scalars["clipped_fraction"] = (norm > clip_norm).astype(jnp.float32)
+    return grads, scalars
+
+  def summed_grads(params, batch, rngs):
+    """Sum over the examples of `batch` of the clipped gradients and of the scalars."""
+    grads, scalars = jax.vmap(example_grads, in_axes=(None, 0, 0))(params, batch, rngs)
+    total = lambda tree: jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
+    return total(grads), total(scalars)
+
+  def train_step(state: state_lib.TrainState, batch: Batch):
+    batch_size = jax.tree.leaves(batch)[0].shape[0]
+    if batch_size % accum_steps:
+      raise ValueError(f"batch size {batch_size} is not divisible by "
+                       f"grad_accum_steps={accum_steps}")
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    rngs = jax.random.split(step_rng, batch_size)
+
+    if accum_steps == 1:
+      grad_sum, scalar_sum = summed_grads(state.params, batch, rngs)
+    else:
+      split = lambda x: x.reshape((accum_steps, batch_size // accum_steps) + x.shape[1:])
+      micro_batches = jax.tree.map(split, (batch, rngs))
+      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+      scalar_shapes = jax.eval_shape(summed_grads, state.params,
+                                     *jax.tree.map(lambda x: x[0], micro_batches))[1]
+      zero_scalars = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), scalar_shapes)
+
+      def accumulate(carry, micro_batch):
+        grads, scalars = summed_grads(state.params, *micro_batch)
+        return jax.tree.map(jnp.add, carry, (grads, scalars)), None
+
+      (grad_sum, scalar_sum), _ = jax.lax.scan(accumulate, (zero_grads, zero_scalars),
+                                               micro_batches)
+
+    grads = jax.tree.map(lambda g: g / batch_size, grad_sum)
+    metrics = jax.tree.map(lambda s: s / batch_size, scalar_sum)
+
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_ema = state_lib.ema_update(state.ema_params, new_params, ema_decay)
+
+    finite = jnp.isfinite(metrics["loss"]) & _tree_all_finite(grads)
+    keep_if_finite = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    skipped = (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep_if_finite(new_params, state.params),
+        opt_state=keep_if_finite(new_opt_state, state.opt_state),
+        ema_params=keep_if_finite(new_ema, state.ema_params),
+        skipped_steps=state.skipped_steps + skipped,
+        consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
+    )
+
+    metrics["update_grad_norm"] = optax.global_norm(grads)
+    metrics["param_norm"] = optax.global_norm(new_state.params)
+    metrics["learning_rate"] = jnp.asarray(
+        optimizer_lib.current_learning_rate(new_opt_state), jnp.float32)
+    metrics["skipped"] = skipped.astype(jnp.float32)
+    metrics["skipped_steps"] = new_state.skipped_steps
+    metrics["consecutive_skips"] = new_state.consecutive_skips
+    return new_state, metrics
+
+  return train_step
+
+
+def to_float32(tree: PyTree) -> PyTree:
+  """Floating arrays of `tree` in float32 (losses and metrics of bf16 model outputs)."""
+  return jax.tree.map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def final_iteration_features(example: Batch) -> dict[str, jax.Array]:
+  """The features of the last recycling iteration (MODEL_CONTRACT section 5).
+
+  Every feature carries the leading recycle axis R (AlphaFold's ensemble axis); the final,
+  gradient-carrying iteration reads slice `num_iter_recycling`.
+  """
+  index = example["num_iter_recycling"][0]
+  return {k: jax.lax.dynamic_index_in_dim(v, index, axis=0, keepdims=False)
+          for k, v in example.items()}
+
+
+def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> Objective:
+  """The per-example training objective of AlphaFold: model with dropout, then all losses.
+
+  `model` is `af2flax.model.alphafold.AlphaFold(model_config)`; the loss is
+  `af2flax.losses.total.alphafold_loss` on the final iteration's features (Suppl. 1.9,
+  eq. 7), computed in float32 whatever the model's compute dtype.
+  """
+  from af2flax.losses.total import alphafold_loss  # pylint: disable=g-import-not-at-top
+
+  heads_config = model_config.heads
+
+  def objective(params, example, dropout_rng):
+    outputs = model.apply({"params": params}, example, deterministic=False,
+                          rngs={"dropout": dropout_rng})
+    outputs = to_float32(outputs)
+    loss, aux = alphafold_loss(final_iteration_features(example), outputs, heads_config)
+    return loss, aux
+
+  return objective

@@ -1,0 +1,42 @@
+"""AlphaFold's fine-tuning stage (Jumper et al. 2021, Suppl. 1.11 and Table 4).
+
+`initial_training` with: crop 384, 512 MSA clusters, 5120 extra sequences; learning rate 5e-4
+without warm-up; structural violation loss (weight 1.0) and experimentally-resolved loss
+(0.01) switched on; the predicted-aligned-error head trained (weight 0.1, the pTM models,
+Suppl. 1.9.7). ≈1.5M samples = 12k steps. Start from the parameters of initial training or of
+an imported AlphaFold model:
+
+    python -m af2flax.tools.convert_params --af2 params_model_1_ptm.npz --out /tmp/model_1_ptm
+    python -m af2flax.train --config=configs/finetune.py --workdir=gs://BUCKET/af2/finetune \\
+        --config.init_from=/tmp/model_1_ptm \\
+        --config.dataset.train_dirs=gs://BUCKET/af2/pdb,gs://BUCKET/af2/distillation
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from af2flax.data import config as data_config_lib
+from af2flax.losses import total as total_loss_lib
+
+
+def _initial_training_config() -> ml_collections.ConfigDict:
+  """get_config() of initial_training.py beside this file (works from any directory)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "initial_training.py")
+  spec = importlib.util.spec_from_file_location("af2flax_configs_initial_training", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = _initial_training_config()
+  config.model.heads = total_loss_lib.apply_training_stage(config.model.heads, "finetuning",
+                                                           train_pae=True)
+  config.data = data_config_lib.get_config("finetuning")
+  config.model.num_recycle = config.data.common.get_ref("num_recycle")
+  config.num_train_steps = 12_000
+  config.optimizer.learning_rate = 5e-4
+  config.optimizer.warmup_steps = 0
+  return config

@@ -1,0 +1,88 @@
+"""AlphaFold's initial training (Jumper et al. 2021, Suppl. 1.11 and Table 4).
+
+Full model_1 (48 Evoformer blocks, templates), crop 256, 128 MSA clusters, 1024 extra
+sequences, 4 templates, up to 3 recycles drawn uniformly; Adam lr 1e-3 (β 0.9/0.999, ε 1e-6),
+1000 linear warm-up steps, ×0.95 after 50k steps, global batch 128 (one example per TPU core
+in AlphaFold's run), per-example gradient clipping at global norm 0.1, EMA 0.999 of the
+parameters for evaluation; no violation and no experimentally-resolved loss (fine-tuning adds
+them: configs/finetune.py). ≈10M samples = 78k steps.
+
+    python -m af2flax.train --config=configs/initial_training.py --workdir=gs://BUCKET/af2/initial \\
+        --config.dataset.train_dirs=gs://BUCKET/af2/pdb,gs://BUCKET/af2/distillation \\
+        --config.dataset.eval_dirs=gs://BUCKET/af2/validation
+
+On a Cloud TPU pod slice (one example per core, e.g. v4-128 or v3-128):
+
+    ./launch_tpu.sh --name af2 --zone us-central2-b --accelerator v4-128 \\
+        --config configs/initial_training.py --workdir gs://BUCKET/af2/initial -- \\
+        --config.dataset.train_dirs=gs://BUCKET/af2/pdb,gs://BUCKET/af2/distillation
+"""
+
+import ml_collections
+
+from af2flax.data import config as data_config_lib
+from af2flax.losses import total as total_loss_lib
+from af2flax.model import config as model_config_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # The network: AlphaFold's model_1 tree (templates on), bf16 activations, remat per block.
+  config.model = model_config_lib.model_config("model_1")
+  config.model.heads = total_loss_lib.apply_training_stage(config.model.heads,
+                                                           "initial_training")
+
+  # The input: AlphaFold's sampling and transforms at initial-training sizes.
+  config.data = data_config_lib.get_config("initial_training")
+  config.model.num_recycle = config.data.common.get_ref("num_recycle")
+  config.dataset = ml_collections.ConfigDict({
+      # Comma-separated TFRecord directories written by `python -m af2flax.data.build_dataset`.
+      "train_dirs": "",
+      "eval_dirs": "",
+      # If train_dirs is empty: build the dataset from these into <workdir>/dataset first.
+      "build_structures": "",
+      "build_alignments": "",
+      # Validation examples held out of a built dataset (used when eval_dirs is empty).
+      "num_eval_examples": 0,
+      "eval_batch_size": 8,
+  })
+
+  # Optimisation (Suppl. 1.11.3, 1.11.7).
+  config.batch_size = 128
+  config.num_train_steps = 78_000
+  config.grad_accum_steps = 1  # >1: process the batch in this many sequential micro-batches
+  config.optimizer = ml_collections.ConfigDict({
+      "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
+      "warmup_steps": 1000, "decay_steps": 50_000, "decay_factor": 0.95,
+      "clip_norm": 0.1,  # per example, before averaging
+      "ema_decay": 0.999,
+      "global_clip_norm": 0.0,  # off; >0 also clips the averaged gradient
+      "weight_decay": 0.0,
+  })
+  config.max_consecutive_skips = 20  # non-finite steps in a row before the run stops
+  config.init_from = ""  # Orbax params from `python -m af2flax.tools.convert_params`
+
+  # Devices: examples over all devices; fsdp > 1 also splits parameters and optimizer state.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  config.sharding = ml_collections.ConfigDict({
+      "rules": [
+          # Scanned layer stacks: never split the layer axis.
+          (".*(evoformer_iteration|extra_msa_stack|__layer_stack_no_state)/.*",
+           "fsdp_stacked"),
+          (".*", "fsdp"),
+      ],
+      "min_size_to_shard_mb": 1.0,
+  })
+
+  # Checkpoints, metrics, validation.
+  config.checkpoint = ml_collections.ConfigDict({
+      "every_steps": 1000, "keep": 3, "keep_best": 1,
+      "best_metric": "val/lddt_ca", "best_mode": "max", "async_save": True,
+  })
+  config.log_every_steps = 50
+  config.eval_every_steps = 2000
+  config.profile_steps = 0  # >0: trace this many steps from profile_first_step (TensorBoard)
+  config.profile_first_step = 10
+  return config
