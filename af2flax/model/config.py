@@ -166,15 +166,17 @@ MODEL_DIFFS: dict[str, dict[str, Any]] = {
     "model_3_ptm": dict(_PTM_DIFF), "model_4_ptm": dict(_PTM_DIFF), "model_5_ptm": dict(_PTM_DIFF),
 }
 
-# The data-side settings of each preset in AlphaFold's `data.common` (for the input pipeline).
-DATA_DIFFS: dict[str, dict[str, Any]] = {
-    "model_1": {"max_extra_msa": 5120, "reduce_msa_clusters_by_max_templates": True,
-                "use_templates": True},
-    "model_2": {"reduce_msa_clusters_by_max_templates": True, "use_templates": True},
-    "model_3": {"max_extra_msa": 5120}, "model_4": {"max_extra_msa": 5120}, "model_5": {},
-}
-for _name in ("model_1", "model_2", "model_3", "model_4", "model_5"):
-  DATA_DIFFS[f"{_name}_ptm"] = dict(DATA_DIFFS[_name])
+# The data-side settings of each preset (AlphaFold's `data.common` after the preset diff), for
+# the input pipeline: extra-MSA depth, template use, and whether the MSA clusters make room
+# for the template rows.
+DATA_SETTINGS: dict[str, dict[str, Any]] = {}
+for _name in MODEL_NAMES:
+  _base = _name.replace("_ptm", "")
+  DATA_SETTINGS[_name] = {
+      "max_extra_msa": 5120 if _base in ("model_1", "model_3", "model_4") else 1024,
+      "use_templates": _base in ("model_1", "model_2"),
+      "reduce_msa_clusters_by_max_templates": _base in ("model_1", "model_2"),
+  }
 
 
 def _set_path(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

@@ -6,11 +6,16 @@
   π-shifted alternatives and masks (Suppl. 1.7.1 template torsion features, Alg. 24 angle
   convention).
 
-The torsion features are fed to the network unmasked, so where atoms are missing
-(e.g. ω of the first residue, whose predecessor is zero padding) the value is whatever the
-degenerate frame construction yields. To stay numerically identical to AlphaFold there, the
-frame arithmetic follows AlphaFold's component-wise order of operations
-(Suppl. Alg. 21 with a 1e-8 norm floor) rather than `geometry.rigid.Rigid`.
+The torsion features are fed to the network unmasked (AlphaFold with `zero_init`), so where
+atoms are missing the value is whatever the degenerate frame construction yields. For ω of a
+residue whose predecessor is absent (residue 0, or after a gap) the frame's y axis is the
+float32 rounding residue of a Gram-Schmidt step divided by sqrt(1e-8): an O(1) feature made
+of rounding noise, which changes with how XLA evaluates the graph (fused kernels, constant
+folding, optimisation level) and then moves every output by ~1e-2. To reproduce AlphaFold's
+values, the frame arithmetic follows AlphaFold's component-wise order of operations (Suppl.
+Alg. 21 with a 1e-8 norm floor) rather than `geometry.rigid.Rigid`; on CPU it then matches
+AlphaFold bit for bit. (AlphaFold replaces masked torsions by (1, 0) when `zero_init` is off:
+`placeholder_for_undefined`.)
 """
 
 from __future__ import annotations

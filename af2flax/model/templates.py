@@ -169,7 +169,8 @@ class TemplateEmbedding(nn.Module):
                                  [num_res * num_res, num_templates, num_channels])
     mask = template_mask[None, None, None, :]
     attention = Attention(num_head=c.attention.num_head, output_dim=query_channels,
-                          key_dim=c.attention.get("key_dim"), value_dim=c.attention.get("value_dim"),
+                          key_dim=c.attention.get("key_dim"),
+                          value_dim=c.attention.get("value_dim"),
                           gating=c.attention.gating, zero_init=gc.zero_init, dtype=dtype,
                           name="attention")
     chunk = int(c.subbatch_size) if subbatch_size(gc) is not None else None

@@ -57,11 +57,24 @@ def tiny_iteration_inputs(config: ml_collections.ConfigDict, seed: int = 0):
 
 
 def perturb_params(params, seed: int = 0, scale: float = 0.1):
-  """Adds noise to every parameter, so that zero-initialised layers do something."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [leaf + scale * jax.random.normal(key, leaf.shape)
-                                      for leaf, key in zip(leaves, keys)])
+  """Adds noise to every parameter, so that zero-initialised layers do something (numpy: no
+  per-shape compilation)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda leaf: np.asarray(leaf) + scale * rng.standard_normal(
+      np.shape(leaf)).astype(np.float32), params)
+
+
+def random_params(init_fn, *args, seed: int = 0, scale: float = 0.1):
+  """Parameters of the shapes `init_fn(key, *args)` would create, without compiling init:
+  layer-norm scales near 1, everything else N(0, scale)."""
+  shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0), *args)
+  rng = np.random.default_rng(seed)
+
+  def sample(path, leaf):
+    noise = scale * rng.standard_normal(leaf.shape).astype(np.float32)
+    return noise + 1.0 if getattr(path[-1], "key", None) == "scale" else noise
+
+  return jax.tree_util.tree_map_with_path(sample, shapes)
 
 
 def relative_error(ours, reference) -> float:

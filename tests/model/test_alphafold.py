@@ -1,5 +1,8 @@
 """The full model: parity with DeepMind's AlphaFold on af2_tiny, and recycling as trained."""
 
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,7 @@ import pytest
 from af2flax.model import batch_spec
 from af2flax.model.alphafold import AlphaFold
 from af2flax.tools import parity
-from tests.conftest import REFERENCE
+from tests.conftest import REFERENCE, REPO_ROOT
 from tests.model.helpers import TINY_SHAPES, perturb_params, tiny_config
 
 AF2_TINY = REFERENCE / "af2_tiny"
@@ -64,9 +67,12 @@ def _recycling_config():
   return config
 
 
+@pytest.mark.slow
 def test_recycling_slices_the_batch_and_stops_gradients():
   """Iteration i reads slice i; only the final one (slice `num_iter_recycling`, capped at
-  `num_recycle`) carries gradient: slices read by earlier iterations get exactly zero."""
+  `num_recycle`) carries gradient: slices read by earlier iterations get exactly zero.
+  (Slow; the default suite's parity test covers one recycle, whose gradient norms match
+  AlphaFold's only because the first iteration is cut off.)"""
   config = _recycling_config()   # num_recycle = 1: two slices
   batch = batch_spec.random_features(0, num_slices=2, **TINY_SHAPES)
   model = AlphaFold(config)
@@ -96,3 +102,14 @@ def test_recycling_slices_the_batch_and_stops_gradients():
   assert set(results[1]) == {"representations", "structure_module"}
   chex.assert_shape(results[1]["structure_module"]["final_atom_positions"],
                     (TINY_SHAPES["num_res"], 37, 3))
+
+
+def test_model_imports_without_tensorflow():
+  """The GPU machines have no TensorFlow: the model, losses, tools and bench must not need it."""
+  code = ("import sys; import af2flax.model.alphafold, af2flax.model.import_af2, "
+          "af2flax.losses.total, af2flax.tools.parity, af2flax.tools.convert_params; "
+          "sys.path.insert(0, 'bench'); import model_step; "
+          "assert 'tensorflow' not in sys.modules and 'clu' not in sys.modules, 'imported'")
+  done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                        text=True, check=False)
+  assert done.returncode == 0, done.stderr

@@ -94,6 +94,12 @@ def test_full_model_1_ptm_traces_at_training_shapes():
   assert outputs["predicted_aligned_error"]["logits"].shape == (256, 256, 64)
   assert outputs["masked_msa"]["logits"].shape == (128, 256, 23)
 
+  def loss(p, f):  # Traces the backward pass of every remat'ed block (no compilation).
+    out = model.apply(p, f, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    return jnp.sum(out["structure_module"]["final_atom_positions"].astype(jnp.float32))
+  grads = jax.eval_shape(jax.grad(loss), params, features)
+  assert jax.tree.map(jnp.shape, grads) == jax.tree.map(jnp.shape, params)
+
 
 @pytest.mark.slow
 def test_convert_params_tool_writes_a_restorable_checkpoint(tmp_path):

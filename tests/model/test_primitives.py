@@ -15,7 +15,8 @@ def _jit_apply(module):
   return jax.jit(module.apply)
 
 
-GLOBAL = ml_collections.ConfigDict({"deterministic": False, "eval_dropout": False, "zero_init": True,
+GLOBAL = ml_collections.ConfigDict({"deterministic": False, "eval_dropout": False,
+                                    "zero_init": True,
                                     "dtype": "float32", "subbatch_size": 4})
 
 
@@ -107,7 +108,8 @@ def test_transition_chunked_equals_unchunked():
   assert set(params["params"]) == {"input_layer_norm", "transition1", "transition2"}
   chex.assert_shape(params["params"]["transition1"]["weights"], (6, 24))
   chunked = primitives.Transition(config, GLOBAL, chunk_size=4)
-  np.testing.assert_allclose(jax.jit(chunked.apply)(params, act), jax.jit(full.apply)(params, act), atol=1e-6)
+  np.testing.assert_allclose(jax.jit(chunked.apply)(params, act), jax.jit(full.apply)(params, act),
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize("orientation,shared_axis", [("per_row", 0), ("per_column", 1)])
