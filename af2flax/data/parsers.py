@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-# Characters allowed in aligned rows: residues (any letter), gaps ('-'), A3M/Stockholm insert-gaps ('.').
+# Characters allowed in aligned rows: residues (any letter), gaps ('-'), insert-gaps ('.').
 _ALIGNED_CHARS = re.compile(r"^[A-Za-z.\-*]*$")
 _LOWER = np.zeros(256, dtype=bool)
 _LOWER[ord("a"):ord("z") + 1] = True
@@ -52,7 +52,8 @@ class Msa:
   def __post_init__(self):
     if not len(self.sequences) == len(self.deletion_matrix) == len(self.descriptions):
       raise ValueError(f"Msa fields disagree: {len(self.sequences)} sequences, "
-                       f"{len(self.deletion_matrix)} deletion rows, {len(self.descriptions)} descriptions")
+                       f"{len(self.deletion_matrix)} deletion rows, "
+                       f"{len(self.descriptions)} descriptions")
 
   def __len__(self) -> int:
     return len(self.sequences)
@@ -62,7 +63,8 @@ class Msa:
     return self.sequences[0]
 
   def truncate(self, max_seqs: int) -> "Msa":
-    return Msa(self.sequences[:max_seqs], self.deletion_matrix[:max_seqs], self.descriptions[:max_seqs])
+    return Msa(self.sequences[:max_seqs], self.deletion_matrix[:max_seqs],
+               self.descriptions[:max_seqs])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +240,8 @@ def parse_stockholm_alignment(lines: str | Iterable[str], source: str = "<stockh
   joined = ["".join(rows[n]) for n in names]
   for name, row in zip(names, joined):
     if len(row) != len(joined[0]):
-      raise ParseError(source, f"row {name!r} has {len(row)} columns, the query has {len(joined[0])}")
+      raise ParseError(source, f"row {name!r} has {len(row)} columns, the query has "
+                       f"{len(joined[0])}")
   rf = "".join(reference) or None
   return StockholmAlignment(names, joined, {n: descriptions[n] for n in names if n in descriptions},
                             rf if rf and len(rf) == len(joined[0]) else None)

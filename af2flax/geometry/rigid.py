@@ -106,13 +106,16 @@ class Rigid:
 
   @classmethod
   def from_three_points(cls, xy_plane: Array, origin: Array, x_axis: Array,
-                        eps: float = _NORM_EPS) -> "Rigid":
+                        eps: float = _NORM_EPS, dtype=None) -> "Rigid":
     """Suppl. Alg. 21 "rigidFrom3Points" (x1, x2, x3) = (xy_plane, origin, x_axis).
 
     The frame sits at `origin`, its x axis points to `x_axis` and `xy_plane` lies in its
     xy plane with positive y (Gram-Schmidt). For a backbone frame pass (N, CA, C). The
     normalisation has a floor, so collinear points give finite values and gradients.
+    `dtype` (e.g. float32 for bf16 inputs) casts the points first; None keeps theirs.
     """
+    if dtype is not None:
+      xy_plane, origin, x_axis = (jnp.asarray(p, dtype) for p in (xy_plane, origin, x_axis))
     v1 = x_axis - origin
     v2 = xy_plane - origin
     e1 = robust_normalize(v1, eps=eps)
@@ -123,7 +126,12 @@ class Rigid:
     return cls(rot=rot, trans=origin)
 
   @classmethod
-  def from_quaternion(cls, quat: Array, trans: Array, normalize: bool = True) -> "Rigid":
+  def from_quaternion(cls, quat: Array, trans: Array, normalize: bool = True,
+                      dtype=None) -> "Rigid":
+    """From quaternions (w, x, y, z) [..., 4], normalised unless `normalize=False`, and
+    translations [..., 3]; `dtype` casts both first (None keeps theirs)."""
+    if dtype is not None:
+      quat, trans = jnp.asarray(quat, dtype), jnp.asarray(trans, dtype)
     return cls(rot=quat_to_rot(quat, normalize=normalize), trans=trans)
 
   @classmethod

@@ -107,3 +107,285 @@ class LayerNorm(nn.Module):
     if self.use_offset:
       y = y + self.param("offset", nn.initializers.zeros, (channels,), self.param_dtype)
     return y.astype(out_dtype)
+
+
+# --- Shared helpers -------------------------------------------------------------------------
+
+# AlphaFold masks attention logits by replacing them with this value (`modules._SOFTMAX_MASK`).
+SOFTMAX_MASK_VALUE = -1e9
+
+
+def compute_dtype(global_config: Any) -> Dtype:
+  """The activation dtype named by `global_config.dtype` ('float32' or 'bfloat16')."""
+  name = global_config.get("dtype", "float32")
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"global_config.dtype={name!r}; expected 'float32' or 'bfloat16'")
+  return jnp.dtype(name)
+
+
+def final_init(zero_init: bool) -> str:
+  """Initialiser of layers whose output enters a residual (Suppl. 1.11.4: 'final' = zeros)."""
+  return "zeros" if zero_init else "linear"
+
+
+def glorot_uniform() -> nn.initializers.Initializer:
+  """Haiku's VarianceScaling(1.0, 'fan_avg', 'uniform'), AlphaFold's attention initialiser."""
+  return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def softmax_fp32(logits: jax.Array) -> jax.Array:
+  """Softmax over the last axis computed in float32, returned in the logits' dtype.
+
+  bf16 has 8 mantissa bits: exp of logits near the -1e9 mask or spread over tens of units
+  loses the small weights entirely, so the normalisation runs in float32 (AlphaFold's
+  `utils.stable_softmax`).
+  """
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+
+
+def chunked_apply(module: nn.Module, chunk_size: int | None, batched_args: Sequence[jax.Array],
+                  nonbatched_args: Sequence[Any] = (), axis: int = 0) -> jax.Array:
+  """Applies `module(*batched_args, *nonbatched_args)` in chunks of `chunk_size` along `axis`.
+
+  The memory-bounded evaluation of AlphaFold's `mapping.inference_subbatch` (Suppl. 1.11.8):
+  the batched arguments are cut into chunks along `axis` (padded to a multiple of the chunk
+  size; the padding rows are computed and dropped), the module runs once per chunk inside an
+  `nn.scan` whose parameters are broadcast, and the results are put back together. The
+  module's parameters keep the paths they have without chunking. The module must treat rows
+  along `axis` independently. `chunk_size=None` or a short axis runs the module once.
+  """
+  size = batched_args[0].shape[axis]
+  if chunk_size is None or chunk_size <= 0 or size <= chunk_size:
+    return module(*batched_args, *nonbatched_args)
+  num_chunks = -(-size // chunk_size)
+  padding = num_chunks * chunk_size - size
+
+  def to_chunks(array: jax.Array) -> jax.Array:
+    array = jnp.moveaxis(array, axis, 0)
+    array = jnp.pad(array, [(0, padding)] + [(0, 0)] * (array.ndim - 1))
+    return array.reshape((num_chunks, chunk_size) + array.shape[1:])
+
+  def body(mdl, carry, chunk):
+    chunk = tuple(jnp.moveaxis(array, 0, axis) for array in chunk)
+    return carry, mdl(*chunk, *nonbatched_args)
+
+  scan = nn.scan(body, variable_broadcast="params",
+                 split_rngs={"params": False, "dropout": True}, length=num_chunks)
+  _, outputs = scan(module, None, tuple(to_chunks(array) for array in batched_args))
+  # outputs: [num_chunks, ..., chunk_size (at axis + 1), ...]
+  outputs = jnp.moveaxis(outputs, axis + 1, 1)
+  outputs = outputs.reshape((num_chunks * chunk_size,) + outputs.shape[2:])[:size]
+  return jnp.moveaxis(outputs, 0, axis)
+
+
+def shared_dropout(inputs: jax.Array, rate: float, broadcast_dim: int | None,
+                   rng: jax.Array) -> jax.Array:
+  """Dropout whose mask is shared along `broadcast_dim` (Suppl. 1.11.6).
+
+  AlphaFold drops whole columns of the MSA/pair update for row-wise modules (mask shared
+  along the rows, `broadcast_dim=0`) and whole rows for column-wise ones
+  (`broadcast_dim=1`). Kept entries are scaled by 1/(1-rate).
+  """
+  keep_rate = 1.0 - rate
+  shape = list(inputs.shape)
+  if broadcast_dim is not None:
+    shape[broadcast_dim] = 1
+  keep = jax.random.bernoulli(rng, keep_rate, shape=shape)
+  return (keep * inputs / keep_rate).astype(inputs.dtype)
+
+
+class ResidualDropout(nn.Module):
+  """Residual update with AlphaFold's shared dropout: `act + dropout(update)`.
+
+  Jumper et al. (2021) Suppl. 1.11.6 (dropout shared across rows or columns). `config` is
+  the sub-config of the module that produced `update` (`dropout_rate`, `shared_dropout`,
+  `orientation`); no dropout when `deterministic`, when `global_config.deterministic` is on
+  or when the rate is zero. `global_config.eval_dropout` turns dropout on even when
+  `deterministic` (AlphaFold's Monte-Carlo dropout at evaluation).
+  """
+
+  config: Any
+  global_config: Any
+
+  @nn.compact
+  def __call__(self, act: jax.Array, update: jax.Array, deterministic: bool) -> jax.Array:
+    rate = 0.0 if self.global_config.deterministic else float(self.config.dropout_rate)
+    apply = (not deterministic) or bool(self.global_config.get("eval_dropout", False))
+    if apply and rate > 0.0:
+      broadcast_dim = None
+      if self.config.shared_dropout:
+        broadcast_dim = 0 if self.config.orientation == "per_row" else 1
+      update = shared_dropout(update, rate, broadcast_dim, self.make_rng("dropout"))
+    return act + update.astype(act.dtype)
+
+
+# --- Attention (Suppl. Alg. 7, 8, 13, 14, 17, 19) ---------------------------------------------
+
+class Attention(nn.Module):
+  """Gated multi-head attention with an optional bias shared over the batch axis.
+
+  Jumper et al. (2021) Suppl. Alg. 7 lines 2-7 / Alg. 8 / Alg. 13-14 / Alg. 17 (the attention
+  core they share). Queries are scaled by `(key_dim / num_head) ** -0.5` after projection;
+  masked keys get logit -1e9; the softmax runs in float32; gating is
+  `sigmoid(q_data @ gating_w + gating_b)` per head and channel. Parameters (AlphaFold's
+  names): `query_w` [c_q, H, d_k], `key_w`, `value_w` [c_m, H, d], `gating_w` [c_q, H, d_v],
+  `gating_b` [H, d_v], `output_w` [H, d_v, c_out], `output_b` [c_out].
+
+  Shapes: q_data [B, Q, c_q], m_data [B, K, c_m], mask broadcastable to [B, H, Q, K]
+  (non-zero = attend), nonbatched_bias [H, Q, K] or None. Returns [B, Q, output_dim].
+  """
+
+  num_head: int
+  output_dim: int
+  key_dim: int | None = None     # total over heads; default c_q
+  value_dim: int | None = None   # total over heads; default c_m
+  gating: bool = True
+  zero_init: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_data: jax.Array, m_data: jax.Array, mask: jax.Array,
+               nonbatched_bias: jax.Array | None = None) -> jax.Array:
+    key_dim = self.key_dim or q_data.shape[-1]
+    value_dim = self.value_dim or m_data.shape[-1]
+    if key_dim % self.num_head or value_dim % self.num_head:
+      raise ValueError(f"key_dim={key_dim} and value_dim={value_dim} must be multiples of "
+                       f"num_head={self.num_head}")
+    key_dim //= self.num_head
+    value_dim //= self.num_head
+    q_ch, m_ch, heads = q_data.shape[-1], m_data.shape[-1], self.num_head
+    param = self._param
+    query_w = param("query_w", glorot_uniform(), (q_ch, heads, key_dim))
+    key_w = param("key_w", glorot_uniform(), (m_ch, heads, key_dim))
+    value_w = param("value_w", glorot_uniform(), (m_ch, heads, value_dim))
+
+    q_data = q_data.astype(self.dtype)
+    m_data = m_data.astype(self.dtype)
+    q = jnp.einsum("bqa,ahc->bqhc", q_data, query_w) * key_dim ** (-0.5)
+    k = jnp.einsum("bka,ahc->bkhc", m_data, key_w)
+    v = jnp.einsum("bka,ahc->bkhc", m_data, value_w)
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
+    if nonbatched_bias is not None:
+      logits = logits + nonbatched_bias.astype(self.dtype)[None]
+    logits = jnp.where(mask != 0, logits.astype(jnp.float32), SOFTMAX_MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weighted_avg = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+
+    if self.gating:
+      gating_w = param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
+      gating_b = param("gating_b", nn.initializers.ones, (heads, value_dim))
+      gate_values = jnp.einsum("bqc,chv->bqhv", q_data, gating_w) + gating_b
+      weighted_avg = weighted_avg * jax.nn.sigmoid(gate_values)
+
+    output_init = nn.initializers.zeros if self.zero_init else glorot_uniform()
+    output_w = param("output_w", output_init, (heads, value_dim, self.output_dim))
+    output_b = param("output_b", nn.initializers.zeros, (self.output_dim,))
+    return jnp.einsum("bqhc,hco->bqo", weighted_avg, output_w) + output_b
+
+  def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
+    return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+
+
+class GlobalAttention(nn.Module):
+  """Global (mean-query) gated attention, the core of MSAColumnGlobalAttention.
+
+  Jumper et al. (2021) Suppl. Alg. 19 lines 2-7. One query per row: the masked mean of the
+  rows' queries, projected to `num_head` heads; keys and values have a single head
+  (`key_w` [c, d_k], `value_w` [c, d_v]); the gate is per query row.
+
+  Shapes: q_data, m_data [B, K, c]; q_mask [B, K, 1] (non-zero = valid). Returns
+  [B, K, output_dim].
+  """
+
+  num_head: int
+  output_dim: int
+  key_dim: int | None = None
+  value_dim: int | None = None
+  gating: bool = True
+  zero_init: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_data: jax.Array, m_data: jax.Array, q_mask: jax.Array) -> jax.Array:
+    key_dim = (self.key_dim or q_data.shape[-1]) // self.num_head
+    value_dim = (self.value_dim or m_data.shape[-1]) // self.num_head
+    q_ch, m_ch, heads = q_data.shape[-1], m_data.shape[-1], self.num_head
+    param = self._param
+    query_w = param("query_w", glorot_uniform(), (q_ch, heads, key_dim))
+    key_w = param("key_w", glorot_uniform(), (m_ch, key_dim))
+    value_w = param("value_w", glorot_uniform(), (m_ch, value_dim))
+
+    q_data = q_data.astype(self.dtype)
+    m_data = m_data.astype(self.dtype)
+    q_mask = q_mask.astype(self.dtype)
+    v = jnp.einsum("bka,ac->bkc", m_data, value_w)
+    # Masked mean of the queries over the rows (AlphaFold's `utils.mask_mean`, eps 1e-10).
+    q_avg = (jnp.sum(q_mask * q_data, axis=1)
+             / (jnp.sum(q_mask, axis=1) + 1e-10).astype(self.dtype))
+    q = jnp.einsum("ba,ahc->bhc", q_avg, query_w) * key_dim ** (-0.5)
+    k = jnp.einsum("bka,ac->bkc", m_data, key_w)
+    logits = jnp.einsum("bhc,bkc->bhk", q, k)
+    logits = jnp.where(q_mask[:, None, :, 0] != 0, logits.astype(jnp.float32),
+                       SOFTMAX_MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weighted_avg = jnp.einsum("bhk,bkc->bhc", weights, v)
+
+    output_init = nn.initializers.zeros if self.zero_init else glorot_uniform()
+    output_w = param("output_w", output_init, (heads, value_dim, self.output_dim))
+    output_b = param("output_b", nn.initializers.zeros, (self.output_dim,))
+    if self.gating:
+      gating_w = param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
+      gating_b = param("gating_b", nn.initializers.ones, (heads, value_dim))
+      gate_values = jax.nn.sigmoid(jnp.einsum("bqc,chv->bqhv", q_data, gating_w) + gating_b)
+      weighted_avg = weighted_avg[:, None] * gate_values
+      return jnp.einsum("bqhc,hco->bqo", weighted_avg, output_w) + output_b
+    output = jnp.einsum("bhc,hco->bo", weighted_avg, output_w) + output_b
+    return jnp.broadcast_to(output[:, None], q_data.shape[:2] + (self.output_dim,))
+
+  def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
+    return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+
+
+# --- Transition (Suppl. Alg. 9, 15) -----------------------------------------------------------
+
+class _TransitionMLP(nn.Module):
+  """The two linear layers of a transition; shares its parent's parameter scope."""
+
+  num_intermediate: int
+  num_output: int
+  zero_init: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, act: jax.Array) -> jax.Array:
+    act = Linear(self.num_intermediate, initializer="relu", dtype=self.dtype,
+                 name="transition1")(act)
+    act = jax.nn.relu(act)
+    return Linear(self.num_output, initializer=final_init(self.zero_init), dtype=self.dtype,
+                  name="transition2")(act)
+
+
+class Transition(nn.Module):
+  """Transition layer: LayerNorm, Linear(n*c) + ReLU, Linear(c).
+
+  Jumper et al. (2021) Suppl. Alg. 9 "MSATransition" / Alg. 15 "PairTransition". Rows along
+  axis 0 are independent, so the layer runs in chunks of `chunk_size` rows when given
+  (AlphaFold's inference subbatching). As in AlphaFold the mask is not applied.
+  """
+
+  config: Any           # num_intermediate_factor
+  global_config: Any
+  chunk_size: int | None = None
+
+  @nn.compact
+  def __call__(self, act: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    del mask  # AlphaFold's transition ignores the mask; padded rows are masked downstream.
+    dtype = compute_dtype(self.global_config)
+    channels = act.shape[-1]
+    act = LayerNorm(name="input_layer_norm")(act)
+    mlp = _TransitionMLP(int(channels * self.config.num_intermediate_factor), channels,
+                         self.global_config.zero_init, dtype)
+    nn.share_scope(self, mlp)
+    return chunked_apply(mlp, self.chunk_size, [act], axis=0)

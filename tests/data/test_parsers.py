@@ -50,7 +50,8 @@ def test_a3m_lowercase_insertions_become_deletion_counts():
 
 
 def test_a3m_bad_rows_name_the_line():
-  with pytest.raises(parsers.ParseError, match=r"x.a3m:3: record 'h' has 5 aligned columns but the query has 4"):
+  with pytest.raises(parsers.ParseError,
+                     match=r"x.a3m:3: record 'h' has 5 aligned columns but the query has 4"):
     parsers.parse_a3m(">q\nMKVL\n>h\nMKVLA\n", "x.a3m")
   with pytest.raises(parsers.ParseError, match=r"x.a3m:3: invalid character '1'"):
     parsers.parse_a3m(">q\nMKVL\n>h\nMK1L\n", "x.a3m")

@@ -1,4 +1,4 @@
-"""Wrappers of the search tools AlphaFold's data pipeline runs (Jumper et al. 2021, Suppl. 1.2.2-1.2.3)."""
+"""Wrappers of the search tools of AlphaFold's pipeline (Jumper et al. 2021, Suppl. 1.2.2-1.2.3)."""
 
 from af2flax.data.tools.hhblits import HHBlits
 from af2flax.data.tools.hhsearch import HHSearch

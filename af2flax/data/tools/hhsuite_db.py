@@ -1,6 +1,6 @@
 """Builds a small HH-suite database (`<prefix>_{a3m,hhm,cs219}.ff{data,index}`) from A3M records.
 
-What HHblits/HHsearch read (Suppl. 1.2.2-1.2.3 use BFD, Uniclust30 and PDB70 in this format). Used by
+What HHblits/HHsearch read (Suppl. 1.2.2-1.2.3: BFD, Uniclust30, PDB70 are such databases). Used by
 the tests to search real binaries against databases made from `../shared/data` sequences, and by
 anyone who wants a custom PDB70-like template database: one record per template chain, named
 `<pdbid>_<chain>` so that the template featurizer can find its structure.
@@ -81,7 +81,8 @@ def build_hhsuite_database(a3m_by_name: Mapping[str, str], prefix: str,
   utils.run("ffindex_apply", [utils.find_binary("ffindex_apply"), f"{prefix}_a3m.ffdata",
                               f"{prefix}_a3m.ffindex", "-i", f"{prefix}_hhm.ffindex",
                               "-d", f"{prefix}_hhm.ffdata", "--",
-                              utils.find_binary("hhmake"), "-i", "stdin", "-o", "stdout", "-v", "0"],
+                              utils.find_binary("hhmake"), "-i", "stdin", "-o", "stdout",
+                              "-v", "0"],
             timeout_s)
   library, context = find_context_data()
   utils.run("cstranslate", [find_cstranslate(), "-f", "-x", "0.3", "-c", "4", "-I", "a3m",

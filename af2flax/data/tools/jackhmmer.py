@@ -63,5 +63,6 @@ class Jackhmmer:
       command = self.command(input_fasta_path, sto_path, tblout_path)
       done = utils.run("jackhmmer", command, self.timeout_s)
       sto = utils.read_output("jackhmmer", sto_path, command, done.stderr)
-      tblout = utils.read_output("jackhmmer", tblout_path, command, done.stderr) if tblout_path else ""
+      tblout = (utils.read_output("jackhmmer", tblout_path, command, done.stderr)
+                if tblout_path else "")
     return JackhmmerResult(sto, tblout, done.stderr.decode("utf-8", "replace"))

@@ -1,0 +1,238 @@
+"""Model configuration: AlphaFold's `model_config` tree as an ml_collections ConfigDict.
+
+`model_config('model_1_ptm')` returns the tree of AlphaFold's `config.model_config(name)
+['model']` with the same keys and values (Jumper et al. 2021, Suppl. Table 5 and 1.11):
+`embeddings_and_evoformer` (48 Evoformer blocks, 4 extra-MSA blocks, c_m=256, c_z=128,
+c_s=384, c_e=64, dropout rates, templates), `heads` (each head's settings, its loss
+settings and weight), `global_config`, `num_recycle`, `resample_msa_in_recycling`.
+
+af2flax adds, under `global_config`:
+  dtype          'bfloat16' | 'float32'  activation dtype (parameters stay float32; softmax,
+                                         layer-norm statistics and structure geometry run in
+                                         float32). Presets: 'bfloat16' (AlphaFold trained in
+                                         bf16); `from_alphafold_dict`: 'float32'.
+  remat_policy   name in jax.checkpoint_policies used when `use_remat` (None: save nothing).
+  use_scan       nn.scan over stacked blocks (off: the same loop fully unrolled).
+  low_memory     chunk attention, transitions and template attention in `subbatch_size`
+                 (`template.subbatch_size`) rows, as AlphaFold does at inference.
+and turns `use_remat` on in the presets (AlphaFold's file has it off: its inference does not
+need it; training at crop 256 does). Everything else equals AlphaFold's values.
+`from_alphafold_dict(d)` builds this tree from an AlphaFold `model_config` dict, e.g. the
+`model_config` of a reference dump's config.json.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import ml_collections
+
+MODEL_NAMES = ("model_1", "model_2", "model_3", "model_4", "model_5",
+               "model_1_ptm", "model_2_ptm", "model_3_ptm", "model_4_ptm", "model_5_ptm")
+
+# Our additions to AlphaFold's global_config (see module docstring).
+OUR_GLOBAL_DEFAULTS = {
+    "dtype": "bfloat16",
+    "remat_policy": "nothing_saveable",
+    "use_scan": True,
+    "low_memory": False,
+}
+
+
+def _attention(dropout_rate: float, num_head: int, orientation: str, **extra: Any) -> dict:
+  return {"dropout_rate": dropout_rate, "gating": True, "num_head": num_head,
+          "orientation": orientation, "shared_dropout": True, **extra}
+
+
+def _transition(dropout_rate: float, factor: int) -> dict:
+  return {"dropout_rate": dropout_rate, "num_intermediate_factor": factor,
+          "orientation": "per_row", "shared_dropout": True}
+
+
+def _multiplication(equation: str, channels: int) -> dict:
+  return {"dropout_rate": 0.25, "equation": equation, "num_intermediate_channel": channels,
+          "orientation": "per_row", "shared_dropout": True, "fuse_projection_weights": False}
+
+
+def _base_model_config() -> dict:
+  """AlphaFold's CONFIG['model'] (alphafold/model/config.py), before the preset diffs."""
+  template_attention = {"key_dim": 64, "value_dim": 64}
+  return {
+      "embeddings_and_evoformer": {
+          "evoformer_num_block": 48,
+          "evoformer": {
+              "msa_row_attention_with_pair_bias": _attention(0.15, 8, "per_row"),
+              "msa_column_attention": _attention(0.0, 8, "per_column"),
+              "msa_transition": _transition(0.0, 4),
+              "outer_product_mean": {"first": False, "chunk_size": 128, "dropout_rate": 0.0,
+                                     "num_outer_channel": 32, "orientation": "per_row",
+                                     "shared_dropout": True},
+              "triangle_attention_starting_node": _attention(0.25, 4, "per_row"),
+              "triangle_attention_ending_node": _attention(0.25, 4, "per_column"),
+              "triangle_multiplication_outgoing": _multiplication("ikc,jkc->ijc", 128),
+              "triangle_multiplication_incoming": _multiplication("kjc,kic->ijc", 128),
+              "pair_transition": _transition(0.0, 4),
+          },
+          "extra_msa_channel": 64,
+          "extra_msa_stack_num_block": 4,
+          "max_relative_feature": 32,
+          "msa_channel": 256,
+          "pair_channel": 128,
+          "prev_pos": {"min_bin": 3.25, "max_bin": 20.75, "num_bins": 15},
+          "recycle_features": True,
+          "recycle_pos": True,
+          "seq_channel": 384,
+          "template": {
+              "attention": {"gating": False, "key_dim": 64, "num_head": 4, "value_dim": 64},
+              "dgram_features": {"min_bin": 3.25, "max_bin": 50.75, "num_bins": 39},
+              "embed_torsion_angles": False,
+              "enabled": False,
+              "template_pair_stack": {
+                  "num_block": 2,
+                  "triangle_attention_starting_node": _attention(0.25, 4, "per_row",
+                                                                 **template_attention),
+                  "triangle_attention_ending_node": _attention(0.25, 4, "per_column",
+                                                               **template_attention),
+                  "triangle_multiplication_outgoing": _multiplication("ikc,jkc->ijc", 64),
+                  "triangle_multiplication_incoming": _multiplication("kjc,kic->ijc", 64),
+                  "pair_transition": _transition(0.0, 2),
+              },
+              "max_templates": 4,
+              "subbatch_size": 128,
+              "use_template_unit_vector": False,
+          },
+      },
+      "global_config": {
+          "deterministic": False,
+          "multimer_mode": False,
+          "subbatch_size": 4,
+          "use_remat": False,
+          "zero_init": True,
+          "eval_dropout": False,
+      },
+      "heads": {
+          "distogram": {"first_break": 2.3125, "last_break": 21.6875, "num_bins": 64,
+                        "weight": 0.3},
+          "predicted_aligned_error": {
+              # num_bins - 1 bins of 0.5 Å over [0, max_error_bin]; the last is open.
+              "max_error_bin": 31.0, "num_bins": 64, "num_channels": 128,
+              "filter_by_resolution": True, "min_resolution": 0.1, "max_resolution": 3.0,
+              "weight": 0.0,
+          },
+          "experimentally_resolved": {"filter_by_resolution": True, "max_resolution": 3.0,
+                                      "min_resolution": 0.1, "weight": 0.01},
+          "structure_module": {
+              "num_layer": 8,
+              "fape": {"clamp_distance": 10.0, "clamp_type": "relu", "loss_unit_distance": 10.0},
+              "angle_norm_weight": 0.01,
+              "chi_weight": 0.5,
+              "clash_overlap_tolerance": 1.5,
+              "compute_in_graph_metrics": True,
+              "dropout": 0.1,
+              "num_channel": 384,
+              "num_head": 12,
+              "num_layer_in_transition": 3,
+              "num_point_qk": 4,
+              "num_point_v": 8,
+              "num_scalar_qk": 16,
+              "num_scalar_v": 16,
+              "position_scale": 10.0,
+              "sidechain": {"atom_clamp_distance": 10.0, "num_channel": 128,
+                            "num_residual_block": 2, "weight_frac": 0.5, "length_scale": 10.0},
+              "structural_violation_loss_weight": 1.0,
+              "violation_tolerance_factor": 12.0,
+              "weight": 1.0,
+          },
+          "predicted_lddt": {"filter_by_resolution": True, "max_resolution": 3.0,
+                             "min_resolution": 0.1, "num_bins": 50, "num_channels": 128,
+                             "weight": 0.01},
+          "masked_msa": {"num_output": 23, "weight": 2.0},
+      },
+      "num_recycle": 3,
+      "resample_msa_in_recycling": True,
+  }
+
+
+# Jumper et al. (2021) Suppl. Table 5: models 1.1.1 and 1.1.2 (model_1, model_2) use
+# templates with torsion-angle rows; the _ptm models add the predicted-aligned-error head.
+_TEMPLATE_DIFF = {"embeddings_and_evoformer.template.embed_torsion_angles": True,
+                  "embeddings_and_evoformer.template.enabled": True}
+_PTM_DIFF = {"heads.predicted_aligned_error.weight": 0.1}
+MODEL_DIFFS: dict[str, dict[str, Any]] = {
+    "model_1": dict(_TEMPLATE_DIFF), "model_2": dict(_TEMPLATE_DIFF),
+    "model_3": {}, "model_4": {}, "model_5": {},
+    "model_1_ptm": {**_TEMPLATE_DIFF, **_PTM_DIFF}, "model_2_ptm": {**_TEMPLATE_DIFF, **_PTM_DIFF},
+    "model_3_ptm": dict(_PTM_DIFF), "model_4_ptm": dict(_PTM_DIFF), "model_5_ptm": dict(_PTM_DIFF),
+}
+
+# The data-side settings of each preset in AlphaFold's `data.common` (for the input pipeline).
+DATA_DIFFS: dict[str, dict[str, Any]] = {
+    "model_1": {"max_extra_msa": 5120, "reduce_msa_clusters_by_max_templates": True,
+                "use_templates": True},
+    "model_2": {"reduce_msa_clusters_by_max_templates": True, "use_templates": True},
+    "model_3": {"max_extra_msa": 5120}, "model_4": {"max_extra_msa": 5120}, "model_5": {},
+}
+for _name in ("model_1", "model_2", "model_3", "model_4", "model_5"):
+  DATA_DIFFS[f"{_name}_ptm"] = dict(DATA_DIFFS[_name])
+
+
+def _set_path(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for key in parents:
+    node = node[key]
+  node[leaf] = value
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+  """The model config of AlphaFold preset `name` ('model_1' ... 'model_5_ptm').
+
+  AlphaFold's values plus af2flax's `global_config` additions (module docstring), with
+  `use_remat` on for training.
+  """
+  if name not in MODEL_DIFFS:
+    raise ValueError(f"unknown model preset {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+  config = ml_collections.ConfigDict(_base_model_config())
+  for dotted, value in MODEL_DIFFS[name].items():
+    _set_path(config, dotted, value)
+  config.global_config.update(OUR_GLOBAL_DEFAULTS)
+  config.global_config.use_remat = True
+  return config
+
+
+def _merge(base: dict, update: Mapping[str, Any]) -> dict:
+  for key, value in update.items():
+    if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+      _merge(base[key], value)
+    else:
+      base[key] = copy.deepcopy(value if not isinstance(value, Mapping) else dict(value))
+  return base
+
+
+_REQUIRED = ("embeddings_and_evoformer", "heads", "global_config")
+
+
+def from_alphafold_dict(alphafold_model_config: Mapping[str, Any],
+                        **global_overrides: Any) -> ml_collections.ConfigDict:
+  """Our model config from an AlphaFold `model_config` tree (nested dict or ConfigDict).
+
+  Every value given wins; keys AlphaFold added in other versions and absent from the tree
+  take AlphaFold's current defaults. af2flax's additions take `OUR_GLOBAL_DEFAULTS` except
+  `dtype='float32'` (AlphaFold's own precision), then `global_overrides`.
+  """
+  tree = (alphafold_model_config.to_dict() if isinstance(alphafold_model_config,
+                                                          ml_collections.ConfigDict)
+          else alphafold_model_config)
+  if "model" in tree and "embeddings_and_evoformer" not in tree:
+    tree = tree["model"]  # A full AlphaFold config with `data` and `model`.
+  missing = [key for key in _REQUIRED if key not in tree]
+  if missing:
+    raise ValueError(f"not an AlphaFold model_config tree: missing {', '.join(missing)} "
+                     f"(top-level keys: {', '.join(sorted(tree))})")
+  merged = _base_model_config()
+  merged["global_config"].update(OUR_GLOBAL_DEFAULTS)
+  merged["global_config"]["dtype"] = "float32"
+  _merge(merged, tree)
+  merged["global_config"].update(global_overrides)
+  return ml_collections.ConfigDict(merged)

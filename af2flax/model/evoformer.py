@@ -1,0 +1,273 @@
+"""The Evoformer block and its MSA-side modules (Jumper et al. 2021, Suppl. 1.6).
+
+`EvoformerIteration` is one block (Suppl. Alg. 6 lines 2-10); with `is_extra_msa` it is
+the extra-MSA stack's block (Alg. 18), whose column attention is global (Alg. 19).
+`layer_stack` runs N blocks with `nn.scan` (parameters stacked on a leading layer axis, as
+Haiku's `layer_stack`) and `nn.remat` per block. Triangle modules live in `triangle.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
+                                      ResidualDropout, Transition, chunked_apply, compute_dtype)
+from af2flax.model.triangle import TriangleAttention, TriangleMultiplication, subbatch_size
+
+# Added to the number of sequences that see both residues before dividing (Suppl. Alg. 10).
+OUTER_PRODUCT_MEAN_EPSILON = 1e-3
+
+
+class MSARowAttentionWithPairBias(nn.Module):
+  """Row-wise gated self-attention over the MSA, biased by the pair representation.
+
+  Jumper et al. (2021) Suppl. Alg. 7 "MSARowAttentionWithPairBias".
+  msa_act [N_seq, N_res, c_m], msa_mask [N_seq, N_res], pair_act [N_res, N_res, c_z];
+  returns the MSA update.
+  """
+
+  config: Any
+  global_config: Any
+
+  @nn.compact
+  def __call__(self, msa_act: jax.Array, msa_mask: jax.Array, pair_act: jax.Array) -> jax.Array:
+    c, gc = self.config, self.global_config
+    dtype = compute_dtype(gc)
+    mask = msa_mask[:, None, None, :]  # [N_seq, 1, 1, N_res]
+    msa_act = LayerNorm(name="query_norm")(msa_act)
+    pair_act = LayerNorm(name="feat_2d_norm")(pair_act)
+    pair_channels = pair_act.shape[-1]
+    feat_2d_weights = self.param("feat_2d_weights",
+                                 nn.initializers.normal(stddev=pair_channels ** -0.5),
+                                 (pair_channels, c.num_head), jnp.float32)
+    nonbatched_bias = jnp.einsum("qkc,ch->hqk", pair_act.astype(dtype),
+                                 feat_2d_weights.astype(dtype))
+    attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
+                          key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
+                          gating=c.gating, zero_init=gc.zero_init, dtype=dtype, name="attention")
+    return chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, mask],
+                         [nonbatched_bias])
+
+
+class MSAColumnAttention(nn.Module):
+  """Column-wise gated self-attention over the MSA.
+
+  Jumper et al. (2021) Suppl. Alg. 8 "MSAColumnAttention".
+  msa_act [N_seq, N_res, c_m], msa_mask [N_seq, N_res]; returns the MSA update.
+  """
+
+  config: Any
+  global_config: Any
+
+  @nn.compact
+  def __call__(self, msa_act: jax.Array, msa_mask: jax.Array) -> jax.Array:
+    c, gc = self.config, self.global_config
+    msa_act = jnp.swapaxes(msa_act, -2, -3)   # [N_res, N_seq, c_m]
+    msa_mask = jnp.swapaxes(msa_mask, -1, -2)
+    mask = msa_mask[:, None, None, :]
+    msa_act = LayerNorm(name="query_norm")(msa_act)
+    attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
+                          key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
+                          gating=c.gating, zero_init=gc.zero_init, dtype=compute_dtype(gc),
+                          name="attention")
+    msa_act = chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, mask])
+    return jnp.swapaxes(msa_act, -2, -3)
+
+
+class MSAColumnGlobalAttention(nn.Module):
+  """Column-wise global attention over the extra MSA.
+
+  Jumper et al. (2021) Suppl. Alg. 19 "MSAColumnGlobalAttention".
+  msa_act [N_extra, N_res, c_e], msa_mask [N_extra, N_res]; returns the MSA update.
+  """
+
+  config: Any
+  global_config: Any
+
+  @nn.compact
+  def __call__(self, msa_act: jax.Array, msa_mask: jax.Array) -> jax.Array:
+    c, gc = self.config, self.global_config
+    msa_act = jnp.swapaxes(msa_act, -2, -3)
+    msa_mask = jnp.swapaxes(msa_mask, -1, -2)[..., None]  # [N_res, N_extra, 1]
+    msa_act = LayerNorm(name="query_norm")(msa_act)
+    attention = GlobalAttention(num_head=c.num_head, output_dim=msa_act.shape[-1],
+                                key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
+                                gating=c.gating, zero_init=gc.zero_init, dtype=compute_dtype(gc),
+                                name="attention")
+    msa_act = chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, msa_mask])
+    return jnp.swapaxes(msa_act, -2, -3)
+
+
+class OuterProductMean(nn.Module):
+  """Outer product mean of the MSA, an update to the pair representation.
+
+  Jumper et al. (2021) Suppl. Alg. 10 "OuterProductMean". As in AlphaFold the output bias
+  is added before dividing by (number of sequences covering both residues + 1e-3), and the
+  product runs in chunks of `config.chunk_size` residues.
+  act [N_seq, N_res, c_m], mask [N_seq, N_res]; returns [N_res, N_res, num_output_channel].
+  """
+
+  config: Any
+  global_config: Any
+  num_output_channel: int
+
+  @nn.compact
+  def __call__(self, act: jax.Array, mask: jax.Array) -> jax.Array:
+    c, gc = self.config, self.global_config
+    dtype = compute_dtype(gc)
+    mask = mask[..., None]
+    act = LayerNorm(name="layer_norm_input")(act)
+    mask_c = mask.astype(dtype)
+    left_act = mask_c * Linear(c.num_outer_channel, dtype=dtype, name="left_projection")(act)
+    right_act = mask_c * Linear(c.num_outer_channel, dtype=dtype, name="right_projection")(act)
+
+    output_init = (nn.initializers.zeros if gc.zero_init
+                   else nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal"))
+    output_w = self.param("output_w", output_init,
+                          (c.num_outer_channel, c.num_outer_channel, self.num_output_channel),
+                          jnp.float32).astype(dtype)
+    output_b = self.param("output_b", nn.initializers.zeros, (self.num_output_channel,),
+                          jnp.float32).astype(dtype)
+
+    def outer_rows(left_rows: jax.Array) -> jax.Array:
+      # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]; the sum over sequences runs first.
+      left_rows = jnp.transpose(left_rows, [0, 2, 1])
+      outer = jnp.einsum("acb,ade->dceb", left_rows, right_act)
+      outer = jnp.einsum("dceb,cef->dbf", outer, output_w) + output_b
+      return jnp.transpose(outer, [1, 0, 2])
+
+    num_res = left_act.shape[1]
+    chunk = c.get("chunk_size")
+    if chunk and num_res > chunk:
+      num_chunks = -(-num_res // chunk)
+      padded = jnp.pad(left_act, [(0, 0), (0, num_chunks * chunk - num_res), (0, 0)])
+      chunks = jnp.moveaxis(padded.reshape(padded.shape[0], num_chunks, chunk, -1), 1, 0)
+      out = jax.lax.map(outer_rows, chunks)  # [num_chunks, chunk, N_res, c_z]
+      out = out.reshape((num_chunks * chunk,) + out.shape[2:])[:num_res]
+    else:
+      out = outer_rows(left_act)
+
+    norm = jnp.einsum("abc,adc->bdc", mask.astype(jnp.float32), mask.astype(jnp.float32))
+    return (out.astype(jnp.float32) / (OUTER_PRODUCT_MEAN_EPSILON + norm)).astype(dtype)
+
+
+class EvoformerIteration(nn.Module):
+  """One Evoformer block, or one extra-MSA stack block when `is_extra_msa`.
+
+  Jumper et al. (2021) Suppl. Alg. 6 "EvoformerStack" lines 2-10 (and Alg. 18
+  "ExtraMsaStack", whose column attention is Alg. 19). Order (AlphaFold's
+  `EvoformerIteration`): [outer product mean if `outer_product_mean.first`], MSA row
+  attention with pair bias, MSA column (global) attention, MSA transition, [outer product
+  mean], triangle multiplication outgoing, incoming, triangle attention starting node,
+  ending node, pair transition; each a residual update with shared dropout.
+  activations = (msa [N_seq, N_res, c_m], pair [N_res, N_res, c_z]); masks likewise.
+  """
+
+  config: Any
+  global_config: Any
+  is_extra_msa: bool = False
+
+  @nn.compact
+  def __call__(self, activations: tuple[jax.Array, jax.Array],
+               masks: tuple[jax.Array, jax.Array], deterministic: bool = True
+               ) -> tuple[jax.Array, jax.Array]:
+    c, gc = self.config, self.global_config
+    msa_act, pair_act = activations
+    msa_mask, pair_mask = masks
+    chunk = subbatch_size(gc)
+
+    def residual(act, update, module_config):
+      return ResidualDropout(module_config, gc)(act, update, deterministic)
+
+    outer_module = OuterProductMean(c.outer_product_mean, gc, pair_act.shape[-1],
+                                    name="outer_product_mean")
+    if c.outer_product_mean.first:
+      pair_act = residual(pair_act, outer_module(msa_act, msa_mask), c.outer_product_mean)
+
+    row_attention = MSARowAttentionWithPairBias(c.msa_row_attention_with_pair_bias, gc,
+                                                name="msa_row_attention_with_pair_bias")
+    msa_act = residual(msa_act, row_attention(msa_act, msa_mask, pair_act),
+                       c.msa_row_attention_with_pair_bias)
+    if self.is_extra_msa:
+      column_attention = MSAColumnGlobalAttention(c.msa_column_attention, gc,
+                                                  name="msa_column_global_attention")
+    else:
+      column_attention = MSAColumnAttention(c.msa_column_attention, gc,
+                                            name="msa_column_attention")
+    msa_act = residual(msa_act, column_attention(msa_act, msa_mask), c.msa_column_attention)
+    msa_transition = Transition(c.msa_transition, gc, chunk, name="msa_transition")
+    msa_act = residual(msa_act, msa_transition(msa_act, msa_mask), c.msa_transition)
+
+    if not c.outer_product_mean.first:
+      pair_act = residual(pair_act, outer_module(msa_act, msa_mask), c.outer_product_mean)
+
+    pair_act = pair_update_block(pair_act, pair_mask, c, gc, residual, chunk,
+                                 order=("triangle_multiplication_outgoing",
+                                        "triangle_multiplication_incoming",
+                                        "triangle_attention_starting_node",
+                                        "triangle_attention_ending_node", "pair_transition"))
+    return msa_act, pair_act
+
+
+def pair_update_block(pair_act: jax.Array, pair_mask: jax.Array, config: Any,
+                      global_config: Any, residual, chunk: int | None,
+                      order: tuple[str, ...]) -> jax.Array:
+  """Applies the named pair modules of `config` in `order` as residual updates.
+
+  Call it inside a module's compact method: the modules become that module's children,
+  named as AlphaFold names them. The Evoformer runs multiplications before attention, the
+  template pair stack (Suppl. Alg. 16) attention before multiplications.
+  """
+  for name in order:
+    module_config = config[name]
+    if name.startswith("triangle_multiplication"):
+      module = TriangleMultiplication(module_config, global_config, name=name)
+    elif name.startswith("triangle_attention"):
+      module = TriangleAttention(module_config, global_config, name=name)
+    elif name == "pair_transition":
+      module = Transition(module_config, global_config, chunk, name=name)
+    else:
+      raise ValueError(f"unknown pair module {name!r}")
+    pair_act = residual(pair_act, module(pair_act, pair_mask), module_config)
+  return pair_act
+
+
+def remat_policy(name: str | None):
+  """`jax.checkpoint_policies.<name>`; None or 'none' recomputes everything in the block."""
+  if name in (None, "", "none"):
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f"global_config.remat_policy={name!r} is not a jax.checkpoint_policies name "
+                     "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable')")
+  return policy
+
+
+def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: Any,
+                *args: Any) -> Any:
+  """Runs `num_layers` copies of `block` (carry -> carry) with separate parameters.
+
+  The parameters get a leading layer axis, exactly like Haiku's `layer_stack`, through
+  `nn.scan` (`global_config.use_scan`; off, the scan is fully unrolled, same layout).
+  `global_config.use_remat` wraps each block in `nn.remat` with
+  `global_config.remat_policy`. Each layer draws its own dropout randomness. `args` are
+  passed unchanged to every block.
+  """
+  if num_layers == 0:
+    return carry
+
+  def body(module, layer_carry, _):
+    return module(layer_carry, *args), None
+
+  if global_config.get("use_remat", False):
+    body = nn.remat(body, policy=remat_policy(global_config.get("remat_policy")),
+                    prevent_cse=False)
+  unroll = 1 if global_config.get("use_scan", True) else num_layers
+  scan = nn.scan(body, variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True}, length=num_layers, unroll=unroll)
+  carry, _ = scan(block, carry, None)
+  return carry

@@ -1,0 +1,110 @@
+"""Triangle updates of the pair representation (Jumper et al. 2021, Suppl. 1.6.5-1.6.6).
+
+Used by the Evoformer, the extra-MSA stack and the template pair stack. Parameter names are
+AlphaFold's (`layer_norm_input`, `left_projection`, ..., `feat_2d_weights`, `attention/...`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from af2flax.model.primitives import (Attention, LayerNorm, Linear, chunked_apply, compute_dtype,
+                                      final_init)
+
+
+def subbatch_size(global_config: Any) -> int | None:
+  """Chunk size of attention and transitions: `global_config.subbatch_size` when
+  `global_config.low_memory` is on (AlphaFold subbatches at inference only), else None."""
+  if global_config.get("low_memory", False):
+    return int(global_config.subbatch_size)
+  return None
+
+
+class TriangleMultiplication(nn.Module):
+  """Triangular multiplicative update ("outgoing" or "incoming" edges).
+
+  Jumper et al. (2021) Suppl. Alg. 11 "TriangleMultiplicationOutgoing" and Alg. 12
+  "TriangleMultiplicationIncoming"; the direction is the einsum `config.equation`
+  ('ikc,jkc->ijc' outgoing, 'kjc,kic->ijc' incoming). Projections are masked and gated,
+  their product is layer-normed, projected and gated by the normalised input.
+  Input pair_act [N_res, N_res, c_z], pair_mask [N_res, N_res]; returns the update.
+  """
+
+  config: Any
+  global_config: Any
+
+  @nn.compact
+  def __call__(self, pair_act: jax.Array, pair_mask: jax.Array) -> jax.Array:
+    c, gc = self.config, self.global_config
+    if c.get("fuse_projection_weights", False):
+      raise ValueError("fuse_projection_weights=True is AlphaFold-Multimer's parameter layout; "
+                       "af2flax implements the monomer network (set it to False)")
+    dtype = compute_dtype(gc)
+    channels = c.num_intermediate_channel
+    gate_init = final_init(gc.zero_init)
+    mask = pair_mask[..., None].astype(dtype)
+
+    act = LayerNorm(name="layer_norm_input")(pair_act)
+    input_act = act
+    left_proj = mask * Linear(channels, dtype=dtype, name="left_projection")(act)
+    right_proj = mask * Linear(channels, dtype=dtype, name="right_projection")(act)
+    left_proj = left_proj * jax.nn.sigmoid(
+        Linear(channels, initializer=gate_init, bias_init=1.0, dtype=dtype, name="left_gate")(act))
+    right_proj = right_proj * jax.nn.sigmoid(
+        Linear(channels, initializer=gate_init, bias_init=1.0, dtype=dtype,
+               name="right_gate")(act))
+
+    # For "incoming" edges the equation swaps the roles: a = right_proj, b = left_proj.
+    act = jnp.einsum(c.equation, left_proj, right_proj)
+    act = LayerNorm(name="center_layer_norm")(act)
+    output_channel = pair_act.shape[-1]
+    act = Linear(output_channel, initializer=gate_init, dtype=dtype, name="output_projection")(act)
+    gate = Linear(output_channel, initializer=gate_init, bias_init=1.0, dtype=dtype,
+                  name="gating_linear")(input_act)
+    return act * jax.nn.sigmoid(gate)
+
+
+class TriangleAttention(nn.Module):
+  """Triangle self-attention around the starting or ending node.
+
+  Jumper et al. (2021) Suppl. Alg. 13 "TriangleAttentionStartingNode" (orientation
+  'per_row') and Alg. 14 "TriangleAttentionEndingNode" ('per_column': the same computation
+  on the transposed pair). Each row attends over its entries with a bias projected from the
+  normalised pair (`feat_2d_weights` [c_z, H]).
+  Input pair_act [N_res, N_res, c_z], pair_mask [N_res, N_res]; returns the update.
+  """
+
+  config: Any
+  global_config: Any
+
+  @nn.compact
+  def __call__(self, pair_act: jax.Array, pair_mask: jax.Array) -> jax.Array:
+    c, gc = self.config, self.global_config
+    if c.orientation not in ("per_row", "per_column"):
+      raise ValueError(f"orientation={c.orientation!r}; expected 'per_row' or 'per_column'")
+    dtype = compute_dtype(gc)
+    if c.orientation == "per_column":
+      pair_act = jnp.swapaxes(pair_act, -2, -3)
+      pair_mask = jnp.swapaxes(pair_mask, -1, -2)
+    mask = pair_mask[:, None, None, :]  # [N_res, 1, 1, N_res]
+
+    pair_act = LayerNorm(name="query_norm")(pair_act)
+    channels = pair_act.shape[-1]
+    feat_2d_weights = self.param("feat_2d_weights",
+                                 nn.initializers.normal(stddev=channels ** -0.5),
+                                 (channels, c.num_head), jnp.float32)
+    nonbatched_bias = jnp.einsum("qkc,ch->hqk", pair_act.astype(dtype),
+                                 feat_2d_weights.astype(dtype))
+
+    attention = Attention(num_head=c.num_head, output_dim=channels, key_dim=c.get("key_dim"),
+                          value_dim=c.get("value_dim"), gating=c.gating, zero_init=gc.zero_init,
+                          dtype=dtype, name="attention")
+    pair_act = chunked_apply(attention, subbatch_size(gc), [pair_act, pair_act, mask],
+                             [nonbatched_bias])
+    if c.orientation == "per_column":
+      pair_act = jnp.swapaxes(pair_act, -2, -3)
+    return pair_act

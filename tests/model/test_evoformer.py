@@ -1,0 +1,175 @@
+"""Evoformer blocks and the trunk: shapes, parameter layout, chunking, remat/scan, bf16,
+dropout."""
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from af2flax.model.evoformer import EvoformerIteration, layer_stack
+from af2flax.model.trunk import EmbeddingsAndEvoformer
+from tests.model.helpers import (TINY_SHAPES, perturb_params, relative_error, tiny_config,
+                                 tiny_iteration_inputs)
+
+N_RES = TINY_SHAPES["num_res"]
+
+
+def _trunk(config):
+  return EmbeddingsAndEvoformer(config.embeddings_and_evoformer, config.global_config)
+
+
+def _init_trunk(config, seed=0):
+  batch, prev = tiny_iteration_inputs(config, seed)
+  params = jax.jit(_trunk(config).init)(jax.random.PRNGKey(seed), batch, prev)
+  return perturb_params(params, seed), batch, prev
+
+
+def _run(config, params, batch, prev):
+  return jax.jit(_trunk(config).apply)(params, batch, prev)
+
+
+def _run_with_dropout(config, params, batch, prev, rngs):
+  """One compilation, several dropout keys. The inputs are arguments, not constants: XLA's
+  constant folding would round the degenerate torsion features of residue 0 differently."""
+  apply = jax.jit(lambda p, b, pr, key: _trunk(config).apply(p, b, pr, False,
+                                                             rngs={"dropout": key}))
+  return [apply(params, batch, prev, key) for key in rngs]
+
+
+@pytest.fixture(scope="module")
+def trunk_fp32():
+  config = tiny_config()
+  params, batch, prev = _init_trunk(config)
+  return config, params, batch, prev, _run(config, params, batch, prev)
+
+
+def test_trunk_shapes_and_parameter_layout(trunk_fp32):
+  config, params, batch, _, out = trunk_fp32
+  emb = config.embeddings_and_evoformer
+  chex.assert_shape(out["msa"], (TINY_SHAPES["num_msa"], N_RES, emb.msa_channel))
+  chex.assert_shape(out["msa_first_row"], (N_RES, emb.msa_channel))
+  chex.assert_shape(out["pair"], (N_RES, N_RES, emb.pair_channel))
+  chex.assert_shape(out["single"], (N_RES, emb.seq_channel))
+  chex.assert_tree_all_finite(out)
+  p = params["params"]
+  # AlphaFold's layout: embedders directly under evoformer/, stacked blocks with a layer axis.
+  for name in ("preprocess_1d", "preprocess_msa", "left_single", "right_single", "prev_pos_linear",
+               "prev_msa_first_row_norm", "prev_pair_norm", "pair_activiations",
+               "extra_msa_activations", "template_single_embedding", "template_projection",
+               "single_activations", "template_embedding", "extra_msa_stack",
+               "evoformer_iteration"):
+    assert name in p, name
+  chex.assert_shape(p["evoformer_iteration"]["msa_transition"]["transition1"]["weights"],
+                    (2, emb.msa_channel, 4 * emb.msa_channel))
+  chex.assert_shape(p["extra_msa_stack"]["msa_column_global_attention"]["attention"]["key_w"],
+                    (1, emb.extra_msa_channel, emb.extra_msa_channel // 8))
+  stack = p["template_embedding"]["single_template_embedding"]["template_pair_stack"]
+  chex.assert_shape(stack["__layer_stack_no_state"]["pair_transition"]["transition1"]["bias"],
+                    (1, 16))
+  chex.assert_shape(p["template_single_embedding"]["weights"], (57, emb.msa_channel))
+  chex.assert_shape(p["template_embedding"]["single_template_embedding"]["embedding2d"]["weights"],
+                    (88, 8))
+  assert "gating_w" not in p["template_embedding"]["attention"]
+
+
+def test_low_memory_chunking_equals_unchunked(trunk_fp32):
+  config, params, batch, prev, reference = trunk_fp32
+  chunked_config = tiny_config(low_memory=True, subbatch_size=3)
+  chunked_config.embeddings_and_evoformer.template.subbatch_size = 7
+  chunked = _run(chunked_config, params, batch, prev)
+  for key in reference:
+    assert relative_error(chunked[key], reference[key]) < 1e-5, key
+
+
+def _stack_inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  msa = rng.normal(size=(4, 6, 16)).astype(np.float32)
+  pair = rng.normal(size=(6, 6, 8)).astype(np.float32)
+  masks = (np.ones((4, 6), np.float32), np.ones((6, 6), np.float32))
+  return (msa, pair), masks
+
+
+class _Stack(nn.Module):
+  config: Any
+
+  @nn.compact
+  def __call__(self, activations, masks):
+    block = EvoformerIteration(self.config.embeddings_and_evoformer.evoformer,
+                               self.config.global_config, name="evoformer_iteration")
+    return layer_stack(block, activations, 2, self.config.global_config, masks, True)
+
+
+def test_remat_and_unrolled_stack_agree_with_scan():
+  activations, masks = _stack_inputs()
+  plain = _Stack(tiny_config())
+  variant = _Stack(tiny_config(use_remat=True, remat_policy="dots_with_no_batch_dims_saveable",
+                               use_scan=False))
+  params = perturb_params(jax.jit(plain.init)(jax.random.PRNGKey(0), activations, masks))
+  chex.assert_shape(params["params"]["evoformer_iteration"]["pair_transition"]["transition2"][
+      "bias"], (2, 8))
+  assert jax.tree.map(jnp.shape, jax.eval_shape(variant.init, jax.random.PRNGKey(0), activations,
+                                                masks)) == jax.tree.map(jnp.shape, params)
+
+  def value_and_grad(module):
+    def loss(p):
+      msa, pair = module.apply(p, activations, masks)
+      return jnp.sum(msa ** 2) + jnp.sum(pair ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (loss_plain, grads_plain), (loss_variant, grads_variant) = value_and_grad(plain), \
+      value_and_grad(variant)
+  assert relative_error(loss_variant, loss_plain) < 1e-6
+  flat_plain = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads_plain)])
+  flat_variant = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads_variant)])
+  assert relative_error(flat_variant, flat_plain) < 1e-5
+  np.testing.assert_allclose(flat_variant, flat_plain, atol=1e-5 * np.abs(flat_plain).max())
+
+
+def test_unknown_remat_policy_is_named():
+  activations, masks = _stack_inputs()
+  with pytest.raises(ValueError, match="no_such_policy"):
+    jax.eval_shape(_Stack(tiny_config(use_remat=True, remat_policy="no_such_policy")).init,
+                   jax.random.PRNGKey(0), activations, masks)
+
+
+def test_bfloat16_runs_and_stays_close(trunk_fp32):
+  _, params, batch, prev, reference = trunk_fp32
+  out = _run(tiny_config(dtype="bfloat16"), params, batch, prev)
+  for key in reference:
+    assert out[key].dtype == jnp.bfloat16, key
+    assert relative_error(np.asarray(out[key], np.float32), reference[key]) < 5e-2, key
+
+
+def test_dropout_is_random_reproducible_and_off_when_deterministic(trunk_fp32):
+  config, params, batch, prev, reference = trunk_fp32
+  keys = [jax.random.PRNGKey(1), jax.random.PRNGKey(1), jax.random.PRNGKey(2)]
+  first, again, other = _run_with_dropout(config, params, batch, prev, keys)
+  np.testing.assert_array_equal(first["pair"], again["pair"])
+  assert relative_error(first["pair"], other["pair"]) > 1e-3
+  assert relative_error(first["pair"], reference["pair"]) > 1e-3
+  (off,) = _run_with_dropout(tiny_config(deterministic=True), params, batch, prev, keys[:1])
+  np.testing.assert_allclose(off["pair"], reference["pair"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("is_extra_msa", [False, True])
+def test_outer_product_mean_first_changes_the_order(is_extra_msa):
+  config = tiny_config()
+  evo = config.embeddings_and_evoformer.evoformer
+  rng = np.random.default_rng(0)
+  msa = rng.normal(size=(4, 6, 8)).astype(np.float32)
+  pair = rng.normal(size=(6, 6, 8)).astype(np.float32)
+  masks = (np.ones((4, 6), np.float32), np.ones((6, 6), np.float32))
+  block = EvoformerIteration(evo, config.global_config, is_extra_msa)
+  params = perturb_params(jax.jit(block.init)(jax.random.PRNGKey(0), (msa, pair), masks))
+  msa_out, pair_out = jax.jit(block.apply)(params, (msa, pair), masks)
+  chex.assert_shape([msa_out, pair_out], [msa.shape, pair.shape])
+  evo.outer_product_mean.first = True
+  first = EvoformerIteration(evo, config.global_config, is_extra_msa)
+  msa_first, pair_first = jax.jit(first.apply)(params, (msa, pair), masks)
+  # The MSA row attention then sees the pair already updated by the outer product mean.
+  assert relative_error(msa_first, msa_out) > 1e-4
+  assert relative_error(pair_first, pair_out) > 1e-4

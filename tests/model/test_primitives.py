@@ -1,0 +1,140 @@
+"""Attention, global attention, transition, chunking and shared dropout."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from af2flax.model import primitives
+from tests.model.helpers import perturb_params
+
+def _jit_apply(module):
+  return jax.jit(module.apply)
+
+
+GLOBAL = ml_collections.ConfigDict({"deterministic": False, "eval_dropout": False, "zero_init": True,
+                                    "dtype": "float32", "subbatch_size": 4})
+
+
+def _attention_inputs(seed=0, batch=3, queries=5, keys=7, channels=6):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(batch, queries, channels)).astype(np.float32)
+  m = rng.normal(size=(batch, keys, channels)).astype(np.float32)
+  mask = (rng.uniform(size=(batch, 1, 1, keys)) > 0.3).astype(np.float32)
+  mask[..., 0] = 1.0
+  bias = rng.normal(size=(2, queries, keys)).astype(np.float32)
+  return q, m, mask, bias
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_parameters_shapes_and_dtypes(dtype):
+  q, m, mask, bias = _attention_inputs()
+  module = primitives.Attention(num_head=2, output_dim=9, key_dim=4, value_dim=6, dtype=dtype)
+  params = module.init(jax.random.PRNGKey(0), q, m, mask, bias)
+  shapes = jax.tree.map(jnp.shape, params["params"])
+  assert shapes == {"query_w": (6, 2, 2), "key_w": (6, 2, 2), "value_w": (6, 2, 3),
+                    "gating_w": (6, 2, 3), "gating_b": (2, 3), "output_w": (2, 3, 9),
+                    "output_b": (9,)}
+  chex.assert_trees_all_equal_dtypes(params, jax.tree.map(lambda x: x.astype(jnp.float32), params))
+  out = _jit_apply(module)(perturb_params(params), q, m, mask, bias)
+  chex.assert_shape(out, (3, 5, 9))
+  assert out.dtype == dtype
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+def test_attention_ignores_masked_keys():
+  q, m, mask, bias = _attention_inputs()
+  module = primitives.Attention(num_head=2, output_dim=6)
+  params = perturb_params(module.init(jax.random.PRNGKey(0), q, m, mask, bias))
+  changed = np.where(mask[:, 0, 0, :, None] > 0, m, m + 100.0)
+  np.testing.assert_allclose(_jit_apply(module)(params, q, m, mask, bias),
+                             _jit_apply(module)(params, q, changed, mask, bias), atol=1e-5)
+  # ... but not unmasked ones.
+  assert not np.allclose(_jit_apply(module)(params, q, m + 1.0, mask, bias),
+                         _jit_apply(module)(params, q, m, mask, bias), atol=1e-3)
+
+
+def test_global_attention_ignores_masked_rows():
+  rng = np.random.default_rng(1)
+  act = rng.normal(size=(4, 6, 8)).astype(np.float32)
+  mask = (rng.uniform(size=(4, 6, 1)) > 0.4).astype(np.float32)
+  mask[:, 0] = 1.0
+  module = primitives.GlobalAttention(num_head=2, output_dim=8)
+  params = perturb_params(module.init(jax.random.PRNGKey(0), act, act, mask))
+  out = _jit_apply(module)(params, act, act, mask)
+  chex.assert_shape(out, (4, 6, 8))
+  changed = np.where(mask > 0, act, act - 50.0)
+  # Masked rows neither contribute to the mean query nor are attended; their own output
+  # differs only through their own gate.
+  out_changed = _jit_apply(module)(params, changed, changed, mask)
+  np.testing.assert_allclose(np.asarray(out)[mask[..., 0] > 0],
+                             np.asarray(out_changed)[mask[..., 0] > 0], atol=1e-4)
+
+
+class _RowSum(nn.Module):
+  @nn.compact
+  def __call__(self, x, scale):
+    return primitives.Linear(3, name="proj")(x) * scale
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_chunked_apply_equals_unchunked(axis):
+  x = jax.random.normal(jax.random.PRNGKey(0), (7, 10, 4))
+
+  class Wrapper(nn.Module):
+    chunk: int | None
+
+    @nn.compact
+    def __call__(self, x):
+      return primitives.chunked_apply(_RowSum(name="inner"), self.chunk, [x], [2.0], axis=axis)
+
+  params = perturb_params(Wrapper(None).init(jax.random.PRNGKey(1), x))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, Wrapper(3).init(jax.random.PRNGKey(1), x))
+  full = jax.jit(Wrapper(None).apply)(params, x)
+  for chunk in (1, 3, 4, 7, 20):
+    np.testing.assert_allclose(jax.jit(Wrapper(chunk).apply)(params, x), full, atol=1e-6)
+
+
+def test_transition_chunked_equals_unchunked():
+  config = ml_collections.ConfigDict({"num_intermediate_factor": 4})
+  act = jax.random.normal(jax.random.PRNGKey(0), (9, 5, 6))
+  full = primitives.Transition(config, GLOBAL)
+  params = perturb_params(full.init(jax.random.PRNGKey(1), act))
+  assert set(params["params"]) == {"input_layer_norm", "transition1", "transition2"}
+  chex.assert_shape(params["params"]["transition1"]["weights"], (6, 24))
+  chunked = primitives.Transition(config, GLOBAL, chunk_size=4)
+  np.testing.assert_allclose(jax.jit(chunked.apply)(params, act), jax.jit(full.apply)(params, act), atol=1e-6)
+
+
+@pytest.mark.parametrize("orientation,shared_axis", [("per_row", 0), ("per_column", 1)])
+def test_residual_dropout_shares_mask(orientation, shared_axis):
+  config = ml_collections.ConfigDict({"dropout_rate": 0.5, "shared_dropout": True,
+                                      "orientation": orientation})
+  update = jnp.ones((6, 8, 3))
+  module = primitives.ResidualDropout(config, GLOBAL)
+  out = module.apply({}, jnp.zeros_like(update), update, False,
+                     rngs={"dropout": jax.random.PRNGKey(3)})
+  out = np.asarray(out)
+  assert set(np.unique(out)) <= {0.0, 2.0}
+  assert 0 < np.count_nonzero(out) < out.size
+  # The same mask along the shared axis.
+  np.testing.assert_array_equal(out, np.broadcast_to(np.take(out, [0], axis=shared_axis),
+                                                     out.shape))
+  # Deterministic, or globally deterministic: no dropout.
+  np.testing.assert_array_equal(module.apply({}, jnp.zeros_like(update), update, True), update)
+  strict = ml_collections.ConfigDict({**GLOBAL.to_dict(), "deterministic": True})
+  np.testing.assert_array_equal(
+      primitives.ResidualDropout(config, strict).apply(
+          {}, jnp.zeros_like(update), update, False, rngs={"dropout": jax.random.PRNGKey(3)}),
+      update)
+
+
+def test_softmax_fp32_is_accurate_in_bf16():
+  logits = jnp.asarray([[0.0, -30.0, -1e9]], jnp.bfloat16)
+  weights = primitives.softmax_fp32(logits)
+  assert weights.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(weights, np.float32), [[1.0, 0.0, 0.0]], atol=1e-6)
