@@ -15,6 +15,10 @@ af2flax adds, under `global_config`:
   use_scan       nn.scan over stacked blocks (off: the same loop fully unrolled).
   low_memory     chunk attention, transitions and template attention in `subbatch_size`
                  (`template.subbatch_size`) rows, as AlphaFold does at inference.
+  attention_impl 'xla' (logits materialised, AlphaFold's arithmetic) | 'cudnn' (flash
+                 attention through `jax.nn.dot_product_attention`) | 'auto' (cuDNN on a GPU
+                 with bf16 activations where the shapes allow, else XLA). Presets: 'auto';
+                 `from_alphafold_dict`: 'xla'.
 and turns `use_remat` on in the presets (AlphaFold's file has it off: its inference does not
 need it; training at crop 256 does). Everything else equals AlphaFold's values.
 `from_alphafold_dict(d)` builds this tree from an AlphaFold `model_config` dict, e.g. the
@@ -37,6 +41,7 @@ OUR_GLOBAL_DEFAULTS = {
     "remat_policy": "nothing_saveable",
     "use_scan": True,
     "low_memory": False,
+    "attention_impl": "auto",
 }
 
 
@@ -235,6 +240,7 @@ def from_alphafold_dict(alphafold_model_config: Mapping[str, Any],
   merged = _base_model_config()
   merged["global_config"].update(OUR_GLOBAL_DEFAULTS)
   merged["global_config"]["dtype"] = "float32"
+  merged["global_config"]["attention_impl"] = "xla"
   _merge(merged, tree)
   merged["global_config"].update(global_overrides)
   return ml_collections.ConfigDict(merged)

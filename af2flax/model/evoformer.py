@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
-                                      ResidualDropout, Transition, chunked_apply, compute_dtype)
+                                      ResidualDropout, Transition, attention_impl, chunked_apply,
+                                      compute_dtype)
 from af2flax.model.triangle import TriangleAttention, TriangleMultiplication, subbatch_size
 
 # Added to the number of sequences that see both residues before dividing (Suppl. Alg. 10).
@@ -48,7 +49,8 @@ class MSARowAttentionWithPairBias(nn.Module):
                                  feat_2d_weights.astype(dtype))
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
-                          gating=c.gating, zero_init=gc.zero_init, dtype=dtype, name="attention")
+                          gating=c.gating, zero_init=gc.zero_init, dtype=dtype,
+                          impl=attention_impl(gc), name="attention")
     return chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, mask],
                          [nonbatched_bias])
 
@@ -73,7 +75,7 @@ class MSAColumnAttention(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=compute_dtype(gc),
-                          name="attention")
+                          impl=attention_impl(gc), name="attention")
     msa_act = chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, mask])
     return jnp.swapaxes(msa_act, -2, -3)
 

@@ -219,6 +219,60 @@ class ResidualDropout(nn.Module):
     return act + update.astype(act.dtype)
 
 
+
+# --- Fused attention ----------------------------------------------------------------------
+
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+
+
+def attention_impl(global_config: Any) -> str:
+  """`global_config.attention_impl` ('xla' when unset), validated."""
+  impl = global_config.get("attention_impl", "xla")
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"global_config.attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+  return impl
+
+
+def use_fused_attention(impl: str, q: jax.Array, k: jax.Array, has_bias: bool) -> bool:
+  """Whether `fused_attention` runs for these (static) shapes.
+
+  'xla' never; 'cudnn' always (cuDNN raises on shapes it cannot take); 'auto' when the
+  backend is a GPU, the compute dtype is 16-bit and the shapes are ones cuDNN's flash
+  attention takes (head dim a multiple of 8 up to 256; even query and key lengths with a
+  bias, which its backward pass needs).
+  """
+  if impl == "xla":
+    return False
+  if impl == "cudnn":
+    return True
+  head_dim, q_len, k_len = q.shape[-1], q.shape[-3], k.shape[-3]
+  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 256
+          and not (has_bias and (q_len % 2 or k_len % 2)))
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                    nonbatched_bias: jax.Array | None,
+                    implementation: str = "cudnn") -> jax.Array:
+  """softmax(q k^T + bias) v without materialising the logits (cuDNN flash attention).
+
+  q [B, Q, H, d] (already scaled), k, v [B, K, H, d], mask broadcastable to [B, 1, 1, K],
+  nonbatched_bias [H, Q, K] or None. Returns [B, Q, H, d].
+
+  The key mask is passed as per-row key lengths, which assumes every masked key comes after
+  every valid one (a padding mask). That holds for every mask of the model: the MSA, extra
+  MSA, pair and template masks all mark padding added at the end of the residue and
+  sequence axes. A row with no valid key attends to its first key instead of uniformly to
+  all (AlphaFold's -1e9 bias); such rows are padding and never reach a valid output.
+  `implementation='xla'` runs the same masking through XLA (tests on CPU).
+  """
+  batch, k_len = q.shape[0], k.shape[-3]
+  key_mask = jnp.broadcast_to(mask != 0, (batch, 1, 1, k_len))[:, 0, 0, :]
+  lengths = jnp.maximum(jnp.sum(key_mask, axis=-1), 1).astype(jnp.int32)
+  bias = None if nonbatched_bias is None else nonbatched_bias.astype(q.dtype)[None]
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
+                                      scale=1.0, implementation=implementation)
+
 # --- Attention (Suppl. Alg. 7, 8, 13, 14, 17, 19) ---------------------------------------------
 
 class Attention(nn.Module):
@@ -243,6 +297,7 @@ class Attention(nn.Module):
   zero_init: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  impl: str = "xla"              # 'xla' | 'cudnn' | 'auto' (see `fused_attention`)
 
   @nn.compact
   def __call__(self, q_data: jax.Array, m_data: jax.Array, mask: jax.Array,
@@ -265,12 +320,15 @@ class Attention(nn.Module):
     q = jnp.einsum("bqa,ahc->bqhc", q_data, query_w) * key_dim ** (-0.5)
     k = jnp.einsum("bka,ahc->bkhc", m_data, key_w)
     v = jnp.einsum("bka,ahc->bkhc", m_data, value_w)
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
-    if nonbatched_bias is not None:
-      logits = logits + nonbatched_bias.astype(self.dtype)[None]
-    logits = jnp.where(mask != 0, logits.astype(jnp.float32), SOFTMAX_MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weighted_avg = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+    if use_fused_attention(self.impl, q, k, nonbatched_bias is not None):
+      weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias)
+    else:
+      logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
+      if nonbatched_bias is not None:
+        logits = logits + nonbatched_bias.astype(self.dtype)[None]
+      logits = jnp.where(mask != 0, logits.astype(jnp.float32), SOFTMAX_MASK_VALUE)
+      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      weighted_avg = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
 
     if self.gating:
       gating_w = param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))

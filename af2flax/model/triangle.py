@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from af2flax.model.primitives import (Attention, LayerNorm, Linear, chunked_apply, compute_dtype,
-                                      final_init)
+from af2flax.model.primitives import (Attention, LayerNorm, Linear, attention_impl,
+                                      chunked_apply, compute_dtype, final_init)
 
 
 def subbatch_size(global_config: Any) -> int | None:
@@ -102,7 +102,7 @@ class TriangleAttention(nn.Module):
 
     attention = Attention(num_head=c.num_head, output_dim=channels, key_dim=c.get("key_dim"),
                           value_dim=c.get("value_dim"), gating=c.gating, zero_init=gc.zero_init,
-                          dtype=dtype, name="attention")
+                          dtype=dtype, impl=attention_impl(gc), name="attention")
     pair_act = chunked_apply(attention, subbatch_size(gc), [pair_act, pair_act, mask],
                              [nonbatched_bias])
     if c.orientation == "per_column":

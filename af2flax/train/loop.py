@@ -200,16 +200,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   initial_step = int(jax.device_get(state.step))
 
   # The step, jitted over the mesh; validation with the EMA parameters.
+  param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
   train_step = sharding_lib.jit_train_step(
-      step_lib.make_train_step(model.objective, optimizer, config), state_shardings, mesh)
+      step_lib.make_train_step(model.objective, optimizer, config, mesh, param_specs),
+      state_shardings, mesh)
 
-  @jax.jit
-  def eval_step(params, batch):
-    mask = batch[EVAL_MASK_KEY]
-    batch = {k: v for k, v in batch.items() if k != EVAL_MASK_KEY}
-    values = jax.vmap(model.evaluate, in_axes=(None, 0))(params, batch)
-    sums = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in values.items()}
-    return sums, jnp.sum(mask)
+  def masked_metrics(params, example):
+    mask = example[EVAL_MASK_KEY]
+    values = model.evaluate(params, {k: v for k, v in example.items() if k != EVAL_MASK_KEY})
+    return {k: jnp.where(mask > 0, v, 0.0) for k, v in values.items()}, mask
+
+  eval_step = jax.jit(sharding_lib.sum_over_examples(
+      masked_metrics, mesh, out_specs=jax.sharding.PartitionSpec()))
 
   # Metrics, progress, profiling and preemption.
   writer.write_hparams({"batch_size": config.batch_size, "num_params": num_params,

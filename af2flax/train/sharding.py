@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -163,3 +164,51 @@ def jit_train_step(train_step: Any, state_shardings: PyTree, mesh: Mesh) -> Any:
                  in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)),
                  donate_argnums=0)
+
+
+def _reduce_over_devices(x: jax.Array, spec: P) -> jax.Array:
+  """Inside `shard_map`: the sum over all devices, split as `spec` says (fsdp: reduce-scatter)."""
+  fsdp_axes = [i for i, name in enumerate(spec) if name == FSDP_AXIS]
+  if not fsdp_axes:
+    return jax.lax.psum(x, BATCH_AXES)
+  x = jax.lax.psum(x, DATA_AXIS)
+  return jax.lax.psum_scatter(x, FSDP_AXIS, scatter_dimension=fsdp_axes[0], tiled=True)
+
+
+def sum_over_examples(fn: Any, mesh: Mesh, out_specs: PyTree, vmap_size: int = 1) -> Any:
+  """`(shared, batch) -> Σ over the batch's examples of fn(shared, example)`, device-local.
+
+  Every device sums `fn` over its own examples of the batch (leading axis sharded over the
+  mesh's batch axes) with `lax.scan`, `vmap_size` examples at a time (`jax.vmap` inside each
+  scan step), then the sums are added over devices: all-reduced, or reduce-scattered for outputs
+  whose `out_specs` entry splits an axis over `fsdp` (a prefix tree of `PartitionSpec`s of
+  `fn`'s output, e.g. the parameters' specs for gradients and P() for scalars). `shared` (the
+  parameters) is seen whole by every device.
+
+  This is AlphaFold's data parallelism (each core works on its own examples, one at a time,
+  Suppl. 1.11.3): per-example work never crosses devices, and with `vmap_size` 1 the compiled
+  program holds one example's gradient at a time, whatever the local batch size.
+  """
+
+  def local_sum(shared, local_batch):
+    num_local = jax.tree.leaves(local_batch)[0].shape[0]
+    if num_local % vmap_size:
+      raise ValueError(f"{num_local} examples per device is not a multiple of "
+                       f"vmap_size={vmap_size}")
+    chunks = jax.tree.map(
+        lambda x: x.reshape((num_local // vmap_size, vmap_size) + x.shape[1:]), local_batch)
+    vmapped = jax.vmap(fn, in_axes=(None, 0))
+    out_shape = jax.eval_shape(vmapped, shared, jax.tree.map(lambda x: x[0], chunks))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), out_shape)
+
+    def add_chunk(total, chunk):
+      out = vmapped(shared, chunk)
+      return jax.tree.map(lambda t, o: t + jnp.sum(o, axis=0), total, out), None
+
+    total, _ = jax.lax.scan(add_chunk, zeros, chunks)
+    return jax.tree.map(lambda spec, sub: jax.tree.map(
+        lambda x: _reduce_over_devices(x, spec), sub), out_specs, total,
+                        is_leaf=lambda x: isinstance(x, P))
+
+  return jax.shard_map(local_sum, mesh=mesh, in_specs=(P(), P(BATCH_AXES)),
+                       out_specs=out_specs, check_vma=False)

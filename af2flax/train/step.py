@@ -6,6 +6,8 @@ of the parameters (decay 0.999) is kept for evaluation. Random recycling (Suppl.
 decided by the input pipeline (`num_iter_recycling` in the batch); the step only supplies the
 dropout randomness.
 
+Data parallelism is AlphaFold's: each device runs its own examples (`sharding.sum_over_examples`,
+a `shard_map`), so per-example gradients never need a batched (vmapped) copy of the network.
 The step is generic over an *objective* `(params, example, dropout_rng) -> (loss, aux)` that
 sees one example without a batch axis (MODEL_CONTRACT section 3); `alphafold_objective` builds
 it from the model and the losses. This module imports neither TensorFlow nor `af2flax.data`.
@@ -21,6 +23,7 @@ import ml_collections
 import optax
 
 from af2flax.train import optimizer as optimizer_lib
+from af2flax.train import sharding as sharding_lib
 from af2flax.train import state as state_lib
 
 PyTree = Any
@@ -46,14 +49,16 @@ def _tree_all_finite(tree: PyTree) -> jax.Array:
 
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict) -> TrainStep:
-  """Builds `train_step(state, batch) -> (state, metrics)` (not jitted; the loop jits it).
+                    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    param_specs: PyTree = jax.sharding.PartitionSpec()) -> TrainStep:
+  """Builds `train_step(state, batch) -> (state, metrics)` (not jitted; see `jit_train_step`).
 
-  `batch` holds the global batch with a leading example axis [B, ...]. Each example's gradient
-  is clipped to `config.optimizer.clip_norm` (per-example clipping, Suppl. 1.11.3) and the
-  clipped gradients are averaged. `config.grad_accum_steps` = k splits the batch into k
-  micro-batches of B/k examples that are processed one after another (`lax.scan`), each
-  vmapped over its examples: the same result with 1/k of the per-example gradient memory.
+  `batch` holds the global batch [B, ...], sharded over the mesh's devices. Every device takes
+  its own examples one after another (`config.vmap_batch_size` at a time), computes each
+  example's gradient and clips it to `config.optimizer.clip_norm` (per-example clipping,
+  Suppl. 1.11.3); the clipped gradients are summed over all examples of all devices
+  (reduce-scattered onto the parameters' `param_specs` under FSDP) and averaged, then Adam.
+  AlphaFold trained this way with one example per TPU core.
 
   If the mean loss or the averaged gradient is not finite, the update is skipped: params,
   optimizer state and EMA stay as they were, `skipped_steps` and `consecutive_skips` count it
@@ -66,9 +71,9 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
   """
   clip_norm = float(config.optimizer.clip_norm)
   ema_decay = float(config.optimizer.ema_decay)
-  accum_steps = int(config.get("grad_accum_steps", 1) or 1)
 
-  def example_grads(params, example, rng):
+  def example_grads(params, example_and_rng):
+    example, rng = example_and_rng
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, example, rng)
     grads, norm = clip_by_global_norm(grads, clip_norm)
     scalars = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if jnp.ndim(v) == 0}
@@ -77,37 +82,15 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     scalars["clipped_fraction"] = (norm > clip_norm).astype(jnp.float32)
     return grads, scalars
 
-  def summed_grads(params, batch, rngs):
-    """Sum over the examples of `batch` of the clipped gradients and of the scalars."""
-    grads, scalars = jax.vmap(example_grads, in_axes=(None, 0, 0))(params, batch, rngs)
-    total = lambda tree: jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
-    return total(grads), total(scalars)
+  summed_grads = sharding_lib.sum_over_examples(
+      example_grads, mesh, out_specs=(param_specs, jax.sharding.PartitionSpec()),
+      vmap_size=int(config.get("vmap_batch_size", 1)))
 
   def train_step(state: state_lib.TrainState, batch: Batch):
     batch_size = jax.tree.leaves(batch)[0].shape[0]
-    if batch_size % accum_steps:
-      raise ValueError(f"batch size {batch_size} is not divisible by "
-                       f"grad_accum_steps={accum_steps}")
     step_rng = jax.random.fold_in(state.rng, state.step)
-    rngs = jax.random.split(step_rng, batch_size)
-
-    if accum_steps == 1:
-      grad_sum, scalar_sum = summed_grads(state.params, batch, rngs)
-    else:
-      split = lambda x: x.reshape((accum_steps, batch_size // accum_steps) + x.shape[1:])
-      micro_batches = jax.tree.map(split, (batch, rngs))
-      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-      scalar_shapes = jax.eval_shape(summed_grads, state.params,
-                                     *jax.tree.map(lambda x: x[0], micro_batches))[1]
-      zero_scalars = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), scalar_shapes)
-
-      def accumulate(carry, micro_batch):
-        grads, scalars = summed_grads(state.params, *micro_batch)
-        return jax.tree.map(jnp.add, carry, (grads, scalars)), None
-
-      (grad_sum, scalar_sum), _ = jax.lax.scan(accumulate, (zero_grads, zero_scalars),
-                                               micro_batches)
-
+    rngs = jax.random.split(step_rng, batch_size)  # one dropout key per example
+    grad_sum, scalar_sum = summed_grads(state.params, (batch, rngs))
     grads = jax.tree.map(lambda g: g / batch_size, grad_sum)
     metrics = jax.tree.map(lambda s: s / batch_size, scalar_sum)
 

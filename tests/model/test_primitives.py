@@ -140,3 +140,36 @@ def test_softmax_fp32_is_accurate_in_bf16():
   weights = primitives.softmax_fp32(logits)
   assert weights.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(weights, np.float32), [[1.0, 0.0, 0.0]], atol=1e-6)
+
+
+def test_fused_attention_masking_equals_materialised_softmax():
+  """The flash-attention path passes padding masks as key lengths: on every row with a valid
+  key it equals AlphaFold's masked softmax with pair bias (run through XLA on the CPU)."""
+  rng = np.random.default_rng(3)
+  batch, length, heads, dim = 6, 10, 4, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, dim)), jnp.float32)
+             for _ in range(3))
+  bias = jnp.asarray(rng.normal(size=(heads, length, length)), jnp.float32)
+  lengths = np.array([10, 7, 3, 10, 1, 0])
+  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.float32)[:, None, None, :]
+  logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) + bias[None]
+  logits = jnp.where(mask != 0, logits, primitives.SOFTMAX_MASK_VALUE)
+  expected = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, -1), v)
+  fused = primitives.fused_attention(q, k, v, mask, bias, implementation="xla")
+  valid = lengths > 0
+  np.testing.assert_allclose(fused[valid], expected[valid], atol=1e-5)
+  assert np.all(np.isfinite(fused))  # A padding row with no valid key stays finite.
+
+
+def test_attention_impl_choice():
+  """'auto' takes cuDNN only on a GPU with 16-bit activations and shapes cuDNN accepts."""
+  q16 = jnp.zeros((2, 8, 4, 32), jnp.bfloat16)
+  assert not primitives.use_fused_attention("xla", q16, q16, True)
+  assert primitives.use_fused_attention("cudnn", q16, q16, True)
+  on_gpu = jax.default_backend() == "gpu"
+  assert primitives.use_fused_attention("auto", q16, q16, True) == on_gpu
+  assert not primitives.use_fused_attention("auto", q16.astype(jnp.float32), q16, True)
+  odd = jnp.zeros((2, 7, 4, 32), jnp.bfloat16)
+  assert not primitives.use_fused_attention("auto", odd, odd, True)  # cuDNN bwd needs even.
+  with pytest.raises(ValueError, match="attention_impl"):
+    primitives.attention_impl(ml_collections.ConfigDict({"attention_impl": "flash"}))

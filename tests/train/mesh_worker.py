@@ -32,8 +32,10 @@ def run(data: int, fsdp: int) -> dict:
 
   state, shardings = sharding_lib.init_sharded(init, jax.random.PRNGKey(1), mesh=mesh,
                                                rules=RULES)
+  param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
   train_step = sharding_lib.jit_train_step(
-      step_lib.make_train_step(mlp.objective(model), tx, config), shardings, mesh)
+      step_lib.make_train_step(mlp.objective(model), tx, config, mesh, param_specs),
+      shardings, mesh)
   losses = []
   for i in range(2):
     batch = sharding_lib.global_batch(mlp.make_batch(i, 8), sharding_lib.batch_sharding(mesh))

@@ -56,7 +56,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       "optimizer": {"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
                     "warmup_steps": 2, "decay_steps": 1000, "decay_factor": 0.95,
                     "clip_norm": 0.1, "ema_decay": 0.999},
-      "grad_accum_steps": 1,
+      "vmap_batch_size": 1,
   })
   config.update(overrides)
   return config

@@ -9,19 +9,21 @@ import optax
 import pytest
 
 from af2flax.train import optimizer as optimizer_lib
+from af2flax.train import sharding as sharding_lib
 from af2flax.train import state as state_lib
 from af2flax.train import step as step_lib
 from tests.train import mlp
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(grad_accum_steps=1):
+def _setup(vmap_batch_size=1):
   """One compiled step per setting, shared by the tests (compiling dominates their time)."""
-  config = mlp.train_config(grad_accum_steps=grad_accum_steps)
+  config = mlp.train_config(vmap_batch_size=vmap_batch_size)
   model = mlp.MLP()
   tx = optimizer_lib.make_optimizer(config.optimizer)
   state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
-  step = jax.jit(step_lib.make_train_step(mlp.objective(model), tx, config))
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  step = jax.jit(step_lib.make_train_step(mlp.objective(model), tx, config, mesh))
   return config, model, tx, state, step
 
 
@@ -70,7 +72,7 @@ def test_ema_follows_params_with_decay():
   assert max(jax.tree.leaves(diff)) > 0
 
 
-def test_gradient_accumulation_equals_one_pass():
+def test_vmapped_examples_equal_one_at_a_time():
   _, _, _, state, step = _setup()
   _, _, _, _, step_accum = _setup(4)
   batch = mlp.make_batch(3, 8)
