@@ -7,5 +7,6 @@
   runner.py              recycling with early stop, pLDDT / PAE / pTM
   outputs.py, plots.py   PDB/mmCIF, AlphaFold DB JSON layouts, ranking, PNG plots
   distillation.py        Suppl. 1.3 filters and the distillation TFRecord writer
+  prediction_files.py    published predictions (AlphaFold DB files) as distillation inputs
 Entry points: `python -m af2flax.predict`, `python -m af2flax.distill`.
 """

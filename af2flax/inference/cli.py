@@ -30,8 +30,10 @@ def split_list(value: str | None) -> list[str]:
   return [item.strip() for item in value.split(",") if item.strip()] if value else []
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-  params = parser.add_mutually_exclusive_group(required=True)
+def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+  """Where the parameters come from; `required=False` for commands with a route without a
+  model (`distill --from_predictions`), which then check the flags themselves."""
+  params = parser.add_mutually_exclusive_group(required=required)
   params.add_argument("--checkpoint", help="training run directory(ies) or params "
                       "checkpoint(s) of convert_params, comma-separated")
   params.add_argument("--af2_params", help="AlphaFold params_model_*.npz, or a directory of them")

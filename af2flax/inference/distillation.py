@@ -11,10 +11,10 @@ Sources of the numbers: OpenFold, which reproduces AlphaFold's training, masks r
 pLDDT 50 (`self_distillation_plddt_threshold = 50.0`); DeepMind confirm AlphaFold 2 filtered its
 distillation set by pLDDT (google-deepmind/alphafold3#632: "We removed any pLDDT filtering for
 AF3"), built its MSAs with HHblits on UniClust30 only and did not relax the predictions
-(google-deepmind/alphafold#319). The mean-pLDDT default (80) is the one of the set's other route
-(issue 11, AlphaFold DB files). The supplement's own numbers could not be read from the stored
+(google-deepmind/alphafold#319). The mean-pLDDT default (80) is this project's choice, not
+confirmed from a primary source. The supplement's own numbers could not be read from the stored
 references when this was written: both thresholds are flags; check them against Suppl. 1.3
-before a large run.
+before a large run (docs/distillation.md).
 
 Distillation examples carry `resolution` 0 (so the resolution-filtered heads skip them, as for
 NMR) and `is_distillation` 1, and an extra `plddt` [N] feature (not in the parsed schema:

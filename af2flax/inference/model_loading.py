@@ -71,7 +71,7 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
 
 def preset_data_settings(name: str) -> dict[str, Any]:
   """AlphaFold's per-preset data settings (`max_extra_msa`, template rows), {} if none."""
-  return dict(config_lib.DATA_DIFFS.get(name, {}))
+  return dict(config_lib.DATA_SETTINGS.get(name, {}))
 
 
 def config_from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -144,7 +144,12 @@ def alphafold_loss(batch: Mapping[str, Array], outputs: Mapping[str, Any],
     is_distillation: scalar (bool or 0/1) marking a self-distillation example; None reads
       `batch['is_distillation']` if present (else False). Distillation examples train no
       resolution-filtered head (pLDDT, experimentally resolved, pAE): AlphaFold achieves this by
-      giving them resolution 0, outside every head's [min_resolution, max_resolution].
+      giving them resolution 0, outside its heads' [0.1 Å, 3 Å] windows ("NMR & distillation
+      have resolution = 0", AlphaFold's modules.py); here they are also excluded explicitly,
+      so a config whose window includes 0 (e.g. to train on NMR) still leaves them out.
+      Every other term (FAPE, torsions, distogram, masked MSA and, as in AlphaFold, the
+      violation loss on the predicted atoms) applies; low-confidence residues are kept out of
+      the structural terms by their zero `all_atom_mask` (Suppl. 1.3).
 
   Returns:
     (total_loss, aux): aux maps 'distogram/loss', 'distogram/true_dist', 'masked_msa/loss',
@@ -159,6 +164,12 @@ def alphafold_loss(batch: Mapping[str, Array], outputs: Mapping[str, Any],
 
   def active(name: str) -> bool:
     return name in heads_config and bool(heads_config[name].weight) and name in outputs
+
+  def experimental_only(name: str, loss: Array) -> Array:
+    """A resolution-filtered head's loss, zero for a distillation example."""
+    if heads_config[name].get("filter_by_resolution", False):
+      return loss * (1.0 - is_distillation)
+    return loss
 
   resolution = None
   if any(active(name) and heads_config[name].get("filter_by_resolution", False)
@@ -195,24 +206,24 @@ def alphafold_loss(batch: Mapping[str, Array], outputs: Mapping[str, Any],
     res = heads_lib.predicted_lddt_loss(
         outputs["predicted_lddt"]["logits"], outputs["structure_module"]["final_atom_positions"],
         batch["all_atom_positions"], batch["all_atom_mask"], resolution, cfg)
-    aux["predicted_lddt/loss"] = res["loss"]
-    total += cfg.weight * res["loss"]
+    aux["predicted_lddt/loss"] = experimental_only("predicted_lddt", res["loss"])
+    total += cfg.weight * aux["predicted_lddt/loss"]
 
   if active("experimentally_resolved"):
     cfg = heads_config.experimentally_resolved
     res = heads_lib.experimentally_resolved_loss(
         outputs["experimentally_resolved"]["logits"], batch["atom37_atom_exists"],
         batch["all_atom_mask"], resolution, cfg)
-    aux["experimentally_resolved/loss"] = res["loss"]
-    total += cfg.weight * res["loss"]
+    aux["experimentally_resolved/loss"] = experimental_only("experimentally_resolved", res["loss"])
+    total += cfg.weight * aux["experimentally_resolved/loss"]
 
   if active("predicted_aligned_error"):
     cfg, out = heads_config.predicted_aligned_error, outputs["predicted_aligned_error"]
     res = heads_lib.predicted_aligned_error_loss(
         out["logits"], out["breaks"], outputs["structure_module"]["final_affines"],
         batch["backbone_affine_tensor"], batch["backbone_affine_mask"], resolution, cfg)
-    aux["predicted_aligned_error/loss"] = res["loss"]
-    total += cfg.weight * res["loss"]
+    aux["predicted_aligned_error/loss"] = experimental_only("predicted_aligned_error", res["loss"])
+    total += cfg.weight * aux["predicted_aligned_error/loss"]
 
   aux["total_loss"] = total
   return total, aux

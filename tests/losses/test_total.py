@@ -90,6 +90,32 @@ def test_distillation_examples_do_not_train_resolution_filtered_heads():
   assert float(aux_distill["distogram/loss"]) == float(aux["distogram/loss"])
 
 
+def test_distillation_stays_out_of_a_resolution_window_that_includes_zero():
+  """A config that trains the confidence heads on NMR (min_resolution 0) still leaves
+  distillation examples (resolution 0 too) out: they are excluded by is_distillation itself.
+  Without the window filter a head trains on every example (AlphaFold's rule)."""
+  config = af2_tiny.heads_config()
+  filtered = ("predicted_lddt", "experimentally_resolved", "predicted_aligned_error")
+  for name in filtered:
+    config[name].min_resolution = 0.0
+  unfiltered_config = af2_tiny.heads_config()
+  unfiltered_config.predicted_lddt.filter_by_resolution = False
+
+  @jax.jit
+  def loss_terms(batch, outputs):
+    return (total_lib.alphafold_loss(batch, outputs, config, is_distillation=False)[1],
+            total_lib.alphafold_loss(batch, outputs, config, is_distillation=True)[1],
+            total_lib.alphafold_loss(batch, outputs, unfiltered_config, is_distillation=True)[1])
+
+  batch = dict(af2_tiny.final_iteration_batch(), resolution=np.zeros((), np.float32))
+  nmr, distillation, unfiltered = loss_terms(batch, af2_tiny.model_outputs())
+  for name in filtered:
+    assert float(nmr[f"{name}/loss"]) > 0, name
+    assert float(distillation[f"{name}/loss"]) == 0.0, name
+  assert float(unfiltered["predicted_lddt/loss"]) == pytest.approx(
+      float(nmr["predicted_lddt/loss"]), rel=1e-6)
+
+
 def test_training_stage_weights():
   config = af2_tiny.heads_config()
   initial = total_lib.apply_training_stage(config, "initial_training")
