@@ -1,11 +1,13 @@
 """Where a traced step spends its device time: kernels grouped by name and by model scope.
 
-    python bench/profile_summary.py TRACE_DIR_OR_FILE [--top 40]
+    python bench/profile_summary.py TRACE_DIR_OR_FILE [--hlo train_step.hlo.txt.gz] [--top 40]
 
 Reads the perfetto trace that `jax.profiler.trace(..., create_perfetto_trace=True)` writes
 (`perfetto_trace.json.gz`, e.g. from `bench/train_step.py --profile_dir`), keeps the events of
 the device (GPU) streams, and prints total busy time, the number of kernels, the idle time
-between kernels, and the top kernels and name scopes by time.
+between kernels, and the top kernels and name scopes by time. With `--hlo` (the optimised HLO
+text that `bench/train_step.py --profile_dir` saves), every kernel is attributed to the model
+module that produced it (the op_name metadata of its fusion), giving the time per module.
 """
 
 from __future__ import annotations
@@ -39,11 +41,50 @@ def scope_of(event: dict, depth: int) -> str:
   return "/".join(keep[:depth]) or "(no scope)"
 
 
+MODULES = ("msa_row_attention_with_pair_bias", "msa_column_global_attention",
+           "msa_column_attention", "msa_transition", "outer_product_mean",
+           "triangle_multiplication_outgoing", "triangle_multiplication_incoming",
+           "triangle_attention_starting_node", "triangle_attention_ending_node", "pair_transition",
+           "template_pointwise_attention", "structure_module", "distogram_head", "masked_msa_head",
+           "predicted_lddt_head", "experimentally_resolved_head", "predicted_aligned_error_head")
+STACKS = ("extra_msa_stack", "template_embedding", "evoformer_iteration")
+
+
+def module_of(op_name: str) -> str:
+  """'stack/module' for an op_name path (`evoformer_iteration/triangle_attention_...`)."""
+  stack = next((s for s in STACKS if s in op_name), "")
+  module = next((m for m in MODULES if m in op_name), "")
+  if not module:
+    if "alphafold_loss" in op_name or "loss" in op_name.split("/")[-1]:
+      module = "losses"
+    elif "AlphaFold" in op_name or "alphafold_iteration" in op_name:
+      module = "other model ops"
+    else:
+      module = "optimizer, clipping, EMA and other"
+  direction = "backward" if "transpose(" in op_name else "forward"
+  return f"{stack + '/' if stack else ''}{module} [{direction}]"
+
+
+def hlo_op_names(path: pathlib.Path) -> dict[str, str]:
+  """Instruction name (with '.' as the trace writes '_') -> op_name metadata."""
+  opener = gzip.open if path.suffix == ".gz" else open
+  pattern = re.compile(r"^\s*%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"")
+  names = {}
+  with opener(path, "rt") as handle:
+    for line in handle:
+      match = pattern.match(line)
+      if match:
+        names[match.group(1).replace(".", "_")] = match.group(2)
+  return names
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("trace")
   parser.add_argument("--top", type=int, default=40)
   parser.add_argument("--depth", type=int, default=4)
+  parser.add_argument("--hlo", help="optimised HLO text (.txt or .txt.gz) of the traced program")
+  parser.add_argument("--steps", type=int, default=2, help="steps in the trace (per-step times)")
   args = parser.parse_args(argv)
   events = load_events(pathlib.Path(args.trace))
   names = {}
@@ -75,6 +116,20 @@ def main(argv=None) -> int:
   print(f"\ntop {args.top} scopes by time")
   for name, dur in by_scope.most_common(args.top):
     print(f"  {dur / 1e3:9.2f} ms {100 * dur / busy:5.1f}%  {name[:140]}")
+  if args.hlo:
+    op_names = hlo_op_names(pathlib.Path(args.hlo))
+    by_module = collections.Counter()
+    for e in kernels:
+      hlo_op = str(e.get("args", {}).get("hlo_op", "")).replace(".", "_")
+      op_name = op_names.get(e["name"]) or op_names.get(hlo_op, "")
+      if op_name:
+        key = module_of(op_name)
+      else:
+        key = "(kernel " + re.sub(r"_\d+$", "", e["name"])[:40] + ")"
+      by_module[key] += e["dur"]
+    print(f"\ntime per module per step ({args.steps} steps traced)")
+    for name, dur in by_module.most_common(args.top):
+      print(f"  {dur / 1e3 / args.steps:9.2f} ms {100 * dur / busy:5.1f}%  {name}")
   sample = next((e for e in kernels if e.get("args")), kernels[0])
   print("\nexample event:", json.dumps(sample)[:600])
   return 0

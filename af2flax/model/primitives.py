@@ -253,7 +253,7 @@ def use_fused_attention(impl: str, q: jax.Array, k: jax.Array, has_bias: bool) -
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                     nonbatched_bias: jax.Array | None,
-                    implementation: str = "cudnn") -> jax.Array:
+                    implementation: str = "cudnn", broadcast_bias: bool = False) -> jax.Array:
   """softmax(q k^T + bias) v without materialising the logits (cuDNN flash attention).
 
   q [B, Q, H, d] (already scaled), k, v [B, K, H, d], mask broadcastable to [B, 1, 1, K],
@@ -265,11 +265,15 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   sequence axes. A row with no valid key attends to its first key instead of uniformly to
   all (AlphaFold's -1e9 bias); such rows are padding and never reach a valid output.
   `implementation='xla'` runs the same masking through XLA (tests on CPU).
+  `broadcast_bias` hands cuDNN the bias broadcast over the batch (its bias-gradient reduction
+  over a broadcast batch is a separate, poorly parallel kernel; see docs/benchmarks.md).
   """
   batch, k_len = q.shape[0], k.shape[-3]
   key_mask = jnp.broadcast_to(mask != 0, (batch, 1, 1, k_len))[:, 0, 0, :]
   lengths = jnp.maximum(jnp.sum(key_mask, axis=-1), 1).astype(jnp.int32)
   bias = None if nonbatched_bias is None else nonbatched_bias.astype(q.dtype)[None]
+  if bias is not None and broadcast_bias:
+    bias = jnp.broadcast_to(bias, (batch,) + bias.shape[1:])
   return jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
                                       scale=1.0, implementation=implementation)
 
