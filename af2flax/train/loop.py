@@ -256,8 +256,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       eval_metrics = None
       if data.eval_batches is not None and config.eval_every_steps and (
           step % config.eval_every_steps == 0 or step == config.num_train_steps):
+        eval_start = time.monotonic()
         eval_metrics = _evaluate(eval_step, state.ema_params, data.eval_batches,
                                  batch_sharding)
+        log_time += time.monotonic() - eval_start  # steps/s counts training time only
         last_metrics.update(eval_metrics)
         writer.write_scalars(step, eval_metrics)
         logging.info("step %d validation (EMA params): %s", step, eval_metrics)
