@@ -95,7 +95,8 @@ def forward_flops(config: Any, num_res: int, num_msa: int, num_extra_msa: int,
       counts[f"{prefix}/{name}"] = counts.get(f"{prefix}/{name}", 0.0) + repeat * value
 
   add("evoformer", _block(evo.evoformer, s, n, c_m, c_z, extra=False), evo.evoformer_num_block)
-  add("extra_msa", _block(evo.evoformer, e, n, c_e, c_z, extra=True), evo.extra_msa_stack_num_block)
+  add("extra_msa", _block(evo.evoformer, e, n, c_e, c_z, extra=True),
+      evo.extra_msa_stack_num_block)
 
   if evo.template.enabled and t:
     stack = evo.template.template_pair_stack

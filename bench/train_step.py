@@ -1,0 +1,314 @@
+"""Time, memory and achieved TFLOP/s of af2flax's full training step on one accelerator.
+
+    python bench/train_step.py                         # the default variants, initial shapes
+    python bench/train_step.py --variants bf16-cudnn,fp32-xla --shapes initial,finetune
+    python bench/train_step.py --breakdown             # time per module (forward+backward)
+    python bench/train_step.py --smoke                 # tiny model on the CPU (checks the script)
+
+The step is the product's own (`af2flax.train.step.make_train_step` with
+`alphafold_objective`): the model with random recycling (`num_iter_recycling` no-gradient
+iterations before the final one, read from the batch), every AlphaFold loss, the backward
+pass, per-example gradient clipping to global norm 0.1, Adam with AlphaFold's schedule and the
+EMA update; one example (AlphaFold's one example per core). The batch holds random features
+and the ground truth of a random chain at the given shapes (`model_step._training_example`).
+
+One compilation serves every recycling count (it is a loop bound in the batch), so each
+variant reports the gradient-pass-only step (0 recycles), the step with 3 recycles, and the
+expected step of initial training (recycles uniform in 0..3: the mean of the four), each the
+median of `--steps` steps after warm-up. TFLOP/s use the analytic count of
+`af2flax.model.flops` (matrix products only) for the expected step. Each variant runs in its own
+subprocess so that its peak memory is its own and an out-of-memory failure is a row of the
+table. Needs jax, flax, optax, numpy and ml_collections only (no TensorFlow, no clu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH = pathlib.Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+# name -> model global_config overrides
+VARIANTS = {
+    "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
+    "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
+    "fp32-xla": {"dtype": "float32", "attention_impl": "xla"},
+    "bf16-cudnn-dots": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                        "remat_policy": "dots_with_no_batch_dims_saveable"},
+    "bf16-cudnn-noremat": {"dtype": "bfloat16", "attention_impl": "cudnn", "use_remat": False},
+    "bf16-auto": {"dtype": "bfloat16", "attention_impl": "auto"},
+}
+RECYCLES = (0, 1, 2, 3)
+
+
+def _train_config(variant: str, smoke: bool, stage: str):
+  """The initial-training (or fine-tuning) preset with the variant's model settings."""
+  import importlib
+
+  config = importlib.import_module(f"configs.{stage}").get_config()
+  config.model.global_config.update(VARIANTS[variant])
+  if smoke:
+    evo = config.model.embeddings_and_evoformer
+    evo.evoformer_num_block = 2
+    evo.extra_msa_stack_num_block = 1
+    evo.template.template_pair_stack.num_block = 1
+    config.model.heads.structure_module.num_layer = 2
+  config.mesh.data = 1
+  config.batch_size = 1
+  return config
+
+
+def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
+            recycles: tuple[int, ...] = RECYCLES, profile_dir: str | None = None) -> dict:
+  """Compiles the train step for one variant and times it at every recycling count."""
+  import jax
+  import numpy as np
+
+  from af2flax.model.alphafold import AlphaFold
+  from af2flax.model.flops import forward_flops, train_step_flops
+  from af2flax.train import optimizer as optimizer_lib
+  from af2flax.train import sharding as sharding_lib
+  from af2flax.train import state as state_lib
+  from af2flax.train import step as step_lib
+  from model_step import SHAPES, _training_example
+
+  stage = "finetune" if shape_name == "finetune" else "initial_training"
+  config = _train_config(variant, smoke, stage)
+  shapes = SHAPES[shape_name]
+  num_slices = config.model.num_recycle + 1
+  examples = {r: _training_example(shapes, num_slices, r) for r in recycles}
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  model = AlphaFold(config.model)
+  first = jax.tree.map(lambda x: x[None], examples[recycles[0]])
+  init_batch = jax.tree.map(lambda x: x[0], first)
+  start = time.perf_counter()
+  params = jax.jit(lambda k: model.init(k, init_batch)["params"])(jax.random.PRNGKey(0))
+  optimizer = optimizer_lib.make_optimizer(config.optimizer)
+  state = state_lib.create_train_state(params, optimizer, jax.random.PRNGKey(1))
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - start
+
+  train_step = step_lib.make_train_step(
+      step_lib.alphafold_objective(model, config.model), optimizer, config, mesh)
+  step_fn = jax.jit(train_step, donate_argnums=0)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, first).compile()
+  compile_s = time.perf_counter() - start
+
+  step_times, losses = {}, {}
+  for count in recycles:
+    batch = jax.device_put(jax.tree.map(lambda x: x[None], examples[count]))
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    step_times[count] = statistics.median(times)
+    losses[count] = float(metrics["loss"])
+
+  if profile_dir:  # A trace of two steps (perfetto JSON, readable by bench/profile_summary.py).
+    import gzip  # pylint: disable=g-import-not-at-top
+    os.makedirs(profile_dir, exist_ok=True)
+    with gzip.open(os.path.join(profile_dir, "train_step.hlo.txt.gz"), "wt") as handle:
+      handle.write(compiled.as_text())
+    batch = jax.device_put(jax.tree.map(lambda x: x[None], examples[recycles[0]]))
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(2):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+
+  # Recycles uniform in 0..3: the mean over the four counts (only when all were timed).
+  expected = (sum(step_times.values()) / len(step_times) if set(recycles) == set(RECYCLES)
+              else None)
+  forward = sum(forward_flops(config.model, **shapes).values())
+  remat = config.model.global_config.get("use_remat", False)
+  timed = expected if expected is not None else step_times[recycles[0]]
+  timed_flops = train_step_flops(forward, (sum(RECYCLES) / len(RECYCLES) if expected is not None
+                                           else recycles[0]), remat=remat)
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  return {
+      "variant": variant, "shapes": shape_name, "ok": True, "device": device.device_kind,
+      "jax": jax.__version__, "init_s": init_s, "compile_s": compile_s,
+      "step_s": {str(k): v for k, v in step_times.items()}, "expected_s": expected,
+      "tflops": timed_flops / timed / 1e12, "forward_flop": forward,
+      "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None,
+      "loss": losses, "finite": bool(np.all(np.isfinite(list(losses.values())))),
+      "remat_policy": config.model.global_config.get("remat_policy"),
+      "use_remat": bool(config.model.global_config.get("use_remat", False)),
+  }
+
+
+def run_breakdown(variant: str, steps: int, smoke: bool) -> list[dict]:
+  """Forward+backward time of each module type at initial-training shapes, x its count."""
+  import jax
+  import jax.numpy as jnp
+  from af2flax.model import evoformer, structure, triangle
+  from af2flax.model.primitives import Transition
+
+  config = _train_config(variant, smoke, "initial_training").model
+  gc = config.global_config
+  evo = config.embeddings_and_evoformer
+  dtype = jnp.bfloat16 if gc.dtype == "bfloat16" else jnp.float32
+  n, s, e = (16, 4, 8) if smoke else (256, 128, 1024)
+  c_m, c_z, c_e = evo.msa_channel, evo.pair_channel, evo.extra_msa_channel
+  key = jax.random.PRNGKey(0)
+  msa = jax.random.normal(key, (s, n, c_m), dtype)
+  extra = jax.random.normal(key, (e, n, c_e), dtype)
+  pair = jax.random.normal(key, (n, n, c_z), dtype)
+  msa_mask = jnp.ones((s, n), jnp.float32)
+  extra_mask = jnp.ones((e, n), jnp.float32)
+  pair_mask = jnp.ones((n, n), jnp.float32)
+  ec = evo.evoformer
+  blocks = evo.evoformer_num_block
+  cases = [
+      ("msa_row_attention", evoformer.MSARowAttentionWithPairBias(ec.msa_row_attention_with_pair_bias, gc),
+       (msa, msa_mask, pair), blocks),
+      ("msa_column_attention", evoformer.MSAColumnAttention(ec.msa_column_attention, gc),
+       (msa, msa_mask), blocks),
+      ("msa_transition", Transition(ec.msa_transition, gc), (msa,), blocks),
+      ("outer_product_mean", evoformer.OuterProductMean(ec.outer_product_mean, gc, c_z),
+       (msa, msa_mask), blocks),
+      ("triangle_multiplication (x2)", triangle.TriangleMultiplication(
+          ec.triangle_multiplication_outgoing, gc), (pair, pair_mask), 2 * blocks),
+      ("triangle_attention (x2)", triangle.TriangleAttention(
+          ec.triangle_attention_starting_node, gc), (pair, pair_mask), 2 * blocks),
+      ("pair_transition", Transition(ec.pair_transition, gc), (pair,), blocks),
+      ("extra_msa block", evoformer.EvoformerIteration(ec, gc, is_extra_msa=True),
+       ((extra, pair), (extra_mask, pair_mask)), evo.extra_msa_stack_num_block),
+      ("structure_module (8 layers)", structure.StructureModule(config.heads.structure_module, gc),
+       ({"single": jax.random.normal(key, (n, evo.seq_channel), dtype), "pair": pair},
+        {"aatype": jnp.zeros((n,), jnp.int32), "seq_mask": jnp.ones((n,), jnp.float32)}), 1),
+  ]
+  rows = []
+  for name, module, args, count in cases:
+    params = jax.jit(module.init)(key, *args)
+
+    def loss(p, *a, module=module):
+      out = module.apply(p, *a)
+      return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(out)
+                 if jnp.issubdtype(x.dtype, jnp.floating))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), allow_int=True))
+    out = grad(params, *args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      out = grad(params, *args)
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - start)
+    rows.append({"module": name, "per_call_ms": 1e3 * statistics.median(times), "count": count})
+  return rows
+
+
+def _format(rows: list[dict]) -> str:
+  header = (f"{'variant':20s} {'shapes':8s} {'r=0 s':>7s} {'r=3 s':>7s} {'expect s':>8s} "
+            f"{'TFLOP/s':>8s} {'peak GiB':>8s} {'compile s':>9s}  device / note")
+  lines = [header]
+  for row in rows:
+    if not row.get("ok"):
+      lines.append(f"{row['variant']:20s} {row['shapes']:8s} FAILED: {row.get('error', '')[:150]}")
+      continue
+    steps = row["step_s"]
+    def cell(value, width, fmt):
+      return format(value, fmt) if value is not None else f"{'-':>{width}s}"
+    lines.append(f"{row['variant']:20s} {row['shapes']:8s} {cell(steps.get('0'), 7, '7.3f')} "
+                 f"{cell(steps.get('3'), 7, '7.3f')} {cell(row['expected_s'], 8, '8.3f')} "
+                 f"{row['tflops']:8.1f} {row['peak_gib'] or 0:8.2f} "
+                 f"{row['compile_s']:9.1f}  {row['device']}, jax {row['jax']}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--variants", default="bf16-cudnn,bf16-xla,fp32-xla")
+  parser.add_argument("--shapes", default="initial")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per recycling count")
+  parser.add_argument("--recycles", default="0,1,2,3",
+                      help="recycling counts to time (all four give the expected step)")
+  parser.add_argument("--profile_dir", help="also trace two steps into this directory")
+  parser.add_argument("--breakdown", action="store_true")
+  parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+  parser.add_argument("--json", help="also write the rows to this file")
+  parser.add_argument("--one", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+
+  if args.one:
+    variant, shape_name = args.one.split(",")
+    if shape_name == "breakdown":
+      print("RESULT " + json.dumps(run_breakdown(variant, args.steps, args.smoke)))
+    else:
+      recycles = tuple(int(r) for r in args.recycles.split(","))
+      print("RESULT " + json.dumps(run_one(variant, shape_name, args.steps, args.smoke,
+                                           recycles, args.profile_dir)))
+    return 0
+
+  env = dict(os.environ)
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  if args.smoke:
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  jobs = [(v, s) for s in args.shapes.split(",") for v in args.variants.split(",")]
+  if args.breakdown:
+    jobs = [(args.variants.split(",")[0], "breakdown")]
+  rows: list = []
+  for variant, shape_name in jobs:
+    if shape_name == "smoke" or args.smoke:
+      shape_name = "smoke" if shape_name != "breakdown" else shape_name
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one",
+               f"{variant},{shape_name}", "--steps", str(args.steps), "--recycles", args.recycles]
+    if args.smoke:
+      command.append("--smoke")
+    if args.profile_dir:
+      command += ["--profile_dir", args.profile_dir]
+    try:
+      done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                            env=env, check=False)
+      results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+      if results:
+        result = json.loads(results[-1][len("RESULT "):])
+      else:
+        tail = done.stderr.strip().splitlines()[-3:] or ["no output"]
+        result = {"variant": variant, "shapes": shape_name, "ok": False,
+                  "error": " | ".join(tail)}
+    except subprocess.TimeoutExpired:
+      result = {"variant": variant, "shapes": shape_name, "ok": False,
+                "error": f"timeout after {args.timeout} s"}
+    if shape_name == "breakdown" and isinstance(result, list):
+      total = sum(r["per_call_ms"] * r["count"] for r in result)
+      print(f"\nper-module forward+backward, variant {variant}, initial shapes "
+            "(one call x count per step)")
+      for r in result:
+        print(f"  {r['module']:30s} {r['per_call_ms']:9.2f} ms x {r['count']:3d} = "
+              f"{r['per_call_ms'] * r['count'] / 1e3:7.3f} s  "
+              f"({100 * r['per_call_ms'] * r['count'] / total:4.1f}%)")
+      rows.append({"breakdown": result, "variant": variant})
+      continue
+    rows.append(result)
+    print(_format([result]).splitlines()[-1], flush=True)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+  table_rows = [r for r in rows if "breakdown" not in r]
+  if table_rows:
+    print(f"\nmedian of {args.steps} steps per recycling count after a warm-up step; expected = "
+          "mean over recycles 0..3")
+    print(_format(table_rows))
+  return 0 if all(r.get("ok", True) for r in table_rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
