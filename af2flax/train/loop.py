@@ -8,7 +8,6 @@ is in the config (`configs/*.py`); the recipe's constants are Jumper et al. (202
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -148,6 +147,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size={config.batch_size} must be a multiple of the "
                      f"{jax.device_count()} devices (one or more examples per device)")
+  eval_batch_size = config.get("dataset", {}).get("eval_batch_size", jax.device_count())
+  if eval_batch_size % jax.device_count():
+    raise ValueError(f"dataset.eval_batch_size={eval_batch_size} must be a multiple of the "
+                     f"{jax.device_count()} devices")
   local_batch_size = config.batch_size // jax.process_count()
   logging.info("mesh %s; global batch %d, %d per process", dict(mesh.shape),
                config.batch_size, local_batch_size)

@@ -27,7 +27,7 @@ ALPHAFOLD_RULES = ((".*(evoformer_iteration|extra_msa_stack|__layer_stack_no_sta
 def mlp_setup():
   model = mlp.MLP()
   return (mlp.objective(model), mlp.init_params(model),
-          lambda i: mlp.make_batch(i, 8), MLP_RULES, 0.0)
+          lambda i: mlp.make_batch(i, 8), MLP_RULES, mlp.train_config())
 
 
 def alphafold_setup():
@@ -51,21 +51,23 @@ def alphafold_setup():
     return out
 
   objective = step_lib.alphafold_objective(AlphaFold(config), config)
-  return objective, params, batch, ALPHAFOLD_RULES, 0.0
+  # AlphaFold's learning rate (1e-3) with a 2-step warm-up, so both steps really move.
+  train_config = mlp.train_config()
+  train_config.optimizer.learning_rate = 1e-3
+  return objective, params, batch, ALPHAFOLD_RULES, train_config
 
 
 def run(setup, data: int, fsdp: int) -> dict:
-  objective, params, make_batch, rules, min_mb = setup
+  objective, params, make_batch, rules, config = setup
   devices = jax.devices()[:data * fsdp]
   mesh = sharding_lib.make_mesh({"data": data, "fsdp": fsdp}, devices=devices)
-  config = mlp.train_config()
   tx = optimizer_lib.make_optimizer(config.optimizer)
 
   def init(rng):
     return state_lib.create_train_state(params, tx, rng)
 
   state, shardings = sharding_lib.init_sharded(init, jax.random.PRNGKey(1), mesh=mesh,
-                                               rules=rules, min_size_to_shard_mb=min_mb)
+                                               rules=rules)
   param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
   train_step = sharding_lib.jit_train_step(
       step_lib.make_train_step(objective, tx, config, mesh, param_specs), shardings, mesh)
