@@ -9,7 +9,13 @@ latest checkpoint in the workdir. Multi-host (TPU pod slices, GPU clusters): add
 on Cloud TPU and SLURM, or given by `--coordinator_address/--num_processes/--process_id`.
 """
 
-from absl import app
+import logging as python_logging
+import os
+
+# TensorFlow (used by the input pipeline) logs its C++ start-up chatter unless told otherwise.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
@@ -28,13 +34,25 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 (only where it is not auto-detected).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_bool("library_logs", False,
+                  "Also show the INFO logs of libraries (Orbax, clu, JAX); warnings always show.")
 
 jax.config.parse_flags_with_absl()  # --jax_* flags, e.g. --jax_debug_nans
+
+
+class _OwnInfoOnly(python_logging.Filter):
+  """Keeps INFO records of af2flax and every WARNING or worse: a readable progress log."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    return (record.levelno >= python_logging.WARNING
+            or f"{os.sep}af2flax{os.sep}" in record.pathname)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.library_logs:
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes,

@@ -8,7 +8,6 @@ is in the config (`configs/*.py`); the recipe's constants are Jumper et al. (202
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -148,6 +147,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size={config.batch_size} must be a multiple of the "
                      f"{jax.device_count()} devices (one or more examples per device)")
+  eval_batch_size = config.get("dataset", {}).get("eval_batch_size", jax.device_count())
+  if eval_batch_size % jax.device_count():
+    raise ValueError(f"dataset.eval_batch_size={eval_batch_size} must be a multiple of the "
+                     f"{jax.device_count()} devices")
   local_batch_size = config.batch_size // jax.process_count()
   logging.info("mesh %s; global batch %d, %d per process", dict(mesh.shape),
                config.batch_size, local_batch_size)
@@ -256,8 +259,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       eval_metrics = None
       if data.eval_batches is not None and config.eval_every_steps and (
           step % config.eval_every_steps == 0 or step == config.num_train_steps):
+        eval_start = time.monotonic()
         eval_metrics = _evaluate(eval_step, state.ema_params, data.eval_batches,
                                  batch_sharding)
+        log_time += time.monotonic() - eval_start  # steps/s counts training time only
         last_metrics.update(eval_metrics)
         writer.write_scalars(step, eval_metrics)
         logging.info("step %d validation (EMA params): %s", step, eval_metrics)

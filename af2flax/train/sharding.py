@@ -203,12 +203,13 @@ def sum_over_examples(fn: Any, mesh: Mesh, out_specs: PyTree, vmap_size: int = 1
           lambda x: x.reshape((num_local // vmap_size, vmap_size) + x.shape[1:]), local_batch)
       chunk_fn = jax.vmap(fn, in_axes=(None, 0))
       chunk_sum = lambda out: jax.tree.map(lambda x: jnp.sum(x, axis=0), out)
-    out_shape = jax.eval_shape(
-        lambda s, c: chunk_sum(chunk_fn(s, c)), shared, jax.tree.map(lambda x: x[0], chunks))
+    # jit: the shapes found here and the scan body below share one trace of the network.
+    chunk_value = jax.jit(lambda s, c: chunk_sum(chunk_fn(s, c)))
+    out_shape = jax.eval_shape(chunk_value, shared, jax.tree.map(lambda x: x[0], chunks))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
 
     def add_chunk(total, chunk):
-      return jax.tree.map(jnp.add, total, chunk_sum(chunk_fn(shared, chunk))), None
+      return jax.tree.map(jnp.add, total, chunk_value(shared, chunk)), None
 
     total, _ = jax.lax.scan(add_chunk, zeros, chunks)
     return jax.tree.map(lambda spec, sub: jax.tree.map(

@@ -1,7 +1,9 @@
-"""Runs two train steps of the MLP on given meshes and prints losses and parameters as JSON.
+"""Runs two train steps on given meshes and prints losses and parameters as JSON.
 
 Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 by
-test_sharding.py; argv: meshes as data,fsdp pairs (1,1 = a single device), e.g. 1,1 8,1 4,2.
+test_sharding.py; argv: [--alphafold] meshes as data,fsdp pairs (1,1 = a single device), e.g.
+1,1 8,1 4,2. The model is the test MLP, or with --alphafold the af2_tiny AlphaFold with its
+reference parameters on 8 perturbed copies of its reference batch.
 Prints one JSON object {"data,fsdp": result}.
 """
 
@@ -17,28 +19,61 @@ from af2flax.train import state as state_lib
 from af2flax.train import step as step_lib
 from tests.train import mlp
 
-RULES = (("rng", "replicate"), (".*Dense_1/.*", "replicate"), (".*", "fsdp"))
+MLP_RULES = (("rng", "replicate"), (".*Dense_1/.*", "replicate"), (".*", "fsdp"))
+ALPHAFOLD_RULES = ((".*(evoformer_iteration|extra_msa_stack|__layer_stack_no_state)/.*",
+                    "fsdp_stacked"), (".*", "fsdp"))
 
 
-def run(data: int, fsdp: int) -> dict:
+def mlp_setup():
+  model = mlp.MLP()
+  return (mlp.objective(model), mlp.init_params(model),
+          lambda i: mlp.make_batch(i, 8), MLP_RULES, mlp.train_config())
+
+
+def alphafold_setup():
+  from af2flax.model import config as model_config_lib  # pylint: disable=g-import-not-at-top
+  from af2flax.model import import_af2  # pylint: disable=g-import-not-at-top
+  from af2flax.model.alphafold import AlphaFold  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REFERENCE  # pylint: disable=g-import-not-at-top
+  directory = REFERENCE / "af2_tiny"
+  config = model_config_lib.from_alphafold_dict(
+      json.loads((directory / "config.json").read_text())["model_config"])
+  params = import_af2.haiku_to_flax(dict(np.load(directory / "params.npz")))
+  reference = dict(np.load(directory / "batch.npz"))
+
+  def batch(i):
+    rs = np.random.RandomState(i)
+    out = {k: np.stack([v] * 8) for k, v in reference.items()}
+    # Every example different: perturbed MSA features and true positions.
+    out["msa_feat"] = out["msa_feat"] + 0.1 * rs.randn(*out["msa_feat"].shape).astype(np.float32)
+    out["atom14_gt_positions"] = out["atom14_gt_positions"] + rs.randn(
+        *out["atom14_gt_positions"].shape).astype(np.float32)
+    return out
+
+  objective = step_lib.alphafold_objective(AlphaFold(config), config)
+  # AlphaFold's learning rate (1e-3) with a 2-step warm-up, so both steps really move.
+  train_config = mlp.train_config()
+  train_config.optimizer.learning_rate = 1e-3
+  return objective, params, batch, ALPHAFOLD_RULES, train_config
+
+
+def run(setup, data: int, fsdp: int) -> dict:
+  objective, params, make_batch, rules, config = setup
   devices = jax.devices()[:data * fsdp]
   mesh = sharding_lib.make_mesh({"data": data, "fsdp": fsdp}, devices=devices)
-  config = mlp.train_config()
-  model = mlp.MLP()
   tx = optimizer_lib.make_optimizer(config.optimizer)
 
   def init(rng):
-    return state_lib.create_train_state(mlp.init_params(model), tx, rng)
+    return state_lib.create_train_state(params, tx, rng)
 
   state, shardings = sharding_lib.init_sharded(init, jax.random.PRNGKey(1), mesh=mesh,
-                                               rules=RULES)
+                                               rules=rules)
   param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
   train_step = sharding_lib.jit_train_step(
-      step_lib.make_train_step(mlp.objective(model), tx, config, mesh, param_specs),
-      shardings, mesh)
+      step_lib.make_train_step(objective, tx, config, mesh, param_specs), shardings, mesh)
   losses = []
   for i in range(2):
-    batch = sharding_lib.global_batch(mlp.make_batch(i, 8), sharding_lib.batch_sharding(mesh))
+    batch = sharding_lib.global_batch(make_batch(i), sharding_lib.batch_sharding(mesh))
     state, metrics = train_step(state, batch)
     losses.append(float(metrics["loss"]))
   specs = {sharding_lib.path_name(p): str(s.spec)
@@ -52,4 +87,7 @@ def run(data: int, fsdp: int) -> dict:
 
 
 if __name__ == "__main__":
-  print(json.dumps({shape: run(*map(int, shape.split(","))) for shape in sys.argv[1:]}))
+  args = sys.argv[1:]
+  setup = alphafold_setup() if args[0] == "--alphafold" else mlp_setup()
+  meshes = [a for a in args if a != "--alphafold"]
+  print(json.dumps({shape: run(setup, *map(int, shape.split(","))) for shape in meshes}))

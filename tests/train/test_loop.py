@@ -114,3 +114,15 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
   message = str(error.value)
   assert "3 consecutive steps up to step 7" in message
   assert "optimizer.learning_rate" in message and "last checkpoint is step 6" in message
+
+
+def test_profile_trace_is_written(tmp_path, monkeypatch):
+  from af2flax.train import loop  # pylint: disable=g-import-not-at-top
+  from tests.train import mlp  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loop, "create_model", lambda config: mlp.model_fns())
+  monkeypatch.setattr(loop, "create_input", lambda config, workdir, size: loop.InputData(
+      train=mlp.MLPInput(size), eval_batches=None))
+  metrics = loop.train_and_evaluate(
+      mlp.loop_config(num_train_steps=6, profile_steps=2, profile_first_step=2), tmp_path)
+  assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))  # TensorBoard's profile tab
+  assert metrics["train/examples_per_sec"] > 0 and "val/mse" not in metrics

@@ -13,29 +13,47 @@ from af2flax.train import sharding as sharding_lib
 from tests.conftest import REPO_ROOT
 
 
-@pytest.fixture(scope="module")
-def runs():
+def _run_meshes(*model):
   """The same two steps on one device and on meshes (8, 1) and (4, 2) of 8 CPU devices."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-  result = subprocess.run([sys.executable, "-m", "tests.train.mesh_worker", "1,1", "8,1",
-                           "4,2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+  result = subprocess.run([sys.executable, "-m", "tests.train.mesh_worker", *model, "1,1",
+                           "8,1", "4,2"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=3600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   by_name = json.loads(result.stdout.strip().splitlines()[-1])
   return {tuple(map(int, name.split(","))): value for name, value in by_name.items()}
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
-def test_mesh_gives_same_loss_and_params_as_one_device(runs, shape):
+def _assert_same(runs, shape, rtol=1e-5, atol=1e-6):
   single, sharded = runs[(1, 1)], runs[shape]
   assert sharded["devices"] == shape[0] * shape[1]
-  np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=rtol, atol=atol)
   for tree in ("params", "ema"):
     for name, value in single[tree].items():
-      np.testing.assert_allclose(sharded[tree][name], value, rtol=1e-5, atol=1e-6,
+      np.testing.assert_allclose(sharded[tree][name], value, rtol=rtol, atol=atol,
                                  err_msg=f"{tree} {name} on mesh {shape}")
   assert single["losses"][1] != single["losses"][0]  # the step really changed something
+
+
+@pytest.fixture(scope="module")
+def runs():
+  return _run_meshes()
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
+def test_mesh_gives_same_loss_and_params_as_one_device(runs, shape):
+  _assert_same(runs, shape)
+
+
+@pytest.mark.slow
+def test_alphafold_step_is_the_same_on_one_device_and_meshes(shared_dir):
+  """The af2_tiny AlphaFold: loss and updated parameters agree within 1e-5 on every mesh."""
+  del shared_dir
+  runs = _run_meshes("--alphafold")
+  for shape in [(8, 1), (4, 2)]:
+    _assert_same(runs, shape, atol=1e-5)
+  assert any("fsdp" in spec for spec in runs[(4, 2)]["specs"].values())
 
 
 def test_fsdp_axis_splits_parameters(runs):
