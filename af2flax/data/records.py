@@ -262,10 +262,11 @@ class RecordReader:
 
   def __init__(self, paths: Sequence[str], verify_checksums: bool = True,
                use_tensorflow: bool | None = None):
-    if use_tensorflow is None:
-      use_tensorflow = verify_checksums and "tensorflow" in sys.modules
+    explicit = use_tensorflow is not None
+    if not explicit:
+      use_tensorflow = sys.modules.get("tensorflow") is not None
     self._tf_reader = _tensorflow_random_reader() if use_tensorflow and verify_checksums else None
-    if use_tensorflow and verify_checksums and self._tf_reader is None:
+    if explicit and use_tensorflow and verify_checksums and self._tf_reader is None:
       raise RuntimeError("this TensorFlow has no tf_record_random_reader: use "
                          "use_tensorflow=False (numpy checksums) or verify_checksums=False")
     self.paths = tuple(str(p) for p in paths)
