@@ -41,9 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Comma-separated TFRecord directories written by `python -m af2flax.data.build_dataset`.
       "train_dirs": "",
       "eval_dirs": "",
-      # If train_dirs is empty: build the dataset from these into <workdir>/dataset first.
-      "build_structures": "",
-      "build_alignments": "",
+      # If train_dirs is empty: build datasets from these (structures dir, alignments dir or "")
+      # pairs into <workdir>/dataset on the first run.
+      "build_sources": (),
       # Validation examples held out of a built dataset (used when eval_dirs is empty).
       "num_eval_examples": 0,
       "eval_batch_size": 8,

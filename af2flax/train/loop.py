@@ -95,12 +95,9 @@ def create_model(config: ml_collections.ConfigDict) -> ModelFns:
 
 def create_input(config: ml_collections.ConfigDict, workdir: epath.Path,
                  local_batch_size: int) -> InputData:
-  """AlphaFold's tf.data input (built from `config.data`), this process's shard."""
-  from af2flax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.create_input(config.data, workdir=workdir,
-                                     local_batch_size=local_batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+  """AlphaFold's tf.data input (`config.data`, `config.dataset`), this process's shard."""
+  from af2flax.train import input as input_lib  # pylint: disable=g-import-not-at-top
+  return input_lib.create_input(config, os.fspath(workdir), local_batch_size)
 
 
 def _evaluate(eval_step, params, eval_batches, batch_sharding) -> dict[str, float]:

@@ -195,15 +195,20 @@ def sum_over_examples(fn: Any, mesh: Mesh, out_specs: PyTree, vmap_size: int = 1
     if num_local % vmap_size:
       raise ValueError(f"{num_local} examples per device is not a multiple of "
                        f"vmap_size={vmap_size}")
-    chunks = jax.tree.map(
-        lambda x: x.reshape((num_local // vmap_size, vmap_size) + x.shape[1:]), local_batch)
-    vmapped = jax.vmap(fn, in_axes=(None, 0))
-    out_shape = jax.eval_shape(vmapped, shared, jax.tree.map(lambda x: x[0], chunks))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), out_shape)
+    if vmap_size == 1:  # no batch axis at all inside: the network compiles as for one example
+      chunks, chunk_fn = local_batch, fn
+      chunk_sum = lambda out: out
+    else:
+      chunks = jax.tree.map(
+          lambda x: x.reshape((num_local // vmap_size, vmap_size) + x.shape[1:]), local_batch)
+      chunk_fn = jax.vmap(fn, in_axes=(None, 0))
+      chunk_sum = lambda out: jax.tree.map(lambda x: jnp.sum(x, axis=0), out)
+    out_shape = jax.eval_shape(
+        lambda s, c: chunk_sum(chunk_fn(s, c)), shared, jax.tree.map(lambda x: x[0], chunks))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
 
     def add_chunk(total, chunk):
-      out = vmapped(shared, chunk)
-      return jax.tree.map(lambda t, o: t + jnp.sum(o, axis=0), total, out), None
+      return jax.tree.map(jnp.add, total, chunk_sum(chunk_fn(shared, chunk))), None
 
     total, _ = jax.lax.scan(add_chunk, zeros, chunks)
     return jax.tree.map(lambda spec, sub: jax.tree.map(

@@ -94,19 +94,22 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     grads = jax.tree.map(lambda g: g / batch_size, grad_sum)
     metrics = jax.tree.map(lambda s: s / batch_size, scalar_sum)
 
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    new_ema = state_lib.ema_update(state.ema_params, new_params, ema_decay)
+    def apply_update(operands):
+      params, opt_state, ema_params, grads = operands
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return params, opt_state, state_lib.ema_update(ema_params, params, ema_decay)
 
+    # A conditional, not a select per array: one predicate feeding a select in every one of
+    # hundreds of parameter arrays made XLA:CPU compile the step 4x slower (measured, tiny
+    # AlphaFold, 188 s -> 820 s).
     finite = jnp.isfinite(metrics["loss"]) & _tree_all_finite(grads)
-    keep_if_finite = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state, ema_params = jax.lax.cond(
+        finite, apply_update, lambda operands: operands[:3],
+        (state.params, state.opt_state, state.ema_params, grads))
     skipped = (~finite).astype(jnp.int32)
     new_state = state.replace(
-        step=state.step + 1,
-        params=keep_if_finite(new_params, state.params),
-        opt_state=keep_if_finite(new_opt_state, state.opt_state),
-        ema_params=keep_if_finite(new_ema, state.ema_params),
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
         skipped_steps=state.skipped_steps + skipped,
         consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
     )
@@ -114,7 +117,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     metrics["update_grad_norm"] = optax.global_norm(grads)
     metrics["param_norm"] = optax.global_norm(new_state.params)
     metrics["learning_rate"] = jnp.asarray(
-        optimizer_lib.current_learning_rate(new_opt_state), jnp.float32)
+        optimizer_lib.current_learning_rate(new_state.opt_state), jnp.float32)
     metrics["skipped"] = skipped.astype(jnp.float32)
     metrics["skipped_steps"] = new_state.skipped_steps
     metrics["consecutive_skips"] = new_state.consecutive_skips

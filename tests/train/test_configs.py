@@ -1,0 +1,63 @@
+"""Presets: AlphaFold's training values (Suppl. 1.11, Table 4), fine-tuning derived from initial."""
+
+import importlib.util
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def _load(name):
+  path = REPO_ROOT / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"test_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert "python -m af2flax.train --config=configs/" in module.__doc__  # the exact command
+  return module.get_config()
+
+
+def test_initial_training_values():
+  config = _load("initial_training")
+  opt = config.optimizer
+  assert (opt.learning_rate, opt.b1, opt.b2, opt.eps) == (1e-3, 0.9, 0.999, 1e-6)
+  assert (opt.warmup_steps, opt.decay_steps, opt.decay_factor) == (1000, 50_000, 0.95)
+  assert (opt.clip_norm, opt.ema_decay, config.batch_size) == (0.1, 0.999, 128)
+  assert config.data.train.crop_size == 256 and config.data.train.max_msa_clusters == 128
+  assert config.data.common.max_extra_msa == 1024 and config.data.train.max_templates == 4
+  heads = config.model.heads
+  assert heads.structure_module.structural_violation_loss_weight == 0.0
+  assert heads.experimentally_resolved.weight == 0.0
+  assert heads.predicted_aligned_error.weight == 0.0
+  assert config.model.embeddings_and_evoformer.evoformer_num_block == 48
+  assert config.checkpoint.best_metric == "val/lddt_ca"
+
+
+def test_finetune_is_initial_training_with_table4_changes():
+  initial, finetune = _load("initial_training"), _load("finetune")
+  assert finetune.optimizer.learning_rate == 5e-4 and finetune.optimizer.warmup_steps == 0
+  assert finetune.data.train.crop_size == 384 and finetune.data.train.max_msa_clusters == 512
+  assert finetune.data.common.max_extra_msa == 5120
+  heads = finetune.model.heads
+  assert heads.structure_module.structural_violation_loss_weight == 1.0
+  assert heads.experimentally_resolved.weight == 0.01
+  assert heads.predicted_aligned_error.weight == 0.1
+  # Everything else is inherited.
+  for key in ("batch_size", "mesh", "sharding", "checkpoint", "seed"):
+    assert finetune[key] == initial[key], key
+  assert finetune.optimizer.clip_norm == initial.optimizer.clip_norm
+
+
+@pytest.mark.parametrize("name", ["initial_training", "finetune", "tiny"])
+def test_recycling_count_is_shared_by_model_and_data(name):
+  config = _load(name)
+  assert config.model.num_recycle == config.data.common.num_recycle
+  config.data.common.num_recycle = 2  # one override changes both (a FieldReference)
+  assert config.model.num_recycle == 2
+
+
+def test_tiny_builds_from_bundled_samples():
+  config = _load("tiny")
+  for structures, _ in config.dataset.build_sources:
+    assert (REPO_ROOT / structures).is_dir()
+  assert config.batch_size % 1 == 0 and config.num_train_steps >= 200
+  assert config.model.global_config.dtype == "float32"
