@@ -2,6 +2,8 @@
 
     python -m tests.data.no_tensorflow_worker WORKDIR [--train_steps N]
 
+With --train_steps it then runs the training command itself (`python -m af2flax.train
+--config=configs/tiny.py --config.data.backend=numpy ...`, in this process) for N steps.
 A meta-path finder hides tensorflow, tensorflow_datasets and clu, as on a GPU image without
 them: `import tensorflow` raises ModuleNotFoundError and `importlib.util.find_spec` returns None
 (etils and others probe with it). The input comes from `create_input` with config.data.backend 'auto',
@@ -15,6 +17,7 @@ import importlib.abc
 import importlib.machinery
 import json
 import pathlib
+import runpy
 import sys
 
 BLOCKED = ("tensorflow", "tensorflow_datasets", "clu")
@@ -62,6 +65,18 @@ def _write_dataset(directory: pathlib.Path) -> str:
   directory.mkdir(parents=True, exist_ok=True)
   pipeline_helpers.write_shards(directory, examples, num_shards=2)
   return str(directory)
+
+
+def _event_scalars(logdir: pathlib.Path) -> dict[str, list[float]]:
+  """tag -> values of the scalars in the TensorBoard event files under `logdir`."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  from af2flax.data import tfrecord  # pylint: disable=import-outside-toplevel
+  scalars: dict[str, list[float]] = {}
+  for path in sorted(logdir.glob("**/events.out.tfevents*")):
+    for record in tfrecord.read_tfrecord(str(path)):
+      for value in event_pb2.Event.FromString(record).summary.value:
+        scalars.setdefault(value.tag, []).append(value.simple_value)
+  return scalars
 
 
 def training_config(train_dirs: str):
@@ -122,22 +137,28 @@ def main() -> None:
   report["eval_batches"] = len(eval_batches)
   report["backend"] = inputs.train.backend
 
+  # The loop's own input module (af2flax/train/input.py) on the same records.
+  from af2flax.train import input as loop_input  # pylint: disable=import-outside-toplevel
+  loop_inputs = loop_input.create_input(config, str(workdir / "loop_input"), 1)
+  report["loop_input_msa_feat_shape"] = list(next(loop_inputs.train)["msa_feat"].shape)
+  report["loop_input_eval_batches"] = len(list(loop_inputs.eval_batches()))
+  loop_inputs.train.close()
+
   if args.train_steps:
-    from af2flax.train import loop  # pylint: disable=import-outside-toplevel
-
-    def create_input(config, workdir, local_batch_size):  # loop's signature
-      import jax  # pylint: disable=import-outside-toplevel
-      return train_input.create_input(config, workdir=str(workdir),
-                                      local_batch_size=local_batch_size,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-
-    loop.create_input = create_input
-    config.num_train_steps = args.train_steps
-    metrics = loop.train_and_evaluate(config, workdir / "train")
-    report["train_loss"] = metrics["train/loss"]
-    report["val_metrics"] = sorted(key for key in metrics if key.startswith("val/"))
-    report["finite"] = bool(all(np.isfinite(value) for value in metrics.values()))
+    train_dir = workdir / "train"
+    sys.argv = ["af2flax.train", "--config=configs/tiny.py", f"--workdir={train_dir}",
+                "--config.data.backend=numpy", f"--config.num_train_steps={args.train_steps}",
+                "--config.eval_every_steps=2", "--config.checkpoint.every_steps=2",
+                "--config.log_every_steps=1"]
+    try:
+      runpy.run_module("af2flax.train", run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+      if stop.code not in (None, 0):
+        raise
+    scalars = _event_scalars(train_dir)
+    report["train_loss"] = scalars.get("train/loss", [])
+    report["val_lddt_ca"] = scalars.get("val/lddt_ca", [])
+    report["checkpoint_dirs"] = sorted(path.name for path in (train_dir / "checkpoints").iterdir())
   report["blocked_modules_loaded"] = _loaded_blocked_modules()
   print(json.dumps(report), flush=True)
 
