@@ -68,7 +68,7 @@ def _train_config(variant: str, smoke: bool, stage: str):
 
 
 def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
-            recycles: tuple[int, ...] = RECYCLES) -> dict:
+            recycles: tuple[int, ...] = RECYCLES, profile_dir: str | None = None) -> dict:
   """Compiles the train step for one variant and times it at every recycling count."""
   import jax
   import numpy as np
@@ -117,6 +117,17 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
       times.append(time.perf_counter() - start)
     step_times[count] = statistics.median(times)
     losses[count] = float(metrics["loss"])
+
+  if profile_dir:  # A trace of two steps (perfetto JSON, readable by bench/profile_summary.py).
+    import gzip  # pylint: disable=g-import-not-at-top
+    os.makedirs(profile_dir, exist_ok=True)
+    with gzip.open(os.path.join(profile_dir, "train_step.hlo.txt.gz"), "wt") as handle:
+      handle.write(compiled.as_text())
+    batch = jax.device_put(jax.tree.map(lambda x: x[None], examples[recycles[0]]))
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(2):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
 
   # Recycles uniform in 0..3: the mean over the four counts (only when all were timed).
   expected = (sum(step_times.values()) / len(step_times) if set(recycles) == set(RECYCLES)
@@ -228,6 +239,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=10, help="timed steps per recycling count")
   parser.add_argument("--recycles", default="0,1,2,3",
                       help="recycling counts to time (all four give the expected step)")
+  parser.add_argument("--profile_dir", help="also trace two steps into this directory")
   parser.add_argument("--breakdown", action="store_true")
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--timeout", type=int, default=900, help="seconds per variant")
@@ -242,7 +254,7 @@ def main(argv=None) -> int:
     else:
       recycles = tuple(int(r) for r in args.recycles.split(","))
       print("RESULT " + json.dumps(run_one(variant, shape_name, args.steps, args.smoke,
-                                           recycles)))
+                                           recycles, args.profile_dir)))
     return 0
 
   env = dict(os.environ)
@@ -261,6 +273,8 @@ def main(argv=None) -> int:
                f"{variant},{shape_name}", "--steps", str(args.steps), "--recycles", args.recycles]
     if args.smoke:
       command.append("--smoke")
+    if args.profile_dir:
+      command += ["--profile_dir", args.profile_dir]
     try:
       done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
                             env=env, check=False)
