@@ -16,6 +16,7 @@ iterator and the validation batches (input_pipeline.resolve_backend).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import os
@@ -140,10 +141,20 @@ def make_eval_batches(table: records_lib.RecordTable, config: ml_collections.Con
     return features
 
   def batches() -> Iterator[dict[str, np.ndarray]]:
+    # At most one batch plus one example per worker in flight (not the whole validation set).
+    window = batch_size + workers
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="af2flax-eval") as pool:
-      examples = pool.map(example, range(len(records)))
+      pending = collections.deque(pool.submit(example, slot)
+                                  for slot in range(min(window, len(records))))
+      next_slot = len(pending)
       for _ in range(len(records) // batch_size):
-        yield numpy_pipeline.stack_examples([next(examples) for _ in range(batch_size)])
+        examples = []
+        for _ in range(batch_size):
+          examples.append(pending.popleft().result())
+          if next_slot < len(records):
+            pending.append(pool.submit(example, next_slot))
+            next_slot += 1
+        yield numpy_pipeline.stack_examples(examples)
 
   return batches
 
