@@ -22,6 +22,12 @@ def get_config(stage: str = "initial_training") -> ml_collections.ConfigDict:
   if stage not in STAGES:
     raise ValueError(f"Unknown training stage {stage!r}; expected one of {STAGES}")
   config = ml_collections.ConfigDict({
+      # The implementation of the input pipeline: 'tf' (tf.data with TF graph ops), 'numpy' (a
+      # worker pool and numpy transforms; no TensorFlow, for GPU images) or 'auto' (tf when
+      # TensorFlow is importable, else numpy). Both give batches of the same keys, shapes and
+      # distributions; their random draws differ (so a run resumed on the other backend does
+      # not repeat the batches an uninterrupted run would have seen).
+      "backend": "auto",
       "common": {
           # Number of recycling iterations (Suppl. 1.10): the network sees num_recycle + 1
           # MSA samples, one per iteration (leading axis R of every batch array).
@@ -94,9 +100,13 @@ def get_config(stage: str = "initial_training") -> ml_collections.ConfigDict:
           # Bad records: how many replacements a slot may draw before the pipeline gives up.
           "max_bad_record_retries": 100,
       },
-      # Runtime knobs of the tf.data pipeline; they never change the batches' content.
+      # Runtime knobs of the pipeline; they never change the batches' content.
       "pipeline": {
           "prefetch_batches": 2,
+          # numpy backend: examples computed in parallel (0: one per host CPU, at most 8) by
+          # 'thread's (numpy and BLAS release the GIL in the big ops) or 'process'es.
+          "workers": 0,
+          "worker_type": "thread",
           # Size of the pipeline's private thread pool (0: tf.data's shared pool) and the
           # threads one op may use (0: TF's default).
           "threads": 0,

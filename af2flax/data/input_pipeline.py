@@ -1,10 +1,16 @@
-"""The tf.data training input: sampled records -> fixed-size batches of AlphaFold features.
+"""The training input: sampled records -> fixed-size batches of AlphaFold features.
 
 Design (deterministic and index-based):
   step s --StepSampler(seed)--> the global batch's records (weighted PDB / distillation mixture,
   no record twice in a step, one num_iter_recycling per step) --host h takes its slots-->
-  read + decode + per-example transforms (numpy, parallel tf.data map) --> per-iteration MSA
-  features and padding (TF graph, parallel map) --> batch --> prefetch --> numpy iterator.
+  read + decode + per-example transforms (numpy) --> per-iteration MSA features and padding
+  --> batch --> prefetch --> numpy iterator.
+
+Two backends (`config.backend`, `resolve_backend`): 'tf' runs this as a tf.data pipeline (the
+per-example step in parallel maps, the MSA features as TF graph ops, msa_transforms.py);
+'numpy' needs no TensorFlow (GPU images): a thread or process pool (numpy_pipeline.py) runs the
+same per-example step and the numpy MSA features (msa_transforms_numpy.py). Both give the same
+keys, shapes and distributions; their random draws differ.
 
 Every example is a pure function of (seed, step, slot), so
   * the same seed gives the same batches whatever the thread count,
@@ -26,22 +32,28 @@ import atexit
 import hashlib
 import json
 import logging
-import threading
 import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
+from af2flax.data import fileio
 from af2flax.data import records as records_lib
-from af2flax.data import sampling
 from af2flax.data import training_example
+# The backend-neutral per-example step, and the numpy backend (re-exported: callers use them
+# from here).
+from af2flax.data.example_loader import BadRecordCounter  # noqa: F401
+from af2flax.data.example_loader import DecodeFn
+from af2flax.data.example_loader import ExampleLoader
+from af2flax.data.example_loader import default_decode_fn
+from af2flax.data.example_loader import make_sampler
+from af2flax.data.numpy_pipeline import make_numpy_batches
 
-DecodeFn = Callable[[bytes], Mapping[str, np.ndarray]]
 _LOG = logging.getLogger(__name__)
 _STATE_VERSION = 1
-# tf.data threads that call back into Python (the numpy loading step) must be stopped before the
+BACKENDS = ("tf", "numpy", "auto")
+# Pipeline threads that call back into Python (the numpy loading step) must be stopped before the
 # interpreter shuts down, or the process can hang at exit: close every live iterator at exit.
 _LIVE_ITERATORS: "weakref.WeakSet[InputIterator]" = weakref.WeakSet()
 
@@ -52,75 +64,18 @@ def _close_live_iterators() -> None:
     iterator.close()
 
 
-def default_decode_fn() -> DecodeFn:
-  """The dataset builder's record codec (af2flax/data/tfrecord.py)."""
-  from af2flax.data import tfrecord  # pylint: disable=import-outside-toplevel
-  return tfrecord.decode_example
-
-
-class BadRecordCounter:
-  """Thread-safe count (and the ids) of records the pipeline had to skip."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self.count = 0
-    self.ids: list[str] = []
-
-  def add(self, record_id: str, path: str, reason: str) -> None:
-    with self._lock:
-      self.count += 1
-      if len(self.ids) < 10_000:
-        self.ids.append(record_id)
-    _LOG.warning("skipping bad training record %s in %s (%d skipped so far): %s", record_id,
-                 path, self.count, reason)
-
-
-class ExampleLoader:
-  """(step, local example) -> the prepared example arrays, its TF seed and recycling count."""
-
-  def __init__(self, table: records_lib.RecordTable, config: ml_collections.ConfigDict, *,
-               sampler: sampling.StepSampler, seed: int, batch_size: int, process_index: int,
-               decode_fn: DecodeFn, verify_checksums: bool, counter: BadRecordCounter):
-    self.table, self.config, self.sampler = table, config, sampler
-    self.seed, self.batch_size, self.process_index = seed, batch_size, process_index
-    self.decode_fn = decode_fn
-    self.reader = records_lib.RecordReader(table.paths, verify_checksums)
-    self.counter = counter
-    self._plans: dict[int, sampling.StepPlan] = {}
-    self._lock = threading.Lock()
-
-  def plan(self, step: int) -> sampling.StepPlan:
-    with self._lock:
-      if step not in self._plans:
-        if len(self._plans) > 64:
-          self._plans.pop(min(self._plans))
-        self._plans[step] = self.sampler.plan(step)
-      return self._plans[step]
-
-  def load(self, local_index: int) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
-    """Prepared arrays, TF seed [2] and num_iter_recycling of the host's `local_index`-th example."""
-    step, position = divmod(int(local_index), self.batch_size)
-    slot = self.process_index * self.batch_size + position
-    plan = self.plan(step)
-    record, source = int(plan.records[slot]), int(plan.sources[slot])
-    retries = self.config.sampling.max_bad_record_retries
-    for attempt in range(retries + 1):
-      rng, tf_seed = sampling.example_seeds(self.seed, step, slot)
-      try:
-        raw = dict(self.decode_fn(self.reader.read(int(self.table.file_index[record]),
-                                                   int(self.table.offsets[record]))))
-        raw["is_distillation"] = np.float32(self.table.is_distillation[record])
-        prepared = training_example.prepare_example(raw, self.config, rng)
-        return prepared, tf_seed, plan.num_iter_recycling
-      except Exception as error:  # noqa: BLE001 - a long run must survive any bad record
-        self.counter.add(self.table.ids[record], self.table.paths[self.table.file_index[record]],
-                         f"{type(error).__name__}: {error}")
-        if attempt == retries:
-          raise RuntimeError(
-              f"step {step} slot {slot}: {retries + 1} records in a row were unusable; "
-              f"last error: {error}") from error
-        record = self.sampler.replacement(step, slot, attempt, source)
-    raise AssertionError("unreachable")
+def resolve_backend(config: ml_collections.ConfigDict) -> str:
+  """'tf' or 'numpy': `config.backend` ('auto': tf when TensorFlow is importable, else numpy)."""
+  backend = str(config.get("backend", "auto"))
+  if backend not in BACKENDS:
+    raise ValueError(f"config.data.backend must be one of {BACKENDS}, got {backend!r}")
+  if backend != "auto":
+    return backend
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return "numpy"
+  return "tf"
 
 
 def make_dataset(table: records_lib.RecordTable, config: ml_collections.ConfigDict, *,
@@ -144,6 +99,7 @@ def make_dataset(table: records_lib.RecordTable, config: ml_collections.ConfigDi
   Returns:
     Dataset of dicts {feature name: [batch_size, R, ...]} with training_example.batch_shapes.
   """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
     process_index = jax.process_index() if process_index is None else process_index
@@ -154,7 +110,8 @@ def make_dataset(table: records_lib.RecordTable, config: ml_collections.ConfigDi
   loader = ExampleLoader(
       table, config, sampler=sampler, seed=seed, batch_size=batch_size,
       process_index=process_index, decode_fn=decode_fn or default_decode_fn(),
-      verify_checksums=verify_checksums, counter=counter or BadRecordCounter())
+      verify_checksums=verify_checksums, counter=counter or BadRecordCounter(),
+      use_tensorflow_reader=True)
   signature = training_example.prepared_signature()
   keys = list(signature)
 
@@ -205,6 +162,7 @@ def _featurize_function(config: ml_collections.ConfigDict):
   tf.data traces a map function for every new dataset; calling an already traced tf.function
   from it reuses that graph, so re-creating the pipeline (resume, tests) costs no re-tracing.
   """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   key = config.to_json(sort_keys=True)
   if key not in _FEATURIZE_FUNCTIONS:
     frozen = ml_collections.ConfigDict(config.to_dict())
@@ -218,34 +176,26 @@ def _featurize_function(config: ml_collections.ConfigDict):
   return _FEATURIZE_FUNCTIONS[key]
 
 
-def make_sampler(table: records_lib.RecordTable, config: ml_collections.ConfigDict, *,
-                 global_batch_size: int, seed: int) -> sampling.StepSampler:
-  """The step sampler of a record table with the config's weights and mixture (Suppl. 1.2.5)."""
-  weights = sampling.weights_from_config(table.num_res, table.cluster_ids, table.is_distillation,
-                                         config.sampling)
-  weights[table.num_res <= 0] = 0.0  # records whose metadata could not be read
-  return sampling.StepSampler(
-      weights, table.is_distillation, config.sampling.distillation_fraction, global_batch_size,
-      config.common.num_recycle, config.train.uniform_recycling, seed)
-
-
 class InputIterator:
-  """Numpy batches with a checkpointable position.
+  """Numpy batches with a checkpointable position, from either backend (`resolve_backend`).
 
   `get_state()` returns a JSON-serialisable dict (the next step plus what must match on
   restore); `InputIterator(..., state=saved)` or `set_state(saved)` continues exactly there.
+  `backend` overrides config.backend ('tf' | 'numpy' | 'auto').
   """
 
   def __init__(self, table: records_lib.RecordTable, config: ml_collections.ConfigDict, *,
                batch_size: int, seed: int, process_index: int | None = None,
                process_count: int | None = None, state: Mapping[str, Any] | None = None,
                decode_fn: DecodeFn | None = None, verify_checksums: bool = True,
-               num_parallel_calls: int | None = None):
+               num_parallel_calls: int | None = None, backend: str | None = None):
     if process_index is None or process_count is None:
       import jax  # pylint: disable=import-outside-toplevel
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     self._table, self._config = table, config
+    self.backend = resolve_backend(
+        ml_collections.ConfigDict({"backend": backend or config.get("backend", "auto")}))
     self._kwargs = dict(batch_size=batch_size, seed=seed, process_index=process_index,
                         process_count=process_count, decode_fn=decode_fn,
                         verify_checksums=verify_checksums, num_parallel_calls=num_parallel_calls)
@@ -258,7 +208,9 @@ class InputIterator:
     _LIVE_ITERATORS.add(self)
 
   def close(self) -> None:
-    """Stops the background tf.data work; the next `next()` restarts at the current step."""
+    """Stops the background work; the next `next()` restarts at the current step."""
+    if self._iterator is not None and hasattr(self._iterator, "close"):
+      self._iterator.close()
     self._iterator = None
 
   @property
@@ -286,19 +238,29 @@ class InputIterator:
             "table": self._fingerprint, "config": _config_digest(self._config)}
 
   def get_state(self) -> dict[str, Any]:
-    """{'step': next step, ...identity}: JSON-serialisable, a few hundred bytes."""
-    return {"step": self._step, **self._identity(),
+    """{'step': next step, ...identity, backend}: JSON-serialisable, a few hundred bytes."""
+    return {"step": self._step, **self._identity(), "backend": self.backend,
             "process_index": int(self._kwargs["process_index"]),
             "process_count": int(self._kwargs["process_count"])}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    """Continue from a saved state; raises ValueError if it belongs to another pipeline."""
+    """Continue from a saved state; raises ValueError if it belongs to another pipeline.
+
+    A state saved by the other backend is accepted with a warning (a run may move between
+    machines with and without TensorFlow): the batches from there on are equally distributed
+    but not the ones the uninterrupted run would have seen.
+    """
     identity = self._identity()
     mismatched = {key: (state.get(key), value) for key, value in identity.items()
                   if state.get(key) != value}
     if mismatched:
       raise ValueError(f"input pipeline state does not match this pipeline "
                        f"(saved, current): {mismatched}")
+    saved_backend = state.get("backend", "tf")
+    if saved_backend != self.backend:
+      _LOG.warning("input state was saved by the %r backend; continuing at step %s with the %r "
+                   "backend (other random draws than an uninterrupted run)", saved_backend,
+                   state["step"], self.backend)
     self._step = int(state["step"])
     self.close()
 
@@ -307,18 +269,24 @@ class InputIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
-      dataset = make_dataset(self._table, self._config, start_step=self._step,
-                             counter=self.counter, **self._kwargs)
-      self._iterator = dataset.as_numpy_iterator()
+      if self.backend == "numpy":
+        self._iterator = make_numpy_batches(self._table, self._config, start_step=self._step,
+                                            counter=self.counter, **self._kwargs)
+      else:
+        dataset = make_dataset(self._table, self._config, start_step=self._step,
+                               counter=self.counter, **self._kwargs)
+        self._iterator = dataset.as_numpy_iterator()
     batch = next(self._iterator)
     self._step += 1
     return batch
 
 
 def _config_digest(config: ml_collections.ConfigDict) -> str:
-  """Digest of everything in the config that changes the batches (not the `pipeline` knobs)."""
+  """Digest of everything in the config that changes the batches (not the `pipeline` knobs;
+  not the backend, which the state records separately)."""
   content = config.to_dict()
   content.pop("pipeline", None)
+  content.pop("backend", None)
   return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -326,7 +294,7 @@ def load_table(dataset_dir: str, decode_fn: DecodeFn | None = None,
                verify_checksums: bool = True) -> records_lib.RecordTable:
   """The RecordTable of one dataset: a builder output directory (its index.tsv), or else a
   directory / glob of TFRecord shards whose metadata is read from the records themselves."""
-  if tf.io.gfile.exists(f"{dataset_dir}/{records_lib.DATASET_INFO_FILE}"):
+  if fileio.exists(f"{dataset_dir}/{records_lib.DATASET_INFO_FILE}"):
     return records_lib.table_from_dataset(dataset_dir)
   return records_lib.table_by_decoding(records_lib.shard_paths(dataset_dir),
                                        decode_fn or default_decode_fn(), verify_checksums)
@@ -340,7 +308,7 @@ def make_iterator(dataset_dirs: str | Sequence[str], config: ml_collections.Conf
   Args:
     dataset_dirs: build_dataset output directories, or directories / globs of shards.
     config: the data config; batch_size: per host; seed: the data seed.
-    **kwargs: InputIterator's (process_index, process_count, state, decode_fn, ...).
+    **kwargs: InputIterator's (process_index, process_count, state, decode_fn, backend, ...).
   """
   if isinstance(dataset_dirs, str):
     dataset_dirs = [dataset_dirs]

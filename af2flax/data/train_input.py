@@ -10,10 +10,14 @@ and `seed`:
   dataset.eval_batch_size  global validation batch.
 Validation examples are deterministic (fixed crop and MSA sample per record, no block deletion,
 the top templates, every recycling iteration) so that val metrics of different steps compare.
+`config.data.backend` picks tf.data or the TensorFlow-free numpy backend for both the training
+iterator and the validation batches (input_pipeline.resolve_backend).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import os
 import time
@@ -21,9 +25,10 @@ from typing import Callable, Iterable, Iterator
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
+from af2flax.data import fileio
 from af2flax.data import input_pipeline
+from af2flax.data import numpy_pipeline
 from af2flax.data import records as records_lib
 from af2flax.data import sampling
 from af2flax.data import training_example
@@ -52,32 +57,51 @@ def eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   return config
 
 
+def _eval_slots(num_records: int, batch_size: int, process_index: int,
+                process_count: int) -> tuple[np.ndarray, np.ndarray]:
+  """(record of each of this process's validation slots, eval_mask): records process_index,
+  +process_count, ... once each, padded with record 0 (mask 0) to whole batches."""
+  num_batches = -(-num_records // (batch_size * process_count))
+  slots = np.arange(num_batches * batch_size) * process_count + process_index
+  return np.where(slots < num_records, slots, 0), (slots < num_records).astype(np.float32)
+
+
+def _eval_example_loader(table: records_lib.RecordTable, config: ml_collections.ConfigDict,
+                         seed: int, decode_fn: input_pipeline.DecodeFn | None,
+                         use_tensorflow_reader: bool | None = None
+                         ) -> Callable[[int], tuple[dict[str, np.ndarray], np.ndarray]]:
+  """record index -> (prepared example, seed [2]): a pure function of (seed, record)."""
+  decode_fn = decode_fn or input_pipeline.default_decode_fn()
+  reader = records_lib.RecordReader(table.paths, use_tensorflow=use_tensorflow_reader)
+
+  def load(record: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    rng, example_seed = sampling.example_seeds(seed, _EVAL_STEP, record)
+    raw = dict(decode_fn(reader.read(int(table.file_index[record]), int(table.offsets[record]))))
+    raw["is_distillation"] = np.float32(table.is_distillation[record])
+    return training_example.prepare_example(raw, config, rng), example_seed
+
+  return load
+
+
 def make_eval_dataset(table: records_lib.RecordTable, config: ml_collections.ConfigDict, *,
                       batch_size: int, seed: int, process_index: int, process_count: int,
-                      decode_fn: input_pipeline.DecodeFn | None = None) -> tf.data.Dataset:
+                      decode_fn: input_pipeline.DecodeFn | None = None) -> "tf.data.Dataset":
   """This process's validation batches: records process_index, +process_count, ... once each,
   padded (eval_mask 0) so that every process yields ceil(N / (batch * processes)) batches.
 
   `config` is a data config (usually `eval_data_config(...)`); example i is a pure function of
-  (seed, i). Unreadable records raise (a validation set should be clean).
+  (seed, i). Unreadable records raise (a validation set should be clean). tf.data backend.
   """
-  decode_fn = decode_fn or input_pipeline.default_decode_fn()
-  reader = records_lib.RecordReader(table.paths)
-  num_batches = -(-len(table) // (batch_size * process_count))
-  slots = np.arange(num_batches * batch_size) * process_count + process_index
-  records = np.where(slots < len(table), slots, 0)
-  mask = (slots < len(table)).astype(np.float32)
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  load_prepared = _eval_example_loader(table, config, seed, decode_fn, use_tensorflow_reader=True)
+  records, mask = _eval_slots(len(table), batch_size, process_index, process_count)
   signature = training_example.prepared_signature()
   keys = list(signature)
   recycles = np.int32(config.common.num_recycle)
 
   def load_flat(index: np.ndarray) -> list[np.ndarray]:
-    record = int(index)
-    rng, tf_seed = sampling.example_seeds(seed, _EVAL_STEP, record)
-    raw = dict(decode_fn(reader.read(int(table.file_index[record]), int(table.offsets[record]))))
-    raw["is_distillation"] = np.float32(table.is_distillation[record])
-    prepared = training_example.prepare_example(raw, config, rng)
-    return [prepared[key] for key in keys] + [tf_seed]
+    prepared, example_seed = load_prepared(int(index))
+    return [prepared[key] for key in keys] + [example_seed]
 
   featurize_graph = input_pipeline._featurize_function(config)  # pylint: disable=protected-access
 
@@ -97,6 +121,44 @@ def make_eval_dataset(table: records_lib.RecordTable, config: ml_collections.Con
   return dataset.batch(batch_size, drop_remainder=True).prefetch(1)
 
 
+def make_eval_batches(table: records_lib.RecordTable, config: ml_collections.ConfigDict, *,
+                      batch_size: int, seed: int, process_index: int, process_count: int,
+                      decode_fn: input_pipeline.DecodeFn | None = None,
+                      workers: int | None = None
+                      ) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+  """`make_eval_dataset` without TensorFlow (numpy backend): a callable that yields this
+  process's validation batches (the same slots, eval_mask and per-record determinism), computed
+  by `workers` threads (default config.pipeline.workers)."""
+  load_prepared = _eval_example_loader(table, config, seed, decode_fn, use_tensorflow_reader=False)
+  records, mask = _eval_slots(len(table), batch_size, process_index, process_count)
+  recycles = int(config.common.num_recycle)
+  workers = numpy_pipeline.default_workers(workers or config.pipeline.get("workers", 0))
+
+  def example(slot: int) -> dict[str, np.ndarray]:
+    prepared, example_seed = load_prepared(int(records[slot]))
+    features = training_example.featurize_numpy(prepared, example_seed, recycles, config)
+    features[EVAL_MASK_KEY] = np.float32(mask[slot])
+    return features
+
+  def batches() -> Iterator[dict[str, np.ndarray]]:
+    # At most one batch plus one example per worker in flight (not the whole validation set).
+    window = batch_size + workers
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="af2flax-eval") as pool:
+      pending = collections.deque(pool.submit(example, slot)
+                                  for slot in range(min(window, len(records))))
+      next_slot = len(pending)
+      for _ in range(len(records) // batch_size):
+        examples = []
+        for _ in range(batch_size):
+          examples.append(pending.popleft().result())
+          if next_slot < len(records):
+            pending.append(pool.submit(example, next_slot))
+            next_slot += 1
+        yield numpy_pipeline.stack_examples(examples)
+
+  return batches
+
+
 def _split_dirs(value: str) -> list[str]:
   return [item.strip() for item in str(value or "").split(",") if item.strip()]
 
@@ -112,7 +174,7 @@ def _build_dataset(config: ml_collections.ConfigDict, workdir: str, process_inde
         alignments=config.dataset.get("build_alignments") or None, out=out))
   else:
     deadline = time.monotonic() + _BUILD_WAIT_S
-    while not tf.io.gfile.exists(info):
+    while not fileio.exists(info):
       if time.monotonic() > deadline:
         raise TimeoutError(f"process {process_index}: {info} did not appear (process 0 builds)")
       time.sleep(10)
@@ -158,14 +220,18 @@ def create_input(config: ml_collections.ConfigDict, *, workdir: str, local_batch
     held_out = np.sort(order[:config.dataset.num_eval_examples])
     eval_table = table.subset(held_out)
     table = table.subset(np.sort(order[config.dataset.num_eval_examples:]))
+  backend = input_pipeline.resolve_backend(config.data)
   train = input_pipeline.InputIterator(table, config.data, batch_size=local_batch_size,
                                        seed=config.seed, process_index=process_index,
-                                       process_count=process_count)
+                                       process_count=process_count, backend=backend)
   eval_batches = None
   if eval_table is not None and len(eval_table):
     eval_batch = max(1, config.dataset.get("eval_batch_size", 8) // process_count)
-    eval_dataset = make_eval_dataset(eval_table, eval_data_config(config.data),
-                                     batch_size=eval_batch, seed=config.seed,
-                                     process_index=process_index, process_count=process_count)
-    eval_batches = eval_dataset.as_numpy_iterator
+    eval_args = dict(batch_size=eval_batch, seed=config.seed, process_index=process_index,
+                     process_count=process_count)
+    if backend == "numpy":
+      eval_batches = make_eval_batches(eval_table, eval_data_config(config.data), **eval_args)
+    else:
+      eval_batches = make_eval_dataset(eval_table, eval_data_config(config.data),
+                                       **eval_args).as_numpy_iterator
   return TrainingInput(train=train, eval_batches=eval_batches)

@@ -4,11 +4,14 @@ Two stages, split by cost and by where they run (see transforms.py / msa_transfo
 
   prepare_example (numpy, once per example): canonical layout, distillation MSA subsampling,
       MSA block deletion, residue crop, template subsampling, ground-truth targets.
-  featurize (TensorFlow graph): the per-recycling-iteration MSA features, then everything padded
-      to fixed shapes with a leading recycle axis R = num_recycle + 1 (MODEL_CONTRACT section 3).
+  featurize (TensorFlow graph) or featurize_numpy (its TensorFlow-free twin): the
+      per-recycling-iteration MSA features, then everything padded to fixed shapes with a
+      leading recycle axis R = num_recycle + 1 (MODEL_CONTRACT section 3).
 
-Randomness: `prepare_example` takes a numpy Generator, `featurize` a stateless TF seed; the input
-pipeline derives both from (seed, global example slot), so an example is a pure function of them.
+Randomness: `prepare_example` takes a numpy Generator, `featurize` / `featurize_numpy` a seed [2]
+(stateless TF ops / numpy Generators per decision); the input pipeline derives both from (seed,
+global example slot), so an example is a pure function of them. TensorFlow is imported only by
+the TF functions (`featurize`, `prepared_signature`).
 """
 
 from __future__ import annotations
@@ -17,11 +20,10 @@ from typing import Any, Mapping
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from af2flax.common import residue_constants as rc
 from af2flax.data import config as data_config
-from af2flax.data import msa_transforms
+from af2flax.data import msa_transforms_numpy
 from af2flax.data import targets as targets_lib
 from af2flax.data import transforms
 
@@ -112,8 +114,9 @@ def prepare_example(raw_features: Mapping[str, np.ndarray], config: ml_collectio
   return {key: np.asarray(example[key], dtype) for key, (dtype, _) in PREPARED_SPEC.items()}
 
 
-def prepared_signature() -> dict[str, tf.TensorSpec]:
+def prepared_signature() -> dict[str, "tf.TensorSpec"]:
   """tf.TensorSpec of every `prepare_example` output (for tf.numpy_function and tests)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   return {key: tf.TensorSpec(shape, tf.as_dtype(dtype))
           for key, (dtype, shape) in PREPARED_SPEC.items()}
 
@@ -158,6 +161,8 @@ def featurize(example: Mapping[str, tf.Tensor], seed: tf.Tensor, num_iter_recycl
   (AlphaFold's make_fixed_size, zeros under zero masks) and repeated along R, as AlphaFold's
   ensembled batch has it. `num_iter_recycling` is an int32 scalar (Suppl. 1.10).
   """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from af2flax.data import msa_transforms  # pylint: disable=import-outside-toplevel
   shapes = batch_shapes(config)
   num_iterations = config.common.num_recycle + 1
   batch = msa_transforms.msa_features_per_iteration(
@@ -175,4 +180,32 @@ def featurize(example: Mapping[str, tf.Tensor], seed: tf.Tensor, num_iter_recycl
     shape = shapes[key][0][1:]
     padded = msa_transforms.pad_to(value, shape)
     batch[key] = tf.tile(padded[None], [num_iterations] + [1] * len(shape))
+  return batch
+
+
+def featurize_numpy(example: Mapping[str, np.ndarray], seed: np.ndarray, num_iter_recycling: int,
+                    config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """`featurize` without TensorFlow: the same keys, dtypes and shapes (`batch_shapes`).
+
+  The per-iteration MSA features come from msa_transforms_numpy (draws from numpy Generators
+  seeded by `seed` [2]: the same distributions as the TF backend, other values); every other
+  array is padded and repeated along R exactly as `featurize` does.
+  """
+  shapes = batch_shapes(config)
+  num_iterations = config.common.num_recycle + 1
+  batch = msa_transforms_numpy.msa_features_per_iteration(
+      example["msa"], example["deletion_matrix"], example["msa_profile"],
+      int(example["crop_start"]), int(example["seq_length"]), seed, config)
+  single = {key: example[key] for key in PREPARED_SPEC
+            if key not in ("msa", "deletion_matrix", "msa_profile", "crop_start")}
+  single["seq_mask"] = np.ones(np.shape(example["aatype"]), np.float32)
+  single["target_feat"] = msa_transforms_numpy.make_target_feat(
+      example["aatype"], example["between_segment_residues"])
+  del single["between_segment_residues"]
+  single["template_mask"] = np.ones(np.shape(example["template_aatype"])[:1], np.float32)
+  single["num_iter_recycling"] = np.int32(num_iter_recycling)
+  for key, value in single.items():
+    shape, dtype = shapes[key]
+    padded = msa_transforms_numpy.pad_to(value, shape[1:], dtype)
+    batch[key] = np.ascontiguousarray(np.broadcast_to(padded, shape))
   return batch

@@ -16,7 +16,9 @@ first `max_templates` templates in search order. For every recycling iteration (
   5. `msa_feat` (49 channels) and `target_feat` (22 channels) as in Suppl. Table 1.
 
 Pure numpy (no TensorFlow: GPU machines have none); the randomness comes from
-`numpy.random.default_rng([seed, iteration])`, so a seed gives the same batch every time.
+`numpy.random.default_rng([seed, iteration])`, so a seed gives the same batch every time. The
+masking, nearest-centre clustering and feature construction are the training input's numpy
+backend (af2flax/data/msa_transforms_numpy.py), so training and inference build `msa_feat` alike.
 Optional padding (`num_res_multiple`, `pad_msa_rows`) gives a few fixed shapes for runs over
 many sequences, so the model compiles once per shape instead of once per length; padded
 residues and rows carry mask 0.
@@ -30,10 +32,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from af2flax.common import residue_constants as rc
+from af2flax.data import msa_transforms_numpy as msa_lib
+from af2flax.data import transforms as data_transforms
 
-NUM_MSA_TOKENS = 23        # 20 amino acids, X, gap, mask token
-GAP_TOKEN = 21
-MASK_TOKEN = 22
+NUM_MSA_TOKENS = msa_lib.NUM_MSA_CLASSES        # 20 amino acids, X, gap, mask token
+GAP_TOKEN = msa_lib.GAP_INDEX
+MASK_TOKEN = msa_lib.MASK_TOKEN
 _HHBLITS_TO_OURS = np.asarray(rc.MAP_HHBLITS_AATYPE_TO_OUR_AATYPE, np.int32)
 
 # AlphaFold's inference sizes (`data.eval.max_msa_clusters`, `data.common.max_extra_msa`).
@@ -125,8 +129,9 @@ def canonical_inputs(raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def msa_profile(msa: np.ndarray) -> np.ndarray:
   """[N, 22] frequency of each residue type and gap per column (AlphaFold's hhblits_profile)."""
-  counts = np.stack([np.bincount(column, minlength=22)[:22] for column in msa.T])
-  return (counts / max(msa.shape[0], 1)).astype(np.float32)
+  if msa.shape[0] == 0:
+    return np.zeros((msa.shape[1], 22), np.float32)
+  return data_transforms.msa_profile(msa)
 
 
 def template_features(raw: Mapping[str, np.ndarray], num_res: int,
@@ -173,27 +178,16 @@ def mask_msa(msa: np.ndarray, profile: np.ndarray, config: FeatureConfig,
 
   Each position is selected with probability `masked_msa_replace_fraction`; a selected one
   becomes a uniform amino acid, a draw from its column's profile, itself, or the mask token,
-  with probabilities uniform/profile/same/rest.
+  with probabilities uniform/profile/same/rest (msa_transforms_numpy.mask_msa).
   """
-  selected = rng.random(msa.shape) < config.masked_msa_replace_fraction
-  rows, columns = np.nonzero(selected)
-  corrupted = msa.copy()
-  if rows.size:
-    probs = np.zeros((rows.size, NUM_MSA_TOKENS), np.float64)
-    probs[:, :20] += config.masked_msa_uniform_prob / 20.0
-    probs[:, :22] += config.masked_msa_profile_prob * profile[columns]
-    probs[np.arange(rows.size), msa[rows, columns]] += config.masked_msa_same_prob
-    probs[:, MASK_TOKEN] += 1.0 - (config.masked_msa_uniform_prob
-                                   + config.masked_msa_profile_prob
-                                   + config.masked_msa_same_prob)
-    cumulative = np.cumsum(probs, axis=-1)
-    draws = rng.random((rows.size, 1)) * cumulative[:, -1:]
-    corrupted[rows, columns] = np.minimum(np.sum(cumulative <= draws, axis=-1), MASK_TOKEN)
-  return corrupted, selected.astype(np.float32)
+  return msa_lib.mask_msa(msa, profile, rng, replace_fraction=config.masked_msa_replace_fraction,
+                          uniform_prob=config.masked_msa_uniform_prob,
+                          profile_prob=config.masked_msa_profile_prob,
+                          same_prob=config.masked_msa_same_prob)
 
 
 def _one_hot(tokens: np.ndarray, depth: int = NUM_MSA_TOKENS) -> np.ndarray:
-  return np.eye(depth, dtype=np.float32)[tokens]
+  return msa_lib.one_hot(tokens, depth)
 
 
 def cluster_extra_msa(centres: np.ndarray, centre_deletions: np.ndarray, extra: np.ndarray,
@@ -206,36 +200,16 @@ def cluster_extra_msa(centres: np.ndarray, centre_deletions: np.ndarray, extra: 
   (assignment [E], cluster_profile [S, N, 23], cluster_deletion_mean [S, N]); each centre
   counts itself once.
   """
-  num_centres, num_res = centres.shape
-  weights = np.ones(NUM_MSA_TOKENS, np.float32)
-  weights[GAP_TOKEN] = gap_agreement_weight
-  weights[MASK_TOKEN] = 0.0
-  centre_one_hot = (_one_hot(centres) * weights).reshape(num_centres, -1)   # [S, N*23]
-  profile_sum = np.zeros(num_centres * num_res * NUM_MSA_TOKENS, np.float64)
-  deletion_sum = np.zeros(num_centres * num_res, np.float64)
-  assignment = np.zeros(extra.shape[0], np.int64)
-  residue = np.arange(num_res)
-  for start in range(0, extra.shape[0], block_rows):
-    block = extra[start:start + block_rows]
-    agreement = _one_hot(block).reshape(block.shape[0], -1) @ centre_one_hot.T   # [B, S]
-    nearest = np.argmax(agreement, axis=-1)
-    assignment[start:start + block.shape[0]] = nearest
-    cell = nearest[:, None] * num_res + residue[None, :]                           # [B, N]
-    profile_sum += np.bincount((cell * NUM_MSA_TOKENS + block).ravel(),
-                               minlength=profile_sum.size)
-    deletion_sum += np.bincount(cell.ravel(), weights=extra_deletions[start:start + block_rows]
-                                .ravel(), minlength=deletion_sum.size)
-  members = np.bincount(assignment, minlength=num_centres).astype(np.float64)
-  counts = 1e-6 + 1.0 + members[:, None]                                          # [S, 1]
-  profile = profile_sum.reshape(num_centres, num_res, NUM_MSA_TOKENS) + _one_hot(centres)
-  deletion_mean = deletion_sum.reshape(num_centres, num_res) + centre_deletions
-  return (assignment, (profile / counts[..., None]).astype(np.float32),
-          (deletion_mean / counts).astype(np.float32))
+  agreement = msa_lib.nearest_cluster_agreement(extra, centres, gap_agreement_weight, block_rows)
+  assignment = np.argmax(agreement, axis=-1) if extra.shape[0] else np.zeros(0, np.int64)
+  summary = msa_lib.summarize_clusters(centres, np.asarray(centre_deletions, np.float32), extra,
+                                       np.asarray(extra_deletions, np.float32), assignment)
+  return assignment, summary["cluster_profile"], summary["cluster_deletion_mean"]
 
 
 def _deletion_value(deletions: np.ndarray) -> np.ndarray:
   """Deletion counts squashed to [0, 1): 2/π arctan(d / 3) (Suppl. Table 1)."""
-  return (np.arctan(deletions / 3.0) * (2.0 / np.pi)).astype(np.float32)
+  return msa_lib.deletion_value(deletions)
 
 
 def sample_iteration(inputs: Mapping[str, np.ndarray], profile: np.ndarray,
@@ -254,13 +228,8 @@ def sample_iteration(inputs: Mapping[str, np.ndarray], profile: np.ndarray,
       config.cluster_block_rows)
   keep = rng.permutation(extra.shape[0])[:config.max_extra_msa]
   extra, extra_deletions = extra[keep], extra_deletions[keep]
-  msa_feat = np.concatenate([
-      _one_hot(centres),                                   # 23
-      np.clip(centre_deletions, 0.0, 1.0)[..., None],      # has_deletion
-      _deletion_value(centre_deletions)[..., None],        # deletion_value
-      cluster_profile,                                     # 23
-      _deletion_value(cluster_deletion_mean)[..., None],   # deletion_mean_value
-  ], axis=-1)
+  msa_feat = msa_lib.make_msa_feat(centres, centre_deletions, cluster_profile,
+                                   cluster_deletion_mean)
   return {
       "msa_feat": msa_feat.astype(np.float32),
       "msa_mask": np.ones((num_centres, num_res), np.float32),
@@ -321,7 +290,7 @@ def process_features(raw: Mapping[str, np.ndarray], config: FeatureConfig,
   has_break = np.clip(inputs["between_segment_residues"], 0, 1).astype(np.float32)
   fixed = {
       "aatype": aatype,
-      "target_feat": np.concatenate([has_break[:, None], _one_hot(aatype, 21)], axis=-1),
+      "target_feat": msa_lib.make_target_feat(aatype, has_break),
       "residue_index": inputs["residue_index"],
       "seq_mask": np.ones((num_res,), np.float32),
   }

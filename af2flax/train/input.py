@@ -10,7 +10,9 @@ around it:
   * validation batches: every validation example once, with fixed randomness (the same crop and
     MSA sample at every evaluation), all recycling iterations (`num_iter_recycling` =
     `num_recycle`), padded to whole batches with `eval_mask` 0.
-This is the loop's side of the data flow; it imports TensorFlow, the train step does not.
+This is the loop's side of the data flow. With `config.data.backend` 'numpy' (or 'auto' on a
+machine without TensorFlow) neither the training iterator nor the validation batches import
+TensorFlow; the train step never does.
 """
 
 from __future__ import annotations
@@ -116,8 +118,6 @@ def validation_batches(table: records_lib.RecordTable, data_config: ml_collectio
   Process p takes records p, p + P, ...; every process yields the same number of batches of
   `global_batch_size / P` examples, padded with `eval_mask` 0.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   config = validation_data_config(data_config)
   process_count, process_index = jax.process_count(), jax.process_index()
   local_batch = global_batch_size // process_count
@@ -126,10 +126,18 @@ def validation_batches(table: records_lib.RecordTable, data_config: ml_collectio
   num_batches = -(-most_per_process // local_batch)
   decode = input_pipeline.default_decode_fn()
   num_recycle = int(config.common.num_recycle)
-  featurize = tf.function(
-      lambda ex, s: training_example.featurize(ex, s, tf.constant(num_recycle, tf.int32),
-                                               config),
-      input_signature=[training_example.prepared_signature(), tf.TensorSpec([2], tf.int64)])
+  if input_pipeline.resolve_backend(config) == "numpy":
+    def featurize(prepared: Batch, example_seed: np.ndarray) -> Batch:
+      return training_example.featurize_numpy(prepared, example_seed, num_recycle, config)
+  else:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    featurize_graph = tf.function(
+        lambda ex, s: training_example.featurize(ex, s, tf.constant(num_recycle, tf.int32),
+                                                 config),
+        input_signature=[training_example.prepared_signature(), tf.TensorSpec([2], tf.int64)])
+
+    def featurize(prepared: Batch, example_seed: np.ndarray) -> Batch:
+      return featurize_graph(prepared, tf.constant(example_seed, tf.int64))
 
   def example(record: int) -> Batch:
     reader = records_lib.RecordReader(table.paths)
@@ -137,7 +145,7 @@ def validation_batches(table: records_lib.RecordTable, data_config: ml_collectio
     raw["is_distillation"] = np.float32(table.is_distillation[record])
     rng, tf_seed = sampling.example_seeds(seed, 0, record)
     prepared = training_example.prepare_example(raw, config, rng)
-    features = featurize(prepared, tf.constant(tf_seed, tf.int64))
+    features = featurize(prepared, tf_seed)
     return {k: np.asarray(v) for k, v in features.items()}
 
   def batches() -> Iterator[Batch]:

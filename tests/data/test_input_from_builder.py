@@ -70,11 +70,15 @@ def test_real_records_give_af2_tiny_batches_and_a_finite_loss(built):
   assert iterator.bad_records == 0
 
 
-def test_create_input_for_the_train_loop(built):
+@pytest.mark.parametrize("backend", ["tf", "numpy"])
+def test_create_input_for_the_train_loop(built, backend):
   """The train loop's entry point: held-out validation records, padded validation batches,
-  a checkpointable train iterator over the rest."""
+  a checkpointable train iterator over the rest; with either backend."""
   import ml_collections  # pylint: disable=import-outside-toplevel
+  if backend == "tf":
+    pytest.importorskip("tensorflow")
   data = data_config.get_config()
+  data.backend = backend
   data.common.num_recycle = 1
   data.train.crop_size = 32
   data.train.max_msa_clusters = 4
@@ -97,6 +101,7 @@ def test_create_input_for_the_train_loop(built):
   np.testing.assert_array_equal(again["num_iter_recycling"], np.ones((2, 2)))
   batch = next(inputs[0].train)
   assert batch["aatype"].shape == (1, 2, 32) and inputs[0].train.get_state()["step"] == 1
+  assert inputs[0].train.backend == backend
   for process in inputs:
     process.train.close()
   with pytest.raises(ValueError, match="training config"):
