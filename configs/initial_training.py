@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
       "build_sources": (),
       # Validation examples held out of a built dataset (used when eval_dirs is empty).
       "num_eval_examples": 0,
+      # Also evaluate this many training examples the same way (`train_eval/...`; -1: all).
+      "num_train_eval_examples": 0,
       "eval_batch_size": 8,
   })
 

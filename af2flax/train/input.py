@@ -7,6 +7,8 @@ around it:
     of built datasets (`config.dataset.build_sources`, e.g. the bundled `data/samples`);
   * a held-out validation set: `config.dataset.eval_dirs`, or else `num_eval_examples` records
     taken out of the training table (chosen by a hash of their id, so the split never changes);
+  * optionally, the same evaluation on training examples (`num_train_eval_examples`, -1: all),
+    logged as `train_eval/...` next to the held-out `val/...`;
   * validation batches: every validation example once, with fixed randomness (the same crop and
     MSA sample at every evaluation), all recycling iterations (`num_iter_recycling` =
     `num_recycle`), padded to whole batches with `eval_mask` 0.
@@ -99,6 +101,16 @@ def split_validation(table: records_lib.RecordTable, num_eval: int
   eval_indices = np.sort(np.asarray(order[:num_eval]))
   train_indices = np.setdiff1d(np.arange(len(table)), eval_indices)
   return _subset(table, train_indices), _subset(table, eval_indices)
+
+
+def training_subset(table: records_lib.RecordTable, num: int) -> records_lib.RecordTable:
+  """`num` training records (all of them if `num` < 0 or >= their number), chosen by a hash of
+  their id, for evaluating how well the model fits its own training set."""
+  if num < 0 or num >= len(table):
+    return table
+  order = sorted(range(len(table)),
+                 key=lambda i: hashlib.sha256(table.ids[i].encode()).hexdigest())
+  return _subset(table, np.sort(np.asarray(order[:num])))
 
 
 def validation_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -195,4 +207,13 @@ def create_input(config: ml_collections.ConfigDict, workdir: str,
     eval_batches = validation_batches(eval_table, config.data,
                                       global_batch_size=dataset.eval_batch_size,
                                       seed=config.seed)
-  return loop.InputData(train=train, eval_batches=eval_batches)
+  train_eval_batches = None
+  num_train_eval = int(dataset.get("num_train_eval_examples", 0))
+  if num_train_eval:
+    train_eval_table = training_subset(table, num_train_eval)
+    logging.info("training-set evaluation on %s", list(train_eval_table.ids))
+    train_eval_batches = validation_batches(train_eval_table, config.data,
+                                            global_batch_size=dataset.eval_batch_size,
+                                            seed=config.seed)
+  return loop.InputData(train=train, eval_batches=eval_batches,
+                        train_eval_batches=train_eval_batches)

@@ -59,10 +59,39 @@ class InputData:
   eval_batches: None, or a callable returning the local validation batches; every batch has
     the same local size and an `eval_mask` [B] (0 for padding), and every process yields the
     same number of batches.
+  train_eval_batches: None, or the same for examples of the training set (with validation's
+    fixed transforms): how well the model fits what it trains on, logged as `train_eval/...`.
   """
 
   train: Iterator[Batch]
   eval_batches: Callable[[], Iterable[Batch]] | None
+  train_eval_batches: Callable[[], Iterable[Batch]] | None = None
+
+
+def model_config_for_step(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.model`, with XLA attention where the step vmaps examples on a GPU.
+
+  jax's batching rule for cuDNN attention cannot batch a bias shared over the attention
+  batch (it reshapes [V, 1, H, Q, K] as if it were [V * B, H, Q, K]), so
+  `vmap_batch_size` > 1 runs 'auto' attention through XLA (with a warning) and refuses
+  'cudnn' with a clear message instead of failing inside the trace.
+  """
+  vmap_size = int(config.get("vmap_batch_size", 1))
+  impl = config.model.global_config.get("attention_impl", "xla")
+  if vmap_size <= 1 or impl == "xla":
+    return config.model
+  if impl == "cudnn":
+    raise ValueError(f"model.global_config.attention_impl='cudnn' cannot run with "
+                     f"vmap_batch_size={vmap_size} (jax's cuDNN attention does not batch a "
+                     "shared bias under vmap): use vmap_batch_size=1 or attention_impl "
+                     "'xla'/'auto'")
+  if jax.default_backend() != "gpu":
+    return config.model  # 'auto' is XLA off GPUs anyway
+  logging.warning("vmap_batch_size=%d: attention runs through XLA, not cuDNN (jax's cuDNN "
+                  "attention does not batch a shared bias under vmap)", vmap_size)
+  model_config = ml_collections.ConfigDict(config.model.to_dict())
+  model_config.global_config.attention_impl = "xla"
+  return model_config
 
 
 def create_model(config: ml_collections.ConfigDict) -> ModelFns:
@@ -71,7 +100,7 @@ def create_model(config: ml_collections.ConfigDict) -> ModelFns:
   from af2flax.model.alphafold import AlphaFold  # pylint: disable=g-import-not-at-top
   from af2flax.train import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
 
-  model = AlphaFold(config.model)
+  model = AlphaFold(model_config_for_step(config))
   ca = residue_constants.atom_order["CA"]
 
   def init(rng, example):
@@ -99,7 +128,8 @@ def create_input(config: ml_collections.ConfigDict, workdir: epath.Path,
   return input_lib.create_input(config, os.fspath(workdir), local_batch_size)
 
 
-def _evaluate(eval_step, params, eval_batches, batch_sharding) -> dict[str, float]:
+def _evaluate(eval_step, params, eval_batches, batch_sharding,
+              prefix: str = "val") -> dict[str, float]:
   """Mean of each validation metric over the real (unmasked) examples of every process."""
   sums, count = None, 0.0
   for local_batch in eval_batches():
@@ -109,7 +139,7 @@ def _evaluate(eval_step, params, eval_batches, batch_sharding) -> dict[str, floa
     count += float(batch_count)
   if not sums or count == 0:
     return {}
-  return {f"val/{k}": float(v) / count for k, v in sums.items()}
+  return {f"{prefix}/{k}": float(v) / count for k, v in sums.items()}
 
 
 def _check_skips(consecutive_skips: jax.Array | None, max_skips: int, step: int,
@@ -257,15 +287,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               "train/examples_per_sec")))
 
       eval_metrics = None
-      if data.eval_batches is not None and config.eval_every_steps and (
+      eval_sets = [(prefix, batches) for prefix, batches in
+                   (("val", data.eval_batches), ("train_eval", data.train_eval_batches))
+                   if batches is not None]
+      if eval_sets and config.eval_every_steps and (
           step % config.eval_every_steps == 0 or step == config.num_train_steps):
         eval_start = time.monotonic()
-        eval_metrics = _evaluate(eval_step, state.ema_params, data.eval_batches,
-                                 batch_sharding)
+        eval_metrics = {}
+        for prefix, batches in eval_sets:
+          values = _evaluate(eval_step, state.ema_params, batches, batch_sharding, prefix)
+          logging.info("step %d %s (EMA params): %s", step,
+                       "validation" if prefix == "val" else "training examples", values)
+          eval_metrics.update(values)
         log_time += time.monotonic() - eval_start  # steps/s counts training time only
         last_metrics.update(eval_metrics)
         writer.write_scalars(step, eval_metrics)
-        logging.info("step %d validation (EMA params): %s", step, eval_metrics)
 
       preempted = preemption.should_stop(step)
       checkpointer.save(step, state, train_iter.get_state(), metrics=eval_metrics,

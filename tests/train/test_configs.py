@@ -61,3 +61,36 @@ def test_tiny_builds_from_bundled_samples():
     assert (REPO_ROOT / structures).is_dir()
   assert config.batch_size % 1 == 0 and config.num_train_steps >= 200
   assert config.model.global_config.dtype == "float32"
+
+
+def test_overfit_gpu_is_alphafold_with_documented_changes():
+  initial, overfit = _load("initial_training"), _load("overfit_gpu")
+  evo = overfit.model.embeddings_and_evoformer
+  assert (evo.evoformer_num_block, evo.extra_msa_stack_num_block) == (8, 1)
+  # Channel widths, heads and the structure module are model_1's.
+  for key in ("msa_channel", "pair_channel", "seq_channel", "extra_msa_channel", "evoformer"):
+    assert evo[key] == initial.model.embeddings_and_evoformer[key], key
+  assert overfit.model.heads.structure_module == initial.model.heads.structure_module
+  opt = overfit.optimizer
+  assert (opt.learning_rate, opt.b1, opt.b2, opt.eps, opt.clip_norm) == (1e-3, 0.9, 0.999,
+                                                                         1e-6, 0.1)
+  # Every chain fits the crop; ~34 training chains from the bundled data, 10 held out.
+  assert overfit.data.train.crop_size >= 173
+  for structures, _ in overfit.dataset.build_sources:
+    assert (REPO_ROOT / structures).is_dir()
+  assert overfit.dataset.num_eval_examples == 10
+  assert overfit.dataset.num_train_eval_examples == -1
+  assert overfit.checkpoint.best_metric == "train_eval/lddt_ca"
+
+
+def test_vmapped_examples_never_reach_cudnn_attention():
+  from af2flax.train import loop  # pylint: disable=g-import-not-at-top
+  config = _load("tiny")
+  config.vmap_batch_size = 1
+  config.model.global_config.attention_impl = "cudnn"
+  assert loop.model_config_for_step(config) is config.model
+  config.vmap_batch_size = 2
+  with pytest.raises(ValueError, match="vmap_batch_size=2"):
+    loop.model_config_for_step(config)
+  config.model.global_config.attention_impl = "auto"  # XLA on this CPU anyway
+  assert loop.model_config_for_step(config).global_config.attention_impl in ("auto", "xla")
