@@ -17,36 +17,24 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from af2flax.losses.total import alphafold_loss  # pylint: disable=g-import-not-at-top,wrong-import-position
-from af2flax.model import import_af2  # pylint: disable=wrong-import-position
-from af2flax.model.alphafold import AlphaFold, slice_recycle  # pylint: disable=wrong-import-position
-from af2flax.model.config import from_alphafold_dict  # pylint: disable=wrong-import-position
 from af2flax.tools import parity  # pylint: disable=wrong-import-position
 
 
 def losses(params_haiku, batch, alphafold_config, dtype: str) -> dict[str, float]:
-  config = from_alphafold_dict(alphafold_config, dtype=dtype, use_remat=False,
-                               low_memory=False)
-  model = AlphaFold(config)
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
-  params = import_af2.flax_from_haiku(params_haiku, expected, source="params.npz")
+  params, loss_fn = parity.imported_loss_fn(params_haiku, batch, alphafold_config, dtype)
 
-  def loss_fn(p, features):
-    outputs = model.apply(p, features, deterministic=True)
-    final = slice_recycle(features, jnp.minimum(features["num_iter_recycling"][0],
-                                                config.num_recycle))
-    total, aux = alphafold_loss(final, outputs, config.heads)
-    aux = {k: v for k, v in aux.items() if k.endswith("loss") and jnp.ndim(v) == 0}
-    aux["total_loss"] = total
-    return aux
+  def scalar_losses(p, features):
+    total, (_, aux) = loss_fn(p, features)
+    values = {k: v for k, v in aux.items() if k.endswith("loss") and jnp.ndim(v) == 0}
+    values["total_loss"] = total
+    return values
 
   with jax.default_matmul_precision("float32" if dtype == "float32" else "default"):
-    values = jax.jit(loss_fn)(params, batch)
+    values = jax.jit(scalar_losses)(params, batch)
   return {k: float(v) for k, v in jax.device_get(values).items()}
 
 

@@ -121,6 +121,27 @@ def flatten_outputs(outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return flat
 
 
+def imported_loss_fn(params_haiku: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
+                     alphafold_config: Mapping[str, Any], dtype: str = "float32"):
+  """(our params imported from Haiku's, loss_fn(params, batch) -> (total, (outputs, aux))):
+  AlphaFold's network from its config dict with activations in `dtype`, deterministic, the
+  loss on the final recycling iteration."""
+  config = from_alphafold_dict(alphafold_config, dtype=dtype, use_remat=False,
+                               low_memory=False)
+  model = AlphaFold(config)
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
+  params = import_af2.flax_from_haiku(params_haiku, expected, source="params.npz")
+
+  def loss_fn(p, features):
+    outputs = model.apply(p, features, deterministic=True)
+    final = slice_recycle(features, jnp.minimum(features["num_iter_recycling"][0],
+                                                config.num_recycle))
+    total, aux = alphafold_loss(final, outputs, config.heads)
+    return total, (outputs, aux)
+
+  return params, loss_fn
+
+
 def run_model(params_haiku: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
               alphafold_config: Mapping[str, Any]):
   """Forward, loss and gradient of our model in float32, deterministic.
@@ -135,19 +156,7 @@ def run_model(params_haiku: Mapping[str, np.ndarray], batch: Mapping[str, np.nda
 
   Returns (flat outputs incl. loss terms, {haiku key: gradient}).
   """
-  config = from_alphafold_dict(alphafold_config, dtype="float32", use_remat=False,
-                               low_memory=False)
-  model = AlphaFold(config)
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
-  params = import_af2.flax_from_haiku(params_haiku, expected, source="params.npz")
-
-  def loss_fn(p, features):
-    outputs = model.apply(p, features, deterministic=True)
-    final = slice_recycle(features, jnp.minimum(features["num_iter_recycling"][0],
-                                                config.num_recycle))
-    total, aux = alphafold_loss(final, outputs, config.heads)
-    return total, (outputs, aux)
-
+  params, loss_fn = imported_loss_fn(params_haiku, batch, alphafold_config, "float32")
   constant_batch = {key: np.asarray(value) for key, value in batch.items()}
   with jax.default_matmul_precision("float32"):
     _, (outputs, aux) = jax.jit(loss_fn)(params, batch)
