@@ -33,6 +33,18 @@ def built(shared_dir, tmp_path_factory):
   return out
 
 
+def _af2_tiny_data_config():
+  """The data config whose batches have af2_tiny's shapes (crop 40, 8 + 16 MSA rows, 2
+  templates, 1 recycle)."""
+  config = data_config.get_config()
+  config.common.num_recycle = 1
+  config.train.crop_size = 40
+  config.train.max_msa_clusters = 8
+  config.common.max_extra_msa = 16
+  config.train.max_templates = 2
+  return config
+
+
 def test_table_from_the_builder_index(built):
   table = input_pipeline.load_table(str(built))
   assert sorted(table.ids) == ["1ahs_A", "2cvi_A", "2q2k_A", "2q2k_B"]
@@ -43,12 +55,7 @@ def test_table_from_the_builder_index(built):
 
 def test_real_records_give_af2_tiny_batches_and_a_finite_loss(built):
   from tests.losses import af2_tiny  # pylint: disable=import-outside-toplevel
-  config = data_config.get_config()
-  config.common.num_recycle = 1
-  config.train.crop_size = 40
-  config.train.max_msa_clusters = 8
-  config.common.max_extra_msa = 16
-  config.train.max_templates = 2
+  config = _af2_tiny_data_config()
   iterator = input_pipeline.make_iterator(str(built), config, batch_size=2, seed=0,
                                           process_index=0, process_count=1)
   batches = [next(iterator) for _ in range(3)]
@@ -117,12 +124,7 @@ def test_a_real_batch_trains_the_tiny_model(built):
   from af2flax.tools import parity  # pylint: disable=import-outside-toplevel
   from tests.conftest import REFERENCE  # pylint: disable=import-outside-toplevel
   params, reference_batch, _, model_config = parity.load_reference(REFERENCE / "af2_tiny")
-  config = data_config.get_config()
-  config.common.num_recycle = 1
-  config.train.crop_size = 40
-  config.train.max_msa_clusters = 8
-  config.common.max_extra_msa = 16
-  config.train.max_templates = 2
+  config = _af2_tiny_data_config()
   iterator = input_pipeline.make_iterator(str(built), config, batch_size=1, seed=3,
                                           process_index=0, process_count=1)
   batch = next(iterator)
