@@ -90,14 +90,19 @@ def _subset(table: records_lib.RecordTable, indices: np.ndarray) -> records_lib.
       is_distillation=table.is_distillation[indices])
 
 
+def _hash_order(table: records_lib.RecordTable) -> list[int]:
+  """Record indices ordered by a hash of their ids: a split that never depends on file order."""
+  return sorted(range(len(table)),
+                key=lambda i: hashlib.sha256(table.ids[i].encode()).hexdigest())
+
+
 def split_validation(table: records_lib.RecordTable, num_eval: int
                      ) -> tuple[records_lib.RecordTable, records_lib.RecordTable]:
   """(training, validation) tables: `num_eval` records chosen by a hash of their id."""
   if num_eval >= len(table):
     raise ValueError(f"num_eval_examples={num_eval} leaves no training example out of "
                      f"{len(table)}")
-  order = sorted(range(len(table)),
-                 key=lambda i: hashlib.sha256(table.ids[i].encode()).hexdigest())
+  order = _hash_order(table)
   eval_indices = np.sort(np.asarray(order[:num_eval]))
   train_indices = np.setdiff1d(np.arange(len(table)), eval_indices)
   return _subset(table, train_indices), _subset(table, eval_indices)
@@ -108,9 +113,7 @@ def training_subset(table: records_lib.RecordTable, num: int) -> records_lib.Rec
   their id, for evaluating how well the model fits its own training set."""
   if num < 0 or num >= len(table):
     return table
-  order = sorted(range(len(table)),
-                 key=lambda i: hashlib.sha256(table.ids[i].encode()).hexdigest())
-  return _subset(table, np.sort(np.asarray(order[:num])))
+  return _subset(table, np.sort(np.asarray(_hash_order(table)[:num])))
 
 
 def validation_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
