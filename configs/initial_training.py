@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
       # If train_dirs is empty: build datasets from these (structures dir, alignments dir or "")
       # pairs into <workdir>/dataset on the first run.
       "build_sources": (),
+      # Å recorded for built structures whose file gives no resolution (header-less PDB
+      # files); 0 leaves it unknown, and the resolution-filtered losses skip those examples.
+      "default_resolution": 0.0,
       # Validation examples held out of a built dataset (used when eval_dirs is empty).
       "num_eval_examples": 0,
       # Also evaluate this many training examples the same way (`train_eval/...`; -1: all).

@@ -59,6 +59,9 @@ class BuildOptions:
   max_templates: int = 20
   kalign_binary_path: str = "kalign"
   progress: bool = True
+  # Resolution (Å) recorded for structures whose file gives none (e.g. PDB files without a
+  # header); None leaves it unknown (0), which AlphaFold's resolution-filtered losses skip.
+  default_resolution: float | None = None
 
 
 @dataclasses.dataclass
@@ -192,6 +195,8 @@ def _manifest(options: BuildOptions, files: Sequence[str]) -> dict[str, Any]:
   described = dataclasses.asdict(options)
   for key in ("workers", "progress", "out"):
     described.pop(key)
+  if described["default_resolution"] is None:  # datasets built before the option resume
+    described.pop("default_resolution")
   return {"format": FORMAT, "inputs_sha256": listing.hexdigest(), "num_inputs": len(files),
           "options": described}
 
@@ -201,7 +206,8 @@ def _example_config(options: BuildOptions) -> ExampleConfig:
       structure_dir=options.template_structures or options.structures,
       max_template_date=options.max_template_date, max_hits=options.max_templates,
       kalign=Kalign(options.kalign_binary_path, timeout_s=120))
-  return ExampleConfig(filters=options.filters, templates=templates)
+  return ExampleConfig(filters=options.filters, templates=templates,
+                       default_resolution=options.default_resolution)
 
 
 class _ShardWriter:
@@ -376,6 +382,11 @@ def argument_parser() -> argparse.ArgumentParser:
   parser.add_argument("--max_templates", type=int, default=20)
   parser.add_argument("--kalign_binary_path", default="kalign")
   parser.add_argument("--max_resolution", type=float, default=9.0, help="Å; <= 0 disables")
+  parser.add_argument("--default_resolution", type=float, default=0.0,
+                      help="Å recorded for structures whose file gives no resolution (PDB "
+                      "files without a header); 0 leaves it unknown, and AlphaFold's "
+                      "resolution-filtered losses (pLDDT, experimentally resolved, pAE) then "
+                      "skip those examples")
   parser.add_argument("--min_length", type=int)
   parser.add_argument("--max_length", type=int)
   parser.add_argument("--min_distinct_residue_types", type=int)
@@ -403,7 +414,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
       is_distillation=args.distillation, filters=filters,
       template_structures=absolute(args.template_structures),
       max_template_date=args.max_template_date, max_templates=args.max_templates,
-      kalign_binary_path=args.kalign_binary_path, progress=not args.no_progress)
+      kalign_binary_path=args.kalign_binary_path, progress=not args.no_progress,
+      default_resolution=args.default_resolution if args.default_resolution > 0 else None)
 
 
 def parse_args(argv: Sequence[str]) -> BuildOptions:

@@ -97,6 +97,8 @@ class ExampleConfig:
   msa_max_hits: Mapping[str, int] = dataclasses.field(
       default_factory=lambda: dict(pipeline.DEFAULT_MAX_HITS))
   templates: TemplateFeaturizer | None = None   # None: no template features (T = 0)
+  # Å recorded where the structure file gives no resolution; None: unknown (0).
+  default_resolution: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +218,8 @@ def make_example(source: ChainSource, config: ExampleConfig = ExampleConfig(),
   features.update({
       "all_atom_positions": chain.positions,
       "all_atom_mask": chain.mask,
-      "resolution": np.array([chain.resolution or 0.0], np.float32),
+      "resolution": np.array([chain.resolution or config.default_resolution or 0.0],
+                             np.float32),
       "release_date": np.array([(chain.release_date or "").encode()], object),
       "chain_id": np.array([source.example_id.encode()], object),
       "cluster_id": np.array([source.cluster_id], np.int32),

@@ -43,8 +43,11 @@ Batch = dict[str, np.ndarray]
 EVAL_MASK_KEY = loop.EVAL_MASK_KEY
 
 
-def build_datasets(sources: Sequence[Sequence[str]], out_dir: str) -> list[str]:
+def build_datasets(sources: Sequence[Sequence[str]], out_dir: str,
+                   default_resolution: float = 0.0) -> list[str]:
   """Runs the dataset builder for each (structures[, alignments]) source into `out_dir/<i>`.
+
+  `default_resolution` (Å, 0: none) is recorded for structures whose file gives none.
 
   Process 0 builds, the others wait. The builder is resumable and byte-deterministic, so a
   second run (or a resumed training run) only checks that every shard is there.
@@ -61,6 +64,8 @@ def build_datasets(sources: Sequence[Sequence[str]], out_dir: str) -> list[str]:
                  "--no_progress"]
       if alignments:
         command += ["--alignments", alignments]
+      if default_resolution:
+        command += ["--default_resolution", str(default_resolution)]
       logging.info("building the dataset %s from %s", dataset_dir, structures)
       result = subprocess.run(command, capture_output=True, text=True, check=False)
       logging.info("%s", result.stdout.strip())
@@ -192,7 +197,8 @@ def create_input(config: ml_collections.ConfigDict, workdir: str,
       raise ValueError("config.dataset.train_dirs is empty and config.dataset.build_sources "
                        "names nothing to build: give the TFRecord directories written by "
                        "`python -m af2flax.data.build_dataset`")
-    train_dirs = build_datasets(dataset.build_sources, os.path.join(workdir, "dataset"))
+    train_dirs = build_datasets(dataset.build_sources, os.path.join(workdir, "dataset"),
+                                float(dataset.get("default_resolution", 0.0)))
   table = _load_tables(train_dirs)
   eval_dirs = [d for d in dataset.eval_dirs.split(",") if d]
   eval_table = None

@@ -204,3 +204,26 @@ def test_tfds_builder_exposes_the_same_records(built, tmp_path):
       else:
         assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
         assert got[name].tobytes() == want[name].tobytes(), name
+
+
+def test_default_resolution_for_structures_without_one(tmp_path):
+  """Header-less PDB chains have no resolution: unknown (0) unless --default_resolution gives
+  one; a structure that states its resolution keeps it. The option is part of the manifest."""
+  structures = tmp_path / "structures"
+  structures.mkdir()
+  (structures / "2cviA.pdb.gz").symlink_to(PDB_CHAINS / "2cviA.pdb.gz")   # no header
+  (structures / "2q2k.cif").symlink_to(OPENFOLD / "mmcifs" / "2q2k.cif")  # 3.0 Å
+  resolutions = {}
+  for name, argv in (("plain", []), ("given", ["--default_resolution", "2.5"])):
+    options = build_dataset.parse_args(["--structures", str(structures), "--out",
+                                        str(tmp_path / name), "--workers", "1",
+                                        "--no_progress"] + argv)
+    build_dataset.build(options)
+    resolutions[name] = {row["id"]: float(row["resolution"])
+                         for row in read_tsv(tmp_path / name / "index.tsv")}
+  assert resolutions["plain"] == {"2cvi_A": 0.0, "2q2k_A": 3.0, "2q2k_B": 3.0}
+  assert resolutions["given"] == {"2cvi_A": 2.5, "2q2k_A": 3.0, "2q2k_B": 3.0}
+  with pytest.raises(ValueError, match="holds a build of other inputs or options"):
+    build_dataset.build(build_dataset.parse_args(
+        ["--structures", str(structures), "--out", str(tmp_path / "plain"), "--workers", "1",
+         "--no_progress", "--default_resolution", "2.5"]))
