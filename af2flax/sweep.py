@@ -28,6 +28,8 @@ from typing import Any, Mapping, Sequence
 from absl import app
 from absl import flags
 
+from af2flax.common import config_files
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Sweep file (configs/sweeps/*.py) with get_sweep().")
 flags.DEFINE_string("workdir", None, "Parent directory: each run writes to workdir/<run name>.")
@@ -103,12 +105,9 @@ def expand(sweep: Mapping[str, Any], workdir: str, python: str = sys.executable,
 
 
 def _load_preset(path: str) -> Any:
-  spec = importlib.util.spec_from_file_location("af2flax_sweep_preset", path)
-  if spec is None or not pathlib.Path(path).is_file():
+  if not pathlib.Path(path).is_file():
     raise SweepError(f"{path}: preset config file not found")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_files.load_config_file(path, "af2flax_sweep_preset")
 
 
 def main(argv: Sequence[str]) -> None:

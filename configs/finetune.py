@@ -12,26 +12,15 @@ an imported AlphaFold model:
         --config.dataset.train_dirs=gs://BUCKET/af2/pdb,gs://BUCKET/af2/distillation
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from af2flax.common import config_files
 from af2flax.data import config as data_config_lib
 from af2flax.losses import total as total_loss_lib
 
 
-def _initial_training_config() -> ml_collections.ConfigDict:
-  """get_config() of initial_training.py beside this file (works from any directory)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "initial_training.py")
-  spec = importlib.util.spec_from_file_location("af2flax_configs_initial_training", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def get_config() -> ml_collections.ConfigDict:
-  config = _initial_training_config()
+  config = config_files.sibling_config(__file__, "initial_training")
   config.model.heads = total_loss_lib.apply_training_stage(config.model.heads, "finetuning",
                                                            train_pae=True)
   config.data = data_config_lib.get_config("finetuning")

@@ -30,22 +30,13 @@ validation set (`val/...`), every training chain is evaluated as `train_eval/...
 Re-running the command resumes from the latest checkpoint (also after SIGTERM).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _initial_training_config() -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "initial_training.py")
-  spec = importlib.util.spec_from_file_location("af2flax_configs_initial_training", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from af2flax.common import config_files
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = _initial_training_config()
+  config = config_files.sibling_config(__file__, "initial_training")
 
   # XLA attention: the cuDNN fused path does not batch under vmap (vmap_batch_size > 1) with a
   # bias shared across rows (jax's cuDNN batching rule; bench/attention.py).

@@ -13,22 +13,13 @@ validation. Run from the repository root:
 Running it again resumes; `tensorboard --logdir /tmp/af2flax_tiny` shows the curves.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _initial_training_config() -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "initial_training.py")
-  spec = importlib.util.spec_from_file_location("af2flax_configs_initial_training", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from af2flax.common import config_files
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = _initial_training_config()
+  config = config_files.sibling_config(__file__, "initial_training")
 
   model = config.model
   evo = model.embeddings_and_evoformer
