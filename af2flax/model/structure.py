@@ -213,7 +213,10 @@ class FoldIteration(nn.Module):
     """
     act, quat, trans = carry
     c = self.config
-    dropout = nn.Dropout(rate=c.dropout, deterministic=deterministic)
+    # As the Evoformer's dropout (primitives.ResidualDropout): off in evaluation and whenever
+    # `global_config.deterministic` is set.
+    dropout = nn.Dropout(rate=c.dropout,
+                         deterministic=deterministic or bool(self.global_config.deterministic))
     frames = Rigid(rot=quat_to_rot(quat, normalize=False), trans=trans)
     act = act + InvariantPointAttention(c, self.global_config, dtype=self.dtype,
                                         name="invariant_point_attention")(
