@@ -60,6 +60,13 @@ def random_params(abstract):
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+def _worker_env() -> dict:
+  """The worker's environment: the caller's, with the repository put first on PYTHONPATH
+  (kept, not replaced: packages may come from an existing PYTHONPATH)."""
+  path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+  return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
 def run_one(args: argparse.Namespace) -> dict:
   """One (length, chunk) measurement in this process; returns the row as a dict."""
   import jax
@@ -182,7 +189,7 @@ def main() -> int:
       command = _worker_command(args, length, chunk)
       try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                              check=False, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+                              check=False, env=_worker_env())
         results = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if results:
           row = json.loads(results[-1])

@@ -166,10 +166,23 @@ def test_bfloat16_compute_keeps_float32_geometry(tiny, fp32_outputs):
 def test_dropout_when_not_deterministic(tiny, fp32_outputs):
   sm_params, batch, _, config, representations = tiny
   rngs = {"dropout": jax.random.PRNGKey(3)}
-  train = _apply(_with_dropout(config, 0.1), sm_params, representations, batch,
-                 deterministic=False, rngs=rngs)
+  config = _with_dropout(config, 0.1)
+  config.global_config.deterministic = False  # af2_tiny's config (the dump's) has it on
+  train = _apply(config, sm_params, representations, batch, deterministic=False, rngs=rngs)
   assert np.all(np.isfinite(np.asarray(train["final_atom_positions"])))
   assert not np.allclose(np.asarray(train["act"]), np.asarray(fp32_outputs["act"]), atol=1e-3)
+
+
+def test_global_deterministic_switches_dropout_off(tiny, fp32_outputs):
+  """`global_config.deterministic` turns the structure module's dropout off in training too,
+  as it does the Evoformer's (AlphaFold's FoldIteration honours the same flag)."""
+  sm_params, batch, _, config, representations = tiny
+  config = _with_dropout(config, 0.1)
+  config.global_config.deterministic = True
+  train = _apply(config, sm_params, representations, batch, deterministic=False,
+                 rngs={"dropout": jax.random.PRNGKey(3)})
+  np.testing.assert_allclose(np.asarray(train["act"]), np.asarray(fp32_outputs["act"]),
+                             rtol=1e-5, atol=1e-5)
 
 
 def _random_frames(rng, num_res):

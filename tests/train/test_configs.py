@@ -66,7 +66,15 @@ def test_tiny_builds_from_bundled_samples():
 def test_overfit_gpu_is_alphafold_with_documented_changes():
   initial, overfit = _load("initial_training"), _load("overfit_gpu")
   evo = overfit.model.embeddings_and_evoformer
-  assert (evo.evoformer_num_block, evo.extra_msa_stack_num_block) == (8, 1)
+  assert (evo.evoformer_num_block, evo.extra_msa_stack_num_block) == (4, 1)
+  # The second run's documented changes (docs/training_run.md): no dropout, no remat, FAPE
+  # clamped for half the examples, header-less chains at 2.0 Å.
+  gc = overfit.model.global_config
+  assert (gc.deterministic, gc.use_remat) == (True, False)
+  assert initial.model.global_config.deterministic is False
+  assert overfit.data.train.clamp_fape_prob == 0.5
+  assert initial.data.train.clamp_fape_prob == 0.9
+  assert overfit.dataset.default_resolution == 2.0
   # Channel widths, heads and the structure module are model_1's.
   for key in ("msa_channel", "pair_channel", "seq_channel", "extra_msa_channel", "evoformer"):
     assert evo[key] == initial.model.embeddings_and_evoformer[key], key
