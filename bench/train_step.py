@@ -4,6 +4,7 @@
     python bench/train_step.py --variants bf16-cudnn,fp32-xla --shapes initial,finetune
     python bench/train_step.py --breakdown             # time per module (forward+backward)
     python bench/train_step.py --smoke                 # tiny model on the CPU (checks the script)
+    python bench/train_step.py --lower_only            # tracing + lowering only (any device)
 
 The step is the product's own (`af2flax.train.step.make_train_step` with
 `alphafold_objective`): the model with random recycling (`num_iter_recycling` no-gradient
@@ -100,9 +101,11 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   train_step = step_lib.make_train_step(
       step_lib.alphafold_objective(model, config.model), optimizer, config, mesh)
   step_fn = jax.jit(train_step, donate_argnums=0)
+  trace_s, lower_s, lowered = _trace_and_lower(step_fn, state, first)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, first).compile()
-  compile_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  xla_compile_s = time.perf_counter() - start
+  compile_s = trace_s + lower_s + xla_compile_s
 
   step_times, losses = {}, {}
   for count in recycles:
@@ -142,6 +145,7 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   return {
       "variant": variant, "shapes": shape_name, "ok": True, "device": device.device_kind,
       "jax": jax.__version__, "init_s": init_s, "compile_s": compile_s,
+      "trace_s": trace_s, "lower_s": lower_s, "xla_compile_s": xla_compile_s,
       "step_s": {str(k): v for k, v in step_times.items()}, "expected_s": expected,
       "tflops": timed_flops / timed / 1e12, "forward_flop": forward,
       "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None,
@@ -149,6 +153,48 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
       "remat_policy": config.model.global_config.get("remat_policy"),
       "use_remat": bool(config.model.global_config.get("use_remat", False)),
   }
+
+
+def _trace_and_lower(step_fn, state, batch):
+  """Python tracing and lowering to StableHLO, timed apart from XLA's compilation: these two
+  are the same on every backend, so a CPU measures them for the GPU."""
+  start = time.perf_counter()
+  traced = step_fn.trace(state, batch)
+  trace_s = time.perf_counter() - start
+  start = time.perf_counter()
+  lowered = traced.lower()
+  return trace_s, time.perf_counter() - start, lowered
+
+
+def run_lower_only(variant: str, shape_name: str, smoke: bool) -> dict:
+  """Traces and lowers the train step on abstract parameters (no initialisation, no XLA
+  compilation): the device-independent part of the compile time, and the program's size."""
+  import jax
+
+  from af2flax.model.alphafold import AlphaFold
+  from af2flax.train import optimizer as optimizer_lib
+  from af2flax.train import sharding as sharding_lib
+  from af2flax.train import state as state_lib
+  from af2flax.train import step as step_lib
+  from model_step import SHAPES, _training_example
+
+  stage = "finetune" if shape_name == "finetune" else "initial_training"
+  config = _train_config(variant, smoke, stage)
+  example = _training_example(SHAPES[shape_name], config.model.num_recycle + 1, 0)
+  first = jax.tree.map(lambda x: x[None], example)
+  model = AlphaFold(config.model)
+  params = jax.eval_shape(lambda k: model.init(k, example)["params"], jax.random.PRNGKey(0))
+  optimizer = optimizer_lib.make_optimizer(config.optimizer)
+  state = jax.eval_shape(
+      lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  train_step = step_lib.make_train_step(
+      step_lib.alphafold_objective(model, config.model), optimizer, config, mesh)
+  trace_s, lower_s, lowered = _trace_and_lower(jax.jit(train_step), state, first)
+  text = lowered.as_text()
+  return {"variant": variant, "shapes": shape_name, "trace_s": trace_s, "lower_s": lower_s,
+          "stablehlo_lines": text.count("\n"), "device": jax.devices()[0].device_kind,
+          "jax": jax.__version__}
 
 
 def run_breakdown(variant: str, steps: int, smoke: bool) -> list[dict]:
@@ -228,7 +274,8 @@ def _format(rows: list[dict]) -> str:
     lines.append(f"{row['variant']:20s} {row['shapes']:8s} {cell(steps.get('0'), 7, '7.3f')} "
                  f"{cell(steps.get('3'), 7, '7.3f')} {cell(row['expected_s'], 8, '8.3f')} "
                  f"{row['tflops']:8.1f} {row['peak_gib'] or 0:8.2f} "
-                 f"{row['compile_s']:9.1f}  {row['device']}, jax {row['jax']}")
+                 f"{row['compile_s']:9.1f}  {row['device']}, jax {row['jax']}, "
+                 f"trace+lower {row['trace_s'] + row['lower_s']:.1f} s")
   return "\n".join(lines)
 
 
@@ -241,11 +288,23 @@ def main(argv=None) -> int:
                       help="recycling counts to time (all four give the expected step)")
   parser.add_argument("--profile_dir", help="also trace two steps into this directory")
   parser.add_argument("--breakdown", action="store_true")
+  parser.add_argument("--lower_only", action="store_true",
+                      help="only trace and lower (no init, no XLA compile): the compile time's "
+                      "device-independent part, measurable on a CPU")
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--timeout", type=int, default=900, help="seconds per variant")
   parser.add_argument("--json", help="also write the rows to this file")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+
+  if args.lower_only:
+    print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}")
+    for shape_name in args.shapes.split(","):
+      for variant in args.variants.split(","):
+        row = run_lower_only(variant, "smoke" if args.smoke else shape_name, args.smoke)
+        print(f"{variant:20s} {row['shapes']:8s} {row['trace_s']:8.1f} {row['lower_s']:8.1f} "
+              f"{row['stablehlo_lines']:16d}  {row['device']}, jax {row['jax']}")
+    return 0
 
   if args.one:
     variant, shape_name = args.one.split(",")
