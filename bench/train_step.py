@@ -68,38 +68,48 @@ def _train_config(variant: str, smoke: bool, stage: str):
   return config
 
 
+def _step_parts(variant: str, shape_name: str, smoke: bool):
+  """(config, model, optimizer, un-jitted train step) of the preset that `shape_name` belongs
+  to, with the variant's model settings, on a one-device mesh."""
+  import jax
+
+  from af2flax.model.alphafold import AlphaFold
+  from af2flax.train import optimizer as optimizer_lib
+  from af2flax.train import sharding as sharding_lib
+  from af2flax.train import step as step_lib
+
+  stage = "finetune" if shape_name == "finetune" else "initial_training"
+  config = _train_config(variant, smoke, stage)
+  model = AlphaFold(config.model)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer)
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  train_step = step_lib.make_train_step(
+      step_lib.alphafold_objective(model, config.model), optimizer, config, mesh)
+  return config, model, optimizer, train_step
+
+
 def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
             recycles: tuple[int, ...] = RECYCLES, profile_dir: str | None = None) -> dict:
   """Compiles the train step for one variant and times it at every recycling count."""
   import jax
   import numpy as np
 
-  from af2flax.model.alphafold import AlphaFold
   from af2flax.model.flops import forward_flops, train_step_flops
-  from af2flax.train import optimizer as optimizer_lib
-  from af2flax.train import sharding as sharding_lib
   from af2flax.train import state as state_lib
-  from af2flax.train import step as step_lib
   from model_step import SHAPES, _training_example
 
-  stage = "finetune" if shape_name == "finetune" else "initial_training"
-  config = _train_config(variant, smoke, stage)
+  config, model, optimizer, train_step = _step_parts(variant, shape_name, smoke)
   shapes = SHAPES[shape_name]
   num_slices = config.model.num_recycle + 1
   examples = {r: _training_example(shapes, num_slices, r) for r in recycles}
-  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-  model = AlphaFold(config.model)
   first = jax.tree.map(lambda x: x[None], examples[recycles[0]])
   init_batch = jax.tree.map(lambda x: x[0], first)
   start = time.perf_counter()
   params = jax.jit(lambda k: model.init(k, init_batch)["params"])(jax.random.PRNGKey(0))
-  optimizer = optimizer_lib.make_optimizer(config.optimizer)
   state = state_lib.create_train_state(params, optimizer, jax.random.PRNGKey(1))
   jax.block_until_ready(state)
   init_s = time.perf_counter() - start
 
-  train_step = step_lib.make_train_step(
-      step_lib.alphafold_objective(model, config.model), optimizer, config, mesh)
   step_fn = jax.jit(train_step, donate_argnums=0)
   trace_s, lower_s, lowered = _trace_and_lower(step_fn, state, first)
   start = time.perf_counter()
@@ -171,25 +181,15 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool) -> dict:
   compilation): the device-independent part of the compile time, and the program's size."""
   import jax
 
-  from af2flax.model.alphafold import AlphaFold
-  from af2flax.train import optimizer as optimizer_lib
-  from af2flax.train import sharding as sharding_lib
   from af2flax.train import state as state_lib
-  from af2flax.train import step as step_lib
   from model_step import SHAPES, _training_example
 
-  stage = "finetune" if shape_name == "finetune" else "initial_training"
-  config = _train_config(variant, smoke, stage)
+  config, model, optimizer, train_step = _step_parts(variant, shape_name, smoke)
   example = _training_example(SHAPES[shape_name], config.model.num_recycle + 1, 0)
   first = jax.tree.map(lambda x: x[None], example)
-  model = AlphaFold(config.model)
   params = jax.eval_shape(lambda k: model.init(k, example)["params"], jax.random.PRNGKey(0))
-  optimizer = optimizer_lib.make_optimizer(config.optimizer)
   state = jax.eval_shape(
       lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
-  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-  train_step = step_lib.make_train_step(
-      step_lib.alphafold_objective(model, config.model), optimizer, config, mesh)
   trace_s, lower_s, lowered = _trace_and_lower(jax.jit(train_step), state, first)
   text = lowered.as_text()
   return {"variant": variant, "shapes": shape_name, "trace_s": trace_s, "lower_s": lower_s,
