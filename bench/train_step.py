@@ -25,12 +25,16 @@ table. Needs jax, flax, optax, numpy and ml_collections only (no TensorFlow, no 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
@@ -38,7 +42,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-# name -> model global_config overrides
+# name -> model global_config overrides ('xla_flags': added to XLA_FLAGS of its worker)
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -47,6 +51,28 @@ VARIANTS = {
                         "remat_policy": "dots_with_no_batch_dims_saveable"},
     "bf16-cudnn-noremat": {"dtype": "bfloat16", "attention_impl": "cudnn", "use_remat": False},
     "bf16-auto": {"dtype": "bfloat16", "attention_impl": "auto"},
+    # Each module of the extra-MSA blocks (or of every block) rematerialised on its own.
+    "bf16-cudnn-subremat": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                            "remat_submodules": "extra_msa"},
+    "bf16-cudnn-subremat-all": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                                "remat_submodules": "all"},
+    # Attention and transitions in chunks of 1,024 rows: at fine-tuning shapes this chunks
+    # only the extra-MSA stack (5,120 rows); at initial shapes it changes nothing.
+    "bf16-cudnn-chunk1024": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                             "low_memory": True, "subbatch_size": 1024},
+    # The extra MSA's row attention and transition alone in chunks of N rows (0: unchunked;
+    # the fine-tuning preset's default is 1024).
+    **{f"bf16-cudnn-extra{size}": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                                   "extra_msa_subbatch_size": size}
+       for size in (0, 512, 1024, 2560)},
+    # XLA's GPU compiler settings (compile time against step time).
+    "bf16-cudnn-notriton": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                            "xla_flags": "--xla_gpu_enable_triton_gemm=false"},
+    "bf16-cudnn-autotune0": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                             "xla_flags": "--xla_gpu_autotune_level=0"},
+    "bf16-cudnn-autotune0-notriton": {
+        "dtype": "bfloat16", "attention_impl": "cudnn",
+        "xla_flags": "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false"},
 }
 RECYCLES = (0, 1, 2, 3)
 
@@ -56,7 +82,8 @@ def _train_config(variant: str, smoke: bool, stage: str):
   import importlib
 
   config = importlib.import_module(f"configs.{stage}").get_config()
-  config.model.global_config.update(VARIANTS[variant])
+  config.model.global_config.update(
+      {k: v for k, v in VARIANTS[variant].items() if k != "xla_flags"})
   if smoke:
     evo = config.model.embeddings_and_evoformer
     evo.evoformer_num_block = 2
@@ -92,9 +119,7 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
             recycles: tuple[int, ...] = RECYCLES, profile_dir: str | None = None) -> dict:
   """Compiles the train step for one variant and times it at every recycling count."""
   import jax
-  import numpy as np
 
-  from af2flax.model.flops import forward_flops, train_step_flops
   from af2flax.train import state as state_lib
   from model_step import SHAPES, _training_example
 
@@ -115,7 +140,19 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   start = time.perf_counter()
   compiled = lowered.compile()
   xla_compile_s = time.perf_counter() - start
-  compile_s = trace_s + lower_s + xla_compile_s
+
+  memory = compiled.memory_analysis()
+  temp_gib = getattr(memory, "temp_size_in_bytes", 0) / 2 ** 30 if memory is not None else None
+
+  with _timing_lock():
+    step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
+  return _row(variant, shape_name, config, shapes, recycles, step_times, losses, init_s,
+              trace_s, lower_s, xla_compile_s, temp_gib)
+
+
+def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
+  """Median step time and last loss per recycling count (and a profile, if asked)."""
+  import jax
 
   step_times, losses = {}, {}
   for count in recycles:
@@ -141,7 +178,32 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
       for _ in range(2):
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
+  return step_times, losses
 
+
+@contextlib.contextmanager
+def _timing_lock():
+  """With `--parallel`, workers compile side by side but time their steps one at a time."""
+  path = os.environ.get("AF2FLAX_BENCH_LOCK")
+  if not path:
+    yield
+    return
+  with open(path, "a", encoding="utf-8") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _row(variant, shape_name, config, shapes, recycles, step_times, losses, init_s, trace_s,
+         lower_s, xla_compile_s, temp_gib) -> dict:
+  import jax
+  import numpy as np
+
+  from af2flax.model.flops import forward_flops, train_step_flops
+
+  compile_s = trace_s + lower_s + xla_compile_s
   # Recycles uniform in 0..3: the mean over the four counts (only when all were timed).
   expected = (sum(step_times.values()) / len(step_times) if set(recycles) == set(RECYCLES)
               else None)
@@ -161,6 +223,9 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
       "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None,
       "loss": losses, "finite": bool(np.all(np.isfinite(list(losses.values())))),
       "remat_policy": config.model.global_config.get("remat_policy"),
+      "remat_submodules": config.model.global_config.get("remat_submodules"),
+      "xla_flags": VARIANTS[variant].get("xla_flags", ""), "temp_gib": temp_gib,
+      "concurrent_workers": int(os.environ.get("AF2FLAX_BENCH_WORKERS", "1")),
       "use_remat": bool(config.model.global_config.get("use_remat", False)),
   }
 
@@ -279,6 +344,41 @@ def _format(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _run_worker(variant: str, shape_name: str, args, env: dict):
+  """One variant at one shape in its own process: its result row (or breakdown list)."""
+  command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one",
+             f"{variant},{shape_name}", "--steps", str(args.steps), "--recycles", args.recycles]
+  if args.smoke:
+    command.append("--smoke")
+  if args.profile_dir:
+    command += ["--profile_dir", args.profile_dir]
+  worker_env = dict(env)
+  flags = VARIANTS[variant].get("xla_flags", "")
+  if flags:
+    worker_env["XLA_FLAGS"] = (worker_env.get("XLA_FLAGS", "") + " " + flags).strip()
+  try:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                          env=worker_env, check=False)
+  except subprocess.TimeoutExpired:
+    return {"variant": variant, "shapes": shape_name, "ok": False,
+            "error": f"timeout after {args.timeout} s"}
+  results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+  if results:
+    return json.loads(results[-1][len("RESULT "):])
+  tail = done.stderr.strip().splitlines()[-3:] or ["no output"]
+  return {"variant": variant, "shapes": shape_name, "ok": False, "error": " | ".join(tail)}
+
+
+def _print_breakdown(variant: str, result: list[dict]) -> None:
+  total = sum(r["per_call_ms"] * r["count"] for r in result)
+  print(f"\nper-module forward+backward, variant {variant}, initial shapes "
+        "(one call x count per step)")
+  for r in result:
+    print(f"  {r['module']:30s} {r['per_call_ms']:9.2f} ms x {r['count']:3d} = "
+          f"{r['per_call_ms'] * r['count'] / 1e3:7.3f} s  "
+          f"({100 * r['per_call_ms'] * r['count'] / total:4.1f}%)")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--variants", default="bf16-cudnn,bf16-xla,fp32-xla")
@@ -294,6 +394,9 @@ def main(argv=None) -> int:
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--timeout", type=int, default=900, help="seconds per variant")
   parser.add_argument("--json", help="also write the rows to this file")
+  parser.add_argument("--parallel", type=int, default=1,
+                      help="workers side by side: compilations overlap (their compile seconds "
+                      "share the host's cores), timed steps run one worker at a time")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -324,41 +427,31 @@ def main(argv=None) -> int:
   jobs = [(v, s) for s in args.shapes.split(",") for v in args.variants.split(",")]
   if args.breakdown:
     jobs = [(args.variants.split(",")[0], "breakdown")]
+  if args.smoke:
+    jobs = [(v, "breakdown" if s == "breakdown" else "smoke") for v, s in jobs]
+  for variant, _ in jobs:
+    if variant not in VARIANTS:
+      parser.error(f"--variants: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+  if args.parallel > 1:
+    # Side by side: no GPU memory preallocation, and one worker at a time in its timed steps.
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    env["AF2FLAX_BENCH_WORKERS"] = str(min(args.parallel, len(jobs)))
+    # An inherited lock (another run side by side) keeps that run's steps apart from ours too.
+    env.setdefault("AF2FLAX_BENCH_LOCK",
+                   os.path.join(tempfile.mkdtemp(prefix="train_step_bench"), "lock"))
+
+  def job(variant_and_shape):
+    return _run_worker(*variant_and_shape, args, env)
+
   rows: list = []
-  for variant, shape_name in jobs:
-    if shape_name == "smoke" or args.smoke:
-      shape_name = "smoke" if shape_name != "breakdown" else shape_name
-    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one",
-               f"{variant},{shape_name}", "--steps", str(args.steps), "--recycles", args.recycles]
-    if args.smoke:
-      command.append("--smoke")
-    if args.profile_dir:
-      command += ["--profile_dir", args.profile_dir]
-    try:
-      done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                            env=env, check=False)
-      results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-      if results:
-        result = json.loads(results[-1][len("RESULT "):])
-      else:
-        tail = done.stderr.strip().splitlines()[-3:] or ["no output"]
-        result = {"variant": variant, "shapes": shape_name, "ok": False,
-                  "error": " | ".join(tail)}
-    except subprocess.TimeoutExpired:
-      result = {"variant": variant, "shapes": shape_name, "ok": False,
-                "error": f"timeout after {args.timeout} s"}
-    if shape_name == "breakdown" and isinstance(result, list):
-      total = sum(r["per_call_ms"] * r["count"] for r in result)
-      print(f"\nper-module forward+backward, variant {variant}, initial shapes "
-            "(one call x count per step)")
-      for r in result:
-        print(f"  {r['module']:30s} {r['per_call_ms']:9.2f} ms x {r['count']:3d} = "
-              f"{r['per_call_ms'] * r['count'] / 1e3:7.3f} s  "
-              f"({100 * r['per_call_ms'] * r['count'] / total:4.1f}%)")
-      rows.append({"breakdown": result, "variant": variant})
-      continue
-    rows.append(result)
-    print(_format([result]).splitlines()[-1], flush=True)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+    for (variant, shape_name), result in zip(jobs, pool.map(job, jobs)):
+      if shape_name == "breakdown" and isinstance(result, list):
+        _print_breakdown(variant, result)
+        rows.append({"breakdown": result, "variant": variant})
+        continue
+      rows.append(result)
+      print(_format([result]).splitlines()[-1], flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
   table_rows = [r for r in rows if "breakdown" not in r]

@@ -33,6 +33,7 @@ class MSARowAttentionWithPairBias(nn.Module):
 
   config: Any
   global_config: Any
+  is_extra_msa: bool = False   # rows of the extra MSA (their own chunk size, `subbatch_size`)
 
   @nn.compact
   def __call__(self, msa_act: jax.Array, msa_mask: jax.Array, pair_act: jax.Array) -> jax.Array:
@@ -51,8 +52,8 @@ class MSARowAttentionWithPairBias(nn.Module):
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=dtype,
                           impl=attention_impl(gc), name="attention")
-    return chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, mask],
-                         [nonbatched_bias])
+    return chunked_apply(attention, subbatch_size(gc, extra_msa=self.is_extra_msa),
+                         [msa_act, msa_act, mask], [nonbatched_bias])
 
 
 class MSAColumnAttention(nn.Module):
@@ -181,27 +182,31 @@ class EvoformerIteration(nn.Module):
     msa_act, pair_act = activations
     msa_mask, pair_mask = masks
     chunk = subbatch_size(gc)
+    lift = submodule_remat(gc, self.is_extra_msa)
 
     def residual(act, update, module_config):
       return ResidualDropout(module_config, gc)(act, update, deterministic)
 
-    outer_module = OuterProductMean(c.outer_product_mean, gc, pair_act.shape[-1],
-                                    name="outer_product_mean")
+    outer_module = lift(OuterProductMean)(c.outer_product_mean, gc, pair_act.shape[-1],
+                                          name="outer_product_mean")
     if c.outer_product_mean.first:
       pair_act = residual(pair_act, outer_module(msa_act, msa_mask), c.outer_product_mean)
 
-    row_attention = MSARowAttentionWithPairBias(c.msa_row_attention_with_pair_bias, gc,
-                                                name="msa_row_attention_with_pair_bias")
+    row_attention = lift(MSARowAttentionWithPairBias)(c.msa_row_attention_with_pair_bias, gc,
+                                                      self.is_extra_msa,
+                                                      name="msa_row_attention_with_pair_bias")
     msa_act = residual(msa_act, row_attention(msa_act, msa_mask, pair_act),
                        c.msa_row_attention_with_pair_bias)
     if self.is_extra_msa:
-      column_attention = MSAColumnGlobalAttention(c.msa_column_attention, gc,
+      column_attention = lift(MSAColumnGlobalAttention)(c.msa_column_attention, gc,
                                                   name="msa_column_global_attention")
     else:
-      column_attention = MSAColumnAttention(c.msa_column_attention, gc,
+      column_attention = lift(MSAColumnAttention)(c.msa_column_attention, gc,
                                             name="msa_column_attention")
     msa_act = residual(msa_act, column_attention(msa_act, msa_mask), c.msa_column_attention)
-    msa_transition = Transition(c.msa_transition, gc, chunk, name="msa_transition")
+    msa_transition = lift(Transition)(c.msa_transition, gc,
+                                      subbatch_size(gc, extra_msa=self.is_extra_msa),
+                                      name="msa_transition")
     msa_act = residual(msa_act, msa_transition(msa_act, msa_mask), c.msa_transition)
 
     if not c.outer_product_mean.first:
@@ -211,31 +216,57 @@ class EvoformerIteration(nn.Module):
                                  order=("triangle_multiplication_outgoing",
                                         "triangle_multiplication_incoming",
                                         "triangle_attention_starting_node",
-                                        "triangle_attention_ending_node", "pair_transition"))
+                                        "triangle_attention_ending_node", "pair_transition"),
+                                 lift=lift)
     return msa_act, pair_act
 
 
 def pair_update_block(pair_act: jax.Array, pair_mask: jax.Array, config: Any,
                       global_config: Any, residual, chunk: int | None,
-                      order: tuple[str, ...]) -> jax.Array:
+                      order: tuple[str, ...], lift=lambda module_class: module_class
+                      ) -> jax.Array:
   """Applies the named pair modules of `config` in `order` as residual updates.
 
   Call it inside a module's compact method: the modules become that module's children,
   named as AlphaFold names them. The Evoformer runs multiplications before attention, the
-  template pair stack (Suppl. Alg. 16) attention before multiplications.
+  template pair stack (Suppl. Alg. 16) attention before multiplications. `lift` wraps each
+  module class (`submodule_remat`).
   """
   for name in order:
     module_config = config[name]
     if name.startswith("triangle_multiplication"):
-      module = TriangleMultiplication(module_config, global_config, name=name)
+      module = lift(TriangleMultiplication)(module_config, global_config, name=name)
     elif name.startswith("triangle_attention"):
-      module = TriangleAttention(module_config, global_config, name=name)
+      module = lift(TriangleAttention)(module_config, global_config, name=name)
     elif name == "pair_transition":
-      module = Transition(module_config, global_config, chunk, name=name)
+      module = lift(Transition)(module_config, global_config, chunk, name=name)
     else:
       raise ValueError(f"unknown pair module {name!r}")
     pair_act = residual(pair_act, module(pair_act, pair_mask), module_config)
   return pair_act
+
+
+REMAT_SUBMODULES = ("none", "extra_msa", "all")
+
+
+def submodule_remat(global_config: Any, is_extra_msa: bool):
+  """Module class -> class whose call is rematerialised on its own, when
+  `global_config.remat_submodules` covers this stack ('extra_msa': the extra-MSA blocks only;
+  'all': every Evoformer block); else the class unchanged.
+
+  Inside a block that is already rematerialised (`use_remat`), the block's recomputation then
+  keeps only each module's inputs, and each module recomputes its own intermediates in the
+  backward pass: the peak holds one module's intermediates instead of a whole block's, at
+  the cost of one more forward pass of the block. This is what lets 5,120 extra sequences
+  train in little memory (fine-tuning, Suppl. 1.11.5). Parameters keep their paths.
+  """
+  which = global_config.get("remat_submodules", "none") or "none"
+  if which not in REMAT_SUBMODULES:
+    raise ValueError(f"global_config.remat_submodules={which!r}; expected one of "
+                     f"{', '.join(REMAT_SUBMODULES)}")
+  if which == "all" or (which == "extra_msa" and is_extra_msa):
+    return lambda module_class: nn.remat(module_class, prevent_cse=True)
+  return lambda module_class: module_class
 
 
 def remat_policy(name: str | None):

@@ -16,9 +16,18 @@ from af2flax.model.primitives import (Attention, LayerNorm, Linear, attention_im
                                       chunked_apply, compute_dtype, final_init)
 
 
-def subbatch_size(global_config: Any) -> int | None:
+def subbatch_size(global_config: Any, extra_msa: bool = False) -> int | None:
   """Chunk size of attention and transitions: `global_config.subbatch_size` when
-  `global_config.low_memory` is on (AlphaFold subbatches at inference only), else None."""
+  `global_config.low_memory` is on (AlphaFold subbatches at inference only), else None.
+
+  `extra_msa`: the chunk size of the extra-MSA rows (row attention, transition), which
+  `global_config.extra_msa_subbatch_size` sets on its own when given: in training, cuDNN's
+  backward pass of the pair-biased row attention needs scratch memory in proportion to the
+  rows it takes at once (13.5 GiB for 5,120 rows at crop 384, 5.3 GiB in chunks of 1,024;
+  docs/benchmarks.md), the largest single term of fine-tuning's peak.
+  """
+  if extra_msa and global_config.get("extra_msa_subbatch_size"):
+    return int(global_config.extra_msa_subbatch_size)
   if global_config.get("low_memory", False):
     return int(global_config.subbatch_size)
   return None

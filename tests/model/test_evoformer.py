@@ -12,6 +12,7 @@ import pytest
 
 from af2flax.model.evoformer import EvoformerIteration, layer_stack
 from af2flax.model.primitives import Transition
+from af2flax.model.triangle import subbatch_size
 from af2flax.model.trunk import EmbeddingsAndEvoformer
 from tests.model.helpers import (TINY_SHAPES, random_params, relative_error, tiny_config,
                                  tiny_iteration_inputs)
@@ -112,9 +113,11 @@ class _Stack(nn.Module):
 
   @nn.compact
   def __call__(self, activations, masks):
-    if self.block == "evoformer":
+    if self.block in ("evoformer", "extra_msa"):
       block = EvoformerIteration(self.config.embeddings_and_evoformer.evoformer,
-                                 self.config.global_config, name="evoformer_iteration")
+                                 self.config.global_config,
+                                 is_extra_msa=self.block == "extra_msa",
+                                 name="evoformer_iteration")
     else:
       block = _TransitionBlock(self.config, name="evoformer_iteration")
     return layer_stack(block, activations, 2, self.config.global_config, masks, True)
@@ -160,6 +163,45 @@ def test_remat_and_unrolled_stack_agree_with_scan():
 @pytest.mark.parametrize("overrides", [REMAT_UNROLLED, {"use_remat": True}])
 def test_remat_evoformer_stack_agrees_with_scan(overrides):
   _check_stack_variant("evoformer", overrides)
+
+
+def test_submodule_remat_agrees_with_block_remat():
+  """Each module of the block rematerialised on its own inside the block's remat: the same
+  parameters, values and gradients."""
+  _check_stack_variant("evoformer", {"use_remat": True, "remat_submodules": "all"})
+
+
+def test_extra_msa_chunks_in_training_agree_with_one_pass():
+  """`extra_msa_subbatch_size` (fine-tuning's extra-MSA rows in chunks; 4 rows in chunks of 3,
+  the last one padded) under remat: the same values and gradients as one pass."""
+  overrides = {"use_remat": True, "extra_msa_subbatch_size": 3, "remat_submodules": "extra_msa"}
+  _check_stack_variant("extra_msa", overrides)
+  activations, masks = _stack_inputs()
+
+  def scans(extra_msa_subbatch_size):
+    module = _Stack(tiny_config(**{**overrides, "extra_msa_subbatch_size":
+                                   extra_msa_subbatch_size}), "extra_msa")
+    params = jax.eval_shape(module.init, jax.random.PRNGKey(0), activations, masks)
+    return str(jax.make_jaxpr(module.apply)(params, activations, masks)).count(" scan[")
+
+  assert scans(3) == scans(0) + 2  # row attention and transition each ran as a scan of chunks
+
+
+def test_extra_msa_chunking_leaves_the_evoformer_alone():
+  """The extra-MSA chunk size does not chunk the main Evoformer's rows."""
+  config = tiny_config(extra_msa_subbatch_size=3)
+  assert subbatch_size(config.global_config) is None
+  assert subbatch_size(config.global_config, extra_msa=True) == 3
+  low_memory = tiny_config(low_memory=True, subbatch_size=2, extra_msa_subbatch_size=3)
+  assert subbatch_size(low_memory.global_config) == 2
+  assert subbatch_size(low_memory.global_config, extra_msa=True) == 3
+
+
+def test_unknown_submodule_remat_is_named():
+  activations, masks = _stack_inputs()
+  with pytest.raises(ValueError, match="remat_submodules='some'"):
+    jax.eval_shape(_Stack(tiny_config(use_remat=True, remat_submodules="some")).init,
+                   jax.random.PRNGKey(0), activations, masks)
 
 
 def test_unknown_remat_policy_is_named():

@@ -20,3 +20,45 @@ def test_lower_only_reports_trace_and_lower_times():
   assert (variant, shapes) == ("bf16-xla", "smoke")
   assert float(trace_s) > 0 and float(lower_s) > 0
   assert int(lines) > 1000  # the whole step: recycling loop, block scans, losses, Adam, EMA
+
+
+def _bench_module():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_train_step",
+                                                REPO_ROOT / "bench" / "train_step.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_parallel_workers_time_their_steps_one_at_a_time(tmp_path, monkeypatch):
+  """--parallel: the timing lock keeps two workers' timed sections apart."""
+  import threading
+  import time
+
+  bench = _bench_module()
+  monkeypatch.setenv("AF2FLAX_BENCH_LOCK", str(tmp_path / "lock"))
+  spans = []
+
+  def worker():
+    with bench._timing_lock():  # pylint: disable=protected-access
+      start = time.monotonic()
+      time.sleep(0.2)
+      spans.append((start, time.monotonic()))
+
+  threads = [threading.Thread(target=worker) for _ in range(3)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  spans.sort()
+  assert len(spans) == 3
+  assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+
+def test_unknown_variant_is_named():
+  done = subprocess.run([sys.executable, "bench/train_step.py", "--smoke", "--variants",
+                         "bf16-nonesuch"], cwd=REPO_ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert done.returncode != 0
+  assert "bf16-nonesuch" in done.stderr and "bf16-cudnn-subremat" in done.stderr
