@@ -60,6 +60,8 @@ VARIANTS = {
     # only the extra-MSA stack (5,120 rows); at initial shapes it changes nothing.
     "bf16-cudnn-chunk1024": {"dtype": "bfloat16", "attention_impl": "cudnn",
                              "low_memory": True, "subbatch_size": 1024},
+    # Two-level checkpointing of the block stacks: groups of 4 blocks.
+    "bf16-cudnn-group4": {"dtype": "bfloat16", "attention_impl": "cudnn", "remat_group_size": 4},
     # The extra MSA's row attention and transition alone in chunks of N rows (0: unchunked;
     # the fine-tuning preset's default is 1024).
     **{f"bf16-cudnn-extra{size}": {"dtype": "bfloat16", "attention_impl": "cudnn",
@@ -78,12 +80,14 @@ RECYCLES = (0, 1, 2, 3)
 
 
 def _train_config(variant: str, smoke: bool, stage: str):
-  """The initial-training (or fine-tuning) preset with the variant's model settings."""
+  """The initial-training (or fine-tuning) preset with the variant's model settings, then
+  the `--set` overrides (passed to workers in AF2FLAX_BENCH_SET)."""
   import importlib
 
   config = importlib.import_module(f"configs.{stage}").get_config()
   config.model.global_config.update(
       {k: v for k, v in VARIANTS[variant].items() if k != "xla_flags"})
+  config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))
   if smoke:
     evo = config.model.embeddings_and_evoformer
     evo.evoformer_num_block = 2
@@ -224,6 +228,7 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, init
       "loss": losses, "finite": bool(np.all(np.isfinite(list(losses.values())))),
       "remat_policy": config.model.global_config.get("remat_policy"),
       "remat_submodules": config.model.global_config.get("remat_submodules"),
+      "remat_group_size": config.model.global_config.get("remat_group_size"),
       "xla_flags": VARIANTS[variant].get("xla_flags", ""), "temp_gib": temp_gib,
       "concurrent_workers": int(os.environ.get("AF2FLAX_BENCH_WORKERS", "1")),
       "use_remat": bool(config.model.global_config.get("use_remat", False)),
@@ -241,9 +246,12 @@ def _trace_and_lower(step_fn, state, batch):
   return trace_s, time.perf_counter() - start, lowered
 
 
-def run_lower_only(variant: str, shape_name: str, smoke: bool) -> dict:
+def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool = False
+                   ) -> dict:
   """Traces and lowers the train step on abstract parameters (no initialisation, no XLA
-  compilation): the device-independent part of the compile time, and the program's size."""
+  compilation): the device-independent part of the compile time, and the program's size.
+  `compile_too`: also compiles it for this backend and reports XLA's scratch estimate
+  (`memory_analysis().temp_size_in_bytes`), with nothing run."""
   import jax
 
   from af2flax.train import state as state_lib
@@ -257,9 +265,15 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool) -> dict:
       lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
   trace_s, lower_s, lowered = _trace_and_lower(jax.jit(train_step), state, first)
   text = lowered.as_text()
-  return {"variant": variant, "shapes": shape_name, "trace_s": trace_s, "lower_s": lower_s,
-          "stablehlo_lines": text.count("\n"), "device": jax.devices()[0].device_kind,
-          "jax": jax.__version__}
+  row = {"variant": variant, "shapes": shape_name, "trace_s": trace_s, "lower_s": lower_s,
+         "stablehlo_lines": text.count("\n"), "device": jax.devices()[0].device_kind,
+         "jax": jax.__version__}
+  if compile_too:
+    start = time.perf_counter()
+    memory = lowered.compile().memory_analysis()
+    row["xla_compile_s"] = time.perf_counter() - start
+    row["temp_gib"] = memory.temp_size_in_bytes / 2 ** 30 if memory is not None else None
+  return row
 
 
 def run_breakdown(variant: str, steps: int, smoke: bool) -> list[dict]:
@@ -391,6 +405,12 @@ def main(argv=None) -> int:
   parser.add_argument("--lower_only", action="store_true",
                       help="only trace and lower (no init, no XLA compile): the compile time's "
                       "device-independent part, measurable on a CPU")
+  parser.add_argument("--compile_only", action="store_true",
+                      help="with --lower_only: also compile (nothing runs) and print XLA's "
+                      "scratch-memory estimate")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="model global_config override after the variant's (repeatable; "
+                      "VALUE is JSON, e.g. --set remat_group_size=4)")
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--timeout", type=int, default=900, help="seconds per variant")
   parser.add_argument("--json", help="also write the rows to this file")
@@ -400,13 +420,30 @@ def main(argv=None) -> int:
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
+  overrides = {}
+  for item in args.set:
+    key, sep, value = item.partition("=")
+    if not sep:
+      parser.error(f"--set {item!r}: expected KEY=VALUE")
+    try:
+      overrides[key] = json.loads(value)
+    except json.JSONDecodeError:
+      overrides[key] = value
+  if overrides:
+    os.environ["AF2FLAX_BENCH_SET"] = json.dumps(overrides)
+
   if args.lower_only:
-    print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}")
+    print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}"
+          + (f" {'compile s':>9s} {'scratch GiB':>11s}" if args.compile_only else ""))
     for shape_name in args.shapes.split(","):
       for variant in args.variants.split(","):
-        row = run_lower_only(variant, "smoke" if args.smoke else shape_name, args.smoke)
+        row = run_lower_only(variant, "smoke" if args.smoke else shape_name, args.smoke,
+                             args.compile_only)
+        extra = (f" {row['xla_compile_s']:9.1f} {row['temp_gib']:11.2f}" if args.compile_only
+                 else "")
         print(f"{variant:20s} {row['shapes']:8s} {row['trace_s']:8.1f} {row['lower_s']:8.1f} "
-              f"{row['stablehlo_lines']:16d}  {row['device']}, jax {row['jax']}")
+              f"{row['stablehlo_lines']:16d}{extra}  {row['device']}, jax {row['jax']}"
+              + (f", set {overrides}" if overrides else ""), flush=True)
     return 0
 
   if args.one:

@@ -13,6 +13,9 @@ af2flax adds, under `global_config`:
                                          bf16); `from_alphafold_dict`: 'float32'.
   remat_policy   name in jax.checkpoint_policies used when `use_remat` (None: save nothing).
   use_scan       nn.scan over stacked blocks (off: the same loop fully unrolled).
+  remat_group_size with `use_remat`, g > 1 runs a stack of blocks as groups of g, each group
+                 rematerialised and each block in it again (two-level checkpointing): fewer
+                 saved block inputs for one more forward pass. Presets: 1.
   remat_submodules 'none' | 'extra_msa' | 'all': also rematerialise each module of a block on
                  its own (the extra-MSA blocks, or all blocks); cuts the peak memory of the
                  backward pass to one module's intermediates for one more forward pass.
@@ -48,6 +51,7 @@ OUR_GLOBAL_DEFAULTS = {
     "remat_policy": "nothing_saveable",
     "use_scan": True,
     "remat_submodules": "none",
+    "remat_group_size": 1,
     "extra_msa_subbatch_size": 0,
     "low_memory": False,
     "attention_impl": "auto",

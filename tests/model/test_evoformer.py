@@ -110,6 +110,7 @@ class _TransitionBlock(nn.Module):
 class _Stack(nn.Module):
   config: Any
   block: str = "evoformer"
+  num_layers: int = 2
 
   @nn.compact
   def __call__(self, activations, masks):
@@ -120,16 +121,17 @@ class _Stack(nn.Module):
                                  name="evoformer_iteration")
     else:
       block = _TransitionBlock(self.config, name="evoformer_iteration")
-    return layer_stack(block, activations, 2, self.config.global_config, masks, True)
+    return layer_stack(block, activations, self.num_layers, self.config.global_config, masks,
+                       True)
 
 
-def _check_stack_variant(block, overrides):
+def _check_stack_variant(block, overrides, num_layers=2):
   activations, masks = _stack_inputs()
-  plain = _Stack(tiny_config(), block)
-  variant = _Stack(tiny_config(**overrides), block)
+  plain = _Stack(tiny_config(), block, num_layers)
+  variant = _Stack(tiny_config(**overrides), block, num_layers)
   params = random_params(plain.init, activations, masks)
   chex.assert_shape(params["params"]["evoformer_iteration"]["msa_transition"]["transition2"][
-      "bias"], (2, 16))
+      "bias"], (num_layers, 16))
   assert jax.tree.map(jnp.shape, jax.eval_shape(variant.init, jax.random.PRNGKey(0), activations,
                                                 masks)) == jax.tree.map(jnp.shape, params)
 
@@ -201,6 +203,48 @@ def test_unknown_submodule_remat_is_named():
   activations, masks = _stack_inputs()
   with pytest.raises(ValueError, match="remat_submodules='some'"):
     jax.eval_shape(_Stack(tiny_config(use_remat=True, remat_submodules="some")).init,
+                   jax.random.PRNGKey(0), activations, masks)
+
+
+def test_grouped_remat_agrees_with_scan():
+  """Two-level checkpointing (6 layers as 3 groups of 2): the [6, ...] parameter layout, the
+  same values and gradients; each layer gets its own slice of the parameters."""
+  _check_stack_variant("transition", {"use_remat": True, "remat_group_size": 2}, num_layers=6)
+
+
+@pytest.mark.slow
+def test_grouped_remat_evoformer_agrees_with_scan():
+  _check_stack_variant("evoformer", {"use_remat": True, "remat_group_size": 2}, num_layers=4)
+
+
+class _TwiceStacked(nn.Module):
+  """One stack called twice, as AlphaFold's recycling calls its iteration during init."""
+
+  config: Any
+
+  @nn.compact
+  def __call__(self, activations, masks):
+    stack = _Stack(self.config, "transition", 6, name="stack")
+    return stack(stack(activations, masks), masks)
+
+
+def test_grouped_remat_stack_can_be_called_twice():
+  activations, masks = _stack_inputs()
+  grouped = _TwiceStacked(tiny_config(use_remat=True, remat_group_size=3))
+  variables = grouped.init(jax.random.PRNGKey(0), activations, masks)
+  chex.assert_shape(variables["params"]["stack"]["evoformer_iteration"]["msa_transition"][
+      "transition2"]["weights"], (6, 64, 16))
+  params = random_params(grouped.init, activations, masks)
+  plain = _TwiceStacked(tiny_config()).apply(params, activations, masks)
+  ours = grouped.apply(params, activations, masks)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_remat_needs_a_divisor():
+  activations, masks = _stack_inputs()
+  with pytest.raises(ValueError, match="remat_group_size=4 does not divide the 6 layers"):
+    jax.eval_shape(_Stack(tiny_config(use_remat=True, remat_group_size=4), "transition", 6).init,
                    jax.random.PRNGKey(0), activations, masks)
 
 

@@ -9,17 +9,27 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_lower_only_reports_trace_and_lower_times():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
   done = subprocess.run([sys.executable, "bench/train_step.py", "--lower_only", "--smoke",
-                         "--variants", "bf16-xla"], cwd=REPO_ROOT, env=env, capture_output=True,
+                         "--compile_only", "--variants", "bf16-xla", "--set",
+                         "remat_submodules=all"], cwd=REPO_ROOT, env=env, capture_output=True,
                         text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
   rows = [line.split() for line in done.stdout.splitlines() if line.startswith("bf16-xla")]
   assert len(rows) == 1, done.stdout
-  variant, shapes, trace_s, lower_s, lines = rows[0][:5]
+  variant, shapes, trace_s, lower_s, lines, compile_s, scratch_gib = rows[0][:7]
   assert (variant, shapes) == ("bf16-xla", "smoke")
-  assert float(trace_s) > 0 and float(lower_s) > 0
+  assert float(trace_s) > 0 and float(lower_s) > 0 and float(compile_s) > 0
+  assert float(scratch_gib) >= 0
   assert int(lines) > 1000  # the whole step: recycling loop, block scans, losses, Adam, EMA
+  assert "set {'remat_submodules': 'all'}" in done.stdout
+
+
+def test_set_needs_key_and_value():
+  done = subprocess.run([sys.executable, "bench/train_step.py", "--lower_only", "--smoke",
+                         "--set", "remat_group_size"], cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert done.returncode != 0 and "expected KEY=VALUE" in done.stderr
 
 
 def _bench_module():
