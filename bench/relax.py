@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import time
 
-from af2flax.relaxation import relax
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from af2flax.relaxation import relax  # pylint: disable=wrong-import-position
 
 _DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared/data/alphafold_testdata"
 _DEFAULT_FILES = ("model_output.pdb", "with_violations.pdb", "with_violations_casp14.pdb",
