@@ -5,24 +5,36 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_lower_only_reports_trace_and_lower_times():
+def _lower_only(*extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
   done = subprocess.run([sys.executable, "bench/train_step.py", "--lower_only", "--smoke",
-                         "--compile_only", "--variants", "bf16-xla", "--set",
-                         "remat_submodules=all"], cwd=REPO_ROOT, env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
+                         "--variants", "bf16-xla", *extra], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
   rows = [line.split() for line in done.stdout.splitlines() if line.startswith("bf16-xla")]
   assert len(rows) == 1, done.stdout
-  variant, shapes, trace_s, lower_s, lines, compile_s, scratch_gib = rows[0][:7]
+  return done.stdout, rows[0]
+
+
+def test_lower_only_reports_trace_and_lower_times():
+  stdout, row = _lower_only("--set", "remat_submodules=all")
+  variant, shapes, trace_s, lower_s, lines = row[:5]
   assert (variant, shapes) == ("bf16-xla", "smoke")
-  assert float(trace_s) > 0 and float(lower_s) > 0 and float(compile_s) > 0
-  assert float(scratch_gib) >= 0
+  assert float(trace_s) > 0 and float(lower_s) > 0
   assert int(lines) > 1000  # the whole step: recycling loop, block scans, losses, Adam, EMA
-  assert "set {'remat_submodules': 'all'}" in done.stdout
+  assert "set {'remat_submodules': 'all'}" in stdout
+
+
+@pytest.mark.slow
+def test_compile_only_reports_the_scratch_estimate():
+  _, row = _lower_only("--compile_only")
+  compile_s, scratch_gib = row[5:7]
+  assert float(compile_s) > 0 and float(scratch_gib) > 0
 
 
 def test_set_needs_key_and_value():
