@@ -145,9 +145,7 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   compiled = lowered.compile()
   xla_compile_s = time.perf_counter() - start
 
-  memory = compiled.memory_analysis()
-  temp_gib = getattr(memory, "temp_size_in_bytes", 0) / 2 ** 30 if memory is not None else None
-
+  temp_gib = _scratch_gib(compiled)
   with _timing_lock():
     step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
   return _row(variant, shape_name, config, shapes, recycles, step_times, losses, init_s,
@@ -270,10 +268,16 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
          "jax": jax.__version__}
   if compile_too:
     start = time.perf_counter()
-    memory = lowered.compile().memory_analysis()
+    compiled = lowered.compile()
     row["xla_compile_s"] = time.perf_counter() - start
-    row["temp_gib"] = memory.temp_size_in_bytes / 2 ** 30 if memory is not None else None
+    row["temp_gib"] = _scratch_gib(compiled)
   return row
+
+
+def _scratch_gib(compiled) -> float | None:
+  """XLA's scratch estimate of a compiled program (beyond its arguments and outputs), GiB."""
+  memory = compiled.memory_analysis()
+  return memory.temp_size_in_bytes / 2 ** 30 if memory is not None else None
 
 
 def run_breakdown(variant: str, steps: int, smoke: bool) -> list[dict]:

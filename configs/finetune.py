@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 5e-4
   config.optimizer.warmup_steps = 0
   # 5,120 extra sequences: their row attention and transition in chunks of 1,024 rows (same
-  # values; the peak memory of a step drops from 24.7 to 18.3 GiB for 4% more time on an
+  # values; the peak memory of a step drops from 24.7 to 18.3 GiB for 2% more time on an
   # H200, docs/benchmarks.md).
   config.model.global_config.extra_msa_subbatch_size = 1024
   return config

@@ -17,9 +17,9 @@ af2flax adds, under `global_config`:
                  rematerialised and each block in it again (two-level checkpointing): fewer
                  saved block inputs for one more forward pass. Presets: 1.
   remat_submodules 'none' | 'extra_msa' | 'all': also rematerialise each module of a block on
-                 its own (the extra-MSA blocks, or all blocks); cuts the peak memory of the
-                 backward pass to one module's intermediates for one more forward pass.
-                 Presets: 'extra_msa' in fine-tuning (5,120 extra sequences), else 'none'.
+                 its own (the extra-MSA blocks, or all blocks): the backward pass holds one
+                 module's intermediates instead of a block's, for one more forward pass.
+                 Presets: 'none' (at fine-tuning shapes it added 1.5 GiB, docs/benchmarks.md).
   low_memory     chunk attention, transitions and template attention in `subbatch_size`
                  (`template.subbatch_size`) rows, as AlphaFold does at inference.
   extra_msa_subbatch_size  chunk the extra MSA's row attention and transition in this many

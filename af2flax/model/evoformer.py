@@ -256,9 +256,10 @@ def submodule_remat(global_config: Any, is_extra_msa: bool):
 
   Inside a block that is already rematerialised (`use_remat`), the block's recomputation then
   keeps only each module's inputs, and each module recomputes its own intermediates in the
-  backward pass: the peak holds one module's intermediates instead of a whole block's, at
-  the cost of one more forward pass of the block. This is what lets 5,120 extra sequences
-  train in little memory (fine-tuning, Suppl. 1.11.5). Parameters keep their paths.
+  backward pass: that part of the peak is one module's intermediates instead of a whole
+  block's, at the cost of one more forward pass of the block. Parameters keep their paths.
+  (Measured at fine-tuning shapes on the extra-MSA blocks: no gain, the peak lies elsewhere;
+  docs/benchmarks.md.)
   """
   which = global_config.get("remat_submodules", "none") or "none"
   if which not in REMAT_SUBMODULES:
@@ -306,35 +307,36 @@ def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: An
 
   use_remat = global_config.get("use_remat", False)
   if use_remat:
-    body = nn.remat(body, policy=remat_policy(global_config.get("remat_policy")),
-                    prevent_cse=False)
+    policy = remat_policy(global_config.get("remat_policy"))
+    body = nn.remat(body, policy=policy, prevent_cse=False)
   group = int(global_config.get("remat_group_size", 1) or 1)
   if use_remat and 1 < group < num_layers:
     if num_layers % group:
       raise ValueError(f"global_config.remat_group_size={group} does not divide the "
                        f"{num_layers} layers of {block.name}")
-    return _grouped_layer_stack(block, body, carry, num_layers, group, global_config)
+    return _grouped_layer_stack(block, body, carry, num_layers, group, policy)
   unroll = 1 if global_config.get("use_scan", True) else num_layers
-  scan = nn.scan(body, variable_axes={"params": 0},
-                 split_rngs={"params": True, "dropout": True}, length=num_layers, unroll=unroll)
-  carry, _ = scan(block, carry, None)
+  carry, _ = _scan_layers(body, num_layers, unroll)(block, carry, None)
   return carry
 
 
+def _scan_layers(body, length: int, unroll: int = 1):
+  """`nn.scan` of `body` over `length` layers, each with its own parameters (a leading layer
+  axis) and its own parameter and dropout randomness."""
+  return nn.scan(body, variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True}, length=length, unroll=unroll)
+
+
 def _grouped_layer_stack(block: nn.Module, body, carry: Any, num_layers: int, group: int,
-                         global_config: Any) -> Any:
+                         policy) -> Any:
   """`layer_stack` as num_layers/group rematerialised groups of `group` layers (see there)."""
   num_groups = num_layers // group
-  inner = nn.scan(body, variable_axes={"params": 0},
-                  split_rngs={"params": True, "dropout": True}, length=group)
+  inner = _scan_layers(body, group)
 
   def group_body(module, group_carry, _):
     return inner(module, group_carry, None)[0], None
 
-  group_body = nn.remat(group_body, policy=remat_policy(global_config.get("remat_policy")),
-                        prevent_cse=False)
-  outer = nn.scan(group_body, variable_axes={"params": 0},
-                  split_rngs={"params": True, "dropout": True}, length=num_groups)
+  outer = _scan_layers(nn.remat(group_body, policy=policy, prevent_cse=False), num_groups)
 
   def grouped(tree):  # [num_layers, ...] -> [num_groups, group, ...]
     return jax.tree.map(lambda x: x.reshape((num_groups, group) + x.shape[1:]), tree)

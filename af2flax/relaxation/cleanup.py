@@ -90,8 +90,8 @@ def fix_pdb(pdb_string: str, report: CleanupReport) -> str:
   fixer.addMissingAtoms(seed=MISSING_ATOMS_SEED)
   # OpenMM's Modeller starts hydrogens at positions drawn from Python's global `random`, then
   # minimises them briefly: seeding it (and the Reference platform) makes clean-up, and so
-  # relaxation, reproducible
-  # (AlphaFold's is not; its tests allow for that). The caller's random state is restored.
+  # relaxation, reproducible (AlphaFold's is not; its tests allow for that). The caller's
+  # random state is restored.
   random_state = random.getstate()
   random.seed(HYDROGEN_SEED)
   try:
