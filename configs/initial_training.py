@@ -90,6 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
   })
   config.log_every_steps = 50
   config.eval_every_steps = 2000
+  # JAX's persistent compilation cache: a resumed run loads the compiled step instead of
+  # compiling it again (minutes at full size). "{workdir}" is this run's workdir; a shared
+  # directory (e.g. gs://BUCKET/af2/jax_cache) serves every run of the same model and shapes;
+  # "" turns it off.
+  config.compilation_cache_dir = "{workdir}/compilation_cache"
   config.profile_steps = 0  # >0: trace this many steps from profile_first_step (TensorBoard)
   config.profile_first_step = 10
   return config

@@ -73,4 +73,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint.every_steps = 50
   config.log_every_steps = 10
   config.eval_every_steps = 100
+  # Compiles in seconds on a CPU; no persistent cache (tests train it many times per process).
+  config.compilation_cache_dir = ""
   return config

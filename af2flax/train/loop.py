@@ -154,6 +154,28 @@ def _check_skips(consecutive_skips: jax.Array | None, max_skips: int, step: int,
       "then run again.")
 
 
+def enable_compilation_cache(template: str, workdir: str | os.PathLike) -> str | None:
+  """Keeps compiled programs in JAX's persistent cache at `template` ("{workdir}" expanded).
+
+  A resumed run (after preemption or a crash) or a second run of the same model and shapes
+  then loads the train step instead of compiling it again (minutes at the full model; XLA's
+  per-fusion GEMM autotuning results are kept there too, so a changed program re-uses the
+  autotuning of its unchanged fusions). "" leaves the cache off. A cache directory given to
+  JAX itself (`--jax_compilation_cache_dir` or `JAX_COMPILATION_CACHE_DIR`) wins, and so does
+  the first directory of a process that trains twice: JAX opens its cache once per process.
+  Returns the directory in use, or None.
+  """
+  configured = jax.config.jax_compilation_cache_dir
+  if configured:
+    return configured
+  if not template:
+    return None
+  path = str(template).replace("{workdir}", str(workdir))
+  jax.config.update("jax_compilation_cache_dir", path)
+  logging.info("compilation cache: %s", path)
+  return path
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | os.PathLike) -> dict[str, float]:
   """Trains (or resumes training of) a model as `config` says, writing into `workdir`.
@@ -169,6 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                jax.device_count(), workdir)
   if is_chief:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  enable_compilation_cache(config.get("compilation_cache_dir", ""), workdir)
   writer = metrics_lib.create_writer(workdir, just_logging=not is_chief)
 
   # Mesh: examples over every device, parameters over the fsdp axis.
