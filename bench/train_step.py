@@ -60,6 +60,9 @@ VARIANTS = {
     # only the extra-MSA stack (5,120 rows); at initial shapes it changes nothing.
     "bf16-cudnn-chunk1024": {"dtype": "bfloat16", "attention_impl": "cudnn",
                              "low_memory": True, "subbatch_size": 1024},
+    # XLA's attention for the triangle attention only (faster at crop 256, bench/attention.py).
+    "bf16-cudnn-trixla": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                          "triangle_attention_impl": "xla"},
     # Two-level checkpointing of the block stacks: groups of 4 blocks.
     "bf16-cudnn-group4": {"dtype": "bfloat16", "attention_impl": "cudnn", "remat_group_size": 4},
     # The extra MSA's row attention and transition alone in chunks of N rows (0: unchunked;
@@ -229,6 +232,8 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, init
       "remat_group_size": config.model.global_config.get("remat_group_size"),
       "xla_flags": VARIANTS[variant].get("xla_flags", ""), "temp_gib": temp_gib,
       "concurrent_workers": int(os.environ.get("AF2FLAX_BENCH_WORKERS", "1")),
+      # JAX's persistent cache (JAX_COMPILATION_CACHE_DIR): compile_s may be a cache load.
+      "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR") or None,
       "use_remat": bool(config.model.global_config.get("use_remat", False)),
   }
 
@@ -358,7 +363,9 @@ def _format(rows: list[dict]) -> str:
                  f"{cell(steps.get('3'), 7, '7.3f')} {cell(row['expected_s'], 8, '8.3f')} "
                  f"{row['tflops']:8.1f} {row['peak_gib'] or 0:8.2f} "
                  f"{row['compile_s']:9.1f}  {row['device']}, jax {row['jax']}, "
-                 f"trace+lower {row['trace_s'] + row['lower_s']:.1f} s")
+                 f"trace+lower {row['trace_s'] + row['lower_s']:.1f} s, "
+                 f"init {row['init_s']:.1f} s"
+                 + (", compilation cache on" if row.get("compilation_cache") else ""))
   return "\n".join(lines)
 
 

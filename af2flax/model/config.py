@@ -29,6 +29,8 @@ af2flax adds, under `global_config`:
                  attention through `jax.nn.dot_product_attention`) | 'auto' (cuDNN on a GPU
                  with bf16 activations where the shapes allow, else XLA). Presets: 'auto';
                  `from_alphafold_dict`: 'xla'.
+  triangle_attention_impl  the same choice for the triangle attention only ("": as
+                 `attention_impl`). Presets: "".
 and turns `use_remat` on in the presets (AlphaFold's file has it off: its inference does not
 need it; training at crop 256 does). Everything else equals AlphaFold's values.
 `from_alphafold_dict(d)` builds this tree from an AlphaFold `model_config` dict, e.g. the
@@ -55,6 +57,7 @@ OUR_GLOBAL_DEFAULTS = {
     "extra_msa_subbatch_size": 0,
     "low_memory": False,
     "attention_impl": "auto",
+    "triangle_attention_impl": "",
 }
 
 

@@ -225,11 +225,13 @@ class ResidualDropout(nn.Module):
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
 
-def attention_impl(global_config: Any) -> str:
-  """`global_config.attention_impl` ('xla' when unset), validated."""
-  impl = global_config.get("attention_impl", "xla")
+def attention_impl(global_config: Any, module_key: str | None = None) -> str:
+  """`global_config.attention_impl` ('xla' when unset), validated; `module_key` names a
+  per-module override (e.g. 'triangle_attention_impl') that wins when set (not "")."""
+  key = module_key if module_key and global_config.get(module_key, "") else "attention_impl"
+  impl = global_config.get(key, "xla")
   if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"global_config.attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+    raise ValueError(f"global_config.{key}={impl!r}; expected one of {ATTENTION_IMPLS}")
   return impl
 
 

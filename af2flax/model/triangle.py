@@ -111,7 +111,8 @@ class TriangleAttention(nn.Module):
 
     attention = Attention(num_head=c.num_head, output_dim=channels, key_dim=c.get("key_dim"),
                           value_dim=c.get("value_dim"), gating=c.gating, zero_init=gc.zero_init,
-                          dtype=dtype, impl=attention_impl(gc), name="attention")
+                          dtype=dtype, impl=attention_impl(gc, "triangle_attention_impl"),
+                          name="attention")
     pair_act = chunked_apply(attention, subbatch_size(gc), [pair_act, pair_act, mask],
                              [nonbatched_bias])
     if c.orientation == "per_column":

@@ -77,20 +77,23 @@ def model_config_for_step(config: ml_collections.ConfigDict) -> ml_collections.C
   'cudnn' with a clear message instead of failing inside the trace.
   """
   vmap_size = int(config.get("vmap_batch_size", 1))
-  impl = config.model.global_config.get("attention_impl", "xla")
-  if vmap_size <= 1 or impl == "xla":
+  gc = config.model.global_config
+  keys = [k for k in ("attention_impl", "triangle_attention_impl") if gc.get(k, "")]
+  if vmap_size <= 1 or all(gc[k] == "xla" for k in keys):
     return config.model
-  if impl == "cudnn":
-    raise ValueError(f"model.global_config.attention_impl='cudnn' cannot run with "
-                     f"vmap_batch_size={vmap_size} (jax's cuDNN attention does not batch a "
-                     "shared bias under vmap): use vmap_batch_size=1 or attention_impl "
-                     "'xla'/'auto'")
+  for key in keys:
+    if gc[key] == "cudnn":
+      raise ValueError(f"model.global_config.{key}='cudnn' cannot run with "
+                       f"vmap_batch_size={vmap_size} (jax's cuDNN attention does not batch a "
+                       "shared bias under vmap): use vmap_batch_size=1 or "
+                       f"{key} 'xla'/'auto'")
   if jax.default_backend() != "gpu":
     return config.model  # 'auto' is XLA off GPUs anyway
   logging.warning("vmap_batch_size=%d: attention runs through XLA, not cuDNN (jax's cuDNN "
                   "attention does not batch a shared bias under vmap)", vmap_size)
   model_config = ml_collections.ConfigDict(config.model.to_dict())
-  model_config.global_config.attention_impl = "xla"
+  for key in keys:
+    model_config.global_config[key] = "xla"
   return model_config
 
 

@@ -289,3 +289,31 @@ def test_outer_product_mean_first_changes_the_order():
   # The MSA row attention then sees the pair already updated by the outer product mean.
   assert relative_error(msa_first, msa_out) > 1e-5
   assert relative_error(pair_first, pair_out) > 1e-4
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="reads cuDNN's absence on a CPU")
+def test_triangle_attention_impl_overrides_only_the_triangle_attention():
+  """`triangle_attention_impl='cudnn'` reaches the triangle attention (cuDNN is missing here,
+  so tracing it fails) and nothing else; "" follows `attention_impl`."""
+  from af2flax.model.triangle import TriangleAttention  # pylint: disable=g-import-not-at-top
+  pair = jnp.zeros((6, 6, 8), jnp.bfloat16)
+  pair_mask = jnp.ones((6, 6), jnp.float32)
+
+  def trace(**overrides):
+    config = tiny_config(dtype="bfloat16", **overrides)
+    module = TriangleAttention(
+        config.embeddings_and_evoformer.evoformer.triangle_attention_starting_node,
+        config.global_config)
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), pair, pair_mask)
+
+  trace(attention_impl="xla", triangle_attention_impl="")
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    trace(attention_impl="xla", triangle_attention_impl="cudnn")
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    trace(attention_impl="cudnn", triangle_attention_impl="")
+  trace(attention_impl="cudnn", triangle_attention_impl="xla")
+  activations, masks = _stack_inputs()  # the MSA modules still follow attention_impl
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    jax.eval_shape(_Stack(tiny_config(dtype="bfloat16", attention_impl="cudnn",
+                                      triangle_attention_impl="xla")).init,
+                   jax.random.PRNGKey(0), activations, masks)

@@ -173,3 +173,11 @@ def test_attention_impl_choice():
   assert not primitives.use_fused_attention("auto", odd, odd, True)  # cuDNN bwd needs even.
   with pytest.raises(ValueError, match="attention_impl"):
     primitives.attention_impl(ml_collections.ConfigDict({"attention_impl": "flash"}))
+  gc = ml_collections.ConfigDict({"attention_impl": "cudnn", "triangle_attention_impl": ""})
+  assert primitives.attention_impl(gc, "triangle_attention_impl") == "cudnn"
+  gc.triangle_attention_impl = "xla"
+  assert primitives.attention_impl(gc, "triangle_attention_impl") == "xla"
+  assert primitives.attention_impl(gc) == "cudnn"
+  gc.triangle_attention_impl = "flash"
+  with pytest.raises(ValueError, match="triangle_attention_impl='flash'"):
+    primitives.attention_impl(gc, "triangle_attention_impl")
