@@ -61,8 +61,15 @@ def module_of(op_name: str) -> str:
       module = "other model ops"
     else:
       module = "optimizer, clipping, EMA and other"
-  direction = "backward" if "transpose(" in op_name else "forward"
-  return f"{stack + '/' if stack else ''}{module} [{direction}]"
+  return f"{stack + '/' if stack else ''}{module}"
+
+
+def direction_of(op_name: str) -> str:
+  """'recompute' (remat's second forward pass, inside the backward pass), 'backward' or
+  'forward'."""
+  if "rematted_computation" in op_name:
+    return "recompute"
+  return "backward" if "transpose(" in op_name else "forward"
 
 
 def hlo_op_names(path: pathlib.Path) -> dict[str, str]:
@@ -78,6 +85,49 @@ def hlo_op_names(path: pathlib.Path) -> dict[str, str]:
   return names
 
 
+def _print_modules(kernels: list[dict], op_names: dict[str, str], args) -> None:
+  """Time per model module and direction (per step), and the kernels of chosen modules.
+
+  A kernel is attributed through its fusion's name, or (cuBLAS/cuDNN custom calls) through
+  the HLO instruction the trace names; kernels inside CUDA-graph command buffers name only
+  the buffer, so trace with `--xla_gpu_enable_command_buffer=` for a complete attribution.
+  """
+  directions = ("forward", "recompute", "backward")
+  table = collections.defaultdict(lambda: dict.fromkeys(directions, 0.0))
+  per_kernel = collections.defaultdict(collections.Counter)
+  unattributed = collections.Counter()
+  for e in kernels:
+    hlo_op = str(e.get("args", {}).get("hlo_op", "")).replace(".", "_")
+    op_name = op_names.get(e["name"]) or op_names.get(hlo_op, "")
+    if not op_name:
+      unattributed[re.sub(r"_\d+$", "", e["name"])[:60]] += e["dur"]
+      continue
+    module = module_of(op_name)
+    table[module][direction_of(op_name)] += e["dur"]
+    per_kernel[module][e["name"][:70]] += e["dur"]
+  busy = sum(e["dur"] for e in kernels)
+  scale = 1e3 * args.steps
+  print(f"\ntime per module per step, ms ({args.steps} steps traced; recompute = remat's "
+        "second forward pass)")
+  print(f"  {'module':58s} {'forward':>8s} {'recomp.':>8s} {'backward':>8s} {'total':>8s} "
+        f"{'share':>6s}")
+  rows = sorted(table.items(), key=lambda item: -sum(item[1].values()))
+  for module, times in rows:
+    total = sum(times.values())
+    print(f"  {module:58s} " + " ".join(f"{times[d] / scale:8.2f}" for d in directions)
+          + f" {total / scale:8.2f} {100 * total / busy:5.1f}%")
+  left = sum(unattributed.values())
+  print(f"  {'(not attributed: kernels inside command buffers)':58s} {'':8s} {'':8s} {'':8s} "
+        f"{left / scale:8.2f} {100 * left / busy:5.1f}%")
+  for name, dur in unattributed.most_common(8):
+    print(f"      {dur / scale:8.2f} ms  {name}")
+  for wanted in args.kernels_of:
+    for module in (m for m in per_kernel if wanted in m):
+      print(f"\nkernels of {module} (ms per step)")
+      for name, dur in per_kernel[module].most_common(15):
+        print(f"  {dur / scale:8.2f}  {name}")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("trace")
@@ -85,6 +135,9 @@ def main(argv=None) -> int:
   parser.add_argument("--depth", type=int, default=4)
   parser.add_argument("--hlo", help="optimised HLO text (.txt or .txt.gz) of the traced program")
   parser.add_argument("--steps", type=int, default=2, help="steps in the trace (per-step times)")
+  parser.add_argument("--kernels_of", action="append", default=[], metavar="MODULE",
+                      help="with --hlo: also list the top kernels of modules whose name "
+                      "contains MODULE (repeatable)")
   args = parser.parse_args(argv)
   events = load_events(pathlib.Path(args.trace))
   names = {}
@@ -117,19 +170,7 @@ def main(argv=None) -> int:
   for name, dur in by_scope.most_common(args.top):
     print(f"  {dur / 1e3:9.2f} ms {100 * dur / busy:5.1f}%  {name[:140]}")
   if args.hlo:
-    op_names = hlo_op_names(pathlib.Path(args.hlo))
-    by_module = collections.Counter()
-    for e in kernels:
-      hlo_op = str(e.get("args", {}).get("hlo_op", "")).replace(".", "_")
-      op_name = op_names.get(e["name"]) or op_names.get(hlo_op, "")
-      if op_name:
-        key = module_of(op_name)
-      else:
-        key = "(kernel " + re.sub(r"_\d+$", "", e["name"])[:40] + ")"
-      by_module[key] += e["dur"]
-    print(f"\ntime per module per step ({args.steps} steps traced)")
-    for name, dur in by_module.most_common(args.top):
-      print(f"  {dur / 1e3 / args.steps:9.2f} ms {100 * dur / busy:5.1f}%  {name}")
+    _print_modules(kernels, hlo_op_names(pathlib.Path(args.hlo)), args)
   sample = next((e for e in kernels if e.get("args")), kernels[0])
   print("\nexample event:", json.dumps(sample)[:600])
   return 0

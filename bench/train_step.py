@@ -63,6 +63,12 @@ VARIANTS = {
     # XLA's attention for the triangle attention only (faster at crop 256, bench/attention.py).
     "bf16-cudnn-trixla": {"dtype": "bfloat16", "attention_impl": "cudnn",
                           "triangle_attention_impl": "xla"},
+    # Projections of one input as one matrix product (triangle multiplication, outer product
+    # mean, q/k/v/gate of the self-attentions).
+    "bf16-cudnn-fused": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                         "fuse_projections": True},
+    "bf16-cudnn-fused-trixla": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                                "fuse_projections": True, "triangle_attention_impl": "xla"},
     # Two-level checkpointing of the block stacks: groups of 4 blocks.
     "bf16-cudnn-group4": {"dtype": "bfloat16", "attention_impl": "cudnn", "remat_group_size": 4},
     # The extra MSA's row attention and transition alone in chunks of N rows (0: unchunked;

@@ -31,6 +31,9 @@ af2flax adds, under `global_config`:
                  `from_alphafold_dict`: 'xla'.
   triangle_attention_impl  the same choice for the triangle attention only ("": as
                  `attention_impl`). Presets: "".
+  fuse_projections  projections of one input as one matrix product over concatenated weights
+                 (triangle multiplication's five, the outer product mean's two, q/k/v/gate of
+                 the self-attentions): the same values and parameters. Presets: False.
 and turns `use_remat` on in the presets (AlphaFold's file has it off: its inference does not
 need it; training at crop 256 does). Everything else equals AlphaFold's values.
 `from_alphafold_dict(d)` builds this tree from an AlphaFold `model_config` dict, e.g. the
@@ -58,6 +61,7 @@ OUR_GLOBAL_DEFAULTS = {
     "low_memory": False,
     "attention_impl": "auto",
     "triangle_attention_impl": "",
+    "fuse_projections": False,
 }
 
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
-                                      ResidualDropout, Transition, attention_impl, chunked_apply,
-                                      compute_dtype)
+                                      LinearParams, ResidualDropout, Transition, attention_impl,
+                                      chunked_apply, compute_dtype, fused_linear)
 from af2flax.model.triangle import TriangleAttention, TriangleMultiplication, subbatch_size
 
 # Added to the number of sequences that see both residues before dividing (Suppl. Alg. 10).
@@ -51,7 +51,8 @@ class MSARowAttentionWithPairBias(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=dtype,
-                          impl=attention_impl(gc), name="attention")
+                          impl=attention_impl(gc),
+                          fuse_projections=gc.get("fuse_projections", False), name="attention")
     return chunked_apply(attention, subbatch_size(gc, extra_msa=self.is_extra_msa),
                          [msa_act, msa_act, mask], [nonbatched_bias])
 
@@ -76,7 +77,8 @@ class MSAColumnAttention(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=compute_dtype(gc),
-                          impl=attention_impl(gc), name="attention")
+                          impl=attention_impl(gc),
+                          fuse_projections=gc.get("fuse_projections", False), name="attention")
     msa_act = chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, mask])
     return jnp.swapaxes(msa_act, -2, -3)
 
@@ -125,8 +127,14 @@ class OuterProductMean(nn.Module):
     mask = mask[..., None]
     act = LayerNorm(name="layer_norm_input")(act)
     mask_c = mask.astype(dtype)
-    left_act = mask_c * Linear(c.num_outer_channel, dtype=dtype, name="left_projection")(act)
-    right_act = mask_c * Linear(c.num_outer_channel, dtype=dtype, name="right_projection")(act)
+    if gc.get("fuse_projections", False):
+      left_act, right_act = fused_linear(act, [
+          LinearParams(c.num_outer_channel, name="left_projection"),
+          LinearParams(c.num_outer_channel, name="right_projection")], dtype)
+    else:
+      left_act = Linear(c.num_outer_channel, dtype=dtype, name="left_projection")(act)
+      right_act = Linear(c.num_outer_channel, dtype=dtype, name="right_projection")(act)
+    left_act, right_act = mask_c * left_act, mask_c * right_act
 
     output_init = (nn.initializers.zeros if gc.zero_init
                    else nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal"))

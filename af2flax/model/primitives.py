@@ -45,6 +45,19 @@ def af2_initializer(name: str, fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
+def linear_params(module: nn.Module, in_shape: tuple[int, ...], output_shape: tuple[int, ...],
+                  initializer: str, use_bias: bool, bias_init: float, param_dtype: Dtype
+                  ) -> tuple[jax.Array, jax.Array | None]:
+  """A linear layer's `weights` [*in_shape, *output_shape] and `bias` [*output_shape] in
+  `module`'s scope (called from its compact method)."""
+  fan_in = int(np.prod(in_shape)) if in_shape else 1
+  weights = module.param("weights", af2_initializer(initializer, fan_in),
+                         in_shape + output_shape, param_dtype)
+  bias = (module.param("bias", nn.initializers.constant(bias_init), output_shape, param_dtype)
+          if use_bias else None)
+  return weights, bias
+
+
 class Linear(nn.Module):
   """Linear layer over the last `num_input_dims` axes to an output of shape `num_output`.
 
@@ -66,19 +79,52 @@ class Linear(nn.Module):
     output_shape = (tuple(self.num_output) if isinstance(self.num_output, Sequence)
                     else (self.num_output,))
     in_shape = tuple(inputs.shape[inputs.ndim - self.num_input_dims:]) if self.num_input_dims else ()
-    fan_in = int(np.prod(in_shape)) if in_shape else 1
-    weights = self.param("weights", af2_initializer(self.initializer, fan_in),
-                         in_shape + output_shape, self.param_dtype)
+    weights, bias = linear_params(self, in_shape, output_shape, self.initializer, self.use_bias,
+                                  self.bias_init, self.param_dtype)
     in_letters = "abcde"[:self.num_input_dims]
     out_letters = "hijkl"[:len(output_shape)]
     output = jnp.einsum(f"...{in_letters},{in_letters}{out_letters}->...{out_letters}",
                         inputs.astype(self.dtype), weights.astype(self.dtype),
                         precision=self.precision)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.constant(self.bias_init), output_shape,
-                        self.param_dtype)
+    if bias is not None:
       output = output + bias.astype(self.dtype)
     return output
+
+
+class LinearParams(nn.Module):
+  """The parameters of a one-axis `Linear` (same names, shapes and initialisers), returned
+  unapplied: `fused_linear` runs several of them on one input as one matrix product."""
+
+  num_output: int
+  initializer: str = "linear"
+  use_bias: bool = True
+  bias_init: float = 0.0
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, num_input: int) -> tuple[jax.Array, jax.Array | None]:
+    return linear_params(self, (num_input,), (self.num_output,), self.initializer,
+                         self.use_bias, self.bias_init, self.param_dtype)
+
+
+def fused_linear(inputs: jax.Array, layers: Sequence[LinearParams], dtype: Dtype
+                 ) -> list[jax.Array]:
+  """`[Linear(...)(inputs) for each layer]` as ONE matrix product over concatenated weights.
+
+  The same values as separate layers (each output column is the same dot product), with the
+  input read once and one wide product instead of several narrow ones; the parameters keep
+  each layer's own path. Every layer needs a bias, or none does.
+  """
+  params = [layer(inputs.shape[-1]) for layer in layers]
+  sizes = [w.shape[-1] for w, _ in params]
+  weights = jnp.concatenate([w for w, _ in params], axis=-1).astype(dtype)
+  output = jnp.einsum("...a,ah->...h", inputs.astype(dtype), weights)
+  biases = [b for _, b in params]
+  if any(b is not None for b in biases):
+    if any(b is None for b in biases):
+      raise ValueError("fused_linear: every layer needs a bias, or none does")
+    output = output + jnp.concatenate(biases).astype(dtype)
+  return jnp.split(output, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
 
 class LayerNorm(nn.Module):
@@ -304,6 +350,9 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   impl: str = "xla"              # 'xla' | 'cudnn' | 'auto' (see `fused_attention`)
+  # The caller passes the same array as q_data and m_data: q, k, v and the gate come from one
+  # matrix product over concatenated weights (same values and parameters).
+  fuse_projections: bool = False
 
   @nn.compact
   def __call__(self, q_data: jax.Array, m_data: jax.Array, mask: jax.Array,
@@ -323,9 +372,19 @@ class Attention(nn.Module):
 
     q_data = q_data.astype(self.dtype)
     m_data = m_data.astype(self.dtype)
-    q = jnp.einsum("bqa,ahc->bqhc", q_data, query_w) * key_dim ** (-0.5)
-    k = jnp.einsum("bka,ahc->bkhc", m_data, key_w)
-    v = jnp.einsum("bka,ahc->bkhc", m_data, value_w)
+    gate_values = None
+    if self.fuse_projections and self.gating and key_dim == value_dim:
+      if q_data.shape != m_data.shape:
+        raise ValueError(f"fuse_projections: q_data {q_data.shape} and m_data {m_data.shape} "
+                         "must be the same array")
+      gating_w = param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
+      weights = jnp.concatenate([query_w, key_w, value_w, gating_w], axis=1)
+      q, k, v, gate_values = jnp.split(jnp.einsum("bqa,ahc->bqhc", q_data, weights), 4, axis=2)
+      q = q * key_dim ** (-0.5)
+    else:
+      q = jnp.einsum("bqa,ahc->bqhc", q_data, query_w) * key_dim ** (-0.5)
+      k = jnp.einsum("bka,ahc->bkhc", m_data, key_w)
+      v = jnp.einsum("bka,ahc->bkhc", m_data, value_w)
     if use_fused_attention(self.impl, q, k, nonbatched_bias is not None):
       weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias)
     else:
@@ -337,10 +396,11 @@ class Attention(nn.Module):
       weighted_avg = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
 
     if self.gating:
-      gating_w = param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
+      if gate_values is None:
+        gating_w = param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
+        gate_values = jnp.einsum("bqc,chv->bqhv", q_data, gating_w)
       gating_b = param("gating_b", nn.initializers.ones, (heads, value_dim))
-      gate_values = jnp.einsum("bqc,chv->bqhv", q_data, gating_w) + gating_b
-      weighted_avg = weighted_avg * jax.nn.sigmoid(gate_values)
+      weighted_avg = weighted_avg * jax.nn.sigmoid(gate_values + gating_b)
 
     output_init = nn.initializers.zeros if self.zero_init else glorot_uniform()
     output_w = param("output_w", output_init, (heads, value_dim, self.output_dim))

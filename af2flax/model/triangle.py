@@ -12,8 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from af2flax.model.primitives import (Attention, LayerNorm, Linear, attention_impl,
-                                      chunked_apply, compute_dtype, final_init)
+from af2flax.model.primitives import (Attention, LayerNorm, Linear, LinearParams,
+                                      attention_impl, chunked_apply, compute_dtype, final_init,
+                                      fused_linear)
 
 
 def subbatch_size(global_config: Any, extra_msa: bool = False) -> int | None:
@@ -58,22 +59,31 @@ class TriangleMultiplication(nn.Module):
     mask = pair_mask[..., None].astype(dtype)
 
     act = LayerNorm(name="layer_norm_input")(pair_act)
-    input_act = act
-    left_proj = mask * Linear(channels, dtype=dtype, name="left_projection")(act)
-    right_proj = mask * Linear(channels, dtype=dtype, name="right_projection")(act)
-    left_proj = left_proj * jax.nn.sigmoid(
-        Linear(channels, initializer=gate_init, bias_init=1.0, dtype=dtype, name="left_gate")(act))
-    right_proj = right_proj * jax.nn.sigmoid(
-        Linear(channels, initializer=gate_init, bias_init=1.0, dtype=dtype,
-               name="right_gate")(act))
+    output_channel = pair_act.shape[-1]
+    if gc.get("fuse_projections", False):  # the five projections of `act` as one product
+      left, right, left_gate, right_gate, gate = fused_linear(act, [
+          LinearParams(channels, name="left_projection"),
+          LinearParams(channels, name="right_projection"),
+          LinearParams(channels, initializer=gate_init, bias_init=1.0, name="left_gate"),
+          LinearParams(channels, initializer=gate_init, bias_init=1.0, name="right_gate"),
+          LinearParams(output_channel, initializer=gate_init, bias_init=1.0,
+                       name="gating_linear")], dtype)
+    else:
+      left = Linear(channels, dtype=dtype, name="left_projection")(act)
+      right = Linear(channels, dtype=dtype, name="right_projection")(act)
+      left_gate = Linear(channels, initializer=gate_init, bias_init=1.0, dtype=dtype,
+                         name="left_gate")(act)
+      right_gate = Linear(channels, initializer=gate_init, bias_init=1.0, dtype=dtype,
+                          name="right_gate")(act)
+      gate = Linear(output_channel, initializer=gate_init, bias_init=1.0, dtype=dtype,
+                    name="gating_linear")(act)
+    left_proj = mask * left * jax.nn.sigmoid(left_gate)
+    right_proj = mask * right * jax.nn.sigmoid(right_gate)
 
     # For "incoming" edges the equation swaps the roles: a = right_proj, b = left_proj.
     act = jnp.einsum(c.equation, left_proj, right_proj)
     act = LayerNorm(name="center_layer_norm")(act)
-    output_channel = pair_act.shape[-1]
     act = Linear(output_channel, initializer=gate_init, dtype=dtype, name="output_projection")(act)
-    gate = Linear(output_channel, initializer=gate_init, bias_init=1.0, dtype=dtype,
-                  name="gating_linear")(input_act)
     return act * jax.nn.sigmoid(gate)
 
 
@@ -112,7 +122,7 @@ class TriangleAttention(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=channels, key_dim=c.get("key_dim"),
                           value_dim=c.get("value_dim"), gating=c.gating, zero_init=gc.zero_init,
                           dtype=dtype, impl=attention_impl(gc, "triangle_attention_impl"),
-                          name="attention")
+                          fuse_projections=gc.get("fuse_projections", False), name="attention")
     pair_act = chunked_apply(attention, subbatch_size(gc), [pair_act, pair_act, mask],
                              [nonbatched_bias])
     if c.orientation == "per_column":

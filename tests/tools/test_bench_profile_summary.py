@@ -1,0 +1,39 @@
+"""bench/profile_summary.py attributes kernels to modules and directions through the HLO."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+_HLO = """\
+  %fusion.1 = f32[2] fusion(), metadata={op_name="jit(f)/transpose(jvp(x))/while/body/evoformer_iteration/outer_product_mean/dot_general"}
+  %custom-call.7 = f32[2] custom-call(), metadata={op_name="jit(f)/transpose(jvp(x))/checkpoint/rematted_computation/evoformer_iteration/triangle_attention_starting_node/attention/dot"}
+  %fusion.2 = f32[2] fusion(), metadata={op_name="jit(f)/jvp(x)/extra_msa_stack/msa_transition/add"}
+"""
+
+
+def test_time_per_module_and_direction(tmp_path):
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
+  for ts, dur, name, hlo_op in ((0, 100, "fusion_1", "fusion.1"),
+                                (100, 50, "cudnn_fprop", "custom-call.7"),
+                                (150, 30, "fusion_2", "command_buffer_1"),
+                                (180, 20, "nvjet_gemm", "command_buffer_1")):
+    events.append({"ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": dur, "name": name,
+                   "args": {"hlo_op": hlo_op}})
+  with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as handle:
+    json.dump({"traceEvents": events}, handle)
+  (tmp_path / "hlo.txt").write_text(_HLO)
+  out = subprocess.run([sys.executable, "bench/profile_summary.py", str(tmp_path), "--hlo",
+                        str(tmp_path / "hlo.txt"), "--steps", "1", "--kernels_of", "outer"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+  table = out[out.index("time per module"):]
+  lines = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:6]}
+  # forward, recompute, backward, total (ms per step), share
+  assert lines["evoformer_iteration/outer_product_mean"][:4] == ["0.00", "0.00", "0.10", "0.10"]
+  assert lines["evoformer_iteration/triangle_attention_starting_node"][:4] == [
+      "0.00", "0.05", "0.00", "0.05"]
+  assert lines["extra_msa_stack/msa_transition"][:4] == ["0.03", "0.00", "0.00", "0.03"]
+  assert "nvjet_gemm" in table  # inside a command buffer: listed as not attributed
+  assert "kernels of evoformer_iteration/outer_product_mean" in out and "fusion_1" in out
