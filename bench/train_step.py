@@ -64,11 +64,15 @@ VARIANTS = {
     "bf16-cudnn-trixla": {"dtype": "bfloat16", "attention_impl": "cudnn",
                           "triangle_attention_impl": "xla"},
     # Projections of one input as one matrix product (triangle multiplication, outer product
-    # mean, q/k/v/gate of the self-attentions).
+    # mean, q/k/v/gate of the self-attentions): the presets' default since 2026-12-02;
+    # "separate" is the model before.
     "bf16-cudnn-fused": {"dtype": "bfloat16", "attention_impl": "cudnn",
                          "fuse_projections": True},
-    "bf16-cudnn-fused-trixla": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                                "fuse_projections": True, "triangle_attention_impl": "xla"},
+    "bf16-cudnn-separate": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                            "fuse_projections": False},
+    # The triangle multiplication's edges laid out [c, N, N].
+    "bf16-cudnn-cf": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                      "triangle_channels_first": True},
     # Two-level checkpointing of the block stacks: groups of 4 blocks.
     "bf16-cudnn-group4": {"dtype": "bfloat16", "attention_impl": "cudnn", "remat_group_size": 4},
     # The extra MSA's row attention and transition alone in chunks of N rows (0: unchunked;

@@ -33,7 +33,11 @@ af2flax adds, under `global_config`:
                  `attention_impl`). Presets: "".
   fuse_projections  projections of one input as one matrix product over concatenated weights
                  (triangle multiplication's five, the outer product mean's two, q/k/v/gate of
-                 the self-attentions): the same values and parameters. Presets: False.
+                 the self-attentions): the same values and parameters. Presets: True (5% faster
+                 expected step on an H100, docs/benchmarks.md).
+  triangle_channels_first  the triangle multiplication with its edges laid out [c, N, N]
+                 (projections write that layout; no transposes around the product). Same
+                 values and parameters. Presets: False.
 and turns `use_remat` on in the presets (AlphaFold's file has it off: its inference does not
 need it; training at crop 256 does). Everything else equals AlphaFold's values.
 `from_alphafold_dict(d)` builds this tree from an AlphaFold `model_config` dict, e.g. the
@@ -61,7 +65,8 @@ OUR_GLOBAL_DEFAULTS = {
     "low_memory": False,
     "attention_impl": "auto",
     "triangle_attention_impl": "",
-    "fuse_projections": False,
+    "fuse_projections": True,
+    "triangle_channels_first": False,
 }
 
 

@@ -107,24 +107,30 @@ class LinearParams(nn.Module):
                          self.use_bias, self.bias_init, self.param_dtype)
 
 
-def fused_linear(inputs: jax.Array, layers: Sequence[LinearParams], dtype: Dtype
-                 ) -> list[jax.Array]:
+def fused_linear(inputs: jax.Array, layers: Sequence[LinearParams], dtype: Dtype,
+                 channels_first: bool = False) -> list[jax.Array]:
   """`[Linear(...)(inputs) for each layer]` as ONE matrix product over concatenated weights.
 
   The same values as separate layers (each output column is the same dot product), with the
   input read once and one wide product instead of several narrow ones; the parameters keep
-  each layer's own path. Every layer needs a bias, or none does.
+  each layer's own path. Every layer needs a bias, or none does. `channels_first`: each
+  output has its channels as the FIRST axis ([c, ...] for inputs [..., a]), written so by
+  the matrix product itself rather than by a transpose afterwards.
   """
   params = [layer(inputs.shape[-1]) for layer in layers]
   sizes = [w.shape[-1] for w, _ in params]
   weights = jnp.concatenate([w for w, _ in params], axis=-1).astype(dtype)
-  output = jnp.einsum("...a,ah->...h", inputs.astype(dtype), weights)
+  axis = 0 if channels_first else -1
+  output = jnp.einsum("ah,...a->h..." if channels_first else "...a,ah->...h", *(
+      (weights, inputs.astype(dtype)) if channels_first else (inputs.astype(dtype), weights)))
   biases = [b for _, b in params]
   if any(b is not None for b in biases):
     if any(b is None for b in biases):
       raise ValueError("fused_linear: every layer needs a bias, or none does")
-    output = output + jnp.concatenate(biases).astype(dtype)
-  return jnp.split(output, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+    bias = jnp.concatenate(biases).astype(dtype)
+    output = output + (bias.reshape(bias.shape + (1,) * (output.ndim - 1)) if channels_first
+                       else bias)
+  return jnp.split(output, np.cumsum(sizes)[:-1].tolist(), axis=axis)
 
 
 class LayerNorm(nn.Module):
@@ -139,19 +145,24 @@ class LayerNorm(nn.Module):
   use_offset: bool = True
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  axis: int = -1  # the channel axis (0 for channels-first activations)
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     out_dtype = self.dtype or inputs.dtype
     x = inputs.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    mean = jnp.mean(x, axis=self.axis, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=self.axis, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    channels = inputs.shape[-1]
+    channels = inputs.shape[self.axis]
+    along = [1] * inputs.ndim
+    along[self.axis] = channels
     if self.use_scale:
-      y = y * self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+      y = y * self.param("scale", nn.initializers.ones, (channels,),
+                         self.param_dtype).reshape(along)
     if self.use_offset:
-      y = y + self.param("offset", nn.initializers.zeros, (channels,), self.param_dtype)
+      y = y + self.param("offset", nn.initializers.zeros, (channels,),
+                         self.param_dtype).reshape(along)
     return y.astype(out_dtype)
 
 

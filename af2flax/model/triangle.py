@@ -60,6 +60,8 @@ class TriangleMultiplication(nn.Module):
 
     act = LayerNorm(name="layer_norm_input")(pair_act)
     output_channel = pair_act.shape[-1]
+    if gc.get("triangle_channels_first", False):
+      return self._channels_first(act, pair_mask, output_channel, dtype, gate_init)
     if gc.get("fuse_projections", False):  # the five projections of `act` as one product
       left, right, left_gate, right_gate, gate = fused_linear(act, [
           LinearParams(channels, name="left_projection"),
@@ -85,6 +87,42 @@ class TriangleMultiplication(nn.Module):
     act = LayerNorm(name="center_layer_norm")(act)
     act = Linear(output_channel, initializer=gate_init, dtype=dtype, name="output_projection")(act)
     return act * jax.nn.sigmoid(gate)
+
+  def _channels_first(self, act, pair_mask, output_channel, dtype, gate_init):
+    """The same update with the projected edges laid out [c, N_res, N_res]: the projections
+    write that layout, the triangle product is a batched matrix product over channels with
+    no transposes around it, the centre layer norm runs over axis 0, and the output
+    projection reads it back to [N_res, N_res, c_z]."""
+    channels = self.config.num_intermediate_channel
+    left, right, left_gate, right_gate = fused_linear(act, [
+        LinearParams(channels, name="left_projection"),
+        LinearParams(channels, name="right_projection"),
+        LinearParams(channels, initializer=gate_init, bias_init=1.0, name="left_gate"),
+        LinearParams(channels, initializer=gate_init, bias_init=1.0, name="right_gate")],
+                                                      dtype, channels_first=True)
+    (gate,) = fused_linear(act, [LinearParams(output_channel, initializer=gate_init,
+                                              bias_init=1.0, name="gating_linear")], dtype)
+    mask = pair_mask[None].astype(dtype)
+    left_proj = mask * left * jax.nn.sigmoid(left_gate)
+    right_proj = mask * right * jax.nn.sigmoid(right_gate)
+    act = jnp.einsum(channels_first_equation(self.config.equation), left_proj, right_proj)
+    act = LayerNorm(axis=0, name="center_layer_norm")(act)
+    weights, bias = LinearParams(output_channel, initializer=gate_init,
+                                 name="output_projection")(act.shape[0])
+    act = jnp.einsum("cij,cd->ijd", act, weights.astype(dtype)) + bias.astype(dtype)
+    return act * jax.nn.sigmoid(gate)
+
+
+def channels_first_equation(equation: str) -> str:
+  """'ikc,jkc->ijc' -> 'cik,cjk->cij': the channel letter (the last of the output) first."""
+  inputs, output = equation.split("->")
+  terms = inputs.split(",") + [output]
+  channel = output[-1]
+  if len(terms) != 3 or any(not t.endswith(channel) or t.count(channel) != 1 for t in terms):
+    raise ValueError(f"triangle multiplication equation {equation!r}: expected two inputs "
+                     "and an output that end with the same channel letter")
+  first = [channel + t[:-1] for t in terms]
+  return f"{first[0]},{first[1]}->{first[2]}"
 
 
 class TriangleAttention(nn.Module):

@@ -322,20 +322,22 @@ def test_triangle_attention_impl_overrides_only_the_triangle_attention():
 def test_fused_projections_equal_separate_ones(trunk_fp32):
   """`fuse_projections`: the same parameter tree and values, fewer matrix products."""
   config, params, batch, prev, reference = trunk_fp32
-  fused_config = tiny_config(fuse_projections=True)
-  fused_shapes = jax.eval_shape(_trunk(fused_config).init, jax.random.PRNGKey(0), batch, prev)
-  assert (jax.tree.map(lambda x: x.shape, fused_shapes)
+  assert config.global_config.fuse_projections  # the presets' choice
+  separate_config = tiny_config(fuse_projections=False)
+  separate_shapes = jax.eval_shape(_trunk(separate_config).init, jax.random.PRNGKey(0), batch,
+                                   prev)
+  assert (jax.tree.map(lambda x: x.shape, separate_shapes)
           == jax.tree.map(lambda x: x.shape, params))
-  fused = _run(fused_config, params, batch, prev)
+  separate = _run(separate_config, params, batch, prev)
   for key in reference:
-    assert relative_error(fused[key], reference[key]) < 1e-5, key
+    assert relative_error(reference[key], separate[key]) < 1e-5, key
 
   def dots(cfg):
     jaxpr = jax.make_jaxpr(_trunk(cfg).apply)(params, batch, prev)
     return str(jaxpr).count("dot_general")
   # Per block: 4 fewer in each triangle multiplication, 1 in the outer product mean, 3 in
   # each self-attention (MSA row and column, two triangle attentions).
-  assert dots(fused_config) < dots(config)
+  assert dots(config) < dots(separate_config)
 
 
 def test_fused_projections_have_the_same_gradients():
@@ -351,4 +353,27 @@ def test_fused_projections_have_the_same_gradients():
       params = random_params(module.init, pair, pair_mask, seed=1)
       loss = lambda p: jnp.sum(jnp.sin(module.apply(p, pair, pair_mask)))  # pylint: disable=cell-var-from-loop
       grads.append(jax.grad(loss)(params))
+    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_channels_first_triangle_multiplication_is_the_same_update():
+  """`triangle_channels_first`: the same values and gradients in both directions."""
+  from af2flax.model.triangle import TriangleMultiplication, channels_first_equation  # pylint: disable=g-import-not-at-top
+  assert channels_first_equation("ikc,jkc->ijc") == "cik,cjk->cij"
+  assert channels_first_equation("kjc,kic->ijc") == "ckj,cki->cij"
+  with pytest.raises(ValueError, match="same channel letter"):
+    channels_first_equation("ick,jkc->ijc")
+  pair = jnp.asarray(np.random.default_rng(0).normal(size=(6, 6, 8)), jnp.float32)
+  pair_mask = jnp.ones((6, 6), jnp.float32).at[5].set(0.0)
+  evo = tiny_config().embeddings_and_evoformer.evoformer
+  for sub in (evo.triangle_multiplication_outgoing, evo.triangle_multiplication_incoming):
+    outputs, grads = [], []
+    for first in (False, True):
+      module = TriangleMultiplication(sub, tiny_config(triangle_channels_first=first)
+                                      .global_config)
+      params = random_params(module.init, pair, pair_mask, seed=1)
+      outputs.append(module.apply(params, pair, pair_mask))
+      grads.append(jax.grad(lambda p, m=module: jnp.sum(jnp.sin(m.apply(p, pair, pair_mask))))(
+          params))
+    assert relative_error(outputs[1], outputs[0]) < 1e-6
     chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
