@@ -69,10 +69,13 @@ VARIANTS = {
     "bf16-cudnn-fused": {"dtype": "bfloat16", "attention_impl": "cudnn",
                          "fuse_projections": True},
     "bf16-cudnn-separate": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                            "fuse_projections": False},
-    # The triangle multiplication's edges laid out [c, N, N].
+                            "fuse_projections": False, "triangle_channels_first": False},
+    # The triangle multiplication's edges laid out [c, N, N] (the presets' default since
+    # 2026-12-02); "cl" is channels last, as before.
     "bf16-cudnn-cf": {"dtype": "bfloat16", "attention_impl": "cudnn",
                       "triangle_channels_first": True},
+    "bf16-cudnn-cl": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                      "triangle_channels_first": False},
     # Two-level checkpointing of the block stacks: groups of 4 blocks.
     "bf16-cudnn-group4": {"dtype": "bfloat16", "attention_impl": "cudnn", "remat_group_size": 4},
     # The extra MSA's row attention and transition alone in chunks of N rows (0: unchunked;

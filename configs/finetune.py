@@ -33,8 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   # H200, docs/benchmarks.md).
   config.model.global_config.extra_msa_subbatch_size = 1024
   # The 48 Evoformer blocks as 12 rematerialised groups of 4 (two-level checkpointing): 15.2
-  # instead of 18.4 GiB on an H100, within the 16 GiB of the TPUv3 core AlphaFold was
-  # fine-tuned on, for 18% more time (2.94 vs 2.48 s, docs/benchmarks.md). With memory to
-  # spare, --config.model.global_config.remat_group_size=1 is the faster choice.
+  # instead of 18.4 GiB on an H100 for 18% more time (2.94 vs 2.48 s); with this session's
+  # layout changes the preset peaks at 14.0 GiB (2.75 s), within the 16 GiB of the TPUv3 core
+  # AlphaFold was fine-tuned on (docs/benchmarks.md). With memory to spare,
+  # --config.model.global_config.remat_group_size=1 is the faster choice.
   config.model.global_config.remat_group_size = 4
   return config

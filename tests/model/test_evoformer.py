@@ -322,8 +322,9 @@ def test_triangle_attention_impl_overrides_only_the_triangle_attention():
 def test_fused_projections_equal_separate_ones(trunk_fp32):
   """`fuse_projections`: the same parameter tree and values, fewer matrix products."""
   config, params, batch, prev, reference = trunk_fp32
-  assert config.global_config.fuse_projections  # the presets' choice
-  separate_config = tiny_config(fuse_projections=False)
+  assert config.global_config.fuse_projections  # the presets' choices
+  assert config.global_config.triangle_channels_first
+  separate_config = tiny_config(fuse_projections=False, triangle_channels_first=False)
   separate_shapes = jax.eval_shape(_trunk(separate_config).init, jax.random.PRNGKey(0), batch,
                                    prev)
   assert (jax.tree.map(lambda x: x.shape, separate_shapes)
@@ -349,7 +350,8 @@ def test_fused_projections_have_the_same_gradients():
                    (TriangleAttention, evo.triangle_attention_ending_node)):
     grads = []
     for fuse in (False, True):
-      module = cls(sub, tiny_config(fuse_projections=fuse).global_config)
+      module = cls(sub, tiny_config(fuse_projections=fuse,
+                                    triangle_channels_first=False).global_config)
       params = random_params(module.init, pair, pair_mask, seed=1)
       loss = lambda p: jnp.sum(jnp.sin(module.apply(p, pair, pair_mask)))  # pylint: disable=cell-var-from-loop
       grads.append(jax.grad(loss)(params))
@@ -369,8 +371,8 @@ def test_channels_first_triangle_multiplication_is_the_same_update():
   for sub in (evo.triangle_multiplication_outgoing, evo.triangle_multiplication_incoming):
     outputs, grads = [], []
     for first in (False, True):
-      module = TriangleMultiplication(sub, tiny_config(triangle_channels_first=first)
-                                      .global_config)
+      module = TriangleMultiplication(sub, tiny_config(triangle_channels_first=first,
+                                                       fuse_projections=True).global_config)
       params = random_params(module.init, pair, pair_mask, seed=1)
       outputs.append(module.apply(params, pair, pair_mask))
       grads.append(jax.grad(lambda p, m=module: jnp.sum(jnp.sin(m.apply(p, pair, pair_mask))))(
