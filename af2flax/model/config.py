@@ -36,8 +36,9 @@ af2flax adds, under `global_config`:
                  the self-attentions): the same values and parameters. Presets: True (5% faster
                  expected step on an H100, docs/benchmarks.md).
   triangle_channels_first  the triangle multiplication with its edges laid out [c, N, N]
-                 (projections write that layout; no transposes around the product). Same
-                 values and parameters. Presets: True (6% faster expected step on an H100).
+                 (projections write that layout, fused; no transposes around the product).
+                 Same values and parameters. Presets: True (6% faster expected step on an
+                 H100).
 and turns `use_remat` on in the presets (AlphaFold's file has it off: its inference does not
 need it; training at crop 256 does). Everything else equals AlphaFold's values.
 `from_alphafold_dict(d)` builds this tree from an AlphaFold `model_config` dict, e.g. the

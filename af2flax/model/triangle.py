@@ -56,12 +56,12 @@ class TriangleMultiplication(nn.Module):
     dtype = compute_dtype(gc)
     channels = c.num_intermediate_channel
     gate_init = final_init(gc.zero_init)
-    mask = pair_mask[..., None].astype(dtype)
 
     act = LayerNorm(name="layer_norm_input")(pair_act)
     output_channel = pair_act.shape[-1]
     if gc.get("triangle_channels_first", False):
       return self._channels_first(act, pair_mask, output_channel, dtype, gate_init)
+    mask = pair_mask[..., None].astype(dtype)
     if gc.get("fuse_projections", False):  # the five projections of `act` as one product
       left, right, left_gate, right_gate, gate = fused_linear(act, [
           LinearParams(channels, name="left_projection"),
@@ -92,7 +92,8 @@ class TriangleMultiplication(nn.Module):
     """The same update with the projected edges laid out [c, N_res, N_res]: the projections
     write that layout, the triangle product is a batched matrix product over channels with
     no transposes around it, the centre layer norm runs over axis 0, and the output
-    projection reads it back to [N_res, N_res, c_z]."""
+    projection reads it back to [N_res, N_res, c_z]. The four edge projections are always
+    one fused product here (`fuse_projections` or not)."""
     channels = self.config.num_intermediate_channel
     left, right, left_gate, right_gate = fused_linear(act, [
         LinearParams(channels, name="left_projection"),
