@@ -383,12 +383,12 @@ class Attention(nn.Module):
 
     q_data = q_data.astype(self.dtype)
     m_data = m_data.astype(self.dtype)
-    gate_values = None
-    if self.fuse_projections and self.gating and key_dim == value_dim:
+    gating_w = (param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
+                if self.gating else None)
+    if self.fuse_projections and gating_w is not None and key_dim == value_dim:
       if q_data.shape != m_data.shape:
         raise ValueError(f"fuse_projections: q_data {q_data.shape} and m_data {m_data.shape} "
                          "must be the same array")
-      gating_w = param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
       weights = jnp.concatenate([query_w, key_w, value_w, gating_w], axis=1)
       q, k, v, gate_values = jnp.split(jnp.einsum("bqa,ahc->bqhc", q_data, weights), 4, axis=2)
       q = q * key_dim ** (-0.5)
@@ -396,6 +396,8 @@ class Attention(nn.Module):
       q = jnp.einsum("bqa,ahc->bqhc", q_data, query_w) * key_dim ** (-0.5)
       k = jnp.einsum("bka,ahc->bkhc", m_data, key_w)
       v = jnp.einsum("bka,ahc->bkhc", m_data, value_w)
+      gate_values = (jnp.einsum("bqc,chv->bqhv", q_data, gating_w) if gating_w is not None
+                     else None)
     if use_fused_attention(self.impl, q, k, nonbatched_bias is not None):
       weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias)
     else:
@@ -406,10 +408,7 @@ class Attention(nn.Module):
       weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       weighted_avg = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
 
-    if self.gating:
-      if gate_values is None:
-        gating_w = param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
-        gate_values = jnp.einsum("bqc,chv->bqhv", q_data, gating_w)
+    if gate_values is not None:
       gating_b = param("gating_b", nn.initializers.ones, (heads, value_dim))
       weighted_avg = weighted_avg * jax.nn.sigmoid(gate_values + gating_b)
 

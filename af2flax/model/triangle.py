@@ -63,13 +63,9 @@ class TriangleMultiplication(nn.Module):
       return self._channels_first(act, pair_mask, output_channel, dtype, gate_init)
     mask = pair_mask[..., None].astype(dtype)
     if gc.get("fuse_projections", False):  # the five projections of `act` as one product
-      left, right, left_gate, right_gate, gate = fused_linear(act, [
-          LinearParams(channels, name="left_projection"),
-          LinearParams(channels, name="right_projection"),
-          LinearParams(channels, initializer=gate_init, bias_init=1.0, name="left_gate"),
-          LinearParams(channels, initializer=gate_init, bias_init=1.0, name="right_gate"),
-          LinearParams(output_channel, initializer=gate_init, bias_init=1.0,
-                       name="gating_linear")], dtype)
+      left, right, left_gate, right_gate, gate = fused_linear(act, self._edge_projections(
+          gate_init) + [LinearParams(output_channel, initializer=gate_init, bias_init=1.0,
+                                     name="gating_linear")], dtype)
     else:
       left = Linear(channels, dtype=dtype, name="left_projection")(act)
       right = Linear(channels, dtype=dtype, name="right_projection")(act)
@@ -88,21 +84,24 @@ class TriangleMultiplication(nn.Module):
     act = Linear(output_channel, initializer=gate_init, dtype=dtype, name="output_projection")(act)
     return act * jax.nn.sigmoid(gate)
 
+  def _edge_projections(self, gate_init: str) -> list[LinearParams]:
+    """The parameters of the left and right edge projections and their gates."""
+    channels = self.config.num_intermediate_channel
+    return [LinearParams(channels, name="left_projection"),
+            LinearParams(channels, name="right_projection"),
+            LinearParams(channels, initializer=gate_init, bias_init=1.0, name="left_gate"),
+            LinearParams(channels, initializer=gate_init, bias_init=1.0, name="right_gate")]
+
   def _channels_first(self, act, pair_mask, output_channel, dtype, gate_init):
     """The same update with the projected edges laid out [c, N_res, N_res]: the projections
     write that layout, the triangle product is a batched matrix product over channels with
     no transposes around it, the centre layer norm runs over axis 0, and the output
     projection reads it back to [N_res, N_res, c_z]. The four edge projections are always
     one fused product here (`fuse_projections` or not)."""
-    channels = self.config.num_intermediate_channel
-    left, right, left_gate, right_gate = fused_linear(act, [
-        LinearParams(channels, name="left_projection"),
-        LinearParams(channels, name="right_projection"),
-        LinearParams(channels, initializer=gate_init, bias_init=1.0, name="left_gate"),
-        LinearParams(channels, initializer=gate_init, bias_init=1.0, name="right_gate")],
+    left, right, left_gate, right_gate = fused_linear(act, self._edge_projections(gate_init),
                                                       dtype, channels_first=True)
-    (gate,) = fused_linear(act, [LinearParams(output_channel, initializer=gate_init,
-                                              bias_init=1.0, name="gating_linear")], dtype)
+    gate = Linear(output_channel, initializer=gate_init, bias_init=1.0, dtype=dtype,
+                  name="gating_linear")(act)
     mask = pair_mask[None].astype(dtype)
     left_proj = mask * left * jax.nn.sigmoid(left_gate)
     right_proj = mask * right * jax.nn.sigmoid(right_gate)
