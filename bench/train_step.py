@@ -76,6 +76,16 @@ VARIANTS = {
                       "triangle_channels_first": True},
     "bf16-cudnn-cl": {"dtype": "bfloat16", "attention_impl": "cudnn",
                       "triangle_channels_first": False},
+    # The triangle attention differentiated through its bias broadcast over the rows (cuDNN
+    # without its shared-bias gradient kernel); the no-gradient recycling keeps it shared.
+    "bf16-cudnn-tribcast": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                            "triangle_attention_broadcast_bias": True},
+    # The outer product mean in one piece when training (AlphaFold: chunks of 128 rows).
+    "bf16-cudnn-opmfull": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                           "outer_product_mean_chunking": "low_memory"},
+    "bf16-cudnn-tribcast-opmfull": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                                    "triangle_attention_broadcast_bias": True,
+                                    "outer_product_mean_chunking": "low_memory"},
     # Two-level checkpointing of the block stacks: groups of 4 blocks.
     "bf16-cudnn-group4": {"dtype": "bfloat16", "attention_impl": "cudnn", "remat_group_size": 4},
     # The extra MSA's row attention and transition alone in chunks of N rows (0: unchunked;

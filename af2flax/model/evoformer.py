@@ -152,7 +152,7 @@ class OuterProductMean(nn.Module):
       return jnp.transpose(outer, [1, 0, 2])
 
     num_res = left_act.shape[1]
-    chunk = c.get("chunk_size")
+    chunk = c.get("chunk_size") if outer_product_mean_chunked(gc) else None
     if chunk and num_res > chunk:
       num_chunks = -(-num_res // chunk)
       padded = jnp.pad(left_act, [(0, 0), (0, num_chunks * chunk - num_res), (0, 0)])
@@ -164,6 +164,20 @@ class OuterProductMean(nn.Module):
 
     norm = jnp.einsum("abc,adc->bdc", mask.astype(jnp.float32), mask.astype(jnp.float32))
     return (out.astype(jnp.float32) / (OUTER_PRODUCT_MEAN_EPSILON + norm)).astype(dtype)
+
+
+OUTER_PRODUCT_MEAN_CHUNKING = ("always", "low_memory")
+
+
+def outer_product_mean_chunked(global_config: Any) -> bool:
+  """Whether the outer product mean runs in chunks of its `chunk_size` rows:
+  `global_config.outer_product_mean_chunking` 'always' (AlphaFold, training too) or
+  'low_memory' (only with `low_memory`, like the other chunking)."""
+  mode = global_config.get("outer_product_mean_chunking", "always") or "always"
+  if mode not in OUTER_PRODUCT_MEAN_CHUNKING:
+    raise ValueError(f"global_config.outer_product_mean_chunking={mode!r}; expected one of "
+                     f"{', '.join(OUTER_PRODUCT_MEAN_CHUNKING)}")
+  return mode == "always" or bool(global_config.get("low_memory", False))
 
 
 class EvoformerIteration(nn.Module):

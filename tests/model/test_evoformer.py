@@ -379,3 +379,22 @@ def test_channels_first_triangle_multiplication_is_the_same_update():
           params))
     assert relative_error(outputs[1], outputs[0]) < 1e-6
     chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_outer_product_mean_in_one_piece_agrees_with_chunks():
+  """`outer_product_mean_chunking='low_memory'`: the outer product mean in one piece when not
+  in low-memory mode (tiny config: 6 residues, chunks of 4), same values and gradients."""
+  overrides = {"use_remat": True, "outer_product_mean_chunking": "low_memory"}
+  _check_stack_variant("evoformer", overrides)
+  activations, masks = _stack_inputs()
+
+  def scans(**settings):
+    module = _Stack(tiny_config(use_remat=True, **settings))
+    params = jax.eval_shape(module.init, jax.random.PRNGKey(0), activations, masks)
+    return str(jax.make_jaxpr(module.apply)(params, activations, masks)).count(" scan[")
+
+  assert scans() == scans(outer_product_mean_chunking="low_memory") + 1
+  assert scans(outer_product_mean_chunking="low_memory", low_memory=True) == scans(
+      low_memory=True)
+  with pytest.raises(ValueError, match="outer_product_mean_chunking='never'"):
+    scans(outer_product_mean_chunking="never")
