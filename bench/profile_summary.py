@@ -8,6 +8,8 @@ the device (GPU) streams, and prints total busy time, the number of kernels, the
 between kernels, and the top kernels and name scopes by time. With `--hlo` (the optimised HLO
 text that `bench/train_step.py --profile_dir` saves), every kernel is attributed to the model
 module that produced it (the op_name metadata of its fusion), giving the time per module.
+`--host` summarises the host threads' events instead: where a traced compilation spends its
+time (`bench/train_step.py --lower_only --compile_only --profile_dir DIR`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,46 @@ def _print_modules(kernels: list[dict], op_names: dict[str, str], args) -> None:
         print(f"  {dur / scale:8.2f}  {name}")
 
 
+def host_summary(events: list[dict], device_pids: set, names: dict, top: int) -> None:
+  """Where host time goes (e.g. XLA's compilation traced by `bench/train_step.py --lower_only
+  --compile_only --profile_dir`): host events grouped by name (XLA's `name#key=value#`
+  annotations to their name), inclusive seconds summed over all threads, and per thread."""
+  host = [e for e in events if e.get("ph") == "X" and "dur" in e
+          and e.get("pid") not in device_pids]
+  if not host:
+    print("no host events")
+    return
+  start = min(e["ts"] for e in host)
+  end = max(e["ts"] + e["dur"] for e in host)
+  by_name, count = collections.Counter(), collections.Counter()
+  threads = collections.defaultdict(list)
+  for e in host:
+    name = re.sub(r"#.*$", "", str(e["name"])).strip() or "(unnamed)"
+    by_name[name] += e["dur"]
+    count[name] += 1
+    threads[(e.get("pid"), e.get("tid"))].append(e)
+  print(f"host events: {len(host)} on {len(threads)} threads over {(end - start) / 1e6:.1f} s")
+  print(f"\ntop {top} host events by inclusive time (summed over threads; nested events "
+        "count in their parents too)")
+  for name, dur in by_name.most_common(top):
+    print(f"  {dur / 1e6:9.2f} s  x{count[name]:<7d} {name[:110]}")
+  print("\nthreads by busy time (top-level events only)")
+  busy = {}
+  for key, thread_events in threads.items():
+    thread_events.sort(key=lambda e: (e["ts"], -e["dur"]))
+    total, reach = 0, -1
+    for e in thread_events:  # union of intervals: nested events count once
+      begin, finish = e["ts"], e["ts"] + e["dur"]
+      if finish <= reach:
+        continue
+      total += finish - max(begin, reach)
+      reach = finish
+    busy[key] = total
+  for key, total in sorted(busy.items(), key=lambda item: -item[1])[:12]:
+    label = names.get((key[0], key[1]), "") or f"tid {key[1]}"
+    print(f"  {total / 1e6:9.2f} s  {label[:80]}")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("trace")
@@ -138,6 +180,8 @@ def main(argv=None) -> int:
   parser.add_argument("--kernels_of", action="append", default=[], metavar="MODULE",
                       help="with --hlo: also list the top kernels of modules whose name "
                       "contains MODULE (repeatable)")
+  parser.add_argument("--host", action="store_true",
+                      help="summarise host events instead (a traced compilation)")
   args = parser.parse_args(argv)
   events = load_events(pathlib.Path(args.trace))
   names = {}
@@ -146,6 +190,9 @@ def main(argv=None) -> int:
       names[(e.get("pid"), e.get("tid") if e["name"] == "thread_name" else None)] = e["args"]["name"]
   device_pids = {pid for (pid, tid), name in names.items()
                  if tid is None and re.search(r"/device:GPU|GPU:|gpu", name, re.I)}
+  if args.host:
+    host_summary(events, device_pids, names, args.top)
+    return 0
   kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids
              and "dur" in e]
   if not kernels:

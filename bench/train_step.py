@@ -76,16 +76,12 @@ VARIANTS = {
                       "triangle_channels_first": True},
     "bf16-cudnn-cl": {"dtype": "bfloat16", "attention_impl": "cudnn",
                       "triangle_channels_first": False},
-    # The triangle attention differentiated through its bias broadcast over the rows (cuDNN
-    # without its shared-bias gradient kernel); the no-gradient recycling keeps it shared.
-    "bf16-cudnn-tribcast": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                            "triangle_attention_broadcast_bias": True},
-    # The outer product mean in one piece when training (AlphaFold: chunks of 128 rows).
+    # The outer product mean in chunks of 128 rows when training too (AlphaFold; the presets
+    # until 2026-12-02 evening) and in one piece (the presets now).
+    "bf16-cudnn-opmchunks": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                             "outer_product_mean_chunking": "always"},
     "bf16-cudnn-opmfull": {"dtype": "bfloat16", "attention_impl": "cudnn",
                            "outer_product_mean_chunking": "low_memory"},
-    "bf16-cudnn-tribcast-opmfull": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                                    "triangle_attention_broadcast_bias": True,
-                                    "outer_product_mean_chunking": "low_memory"},
     # Two-level checkpointing of the block stacks: groups of 4 blocks.
     "bf16-cudnn-group4": {"dtype": "bfloat16", "attention_impl": "cudnn", "remat_group_size": 4},
     # The extra MSA's row attention and transition alone in chunks of N rows (0: unchunked;
@@ -96,6 +92,8 @@ VARIANTS = {
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": {"dtype": "bfloat16", "attention_impl": "cudnn",
                             "xla_flags": "--xla_gpu_enable_triton_gemm=false"},
+    "bf16-cudnn-autotune1": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                             "xla_flags": "--xla_gpu_autotune_level=1"},
     "bf16-cudnn-autotune0": {"dtype": "bfloat16", "attention_impl": "cudnn",
                              "xla_flags": "--xla_gpu_autotune_level=0"},
     "bf16-cudnn-autotune0-notriton": {
@@ -272,12 +270,13 @@ def _trace_and_lower(step_fn, state, batch):
   return trace_s, time.perf_counter() - start, lowered
 
 
-def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool = False
-                   ) -> dict:
+def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool = False,
+                   profile_dir: str | None = None) -> dict:
   """Traces and lowers the train step on abstract parameters (no initialisation, no XLA
   compilation): the device-independent part of the compile time, and the program's size.
   `compile_too`: also compiles it for this backend and reports XLA's scratch estimate
-  (`memory_analysis().temp_size_in_bytes`), with nothing run."""
+  (`memory_analysis().temp_size_in_bytes`), with nothing run; with `profile_dir`, XLA's
+  compilation is traced there (host events: `bench/profile_summary.py DIR --host`)."""
   import jax
 
   from af2flax.train import state as state_lib
@@ -295,9 +294,12 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
          "stablehlo_lines": text.count("\n"), "device": jax.devices()[0].device_kind,
          "jax": jax.__version__}
   if compile_too:
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    row["xla_compile_s"] = time.perf_counter() - start
+    tracing = (jax.profiler.trace(profile_dir, create_perfetto_trace=True) if profile_dir
+               else contextlib.nullcontext())
+    with tracing:
+      start = time.perf_counter()
+      compiled = lowered.compile()
+      row["xla_compile_s"] = time.perf_counter() - start
     row["temp_gib"] = _scratch_gib(compiled)
   return row
 
@@ -434,7 +436,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=10, help="timed steps per recycling count")
   parser.add_argument("--recycles", default="0,1,2,3",
                       help="recycling counts to time (all four give the expected step)")
-  parser.add_argument("--profile_dir", help="also trace two steps into this directory")
+  parser.add_argument("--profile_dir", help="also trace two steps into this directory (with "
+                      "--lower_only --compile_only: trace XLA's compilation instead)")
   parser.add_argument("--breakdown", action="store_true")
   parser.add_argument("--lower_only", action="store_true",
                       help="only trace and lower (no init, no XLA compile): the compile time's "
@@ -472,7 +475,7 @@ def main(argv=None) -> int:
     for shape_name in args.shapes.split(","):
       for variant in args.variants.split(","):
         row = run_lower_only(variant, "smoke" if args.smoke else shape_name, args.smoke,
-                             args.compile_only)
+                             args.compile_only, args.profile_dir if args.compile_only else None)
         extra = (f" {row['xla_compile_s']:9.1f} {row['temp_gib']:11.2f}" if args.compile_only
                  else "")
         print(f"{variant:20s} {row['shapes']:8s} {row['trace_s']:8.1f} {row['lower_s']:8.1f} "

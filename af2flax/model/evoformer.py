@@ -111,8 +111,9 @@ class OuterProductMean(nn.Module):
   """Outer product mean of the MSA, an update to the pair representation.
 
   Jumper et al. (2021) Suppl. Alg. 10 "OuterProductMean". As in AlphaFold the output bias
-  is added before dividing by (number of sequences covering both residues + 1e-3), and the
-  product runs in chunks of `config.chunk_size` residues.
+  is added before dividing by (number of sequences covering both residues + 1e-3); the
+  product runs in chunks of `config.chunk_size` residues as AlphaFold's does, or in one piece
+  when training (`outer_product_mean_chunked`).
   act [N_seq, N_res, c_m], mask [N_seq, N_res]; returns [N_res, N_res, num_output_channel].
   """
 
@@ -173,7 +174,7 @@ def outer_product_mean_chunked(global_config: Any) -> bool:
   """Whether the outer product mean runs in chunks of its `chunk_size` rows:
   `global_config.outer_product_mean_chunking` 'always' (AlphaFold, training too) or
   'low_memory' (only with `low_memory`, like the other chunking)."""
-  mode = global_config.get("outer_product_mean_chunking", "always") or "always"
+  mode = global_config.get("outer_product_mean_chunking", "always") or "always"  # unset: AF2
   if mode not in OUTER_PRODUCT_MEAN_CHUNKING:
     raise ValueError(f"global_config.outer_product_mean_chunking={mode!r}; expected one of "
                      f"{', '.join(OUTER_PRODUCT_MEAN_CHUNKING)}")

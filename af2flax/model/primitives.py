@@ -11,7 +11,6 @@ activations loses too much precision.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -313,8 +312,7 @@ def use_fused_attention(impl: str, q: jax.Array, k: jax.Array, has_bias: bool) -
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                     nonbatched_bias: jax.Array | None,
-                    implementation: str = "cudnn", broadcast_bias: bool = False,
-                    broadcast_bias_grad: bool = False) -> jax.Array:
+                    implementation: str = "cudnn", broadcast_bias: bool = False) -> jax.Array:
   """softmax(q k^T + bias) v without materialising the logits (cuDNN flash attention).
 
   q [B, Q, H, d] (already scaled), k, v [B, K, H, d], mask broadcastable to [B, 1, 1, K],
@@ -328,57 +326,15 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   `implementation='xla'` runs the same masking through XLA (tests on CPU).
   `broadcast_bias` hands cuDNN the bias broadcast over the batch (its bias-gradient reduction
   over a broadcast batch is a separate, poorly parallel kernel; see docs/benchmarks.md).
-  `broadcast_bias_grad`: the bias is shared when the call is not differentiated (the
-  no-gradient recycling iterations) and broadcast where it is (see `_broadcast_grad_attention`).
   """
   batch, k_len = q.shape[0], k.shape[-3]
   key_mask = jnp.broadcast_to(mask != 0, (batch, 1, 1, k_len))[:, 0, 0, :]
   lengths = jnp.maximum(jnp.sum(key_mask, axis=-1), 1).astype(jnp.int32)
   bias = None if nonbatched_bias is None else nonbatched_bias.astype(q.dtype)[None]
-  if bias is not None and broadcast_bias_grad and not broadcast_bias:
-    return _broadcast_grad_attention(q, k, v, bias, lengths, implementation)
   if bias is not None and broadcast_bias:
     bias = jnp.broadcast_to(bias, (batch,) + bias.shape[1:])
-  return _dot_product_attention(q, k, v, bias, lengths, implementation)
-
-
-def _dot_product_attention(q, k, v, bias, lengths, implementation):
   return jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
                                       scale=1.0, implementation=implementation)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _broadcast_grad_attention(q, k, v, bias, lengths, implementation):
-  """Attention with a bias [1, H, Q, K] shared over the batch: evaluated with the shared bias,
-  differentiated through the bias broadcast to [B, H, Q, K].
-
-  cuDNN's backward pass with a shared bias reduces the bias gradient over the batch in a
-  kernel of its own (`fmha_dbias`); with a broadcast bias it writes the per-row gradient and
-  XLA sums it. Which is faster depends on the shapes (docs/benchmarks.md). The forward pass of
-  a differentiated call then reads the broadcast bias; a call that is only evaluated keeps the
-  shared one. Values and gradients are those of `_dot_product_attention` (test).
-  """
-  return _dot_product_attention(q, k, v, bias, lengths, implementation)
-
-
-def _broadcast_grad_attention_fwd(q, k, v, bias, lengths, implementation):
-  batch = q.shape[0]
-
-  def attend(q, k, v, bias):
-    return _dot_product_attention(q, k, v, jnp.broadcast_to(bias, (batch,) + bias.shape[1:]),
-                                  lengths, implementation)
-
-  out, pullback = jax.vjp(attend, q, k, v, bias)
-  return out, (pullback, lengths)
-
-
-def _broadcast_grad_attention_bwd(implementation, residuals, grad):
-  del implementation
-  pullback, lengths = residuals
-  return (*pullback(grad), np.zeros(lengths.shape, jax.dtypes.float0))
-
-
-_broadcast_grad_attention.defvjp(_broadcast_grad_attention_fwd, _broadcast_grad_attention_bwd)
 
 # --- Attention (Suppl. Alg. 7, 8, 13, 14, 17, 19) ---------------------------------------------
 
@@ -408,9 +364,6 @@ class Attention(nn.Module):
   # The caller passes the same array as q_data and m_data: q, k, v and the gate come from one
   # matrix product over concatenated weights (same values and parameters).
   fuse_projections: bool = False
-  # With a bias and the fused attention: differentiate through the bias broadcast over the
-  # batch (`fused_attention`'s `broadcast_bias_grad`).
-  broadcast_bias_grad: bool = False
 
   @nn.compact
   def __call__(self, q_data: jax.Array, m_data: jax.Array, mask: jax.Array,
@@ -446,8 +399,7 @@ class Attention(nn.Module):
       gate_values = (jnp.einsum("bqc,chv->bqhv", q_data, gating_w) if gating_w is not None
                      else None)
     if use_fused_attention(self.impl, q, k, nonbatched_bias is not None):
-      weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias,
-                                     broadcast_bias_grad=self.broadcast_bias_grad)
+      weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias)
     else:
       logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
       if nonbatched_bias is not None:

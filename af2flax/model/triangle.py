@@ -160,9 +160,7 @@ class TriangleAttention(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=channels, key_dim=c.get("key_dim"),
                           value_dim=c.get("value_dim"), gating=c.gating, zero_init=gc.zero_init,
                           dtype=dtype, impl=attention_impl(gc, "triangle_attention_impl"),
-                          fuse_projections=gc.get("fuse_projections", False),
-                          broadcast_bias_grad=gc.get("triangle_attention_broadcast_bias", False),
-                          name="attention")
+                          fuse_projections=gc.get("fuse_projections", False), name="attention")
     pair_act = chunked_apply(attention, subbatch_size(gc), [pair_act, pair_act, mask],
                              [nonbatched_bias])
     if c.orientation == "per_column":

@@ -382,9 +382,10 @@ def test_channels_first_triangle_multiplication_is_the_same_update():
 
 
 def test_outer_product_mean_in_one_piece_agrees_with_chunks():
-  """`outer_product_mean_chunking='low_memory'`: the outer product mean in one piece when not
-  in low-memory mode (tiny config: 6 residues, chunks of 4), same values and gradients."""
-  overrides = {"use_remat": True, "outer_product_mean_chunking": "low_memory"}
+  """`outer_product_mean_chunking`: 'always' (AlphaFold: chunks of `chunk_size` rows; tiny
+  config: 6 residues, chunks of 4) and 'low_memory' (the presets: one piece unless
+  `low_memory`) give the same values and gradients."""
+  overrides = {"use_remat": True, "outer_product_mean_chunking": "always"}
   _check_stack_variant("evoformer", overrides)
   activations, masks = _stack_inputs()
 
@@ -393,8 +394,7 @@ def test_outer_product_mean_in_one_piece_agrees_with_chunks():
     params = jax.eval_shape(module.init, jax.random.PRNGKey(0), activations, masks)
     return str(jax.make_jaxpr(module.apply)(params, activations, masks)).count(" scan[")
 
-  assert scans() == scans(outer_product_mean_chunking="low_memory") + 1
-  assert scans(outer_product_mean_chunking="low_memory", low_memory=True) == scans(
-      low_memory=True)
+  assert scans(outer_product_mean_chunking="always") == scans() + 1
+  assert scans(low_memory=True) == scans(outer_product_mean_chunking="always", low_memory=True)
   with pytest.raises(ValueError, match="outer_product_mean_chunking='never'"):
     scans(outer_product_mean_chunking="never")

@@ -182,30 +182,3 @@ def test_attention_impl_choice():
   with pytest.raises(ValueError, match="triangle_attention_impl='flash'"):
     primitives.attention_impl(gc, "triangle_attention_impl")
 
-
-def test_broadcast_bias_grad_attention_equals_shared_bias():
-  """`broadcast_bias_grad` (a custom VJP: shared bias when evaluated, broadcast over the batch
-  when differentiated): the same values and gradients (q, k, v and the shared bias, under
-  remat too) as the plain shared-bias call."""
-  rng = np.random.default_rng(4)
-  batch, length, heads, dim = 6, 8, 2, 8
-  q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, dim)), jnp.float32)
-             for _ in range(3))
-  bias = jnp.asarray(rng.normal(size=(heads, length, length)), jnp.float32)
-  lengths = np.array([8, 6, 8, 3, 8, 7])
-  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.float32)[:, None, None, :]
-
-  def loss(broadcast_bias_grad):
-    def value(q, k, v, bias):
-      out = primitives.fused_attention(q, k, v, mask, bias, implementation="xla",
-                                       broadcast_bias_grad=broadcast_bias_grad)
-      return jnp.sum(out * jnp.cos(out))
-    return value
-
-  args = (q, k, v, bias)
-  np.testing.assert_allclose(loss(True)(*args), loss(False)(*args), rtol=1e-6)
-  expected = jax.grad(loss(False), argnums=(0, 1, 2, 3))(*args)
-  got = jax.jit(jax.grad(jax.checkpoint(loss(True)), argnums=(0, 1, 2, 3)))(*args)
-  for g, e in zip(got, expected):
-    assert np.abs(e).max() > 0
-    np.testing.assert_allclose(g, e, atol=1e-5 * np.abs(e).max())

@@ -37,3 +37,25 @@ def test_time_per_module_and_direction(tmp_path):
   assert lines["extra_msa_stack/msa_transition"][:4] == ["0.03", "0.00", "0.00", "0.03"]
   assert "nvjet_gemm" in table  # inside a command buffer: listed as not attributed
   assert "kernels of evoformer_iteration/outer_product_mean" in out and "fusion_1" in out
+
+
+def test_host_summary_of_a_traced_compilation(tmp_path):
+  """--host: host events grouped by name (XLA's '#key=value#' stripped), nested events counted
+  once in a thread's busy time."""
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "main"}}]
+  for tid, ts, dur, name in ((7, 0, 3_000_000, "GpuCompiler::RunBackend#module=jit_step#"),
+                             (7, 0, 2_000_000, "GemmFusionAutotuner#module=jit_step#"),
+                             (8, 500_000, 1_000_000, "GemmFusionAutotuner#module=jit_step#")):
+    events.append({"ph": "X", "pid": 2, "tid": tid, "ts": ts, "dur": dur, "name": name})
+  events.append({"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 9, "name": "kernel"})
+  with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as handle:
+    json.dump({"traceEvents": events}, handle)
+  out = subprocess.run([sys.executable, "bench/profile_summary.py", str(tmp_path), "--host"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+  assert "host events: 3 on 2 threads over 3.0 s" in out
+  assert "3.00 s  x2       GemmFusionAutotuner" in out
+  assert "3.00 s  x1       GpuCompiler::RunBackend" in out
+  busy = out[out.index("threads by busy time"):].splitlines()
+  assert busy[1].split() == ["3.00", "s", "main"] and busy[2].split() == ["1.00", "s", "tid", "8"]
