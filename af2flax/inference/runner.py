@@ -68,12 +68,16 @@ def inference_config(config: ml_collections.ConfigDict, *, num_recycle: int | No
   `chunk_size` turns on the model's `low_memory` mode: attention, transitions and template
   attention run in chunks of that many rows (AlphaFold's `subbatch_size`), and the outer
   product mean in chunks of that many residues, trading speed for peak memory on long chains.
+  Without it the outer product mean still runs in AlphaFold's chunks (its config's
+  `chunk_size`, 128): training's one-piece mode (`outer_product_mean_chunking`) would hold an
+  [N, 32, 32, N] intermediate, 8.6 GB in bf16 at 2,048 residues.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   gc = config.global_config
   gc.deterministic = True
   gc.eval_dropout = False
   gc.use_remat = False
+  gc.outer_product_mean_chunking = "always"
   if num_recycle is not None:
     config.num_recycle = int(num_recycle)
   if dtype is not None:

@@ -8,6 +8,8 @@ import pytest
 from af2flax.data import pipeline
 from af2flax.inference import feature_processing as fp
 from af2flax.inference import model_loading, runner
+from af2flax.model.config import model_config
+from af2flax.model.evoformer import outer_product_mean_chunked
 from tests.inference import helpers
 
 
@@ -90,3 +92,16 @@ def test_chunking_does_not_change_the_prediction(tiny, raw):
   got = runner.ModelRunner("m", chunked, tiny.params).predict(batch, num_res=33)
   np.testing.assert_allclose(got.plddt, expected.plddt, atol=1e-3)
   np.testing.assert_allclose(got.final_atom_positions, expected.final_atom_positions, atol=1e-3)
+
+
+def test_inference_keeps_alphafold_outer_product_mean_chunks():
+  """Training runs the outer product mean in one piece (the presets); prediction keeps
+  AlphaFold's chunks with or without --chunk_size (an [N, 32, 32, N] intermediate would cost
+  8.6 GB at 2,048 residues)."""
+  config = model_config("model_1_ptm")
+  assert not outer_product_mean_chunked(config.global_config)
+  for chunk_size in (None, 64):
+    predicting = runner.inference_config(config, chunk_size=chunk_size)
+    assert outer_product_mean_chunked(predicting.global_config)
+    assert predicting.embeddings_and_evoformer.evoformer.outer_product_mean.chunk_size == (
+        chunk_size or 128)
