@@ -14,9 +14,11 @@ EMA update; one example (AlphaFold's one example per core). The batch holds rand
 and the ground truth of a random chain at the given shapes (`model_step._training_example`).
 
 One compilation serves every recycling count (it is a loop bound in the batch), so each
-variant reports the gradient-pass-only step (0 recycles), the step with 3 recycles, and the
+variant reports the step at each recycling count (r=0: the gradient pass only) and the
 expected step of initial training (recycles uniform in 0..3: the mean of the four), each the
-median of `--steps` steps after warm-up. TFLOP/s use the analytic count of
+median of `--steps` steps after warm-up; the table also names the shapes (residues/MSA/extra
+MSA/templates), the activation dtype and the remat policy ('nothing' saved per block, ',g4'
+for groups of 4 blocks). TFLOP/s use the analytic count of
 `af2flax.model.flops` (matrix products only) for the expected step. Each variant runs in its own
 subprocess so that its peak memory is its own and an out-of-memory failure is a row of the
 table. Needs jax, flax, optax, numpy and ml_collections only (no TensorFlow, no clu).
@@ -172,8 +174,9 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   temp_gib = _scratch_gib(compiled)
   with _timing_lock():
     step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
-  return _row(variant, shape_name, config, shapes, recycles, step_times, losses, init_s,
-              trace_s, lower_s, xla_compile_s, temp_gib)
+  return _row(variant, shape_name, config, shapes, recycles, step_times, losses,
+              seconds={"init": init_s, "trace": trace_s, "lower": lower_s,
+                       "xla_compile": xla_compile_s}, temp_gib=temp_gib)
 
 
 def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
@@ -222,19 +225,23 @@ def _timing_lock():
       fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _row(variant, shape_name, config, shapes, recycles, step_times, losses, init_s, trace_s,
-         lower_s, xla_compile_s, temp_gib) -> dict:
+def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
+         seconds: dict, temp_gib) -> dict:
+  """One result row. `seconds`: init, trace, lower and xla_compile (wall seconds)."""
   import jax
   import numpy as np
 
   from af2flax.model.flops import forward_flops, train_step_flops
 
+  init_s, trace_s, lower_s, xla_compile_s = (seconds[k] for k in ("init", "trace", "lower",
+                                                                    "xla_compile"))
   compile_s = trace_s + lower_s + xla_compile_s
+  gc = config.model.global_config
   # Recycles uniform in 0..3: the mean over the four counts (only when all were timed).
   expected = (sum(step_times.values()) / len(step_times) if set(recycles) == set(RECYCLES)
               else None)
   forward = sum(forward_flops(config.model, **shapes).values())
-  remat = config.model.global_config.get("use_remat", False)
+  remat = gc.get("use_remat", False)
   timed = expected if expected is not None else step_times[recycles[0]]
   timed_flops = train_step_flops(forward, (sum(RECYCLES) / len(RECYCLES) if expected is not None
                                            else recycles[0]), remat=remat)
@@ -248,14 +255,15 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, init
       "tflops": timed_flops / timed / 1e12, "forward_flop": forward,
       "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None,
       "loss": losses, "finite": bool(np.all(np.isfinite(list(losses.values())))),
-      "remat_policy": config.model.global_config.get("remat_policy"),
-      "remat_submodules": config.model.global_config.get("remat_submodules"),
-      "remat_group_size": config.model.global_config.get("remat_group_size"),
+      "dtype": gc.get("dtype"), "shape_sizes": dict(shapes),
+      "remat_policy": gc.get("remat_policy"),
+      "remat_submodules": gc.get("remat_submodules"),
+      "remat_group_size": gc.get("remat_group_size"),
       "xla_flags": VARIANTS[variant].get("xla_flags", ""), "temp_gib": temp_gib,
       "concurrent_workers": int(os.environ.get("AF2FLAX_BENCH_WORKERS", "1")),
       # JAX's persistent cache (JAX_COMPILATION_CACHE_DIR): compile_s may be a cache load.
       "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR") or None,
-      "use_remat": bool(config.model.global_config.get("use_remat", False)),
+      "use_remat": bool(remat),
   }
 
 
@@ -373,19 +381,42 @@ def run_breakdown(variant: str, steps: int, smoke: bool) -> list[dict]:
   return rows
 
 
+def _remat_label(row: dict) -> str:
+  """'none', or the policy (default: nothing saved), with 'gN' for groups of N blocks."""
+  if not row.get("use_remat"):
+    return "none"
+  label = row.get("remat_policy") or "nothing"
+  label = {"nothing_saveable": "nothing", "dots_with_no_batch_dims_saveable": "dots"}.get(
+      label, label)
+  if (row.get("remat_group_size") or 1) > 1:
+    label += f",g{row['remat_group_size']}"
+  if row.get("remat_submodules") not in (None, "", "none"):
+    label += f",sub:{row['remat_submodules']}"
+  return label
+
+
 def _format(rows: list[dict]) -> str:
-  header = (f"{'variant':20s} {'shapes':8s} {'r=0 s':>7s} {'r=3 s':>7s} {'expect s':>8s} "
-            f"{'TFLOP/s':>8s} {'peak GiB':>8s} {'compile s':>9s}  device / note")
+  """The result table: shapes (residues/MSA/extra MSA/templates), dtype, remat policy, median
+  step seconds per recycling count and expected, TFLOP/s, peak GiB, compile seconds."""
+  header = (f"{'variant':24s} {'shapes':18s} {'dtype':8s} {'remat':10s} "
+            + " ".join(f"{f'r={r} s':>7s}" for r in RECYCLES)
+            + f" {'expect s':>8s} {'TFLOP/s':>8s} {'peak GiB':>8s} {'compile s':>9s}  device / note")
   lines = [header]
   for row in rows:
     if not row.get("ok"):
-      lines.append(f"{row['variant']:20s} {row['shapes']:8s} FAILED: {row.get('error', '')[:150]}")
+      lines.append(f"{row['variant']:24s} {row['shapes']:18s} FAILED: "
+                   f"{row.get('error', '')[:150]}")
       continue
     steps = row["step_s"]
     def cell(value, width, fmt):
       return format(value, fmt) if value is not None else f"{'-':>{width}s}"
-    lines.append(f"{row['variant']:20s} {row['shapes']:8s} {cell(steps.get('0'), 7, '7.3f')} "
-                 f"{cell(steps.get('3'), 7, '7.3f')} {cell(row['expected_s'], 8, '8.3f')} "
+    sizes = row.get("shape_sizes") or {}
+    shapes = (f"{row['shapes']} " + "/".join(str(sizes[k]) for k in (
+        "num_res", "num_msa", "num_extra_msa", "num_templates")) if sizes else row["shapes"])
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(row.get("dtype"), row.get("dtype") or "")
+    lines.append(f"{row['variant']:24s} {shapes:18s} {dtype:8s} {_remat_label(row):10s} "
+                 + " ".join(cell(steps.get(str(r)), 7, "7.3f") for r in RECYCLES)
+                 + f" {cell(row['expected_s'], 8, '8.3f')} "
                  f"{row['tflops']:8.1f} {row['peak_gib'] or 0:8.2f} "
                  f"{row['compile_s']:9.1f}  {row['device']}, jax {row['jax']}, "
                  f"trace+lower {row['trace_s'] + row['lower_s']:.1f} s, "

@@ -84,3 +84,24 @@ def test_unknown_variant_is_named():
                         timeout=120, check=False)
   assert done.returncode != 0
   assert "bf16-nonesuch" in done.stderr and "bf16-cudnn-subremat" in done.stderr
+
+
+def test_result_table_names_shapes_dtype_remat_and_every_recycle_count():
+  """The printed table (issue 9, criterion 5): shapes, dtype, remat policy, the median step at
+  each recycling count and the expected one, TFLOP/s, peak GiB, compile seconds."""
+  bench = _bench_module()
+  row = {"variant": "bf16-cudnn", "shapes": "initial", "ok": True, "device": "H200",
+         "jax": "0.11.2", "init_s": 39.2, "compile_s": 209.5, "trace_s": 9.5, "lower_s": 2.8,
+         "step_s": {"0": 0.577, "1": 0.691, "2": 0.791, "3": 0.896}, "expected_s": 0.739,
+         "tflops": 87.9, "peak_gib": 6.07, "dtype": "bfloat16", "use_remat": True,
+         "remat_policy": "nothing_saveable", "remat_group_size": 4, "remat_submodules": "none",
+         "shape_sizes": {"num_res": 256, "num_msa": 128, "num_extra_msa": 1024,
+                         "num_templates": 4}}
+  failed = {"variant": "fp32-xla", "shapes": "finetune", "ok": False, "error": "OOM"}
+  header, line, failure = bench._format([row, failed]).splitlines()  # pylint: disable=protected-access
+  assert header.split()[:10] == ["variant", "shapes", "dtype", "remat", "r=0", "s", "r=1", "s",
+                                 "r=2", "s"]
+  assert line.split()[:13] == ["bf16-cudnn", "initial", "256/128/1024/4", "bf16", "nothing,g4",
+                               "0.577", "0.691", "0.791", "0.896", "0.739", "87.9", "6.07",
+                               "209.5"]
+  assert "FAILED: OOM" in failure
