@@ -175,8 +175,8 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   with _timing_lock():
     step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
   return _row(variant, shape_name, config, shapes, recycles, step_times, losses,
-              seconds={"init": init_s, "trace": trace_s, "lower": lower_s,
-                       "xla_compile": xla_compile_s}, temp_gib=temp_gib)
+              init_s=init_s, trace_s=trace_s, lower_s=lower_s, xla_compile_s=xla_compile_s,
+              temp_gib=temp_gib)
 
 
 def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
@@ -226,15 +226,13 @@ def _timing_lock():
 
 
 def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
-         seconds: dict, temp_gib) -> dict:
-  """One result row. `seconds`: init, trace, lower and xla_compile (wall seconds)."""
+         init_s, trace_s, lower_s, xla_compile_s, temp_gib) -> dict:
+  """One result row (seconds: wall time of initialisation, tracing, lowering and XLA)."""
   import jax
   import numpy as np
 
   from af2flax.model.flops import forward_flops, train_step_flops
 
-  init_s, trace_s, lower_s, xla_compile_s = (seconds[k] for k in ("init", "trace", "lower",
-                                                                    "xla_compile"))
   compile_s = trace_s + lower_s + xla_compile_s
   gc = config.model.global_config
   # Recycles uniform in 0..3: the mean over the four counts (only when all were timed).
@@ -506,7 +504,7 @@ def main(argv=None) -> int:
     for shape_name in args.shapes.split(","):
       for variant in args.variants.split(","):
         row = run_lower_only(variant, "smoke" if args.smoke else shape_name, args.smoke,
-                             args.compile_only, args.profile_dir if args.compile_only else None)
+                             args.compile_only, args.profile_dir)
         extra = (f" {row['xla_compile_s']:9.1f} {row['temp_gib']:11.2f}" if args.compile_only
                  else "")
         print(f"{variant:20s} {row['shapes']:8s} {row['trace_s']:8.1f} {row['lower_s']:8.1f} "

@@ -181,4 +181,3 @@ def test_attention_impl_choice():
   gc.triangle_attention_impl = "flash"
   with pytest.raises(ValueError, match="triangle_attention_impl='flash'"):
     primitives.attention_impl(gc, "triangle_attention_impl")
-
