@@ -101,6 +101,21 @@ VARIANTS = {
     "bf16-cudnn-autotune0-notriton": {
         "dtype": "bfloat16", "attention_impl": "cudnn",
         "xla_flags": "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false"},
+    # Compile-time levers of jax 0.11's XLA (its LLVM module split flag is gone): the compile
+    # thread count, XLA's autotuner of non-GEMM fusions off.
+    "bf16-cudnn-par16": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                         "xla_flags": "--xla_gpu_force_compilation_parallelism=16"},
+    "bf16-cudnn-nofusiontune": {
+        "dtype": "bfloat16", "attention_impl": "cudnn",
+        "xla_flags": "--xla_gpu_experimental_enable_fusion_autotuner=false"},
+    # Step-time levers: no zero-initialisation of the buffers that dynamic-update-slice
+    # accumulates into (the scans' stacked outputs), programmatic dependent launch (a kernel's
+    # start overlaps the previous kernel's tail).
+    "bf16-cudnn-dusinit": {
+        "dtype": "bfloat16", "attention_impl": "cudnn",
+        "xla_flags": "--xla_gpu_enable_dus_accumulator_zero_init_elimination=true"},
+    "bf16-cudnn-pdl": {"dtype": "bfloat16", "attention_impl": "cudnn",
+                       "xla_flags": "--xla_gpu_enable_pdl=true"},
 }
 RECYCLES = (0, 1, 2, 3)
 
@@ -159,11 +174,25 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   examples = {r: _training_example(shapes, num_slices, r) for r in recycles}
   first = jax.tree.map(lambda x: x[None], examples[recycles[0]])
   init_batch = jax.tree.map(lambda x: x[0], first)
-  start = time.perf_counter()
-  params = jax.jit(lambda k: model.init(k, init_batch)["params"])(jax.random.PRNGKey(0))
-  state = state_lib.create_train_state(params, optimizer, jax.random.PRNGKey(1))
+  # Initialisation, in parts: tracing+lowering model.init, XLA compiling it, running it, and
+  # the train state (Adam moments, EMA copy) built from the parameters.
+  clock = [time.perf_counter()]
+  def lap() -> float:
+    clock.append(time.perf_counter())
+    return clock[-1] - clock[-2]
+  init_lowered = jax.jit(lambda k: model.init(k, init_batch)["params"]).lower(
+      jax.random.PRNGKey(0))
+  init_parts = {"trace_lower": lap()}
+  init_compiled = init_lowered.compile()
+  init_parts["compile"] = lap()
+  params = jax.block_until_ready(init_compiled(jax.random.PRNGKey(0)))
+  init_parts["run"] = lap()
+  # One program, as the training loop builds it (not op by op: thousands of small dispatches).
+  state = jax.jit(lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)))(
+      params)
   jax.block_until_ready(state)
-  init_s = time.perf_counter() - start
+  init_parts["train_state"] = lap()
+  init_s = clock[-1] - clock[0]
 
   step_fn = jax.jit(train_step, donate_argnums=0)
   trace_s, lower_s, lowered = _trace_and_lower(step_fn, state, first)
@@ -176,7 +205,7 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
     step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
   return _row(variant, shape_name, config, shapes, recycles, step_times, losses,
               init_s=init_s, trace_s=trace_s, lower_s=lower_s, xla_compile_s=xla_compile_s,
-              temp_gib=temp_gib)
+              temp_gib=temp_gib, init_parts=init_parts)
 
 
 def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
@@ -226,8 +255,9 @@ def _timing_lock():
 
 
 def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
-         init_s, trace_s, lower_s, xla_compile_s, temp_gib) -> dict:
-  """One result row (seconds: wall time of initialisation, tracing, lowering and XLA)."""
+         init_s, trace_s, lower_s, xla_compile_s, temp_gib, init_parts=None) -> dict:
+  """One result row (seconds: wall time of initialisation, tracing, lowering and XLA;
+  `init_parts`: the initialisation's parts, see `run_one`)."""
   import jax
   import numpy as np
 
@@ -247,7 +277,8 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
   stats = device.memory_stats() or {}
   return {
       "variant": variant, "shapes": shape_name, "ok": True, "device": device.device_kind,
-      "jax": jax.__version__, "init_s": init_s, "compile_s": compile_s,
+      "jax": jax.__version__, "init_s": init_s, "init_parts": init_parts or {},
+      "compile_s": compile_s,
       "trace_s": trace_s, "lower_s": lower_s, "xla_compile_s": xla_compile_s,
       "step_s": {str(k): v for k, v in step_times.items()}, "expected_s": expected,
       "tflops": timed_flops / timed / 1e12, "forward_flop": forward,
@@ -393,6 +424,9 @@ def _remat_label(row: dict) -> str:
   return label
 
 
+_INIT_LABELS = {"trace_lower": "trace+lower", "train_state": "train state"}
+
+
 def _format(rows: list[dict]) -> str:
   """The result table: shapes (residues/MSA/extra MSA/templates), dtype, remat policy, median
   step seconds per recycling count and expected, TFLOP/s, peak GiB, compile seconds."""
@@ -419,6 +453,9 @@ def _format(rows: list[dict]) -> str:
                  f"{row['compile_s']:9.1f}  {row['device']}, jax {row['jax']}, "
                  f"trace+lower {row['trace_s'] + row['lower_s']:.1f} s, "
                  f"init {row['init_s']:.1f} s"
+                 + (" ({})".format(", ".join(f"{_INIT_LABELS.get(k, k)} {v:.1f}" for k, v in
+                                             row["init_parts"].items()))
+                    if row.get("init_parts") else "")
                  + (", compilation cache on" if row.get("compilation_cache") else ""))
   return "\n".join(lines)
 

@@ -92,6 +92,7 @@ def test_result_table_names_shapes_dtype_remat_and_every_recycle_count():
   bench = _bench_module()
   row = {"variant": "bf16-cudnn", "shapes": "initial", "ok": True, "device": "H200",
          "jax": "0.11.2", "init_s": 39.2, "compile_s": 209.5, "trace_s": 9.5, "lower_s": 2.8,
+         "init_parts": {"trace_lower": 4.3, "compile": 20.1, "run": 0.4, "train_state": 14.4},
          "step_s": {"0": 0.577, "1": 0.691, "2": 0.791, "3": 0.896}, "expected_s": 0.739,
          "tflops": 87.9, "peak_gib": 6.07, "dtype": "bfloat16", "use_remat": True,
          "remat_policy": "nothing_saveable", "remat_group_size": 4, "remat_submodules": "none",
@@ -104,4 +105,5 @@ def test_result_table_names_shapes_dtype_remat_and_every_recycle_count():
   assert line.split()[:13] == ["bf16-cudnn", "initial", "256/128/1024/4", "bf16", "nothing,g4",
                                "0.577", "0.691", "0.791", "0.896", "0.739", "87.9", "6.07",
                                "209.5"]
+  assert line.endswith("init 39.2 s (trace+lower 4.3, compile 20.1, run 0.4, train state 14.4)")
   assert "FAILED: OOM" in failure
