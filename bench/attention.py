@@ -9,6 +9,7 @@ the module (layer norms, projections, gating included) with the attention core a
   xla            logits materialised, float32 softmax (AlphaFold's arithmetic)
   cudnn          cuDNN flash attention, bias [1, H, Q, K] shared over the batch
   cudnn-bcast    cuDNN flash attention with the bias broadcast to [B, H, Q, K]
+  cudnn-xlabwd   cuDNN flash attention forward, XLA's backward pass (logits materialised)
   cudnn-chunkN   cuDNN flash attention over chunks of N rows of the batch (`low_memory`)
 and prints a table: median ms per call and the compiled program's scratch memory (GiB,
 XLA's `memory_analysis().temp_size_in_bytes`: what the call needs beyond its inputs and
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--smoke", action="store_true")
-  parser.add_argument("--impls", default="xla,cudnn,cudnn-bcast")
+  parser.add_argument("--impls", default="xla,cudnn,cudnn-bcast,cudnn-xlabwd")
   parser.add_argument("--shapes", default="initial", choices=("initial", "finetune"))
   args = parser.parse_args(argv)
 
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
       gc.low_memory = impl.startswith("cudnn-chunk")
       if gc.low_memory:
         gc.subbatch_size = int(impl[len("cudnn-chunk"):])
+      gc.fused_attention_backward = "xla" if impl == "cudnn-xlabwd" else "fused"
       primitives.fused_attention = (
           (lambda *a, **k: original(*a, broadcast_bias=True, **k)) if impl == "cudnn-bcast"
           else original)

@@ -31,6 +31,13 @@ af2flax adds, under `global_config`:
                  `from_alphafold_dict`: 'xla'.
   triangle_attention_impl  the same choice for the triangle attention only ("": as
                  `attention_impl`). Presets: "".
+  fused_attention_backward 'fused' (the fused kernel's own backward pass) | 'xla' (for the
+                 attentions with a shared bias, MSA row and triangle attention: the fused
+                 forward pass, then a backward pass written out in XLA with the logits
+                 materialised, which sums the bias gradient over the batch in one reduction;
+                 same values and gradients; calls above `primitives.XLA_BACKWARD_MAX_LOGITS`
+                 logits keep the fused backward). Presets: 'fused' ('xla' not yet timed on a
+                 GPU).
   fuse_projections  projections of one input as one matrix product over concatenated weights
                  (triangle multiplication's five, the outer product mean's two, q/k/v/gate of
                  the self-attentions): the same values and parameters. Presets: True (5% faster
@@ -71,6 +78,7 @@ OUR_GLOBAL_DEFAULTS = {
     "low_memory": False,
     "attention_impl": "auto",
     "triangle_attention_impl": "",
+    "fused_attention_backward": "fused",
     "fuse_projections": True,
     "triangle_channels_first": True,
     "outer_product_mean_chunking": "low_memory",
