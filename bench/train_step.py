@@ -44,6 +44,12 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
+
+def _bf16_cudnn_with_flags(xla_flags: str) -> dict:
+  """The default variant (bf16, cuDNN attention) under these XLA flags."""
+  return {"dtype": "bfloat16", "attention_impl": "cudnn", "xla_flags": xla_flags}
+
+
 # name -> model global_config overrides ('xla_flags': added to XLA_FLAGS of its worker)
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
@@ -96,30 +102,22 @@ VARIANTS = {
     "bf16-cudnn-xlabwd": {"dtype": "bfloat16", "attention_impl": "cudnn",
                           "fused_attention_backward": "xla"},
     # XLA's GPU compiler settings (compile time against step time).
-    "bf16-cudnn-notriton": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                            "xla_flags": "--xla_gpu_enable_triton_gemm=false"},
-    "bf16-cudnn-autotune1": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                             "xla_flags": "--xla_gpu_autotune_level=1"},
-    "bf16-cudnn-autotune0": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                             "xla_flags": "--xla_gpu_autotune_level=0"},
-    "bf16-cudnn-autotune0-notriton": {
-        "dtype": "bfloat16", "attention_impl": "cudnn",
-        "xla_flags": "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false"},
+    "bf16-cudnn-notriton": _bf16_cudnn_with_flags("--xla_gpu_enable_triton_gemm=false"),
+    "bf16-cudnn-autotune1": _bf16_cudnn_with_flags("--xla_gpu_autotune_level=1"),
+    "bf16-cudnn-autotune0": _bf16_cudnn_with_flags("--xla_gpu_autotune_level=0"),
+    "bf16-cudnn-autotune0-notriton": _bf16_cudnn_with_flags(
+        "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false"),
     # Compile-time levers of jax 0.11's XLA (its LLVM module split flag is gone): the compile
     # thread count, XLA's autotuner of non-GEMM fusions off.
-    "bf16-cudnn-par16": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                         "xla_flags": "--xla_gpu_force_compilation_parallelism=16"},
-    "bf16-cudnn-nofusiontune": {
-        "dtype": "bfloat16", "attention_impl": "cudnn",
-        "xla_flags": "--xla_gpu_experimental_enable_fusion_autotuner=false"},
+    "bf16-cudnn-par16": _bf16_cudnn_with_flags("--xla_gpu_force_compilation_parallelism=16"),
+    "bf16-cudnn-nofusiontune": _bf16_cudnn_with_flags(
+        "--xla_gpu_experimental_enable_fusion_autotuner=false"),
     # Step-time levers: no zero-initialisation of the buffers that dynamic-update-slice
     # accumulates into (the scans' stacked outputs), programmatic dependent launch (a kernel's
     # start overlaps the previous kernel's tail).
-    "bf16-cudnn-dusinit": {
-        "dtype": "bfloat16", "attention_impl": "cudnn",
-        "xla_flags": "--xla_gpu_enable_dus_accumulator_zero_init_elimination=true"},
-    "bf16-cudnn-pdl": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                       "xla_flags": "--xla_gpu_enable_pdl=true"},
+    "bf16-cudnn-dusinit": _bf16_cudnn_with_flags(
+        "--xla_gpu_enable_dus_accumulator_zero_init_elimination=true"),
+    "bf16-cudnn-pdl": _bf16_cudnn_with_flags("--xla_gpu_enable_pdl=true"),
 }
 RECYCLES = (0, 1, 2, 3)
 
