@@ -298,13 +298,17 @@ def attention_impl(global_config: Any, module_key: str | None = None) -> str:
   return impl
 
 
+def _checked_backward(backward: str, where: str) -> str:
+  """`backward` if it names one of `FUSED_ATTENTION_BACKWARDS`; else a ValueError at `where`."""
+  if backward not in FUSED_ATTENTION_BACKWARDS:
+    raise ValueError(f"{where}={backward!r}; expected one of {FUSED_ATTENTION_BACKWARDS}")
+  return backward
+
+
 def fused_attention_backward(global_config: Any) -> str:
   """`global_config.fused_attention_backward` ('fused' when unset), validated."""
-  backward = global_config.get("fused_attention_backward", "fused") or "fused"
-  if backward not in FUSED_ATTENTION_BACKWARDS:
-    raise ValueError(f"global_config.fused_attention_backward={backward!r}; expected one of "
-                     f"{FUSED_ATTENTION_BACKWARDS}")
-  return backward
+  return _checked_backward(global_config.get("fused_attention_backward", "fused") or "fused",
+                           "global_config.fused_attention_backward")
 
 
 def use_fused_attention(impl: str, q: jax.Array, k: jax.Array, has_bias: bool) -> bool:
@@ -350,9 +354,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   batch, k_len = q.shape[0], k.shape[-3]
   key_mask = jnp.broadcast_to(mask != 0, (batch, 1, 1, k_len))[:, 0, 0, :]
   lengths = jnp.maximum(jnp.sum(key_mask, axis=-1), 1).astype(jnp.int32)
-  if backward not in FUSED_ATTENTION_BACKWARDS:
-    raise ValueError(f"fused_attention: backward={backward!r}; expected one of "
-                     f"{FUSED_ATTENTION_BACKWARDS}")
+  _checked_backward(backward, "fused_attention: backward")
   num_logits = batch * q.shape[-2] * q.shape[-3] * k_len
   if (backward == "xla" and nonbatched_bias is not None and not broadcast_bias
       and num_logits <= XLA_BACKWARD_MAX_LOGITS):
