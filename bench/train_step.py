@@ -206,8 +206,8 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   with _timing_lock():
     step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
   return _row(variant, shape_name, config, shapes, recycles, step_times, losses,
-              init_s=init_s, trace_s=trace_s, lower_s=lower_s, xla_compile_s=xla_compile_s,
-              temp_gib=temp_gib, init_parts=init_parts)
+              init_s=init_s, init_parts=init_parts, trace_s=trace_s, lower_s=lower_s,
+              xla_compile_s=xla_compile_s, temp_gib=temp_gib)
 
 
 def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
@@ -257,7 +257,7 @@ def _timing_lock():
 
 
 def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
-         init_s, trace_s, lower_s, xla_compile_s, temp_gib, init_parts=None) -> dict:
+         init_s, init_parts, trace_s, lower_s, xla_compile_s, temp_gib) -> dict:
   """One result row (seconds: wall time of initialisation, tracing, lowering and XLA;
   `init_parts`: the initialisation's parts, see `run_one`)."""
   import jax
@@ -279,7 +279,7 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
   stats = device.memory_stats() or {}
   return {
       "variant": variant, "shapes": shape_name, "ok": True, "device": device.device_kind,
-      "jax": jax.__version__, "init_s": init_s, "init_parts": init_parts or {},
+      "jax": jax.__version__, "init_s": init_s, "init_parts": init_parts,
       "compile_s": compile_s,
       "trace_s": trace_s, "lower_s": lower_s, "xla_compile_s": xla_compile_s,
       "step_s": {str(k): v for k, v in step_times.items()}, "expected_s": expected,
