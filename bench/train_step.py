@@ -97,10 +97,10 @@ VARIANTS = {
     **{f"bf16-cudnn-extra{size}": {"dtype": "bfloat16", "attention_impl": "cudnn",
                                    "extra_msa_subbatch_size": size}
        for size in (0, 512, 1024, 2560)},
-    # cuDNN's forward pass with XLA's backward pass for the attentions with a shared bias
-    # (no separate bias-gradient kernel; the logits materialised in the backward pass).
-    "bf16-cudnn-xlabwd": {"dtype": "bfloat16", "attention_impl": "cudnn",
-                          "fused_attention_backward": "xla"},
+    # Our Pallas (Triton) kernels for every attention whose shapes they take (MSA row and
+    # column, triangle, template triangle attention); cuDNN for the rest (the extra MSA's
+    # 8-channel heads).
+    "bf16-pallas": {"dtype": "bfloat16", "attention_impl": "pallas"},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_cudnn_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_cudnn_with_flags("--xla_gpu_autotune_level=1"),

@@ -27,17 +27,12 @@ af2flax adds, under `global_config`:
                  (5,120 extra sequences), else 0.
   attention_impl 'xla' (logits materialised, AlphaFold's arithmetic) | 'cudnn' (flash
                  attention through `jax.nn.dot_product_attention`) | 'auto' (cuDNN on a GPU
-                 with bf16 activations where the shapes allow, else XLA). Presets: 'auto';
-                 `from_alphafold_dict`: 'xla'.
+                 with bf16 activations where the shapes allow, else XLA) | 'pallas' (our
+                 Pallas kernels, `pallas_attention.py`, which sum the shared bias's gradient
+                 inside the backward kernel; 'auto' where they cannot take the shapes).
+                 Presets: 'auto'; `from_alphafold_dict`: 'xla'.
   triangle_attention_impl  the same choice for the triangle attention only ("": as
                  `attention_impl`). Presets: "".
-  fused_attention_backward 'fused' (the fused kernel's own backward pass) | 'xla' (for the
-                 attentions with a shared bias, MSA row and triangle attention: the fused
-                 forward pass, then a backward pass written out in XLA with the logits
-                 materialised, which sums the bias gradient over the batch in one reduction;
-                 same values and gradients; calls above `primitives.XLA_BACKWARD_MAX_LOGITS`
-                 logits keep the fused backward). Presets: 'fused' ('xla' not yet timed on a
-                 GPU).
   fuse_projections  projections of one input as one matrix product over concatenated weights
                  (triangle multiplication's five, the outer product mean's two, q/k/v/gate of
                  the self-attentions): the same values and parameters. Presets: True (5% faster
@@ -78,7 +73,6 @@ OUR_GLOBAL_DEFAULTS = {
     "low_memory": False,
     "attention_impl": "auto",
     "triangle_attention_impl": "",
-    "fused_attention_backward": "fused",
     "fuse_projections": True,
     "triangle_channels_first": True,
     "outer_product_mean_chunking": "low_memory",

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
                                       LinearParams, ResidualDropout, Transition, attention_impl,
-                                      chunked_apply, compute_dtype, fused_attention_backward,
-                                      fused_linear)
+                                      chunked_apply, compute_dtype, fused_linear)
 from af2flax.model.triangle import TriangleAttention, TriangleMultiplication, subbatch_size
 
 # Added to the number of sequences that see both residues before dividing (Suppl. Alg. 10).
@@ -52,7 +51,7 @@ class MSARowAttentionWithPairBias(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=dtype,
-                          impl=attention_impl(gc), fused_backward=fused_attention_backward(gc),
+                          impl=attention_impl(gc),
                           fuse_projections=gc.get("fuse_projections", False), name="attention")
     return chunked_apply(attention, subbatch_size(gc, extra_msa=self.is_extra_msa),
                          [msa_act, msa_act, mask], [nonbatched_bias])

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from af2flax.model import pallas_attention
+
 Dtype = Any
 
 # Standard deviation of a unit normal truncated to [-2, 2] (scipy.stats.truncnorm.std(-2, 2)).
@@ -280,14 +282,7 @@ class ResidualDropout(nn.Module):
 
 # --- Fused attention ----------------------------------------------------------------------
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
-FUSED_ATTENTION_BACKWARDS = ("fused", "xla")
-# `backward='xla'` materialises float32 [B, H, Q, K] logits (and their softmax and gradient):
-# above this many elements (512 MB each) the fused kernel's own backward pass runs instead. At
-# crop 256 that admits the MSA row and triangle attentions (67M), not the extra MSA's (537M).
-XLA_BACKWARD_MAX_LOGITS = 2 ** 27
-
-
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 def attention_impl(global_config: Any, module_key: str | None = None) -> str:
   """`global_config.attention_impl` ('xla' when unset), validated; `module_key` names a
   per-module override (e.g. 'triangle_attention_impl') that wins when set (not "")."""
@@ -298,17 +293,22 @@ def attention_impl(global_config: Any, module_key: str | None = None) -> str:
   return impl
 
 
-def _checked_backward(backward: str, where: str) -> str:
-  """`backward` if it names one of `FUSED_ATTENTION_BACKWARDS`; else a ValueError at `where`."""
-  if backward not in FUSED_ATTENTION_BACKWARDS:
-    raise ValueError(f"{where}={backward!r}; expected one of {FUSED_ATTENTION_BACKWARDS}")
-  return backward
+def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array,
+                   has_bias: bool) -> str:
+  """Which attention core runs for these (static) shapes: 'pallas', 'fused' or 'xla'.
 
-
-def fused_attention_backward(global_config: Any) -> str:
-  """`global_config.fused_attention_backward` ('fused' when unset), validated."""
-  return _checked_backward(global_config.get("fused_attention_backward", "fused") or "fused",
-                           "global_config.fused_attention_backward")
+  'pallas' runs `pallas_attention.attention` where its kernels take the shapes (see
+  `pallas_attention.unsupported_reason`) and the mask is a key mask [B, 1, 1, K]: on a GPU
+  its Triton kernels, on the CPU the same kernels through Pallas's interpreter (slow: tests).
+  Elsewhere (other shapes, TPUs) it falls back to 'auto'.
+  """
+  if impl == "pallas" and jax.default_backend() in ("gpu", "cpu"):
+    key_mask_only = mask.ndim == 4 and mask.shape[1:3] == (1, 1)
+    if key_mask_only and pallas_attention.unsupported_reason(q.shape, k.shape) is None:
+      return "pallas"
+  if impl == "pallas":
+    impl = "auto"
+  return "fused" if use_fused_attention(impl, q, k, has_bias) else "xla"
 
 
 def use_fused_attention(impl: str, q: jax.Array, k: jax.Array, has_bias: bool) -> bool:
@@ -331,8 +331,7 @@ def use_fused_attention(impl: str, q: jax.Array, k: jax.Array, has_bias: bool) -
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                     nonbatched_bias: jax.Array | None,
-                    implementation: str = "cudnn", broadcast_bias: bool = False,
-                    backward: str = "fused") -> jax.Array:
+                    implementation: str = "cudnn", broadcast_bias: bool = False) -> jax.Array:
   """softmax(q k^T + bias) v without materialising the logits (cuDNN flash attention).
 
   q [B, Q, H, d] (already scaled), k, v [B, K, H, d], mask broadcastable to [B, 1, 1, K],
@@ -346,70 +345,16 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   `implementation='xla'` runs the same masking through XLA (tests on CPU).
   `broadcast_bias` hands cuDNN the bias broadcast over the batch (its bias-gradient reduction
   over a broadcast batch is a separate, poorly parallel kernel; see docs/benchmarks.md).
-  `backward='xla'` (with a bias, up to `XLA_BACKWARD_MAX_LOGITS` logits): the forward pass is
-  the fused kernel's, the backward pass XLA's with the logits materialised
-  (`_attention_xla_backward`), which sums the shared bias's gradient over the batch as one
-  reduction instead of cuDNN's separate kernel.
   """
   batch, k_len = q.shape[0], k.shape[-3]
   key_mask = jnp.broadcast_to(mask != 0, (batch, 1, 1, k_len))[:, 0, 0, :]
   lengths = jnp.maximum(jnp.sum(key_mask, axis=-1), 1).astype(jnp.int32)
-  _checked_backward(backward, "fused_attention: backward")
-  num_logits = batch * q.shape[-2] * q.shape[-3] * k_len
-  if (backward == "xla" and nonbatched_bias is not None and not broadcast_bias
-      and num_logits <= XLA_BACKWARD_MAX_LOGITS):
-    return _attention_xla_backward(q, k, v, nonbatched_bias.astype(q.dtype), lengths,
-                                   implementation)
   bias = None if nonbatched_bias is None else nonbatched_bias.astype(q.dtype)[None]
   if bias is not None and broadcast_bias:
     bias = jnp.broadcast_to(bias, (batch,) + bias.shape[1:])
   return jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
                                       scale=1.0, implementation=implementation)
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention_xla_backward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-                            lengths: jax.Array, implementation: str) -> jax.Array:
-  """softmax(q k^T + bias, keys < lengths) v by the fused kernel, differentiated by XLA.
-
-  q [B, Q, H, d] (scaled), k, v [B, K, H, d], bias [H, Q, K] shared over the batch, lengths
-  [B] valid keys per row. The attention core of Suppl. Alg. 7 / 13 / 14; the backward pass is
-  the standard softmax-attention gradient, with the logits recomputed (nothing but the inputs
-  and the output is saved): P = softmax(S), dP = dO V^T, dS = P (dP - rowsum(dO * O)),
-  dQ = dS K, dK = dS^T Q, dV = P^T dO, dBias = sum over the batch of dS.
-  """
-  return jax.nn.dot_product_attention(q, k, v, bias=bias[None], key_value_seq_lengths=lengths,
-                                      scale=1.0, implementation=implementation)
-
-
-def _attention_xla_backward_fwd(q, k, v, bias, lengths, implementation):
-  out = _attention_xla_backward(q, k, v, bias, lengths, implementation)
-  return out, (q, k, v, bias, lengths, out)
-
-
-def _attention_xla_backward_bwd(implementation, residuals, d_out):
-  del implementation
-  q, k, v, bias, lengths, out = residuals
-  f32 = jnp.float32
-  logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=f32)
-  logits = logits + bias.astype(f32)[None]
-  valid_key = jnp.arange(k.shape[1])[None, :] < lengths[:, None]                # [B, K]
-  logits = jnp.where(valid_key[:, None, None, :], logits, SOFTMAX_MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1)                                          # [B, H, Q, K]
-  d_out = d_out.astype(q.dtype)
-  d_probs = jnp.einsum("bqhc,bkhc->bhqk", d_out, v, preferred_element_type=f32)
-  row_dot = jnp.einsum("bqhc,bqhc->bhq", d_out.astype(f32), out.astype(f32))[..., None]
-  d_logits = probs * (d_probs - row_dot)
-  d_bias = jnp.sum(d_logits, axis=0).astype(bias.dtype)
-  d_logits = d_logits.astype(q.dtype)
-  d_q = jnp.einsum("bhqk,bkhc->bqhc", d_logits, k, preferred_element_type=f32).astype(q.dtype)
-  d_k = jnp.einsum("bhqk,bqhc->bkhc", d_logits, q, preferred_element_type=f32).astype(k.dtype)
-  d_v = jnp.einsum("bhqk,bqhc->bkhc", probs.astype(v.dtype), d_out,
-                   preferred_element_type=f32).astype(v.dtype)
-  return d_q, d_k, d_v, d_bias, None
-
-
-_attention_xla_backward.defvjp(_attention_xla_backward_fwd, _attention_xla_backward_bwd)
 
 # --- Attention (Suppl. Alg. 7, 8, 13, 14, 17, 19) ---------------------------------------------
 
@@ -435,8 +380,7 @@ class Attention(nn.Module):
   zero_init: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  impl: str = "xla"              # 'xla' | 'cudnn' | 'auto' (see `fused_attention`)
-  fused_backward: str = "fused"  # 'fused' | 'xla': `fused_attention`'s `backward`
+  impl: str = "xla"              # 'xla' | 'cudnn' | 'auto' | 'pallas' (`attention_path`)
   # The caller passes the same array as q_data and m_data: q, k, v and the gate come from one
   # matrix product over concatenated weights (same values and parameters).
   fuse_projections: bool = False
@@ -474,9 +418,13 @@ class Attention(nn.Module):
       v = jnp.einsum("bka,ahc->bkhc", m_data, value_w)
       gate_values = (jnp.einsum("bqc,chv->bqhv", q_data, gating_w) if gating_w is not None
                      else None)
-    if use_fused_attention(self.impl, q, k, nonbatched_bias is not None):
-      weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias,
-                                     backward=self.fused_backward)
+    path = attention_path(self.impl, q, k, mask, nonbatched_bias is not None)
+    if path == "pallas":
+      weighted_avg = pallas_attention.attention(
+          q, k, v, nonbatched_bias, mask[:, 0, 0, :],
+          interpret=jax.default_backend() != "gpu")
+    elif path == "fused":
+      weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias)
     else:
       logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
       if nonbatched_bias is not None:

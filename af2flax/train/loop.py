@@ -74,7 +74,9 @@ def model_config_for_step(config: ml_collections.ConfigDict) -> ml_collections.C
   jax's batching rule for cuDNN attention cannot batch a bias shared over the attention
   batch (it reshapes [V, 1, H, Q, K] as if it were [V * B, H, Q, K]), so
   `vmap_batch_size` > 1 runs 'auto' attention through XLA (with a warning) and refuses
-  'cudnn' with a clear message instead of failing inside the trace.
+  'cudnn' with a clear message instead of failing inside the trace. 'pallas' runs through
+  XLA too: its kernels take one example's rows (a batched bias would be a second grid
+  axis, not written or measured).
   """
   vmap_size = int(config.get("vmap_batch_size", 1))
   gc = config.model.global_config
@@ -87,10 +89,10 @@ def model_config_for_step(config: ml_collections.ConfigDict) -> ml_collections.C
                        f"vmap_batch_size={vmap_size} (jax's cuDNN attention does not batch a "
                        "shared bias under vmap): use vmap_batch_size=1 or "
                        f"{key} 'xla'/'auto'")
-  if jax.default_backend() != "gpu":
+  if jax.default_backend() != "gpu" and all(gc[k] != "pallas" for k in keys):
     return config.model  # 'auto' is XLA off GPUs anyway
-  logging.warning("vmap_batch_size=%d: attention runs through XLA, not cuDNN (jax's cuDNN "
-                  "attention does not batch a shared bias under vmap)", vmap_size)
+  logging.warning("vmap_batch_size=%d: attention runs through XLA, not cuDNN or Pallas "
+                  "(jax's cuDNN attention does not batch a shared bias under vmap)", vmap_size)
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   for key in keys:
     model_config.global_config[key] = "xla"

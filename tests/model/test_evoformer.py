@@ -319,24 +319,6 @@ def test_triangle_attention_impl_overrides_only_the_triangle_attention():
                    jax.random.PRNGKey(0), activations, masks)
 
 
-def test_fused_attention_xla_backward_reaches_the_biased_attentions(monkeypatch):
-  """`fused_attention_backward='xla'` reaches the MSA row and triangle attentions (with
-  cuDNN's place taken by the same fused call through XLA, as on a CPU there is no cuDNN):
-  an Evoformer stack has AlphaFold's values and gradients with it."""
-  from af2flax.model import primitives  # pylint: disable=g-import-not-at-top
-  fused, custom = primitives.fused_attention, primitives._attention_xla_backward  # pylint: disable=protected-access
-  calls = []
-  monkeypatch.setattr(primitives, "fused_attention",
-                      lambda *args, **kwargs: fused(*args, implementation="xla", **kwargs))
-  monkeypatch.setattr(primitives, "_attention_xla_backward",
-                      lambda *args: calls.append(args[0].shape) or custom(*args))
-  _check_stack_variant("evoformer", {"attention_impl": "cudnn",
-                                     "fused_attention_backward": "xla"})
-  # Each trace of the block calls it for the MSA row attention [4 rows, 6 keys, 8 heads, 2]
-  # and both triangle attentions [6, 6, 4, 2], nothing else (the column attention has no bias).
-  assert calls and calls == [(4, 6, 8, 2), (6, 6, 4, 2), (6, 6, 4, 2)] * (len(calls) // 3)
-
-
 def test_fused_projections_equal_separate_ones(trunk_fp32):
   """`fuse_projections`: the same parameter tree and values, fewer matrix products."""
   config, params, batch, prev, reference = trunk_fp32

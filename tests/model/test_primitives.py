@@ -161,51 +161,6 @@ def test_fused_attention_masking_equals_materialised_softmax():
   assert np.all(np.isfinite(fused))  # A padding row with no valid key stays finite.
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
-def test_fused_attention_xla_backward_matches_autodiff(dtype, tol, monkeypatch):
-  """`backward='xla'` (the fused forward, XLA's hand-written backward pass) has the values and
-  the gradients (q, k, v and the shared bias) of differentiating the fused attention itself;
-  padding rows included, one of them with no valid key."""
-  rng = np.random.default_rng(4)
-  batch, length, heads, dim = 5, 12, 2, 8
-  q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, dim)), dtype) for _ in range(3))
-  bias = jnp.asarray(rng.normal(size=(heads, length, length)), dtype)
-  lengths = np.array([12, 9, 4, 1, 0])
-  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.float32)[:, None, None, :]
-  cotangent = jnp.asarray(rng.normal(size=(batch, length, heads, dim)), jnp.float32)
-
-  def loss(backward):
-    def fn(q, k, v, bias):
-      out = primitives.fused_attention(q, k, v, mask, bias, implementation="xla",
-                                       backward=backward)
-      return jnp.sum(out.astype(jnp.float32) * cotangent), out
-    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, bias)
-
-  (value, out), grads = loss("xla")
-  (expected_value, expected_out), expected_grads = loss("fused")
-  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected_out, np.float32))
-  np.testing.assert_allclose(value, expected_value, rtol=tol)
-  for name, grad, expected in zip("qkvb", grads, expected_grads):
-    assert grad.dtype == expected.dtype, name
-    grad, expected = np.asarray(grad, np.float32), np.asarray(expected, np.float32)
-    scale = np.max(np.abs(expected))
-    np.testing.assert_allclose(grad / scale, expected / scale, atol=tol, err_msg=name)
-  # Above the size cap the fused kernel's own backward pass runs (here: autodiff of it).
-  def jaxpr():
-    return str(jax.make_jaxpr(lambda q: primitives.fused_attention(
-        q, k, v, mask, bias, implementation="xla", backward="xla"))(q))
-  assert "custom_vjp_call" in jaxpr()
-  monkeypatch.setattr(primitives, "XLA_BACKWARD_MAX_LOGITS", batch * heads * length ** 2 - 1)
-  assert "custom_vjp_call" not in jaxpr()
-  with pytest.raises(ValueError, match="backward='cudnn'"):
-    primitives.fused_attention(q, k, v, mask, bias, implementation="xla", backward="cudnn")
-  gc = ml_collections.ConfigDict({"fused_attention_backward": "xla"})
-  assert primitives.fused_attention_backward(gc) == "xla"
-  gc.fused_attention_backward = "triton"
-  with pytest.raises(ValueError, match="fused_attention_backward='triton'"):
-    primitives.fused_attention_backward(gc)
-
-
 def test_attention_impl_choice():
   """'auto' takes cuDNN only on a GPU with 16-bit activations and shapes cuDNN accepts."""
   q16 = jnp.zeros((2, 8, 4, 32), jnp.bfloat16)

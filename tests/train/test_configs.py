@@ -102,6 +102,9 @@ def test_vmapped_examples_never_reach_cudnn_attention():
     loop.model_config_for_step(config)
   config.model.global_config.attention_impl = "auto"  # XLA on this CPU anyway
   assert loop.model_config_for_step(config).global_config.attention_impl in ("auto", "xla")
+  config.model.global_config.attention_impl = "pallas"  # XLA under vmap on every backend
+  assert loop.model_config_for_step(config).global_config.attention_impl == "xla"
+  config.model.global_config.attention_impl = "auto"
   config.model.global_config.triangle_attention_impl = "cudnn"  # the override counts too
   with pytest.raises(ValueError, match="triangle_attention_impl='cudnn'"):
     loop.model_config_for_step(config)

@@ -1,0 +1,365 @@
+"""Softmax attention with a bias shared over the batch, as Pallas kernels for the GPU.
+
+Jumper et al. (2021) Suppl. Alg. 7 / 8 / 13 / 14: the attention core of the MSA row and
+column attentions and the triangle attentions, `softmax(q k^T + bias, masked keys) v`, where
+the pair bias [H, Q, K] is shared by every row of the batch (every MSA row, every row of the
+pair representation). Its gradient is the sum over the batch of the logits' gradients. cuDNN
+computes that sum in a second, poorly parallel kernel after writing each row's gradient
+(`fmha_dbias`, a third of the attention's time in the training step: docs/benchmarks.md);
+here the backward kernel sums it in registers while it walks the rows.
+
+Three kernels (Pallas on the Triton backend), flash-attention style (no [B, H, Q, K] array in
+memory):
+- forward: one program per (row, head, block of queries) walks the keys with an online
+  softmax and writes the output and each query's log-sum-exp;
+- key/value/bias gradient: one program per (head, block of keys, group of rows) holds every
+  query of one row at once (Q up to `BACKWARD_MAX_QUERIES`), recomputes the probabilities
+  from the log-sum-exp, writes dK and dV of each row and the group's partial bias gradient;
+  XLA sums the groups' partials;
+- query gradient: one program per (row, head, block of queries) walks the keys again.
+
+Masking is AlphaFold's: a masked key's logit is replaced by -1e9 (a row with no valid key
+attends uniformly to all), any key mask [B, K], not only padding. `interpret=True` runs the
+same kernels through Pallas's interpreter (the tests on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# AlphaFold's logit for a masked key (`primitives.SOFTMAX_MASK_VALUE`; a test pins them equal).
+MASK_VALUE = -1e9
+# The key/value/bias kernel holds a [Q, block_k] tile of float32 logits per row: 256 queries
+# x 32 keys is 32 registers per thread of 8 warps, per live tile.
+BACKWARD_MAX_QUERIES = 256
+# Triton's matrix product takes tiles of at least 16 along every axis.
+MIN_BLOCK = 16
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Block sizes (each shrinks to the largest power of two dividing its axis), Triton warps
+  and pipeline stages of the three kernels. `bench/pallas_attention.py` times choices."""
+
+  forward_block_q: int = 64
+  forward_block_k: int = 64
+  forward_warps: int = 4
+  forward_stages: int = 2
+  kv_block_k: int = 32
+  kv_warps: int = 8
+  kv_stages: int = 1
+  # Programs of the key/value/bias kernel to aim for (an H100 has 132 multiprocessors); more
+  # row groups mean more partial bias gradients (float32 [groups, H, Q, K]) for XLA to sum.
+  kv_target_programs: int = 512
+  query_block_q: int = 64
+  query_block_k: int = 64
+  query_warps: int = 4
+  query_stages: int = 2
+
+
+DEFAULT_TILING = Tiling()
+
+
+def _block(n: int, preferred: int) -> int | None:
+  """The largest power of two <= `preferred` dividing `n`, or None if under `MIN_BLOCK`."""
+  size = preferred
+  while size >= MIN_BLOCK:
+    if n % size == 0:
+      return size
+    size //= 2
+  return None
+
+
+def _is_power_of_two(n: int) -> bool:
+  return n >= 1 and n & (n - 1) == 0
+
+
+def unsupported_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
+                       differentiable: bool = True) -> str | None:
+  """Why these shapes cannot run (None when they can).
+
+  q [B, Q, H, d], k [B, K, H, d]. The head dim must be a power of two >= 16 and Q and K
+  multiples of 16; the backward pass also needs Q a power of two <= `BACKWARD_MAX_QUERIES`.
+  """
+  _, q_len, _, head_dim = q_shape
+  k_len = k_shape[1]
+  if not (_is_power_of_two(head_dim) and head_dim >= MIN_BLOCK):
+    return f"head dim {head_dim} is not a power of two >= {MIN_BLOCK}"
+  if _block(q_len, 64) is None or _block(k_len, 64) is None:
+    return f"query length {q_len} or key length {k_len} is not a multiple of {MIN_BLOCK}"
+  if differentiable and not (_is_power_of_two(q_len) and q_len <= BACKWARD_MAX_QUERIES):
+    return (f"the backward pass needs the query length ({q_len}) a power of two <= "
+            f"{BACKWARD_MAX_QUERIES}")
+  return None
+
+
+def _mm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+  """a @ b (either transposed) with float32 accumulation, inside a kernel."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def _logits(q, k, bias, key_valid):
+  """q k^T + bias with masked keys at `MASK_VALUE`, float32 [q, k]."""
+  logits = _mm(q, k, trans_b=True)
+  if bias is not None:
+    logits = logits + bias.astype(_F32)
+  return jnp.where(key_valid[None, :], logits, MASK_VALUE)
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# --- Forward ------------------------------------------------------------------------------
+
+def _forward_kernel(*refs, has_bias: bool, block_k: int):
+  if has_bias:
+    q_ref, k_ref, v_ref, bias_ref, mask_ref, out_ref, max_ref, sum_ref = refs
+  else:
+    q_ref, k_ref, v_ref, mask_ref, out_ref, max_ref, sum_ref = refs
+    bias_ref = None
+  q = q_ref[...]                                                   # [bq, d]
+  block_q, head_dim = q.shape
+
+  def body(index, carry):
+    acc, row_max, row_sum = carry
+    keys = pl.ds(index * block_k, block_k)
+    bias = bias_ref[:, keys] if bias_ref is not None else None
+    logits = _logits(q, k_ref[keys, :], bias, mask_ref[keys] != 0)  # [bq, bk]
+    new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+    correction = jnp.exp(row_max - new_max)
+    probs = jnp.exp(logits - new_max[:, None])
+    row_sum = row_sum * correction + jnp.sum(probs, axis=1)
+    v = v_ref[keys, :]
+    acc = acc * correction[:, None] + _mm(probs.astype(v.dtype), v)
+    return acc, new_max, row_sum
+
+  init = (jnp.zeros((block_q, head_dim), _F32), jnp.full((block_q,), -jnp.inf, _F32),
+          jnp.zeros((block_q,), _F32))
+  num_blocks = k_ref.shape[0] // block_k
+  acc, row_max, row_sum = jax.lax.fori_loop(0, num_blocks, body, init)
+  out_ref[...] = (acc / row_sum[:, None]).astype(out_ref.dtype)
+  # The maximum and the sum, not their log-sum-exp: a row with no valid key has maximum
+  # -1e9, and -1e9 + log(K) rounds back to -1e9 in float32.
+  max_ref[...] = row_max
+  sum_ref[...] = row_sum
+
+
+def _forward(q, k, v, bias, key_mask, tiling, interpret):
+  batch, q_len, heads, head_dim = q.shape
+  k_len = k.shape[1]
+  block_q = _block(q_len, tiling.forward_block_q)
+  block_k = _block(k_len, tiling.forward_block_k)
+  has_bias = bias is not None
+  row_tile = lambda b, h, i: (b, i, h, 0)
+  all_keys = lambda b, h, i: (b, 0, h, 0)
+  in_specs = [pl.BlockSpec((None, block_q, None, head_dim), row_tile),
+              pl.BlockSpec((None, k_len, None, head_dim), all_keys),
+              pl.BlockSpec((None, k_len, None, head_dim), all_keys)]
+  operands = [q, k, v]
+  if has_bias:
+    in_specs.append(pl.BlockSpec((None, block_q, k_len), lambda b, h, i: (h, i, 0)))
+    operands.append(bias)
+  in_specs.append(pl.BlockSpec((None, k_len), lambda b, h, i: (b, 0)))
+  operands.append(key_mask)
+  query_stat = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
+  stat_shape = jax.ShapeDtypeStruct((batch, heads, q_len), _F32)
+  out, row_max, row_sum = pl.pallas_call(
+      functools.partial(_forward_kernel, has_bias=has_bias, block_k=block_k),
+      grid=(batch, heads, q_len // block_q),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, block_q, None, head_dim), row_tile), query_stat, query_stat],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape, stat_shape],
+      compiler_params=_compiler_params(tiling.forward_warps, tiling.forward_stages),
+      interpret=interpret,
+      name="af2_attention_forward",
+  )(*operands)
+  return out, (row_max, row_sum)
+
+
+# --- Backward -----------------------------------------------------------------------------
+
+def _probs_and_logit_grads(q, k, v, bias, key_valid, d_out, row_max, inv_sum, delta):
+  """Recomputed probabilities and the logits' gradient (zero at masked keys), [q, k] float32.
+
+  row_max, inv_sum, delta: [q, 1], the forward pass's row maximum and 1 / row sum and
+  rowsum(dO * O). dP = dO V^T; dS = P (dP - delta).
+  """
+  probs = jnp.exp(_logits(q, k, bias, key_valid) - row_max) * inv_sum
+  d_logits = probs * (_mm(d_out, v, trans_b=True) - delta)
+  # A masked key's logit is a constant: no gradient reaches q, k or the bias through it.
+  return probs, jnp.where(key_valid[None, :], d_logits, 0.0)
+
+
+def _key_value_bias_kernel(*refs, has_bias: bool, rows: int):
+  if has_bias:
+    (q_ref, k_ref, v_ref, bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
+     d_k_ref, d_v_ref, d_bias_ref) = refs
+    bias = bias_ref[...]                                           # [Q, bk]
+  else:
+    (q_ref, k_ref, v_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
+     d_k_ref, d_v_ref) = refs
+    d_bias_ref = bias = None
+
+  def body(row, d_bias):
+    q, d_out = q_ref[row], d_out_ref[row]                          # [Q, d]
+    probs, d_logits = _probs_and_logit_grads(
+        q, k_ref[row], v_ref[row], bias, mask_ref[row] != 0, d_out,
+        max_ref[row][:, None], inv_sum_ref[row][:, None], delta_ref[row][:, None])
+    d_v_ref[row] = _mm(probs.astype(d_out.dtype), d_out, trans_a=True).astype(d_v_ref.dtype)
+    d_k_ref[row] = _mm(d_logits.astype(q.dtype), q, trans_a=True).astype(d_k_ref.dtype)
+    return d_bias + d_logits if d_bias is not None else None
+
+  init = jnp.zeros(bias.shape, _F32) if has_bias else None
+  d_bias = jax.lax.fori_loop(0, rows, body, init)
+  if has_bias:
+    d_bias_ref[...] = d_bias
+
+
+def _query_kernel(*refs, has_bias: bool, block_k: int):
+  if has_bias:
+    (q_ref, k_ref, v_ref, bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
+     d_q_ref) = refs
+  else:
+    q_ref, k_ref, v_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref, d_q_ref = refs
+    bias_ref = None
+  q, d_out = q_ref[...], d_out_ref[...]                            # [bq, d]
+  stats = (max_ref[...][:, None], inv_sum_ref[...][:, None], delta_ref[...][:, None])
+
+  def body(index, d_q):
+    keys = pl.ds(index * block_k, block_k)
+    k = k_ref[keys, :]
+    bias = bias_ref[:, keys] if bias_ref is not None else None
+    _, d_logits = _probs_and_logit_grads(q, k, v_ref[keys, :], bias, mask_ref[keys] != 0,
+                                         d_out, *stats)
+    return d_q + _mm(d_logits.astype(k.dtype), k)
+
+  num_blocks = k_ref.shape[0] // block_k
+  d_q = jax.lax.fori_loop(0, num_blocks, body, jnp.zeros(q.shape, _F32))
+  d_q_ref[...] = d_q.astype(d_q_ref.dtype)
+
+
+def _row_groups(batch: int, heads: int, key_blocks: int, has_bias: bool,
+                target_programs: int) -> int:
+  """How many groups of rows the key/value/bias kernel splits the batch into."""
+  if not has_bias:
+    return batch               # nothing to sum over rows: one row per program
+  groups = 1
+  while (groups * 2 <= batch and batch % (groups * 2) == 0
+         and heads * key_blocks * groups < target_programs):
+    groups *= 2
+  return groups
+
+
+def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
+  batch, q_len, heads, head_dim = q.shape
+  k_len = k.shape[1]
+  has_bias = bias is not None
+  d_out = d_out.astype(q.dtype)
+  row_max, row_sum = stats
+  delta = jnp.einsum("bqhc,bqhc->bhq", d_out.astype(_F32), out.astype(_F32))
+  query_stats = [row_max, 1.0 / row_sum, delta]                     # [B, H, Q] each
+
+  # dK, dV and the bias gradient: grid (head, key block, row group).
+  block_k = _block(k_len, tiling.kv_block_k)
+  key_blocks = k_len // block_k
+  groups = _row_groups(batch, heads, key_blocks, has_bias, tiling.kv_target_programs)
+  rows = batch // groups
+  whole_rows = pl.BlockSpec((rows, q_len, None, head_dim), lambda h, j, g: (g, 0, h, 0))
+  key_tile = pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, h, 0))
+  per_query = pl.BlockSpec((rows, None, q_len), lambda h, j, g: (g, h, 0))
+  in_specs = [whole_rows, key_tile, key_tile]
+  operands = [q, k, v]
+  if has_bias:
+    in_specs.append(pl.BlockSpec((None, q_len, block_k), lambda h, j, g: (h, 0, j)))
+    operands.append(bias)
+  in_specs += [pl.BlockSpec((rows, block_k), lambda h, j, g: (g, j)), whole_rows] + [per_query] * 3
+  operands += [key_mask, d_out] + query_stats
+  out_specs = [key_tile, key_tile]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  if has_bias:
+    out_specs.append(pl.BlockSpec((None, None, q_len, block_k), lambda h, j, g: (g, h, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((groups, heads, q_len, k_len), _F32))
+  results = pl.pallas_call(
+      functools.partial(_key_value_bias_kernel, has_bias=has_bias, rows=rows),
+      grid=(heads, key_blocks, groups),
+      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_compiler_params(tiling.kv_warps, tiling.kv_stages),
+      interpret=interpret,
+      name="af2_attention_backward_kv",
+  )(*operands)
+  d_k, d_v = results[:2]
+  d_bias = jnp.sum(results[2], axis=0).astype(bias.dtype) if has_bias else None
+
+  # dQ: grid (row, head, query block).
+  block_q = _block(q_len, tiling.query_block_q)
+  block_k = _block(k_len, tiling.query_block_k)
+  row_tile = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+  all_keys = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, h, 0))
+  query_stat = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
+  in_specs = [row_tile, all_keys, all_keys]
+  operands = [q, k, v]
+  if has_bias:
+    in_specs.append(pl.BlockSpec((None, block_q, k_len), lambda b, h, i: (h, i, 0)))
+    operands.append(bias)
+  in_specs += [pl.BlockSpec((None, k_len), lambda b, h, i: (b, 0)), row_tile] + [query_stat] * 3
+  operands += [key_mask, d_out] + query_stats
+  d_q = pl.pallas_call(
+      functools.partial(_query_kernel, has_bias=has_bias, block_k=block_k),
+      grid=(batch, heads, q_len // block_q),
+      in_specs=in_specs, out_specs=row_tile,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(tiling.query_warps, tiling.query_stages),
+      interpret=interpret,
+      name="af2_attention_backward_q",
+  )(*operands)
+  return d_q, d_k, d_v, d_bias
+
+
+# --- The differentiable function ----------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, bias, key_mask, tiling, interpret):
+  return _forward(q, k, v, bias, key_mask, tiling, interpret)[0]
+
+
+def _attention_fwd(q, k, v, bias, key_mask, tiling, interpret):
+  out, stats = _forward(q, k, v, bias, key_mask, tiling, interpret)
+  return out, (q, k, v, bias, key_mask, out, stats)
+
+
+def _attention_bwd(tiling, interpret, residuals, d_out):
+  q, k, v, bias, key_mask, out, stats = residuals
+  d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling,
+                                    interpret)
+  return d_q, d_k, d_v, d_bias, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
+              key_mask: jax.Array, interpret: bool = False,
+              tiling: Tiling = DEFAULT_TILING) -> jax.Array:
+  """softmax(q k^T + bias, masked keys at -1e9) v, differentiable, in Pallas kernels.
+
+  q [B, Q, H, d] (already scaled), k, v [B, K, H, d], bias [H, Q, K] shared over the batch
+  or None, key_mask [B, K] (non-zero = attend). Returns [B, Q, H, d] in q's dtype. The
+  shapes must pass `unsupported_reason`.
+  """
+  reason = unsupported_reason(q.shape, k.shape)
+  if reason is not None:
+    raise ValueError(f"pallas attention: q {q.shape}, k {k.shape}: {reason}")
+  if bias is not None:
+    bias = bias.astype(q.dtype)
+  key_mask = jnp.broadcast_to(key_mask != 0, (q.shape[0], k.shape[1])).astype(jnp.int32)
+  return _attention(q, k.astype(q.dtype), v.astype(q.dtype), bias, key_mask, tiling,
+                    interpret)

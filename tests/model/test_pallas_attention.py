@@ -1,0 +1,141 @@
+"""The Pallas attention kernels (run by Pallas's interpreter on the CPU) against XLA."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from af2flax.model import pallas_attention, primitives
+
+
+def _reference(q, k, v, bias, key_mask):
+  """AlphaFold's attention core with the logits materialised (float32 softmax)."""
+  logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)[None]
+  logits = jnp.where(key_mask[:, None, None, :] != 0, logits, primitives.SOFTMAX_MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bhqk,bkhc->bqhc", probs.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def _inputs(dtype, batch=4, q_len=32, k_len=48, heads=2, dim=16, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(batch, q_len, heads, dim)) * 0.5, dtype)
+  k, v = (jnp.asarray(rng.normal(size=(batch, k_len, heads, dim)), dtype) for _ in range(2))
+  bias = jnp.asarray(rng.normal(size=(heads, q_len, k_len)), dtype)
+  # Keys masked anywhere in a row (not only padding at the end); the last row has none valid.
+  key_mask = (rng.random((batch, k_len)) > 0.3).astype(np.int32)
+  key_mask[-1] = 0
+  return q, k, v, bias, jnp.asarray(key_mask)
+
+
+def _values_and_grads(attention, q, k, v, bias, key_mask):
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), q.shape, jnp.float32)
+  argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+
+  def loss(q, k, v, bias):
+    out = attention(q, k, v, bias, key_mask)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  (_, out), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(q, k, v, bias)
+  return out, grads
+
+
+def _interpreted(tiling=pallas_attention.DEFAULT_TILING):
+  return lambda q, k, v, bias, key_mask: pallas_attention.attention(
+      q, k, v, bias, key_mask, interpret=True, tiling=tiling)
+
+
+def _assert_close(actual, expected, tol, name):
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  scale = max(float(np.max(np.abs(expected))), 1e-6)
+  np.testing.assert_allclose(actual / scale, expected / scale, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_values_and_gradients_match_xla(with_bias, dtype, tol):
+  """Output and the gradients of q, k, v and the shared bias equal differentiating the
+  materialised attention: masked keys inside rows, a row with no valid key (uniform
+  attention, AlphaFold's -1e9), a key length (48) that is not a power of two."""
+  q, k, v, bias, key_mask = _inputs(dtype)
+  bias = bias if with_bias else None
+  out, grads = _values_and_grads(_interpreted(), q, k, v, bias, key_mask)
+  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
+  assert out.dtype == dtype
+  _assert_close(out, expected_out, tol, "out")
+  for name, grad, expected in zip("qkvb", grads, expected_grads):
+    assert grad.shape == expected.shape and grad.dtype == expected.dtype, name
+    _assert_close(grad, expected, tol, name)
+
+
+def test_tilings_give_the_same_results():
+  """Other block sizes, several row groups per bias gradient (partials summed) or one."""
+  q, k, v, bias, key_mask = _inputs(jnp.float32, batch=8, q_len=32, k_len=32)
+  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
+  for change in ({"forward_block_q": 16, "forward_block_k": 16, "query_block_k": 16},
+                 {"kv_block_k": 16, "kv_target_programs": 1},
+                 {"kv_target_programs": 10 ** 6, "query_block_q": 16}):
+    tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, **change)
+    out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
+    _assert_close(out, expected_out, 1e-5, f"out {change}")
+    for name, grad, expected in zip("qkvb", grads, expected_grads):
+      _assert_close(grad, expected, 1e-5, f"{name} {change}")
+
+
+def test_row_groups():
+  """One row per program without a bias; with one, groups until the target is reached."""
+  assert pallas_attention._row_groups(256, 4, 8, False, 512) == 256  # pylint: disable=protected-access
+  assert pallas_attention._row_groups(256, 4, 8, True, 512) == 16  # pylint: disable=protected-access
+  assert pallas_attention._row_groups(6, 4, 8, True, 512) == 2  # pylint: disable=protected-access
+
+
+def test_unsupported_shapes_are_named():
+  """Shapes the kernels cannot take get a reason; `attention` raises it, naming the shapes."""
+  assert pallas_attention.unsupported_reason((4, 256, 4, 32), (4, 256, 4, 32)) is None
+  assert "head dim 8" in pallas_attention.unsupported_reason((4, 256, 8, 8), (4, 256, 8, 8))
+  assert "multiple of 16" in pallas_attention.unsupported_reason((4, 24, 4, 32), (4, 24, 4, 32))
+  assert "backward" in pallas_attention.unsupported_reason((4, 384, 4, 32), (4, 384, 4, 32))
+  assert pallas_attention.unsupported_reason((4, 384, 4, 32), (4, 384, 4, 32),
+                                             differentiable=False) is None
+  q = jnp.zeros((2, 24, 2, 16))
+  with pytest.raises(ValueError, match=r"q \(2, 24, 2, 16\)"):
+    pallas_attention.attention(q, q, q, None, jnp.ones((2, 24)), interpret=True)
+  assert pallas_attention.MASK_VALUE == primitives.SOFTMAX_MASK_VALUE
+
+
+def test_attention_module_with_pallas_matches_xla():
+  """`Attention(impl='pallas')` (projections, gating, bias, key mask) has the XLA module's
+  values and gradients; a query/key mask it cannot take, or a head dim under 16, falls back."""
+  rng = np.random.default_rng(2)
+  rows, length, channels = 3, 16, 32
+  q_data = jnp.asarray(rng.normal(size=(rows, length, channels)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(2, length, length)), jnp.float32)
+  mask = (np.arange(length)[None] < np.array([16, 11, 5])[:, None]).astype(np.float32)
+  mask = jnp.asarray(mask[:, None, None, :])
+  results = {}
+  for impl in ("xla", "pallas"):
+    module = primitives.Attention(num_head=2, output_dim=channels, impl=impl, zero_init=False,
+                                  fuse_projections=True)
+    params = module.init(jax.random.PRNGKey(0), q_data, q_data, mask, bias)
+
+    def loss(params, q_data, bias, module=module):
+      out = module.apply(params, q_data, q_data, mask, bias)
+      return jnp.sum(jnp.square(out)), out
+
+    results[impl] = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        params, q_data, bias)
+  (_, out), grads = results["pallas"]
+  (_, expected_out), expected_grads = results["xla"]
+  _assert_close(out, expected_out, 1e-5, "out")
+  for grad, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    _assert_close(grad, expected, 1e-5, "grad")
+  q = jnp.zeros((rows, length, 2, 16))
+  assert primitives.attention_path("pallas", q, q, mask, True) == "pallas"
+  full_mask = jnp.ones((rows, 1, length, length))
+  assert primitives.attention_path("pallas", q, q, full_mask, True) == "xla"  # on the CPU
+  small_heads = jnp.zeros((rows, length, 8, 4))
+  assert primitives.attention_path("pallas", small_heads, small_heads, mask, True) == "xla"
