@@ -101,8 +101,8 @@ def main(argv=None) -> int:
         else:
           errors.append(f"  {name} {impl}: |grad - {impls[0]} grad| / |{impls[0]} grad| = "
                         f"{_relative_error(grads, reference):.2e}")
-        grad_ms = _median_ms(lambda: grad(params, inputs[0]), args.steps)
-        forward_ms = _median_ms(lambda: forward(params, inputs[0]), args.steps)
+        grad_ms = median_ms(lambda: grad(params, inputs[0]), args.steps)
+        forward_ms = median_ms(lambda: forward(params, inputs[0]), args.steps)
         row.append(f"{grad_ms:8.3f} /{forward_ms:7.3f} / {scratch:5.2f}")
       except Exception as error:  # pylint: disable=broad-except
         row.append(f"{'failed':>25s}")
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
   return 0
 
 
-def _median_ms(call, steps: int) -> float:
+def median_ms(call, steps: int) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   jax.block_until_ready(call())
   times = []

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -44,17 +42,6 @@ SWEEP = (
 )
 
 
-def _median_ms(call, steps: int) -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(call())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=20)
@@ -67,6 +54,7 @@ def main(argv=None) -> int:
   import numpy as np
 
   from af2flax.model import pallas_attention
+  from attention import median_ms  # bench/attention.py, beside this script
 
   interpret = jax.default_backend() != "gpu"
   bf16, f32 = jnp.bfloat16, jnp.float32
@@ -129,8 +117,8 @@ def main(argv=None) -> int:
           reference = grads
         error = (sum(float(np.sum(np.square(g - r))) for g, r in zip(grads, reference))
                  / sum(float(np.sum(np.square(r))) for r in reference)) ** 0.5
-        forward_ms = _median_ms(lambda: forward(*operands), args.steps)
-        grad_ms = _median_ms(lambda: grad(*operands), args.steps)
+        forward_ms = median_ms(lambda: forward(*operands), args.steps)
+        grad_ms = median_ms(lambda: grad(*operands), args.steps)
         print(f"{label:58s} {impl_name:36s} {forward_ms:8.3f} {grad_ms:8.3f} {error:9.2e}",
               flush=True)
       except Exception as error:  # pylint: disable=broad-except

@@ -26,11 +26,11 @@ af2flax adds, under `global_config`:
                  rows, in training too (0: as `low_memory` says). Presets: 1024 in fine-tuning
                  (5,120 extra sequences), else 0.
   attention_impl 'xla' (logits materialised, AlphaFold's arithmetic) | 'cudnn' (flash
-                 attention through `jax.nn.dot_product_attention`) | 'auto' (cuDNN on a GPU
-                 with bf16 activations where the shapes allow, else XLA) | 'pallas' (our
-                 Pallas kernels, `pallas_attention.py`, which sum the shared bias's gradient
-                 inside the backward kernel; 'auto' where they cannot take the shapes).
-                 Presets: 'auto'; `from_alphafold_dict`: 'xla'.
+                 attention through `jax.nn.dot_product_attention`) | 'pallas' (our Pallas
+                 kernels, `pallas_attention.py`, which sum the shared bias's gradient inside
+                 the backward kernel) | 'auto' (on a GPU with bf16 activations our kernels
+                 where they take the shapes, else cuDNN where it does, else XLA; see
+                 `primitives.attention_path`). Presets: 'auto'; `from_alphafold_dict`: 'xla'.
   triangle_attention_impl  the same choice for the triangle attention only ("": as
                  `attention_impl`). Presets: "".
   fuse_projections  projections of one input as one matrix product over concatenated weights

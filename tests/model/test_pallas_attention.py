@@ -139,3 +139,11 @@ def test_attention_module_with_pallas_matches_xla():
   assert primitives.attention_path("pallas", q, q, full_mask, True) == "xla"  # on the CPU
   small_heads = jnp.zeros((rows, length, 8, 4))
   assert primitives.attention_path("pallas", small_heads, small_heads, mask, True) == "xla"
+  # 'auto' (the presets) takes our kernels only on a GPU with 16-bit activations.
+  q16 = q.astype(jnp.bfloat16)
+  on_gpu = jax.default_backend() == "gpu"
+  assert primitives.attention_path("auto", q16, q16, mask, True) == ("pallas" if on_gpu else "xla")
+  assert primitives.attention_path("auto", q, q, mask, True) == "xla"  # float32
+  crop_384 = jnp.zeros((rows, 384, 2, 16), jnp.bfloat16)  # fine-tuning: cuDNN on a GPU
+  assert primitives.attention_path("auto", crop_384, crop_384, mask, True) == (
+      "fused" if on_gpu else "xla")
