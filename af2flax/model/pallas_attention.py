@@ -11,11 +11,11 @@ here the backward kernel sums it in registers while it walks the rows.
 Three kernels (Pallas on the Triton backend), flash-attention style (no [B, H, Q, K] array in
 memory):
 - forward: one program per (row, head, block of queries) walks the keys with an online
-  softmax and writes the output and each query's log-sum-exp;
+  softmax and writes the output and each query's logit maximum and exponential sum;
 - key/value/bias gradient: one program per (head, block of keys, group of rows) holds every
   query of one row at once (Q up to `BACKWARD_MAX_QUERIES`), recomputes the probabilities
-  from the log-sum-exp, writes dK and dV of each row and the group's partial bias gradient;
-  XLA sums the groups' partials;
+  from those two statistics, writes dK and dV of each row and the group's partial bias
+  gradient; XLA sums the groups' partials;
 - query gradient: one program per (row, head, block of queries) walks the keys again.
 
 Masking is AlphaFold's: a masked key's logit is replaced by -1e9 (a row with no valid key
