@@ -11,7 +11,6 @@ activations loses too much precision.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -283,6 +282,8 @@ class ResidualDropout(nn.Module):
 # --- Fused attention ----------------------------------------------------------------------
 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
+
+
 def attention_impl(global_config: Any, module_key: str | None = None) -> str:
   """`global_config.attention_impl` ('xla' when unset), validated; `module_key` names a
   per-module override (e.g. 'triangle_attention_impl') that wins when set (not "")."""
@@ -300,7 +301,7 @@ def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array,
   Our Pallas kernels (`pallas_attention.attention`) take a key mask [B, 1, 1, K] and the
   shapes `pallas_attention.unsupported_reason` accepts (at crop 256: the MSA row and column
   and the triangle attentions, not the extra MSA's 8-channel heads). 'auto' runs them on a
-  GPU with 16-bit activations (8% faster expected training step than cuDNN on an H200,
+  GPU with 16-bit activations (a 7% faster expected training step than cuDNN's on an H200,
   docs/benchmarks.md), else cuDNN where `use_fused_attention` allows, else XLA. 'pallas'
   runs them on a GPU, and on the CPU through Pallas's interpreter (slow: tests), else as
   'auto'. 'cudnn' and 'xla' run what they name.
