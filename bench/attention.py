@@ -16,7 +16,8 @@ and prints a table: median ms per call of the gradient and of the forward pass a
 the gradient program's scratch memory (GiB, XLA's `memory_analysis().temp_size_in_bytes`:
 what the call needs beyond its inputs and outputs). With `xla` listed first, each other
 implementation's gradients are checked against it: the norm of the difference relative to
-the norm of the gradient (all parameters and the input) is printed under the table. `--shapes finetune`: fine-tuning's [512, 384] MSA, [5120, 384] extra MSA,
+the norm of the gradient (all parameters and the input) is printed under the table.
+`--shapes finetune`: fine-tuning's [512, 384] MSA, [5120, 384] extra MSA,
 [384, 384] pair. Needs jax, flax, ml_collections (no TensorFlow).
 """
 

@@ -1,6 +1,6 @@
 """The attention core alone: our Pallas kernels (each tiling choice) against cuDNN and XLA.
 
-    python bench/pallas_attention.py [--steps 20] [--smoke] [--sweep]
+    python bench/pallas_attention.py [--steps 20] [--smoke] [--sweep] [--shapes finetune]
 
 At the attention shapes of an initial-training step (crop 256, 128 MSA rows; bf16), times
 `softmax(q k^T + bias, masked keys) v` and its gradient with respect to q, k, v and the
@@ -12,8 +12,9 @@ and with `--sweep` (at the first shape, the triangle attention) each tiling that
 field of the default. Prints median ms of
 the forward pass and of forward + backward, and the gradient's difference from XLA's (norm
 of the difference over the norm, all four gradients together). Masks: the last 10% of keys
-are padding in every row. Needs a GPU for cudnn and pallas (`--smoke`: tiny shapes on the
-CPU, Pallas interpreted).
+are padding in every row. `--shapes finetune`: crop 384 and 512 MSA rows (our backward kernel
+then walks 384 or 512 queries in blocks: `global_config.pallas_attention_max_queries=512`).
+Needs a GPU for cudnn and pallas (`--smoke`: tiny shapes on the CPU, Pallas interpreted).
 """
 
 from __future__ import annotations
@@ -26,12 +27,20 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 # (name, rows B, queries = keys N, heads H, head dim d, bias)
-SHAPES = (
-    ("triangle attention", 256, 256, 4, 32, True),
-    ("MSA row attention", 128, 256, 8, 32, True),
-    ("MSA column attention", 256, 128, 8, 32, False),
-    ("template triangle attention", 256, 256, 4, 16, True),
-)
+SHAPES = {
+    "initial": (
+        ("triangle attention", 256, 256, 4, 32, True),
+        ("MSA row attention", 128, 256, 8, 32, True),
+        ("MSA column attention", 256, 128, 8, 32, False),
+        ("template triangle attention", 256, 256, 4, 16, True),
+    ),
+    "finetune": (
+        ("triangle attention", 384, 384, 4, 32, True),
+        ("MSA row attention", 512, 384, 8, 32, True),
+        ("MSA column attention", 384, 512, 8, 32, False),
+        ("template triangle attention", 384, 384, 4, 16, True),
+    ),
+}
 SWEEP = (
     {"forward_block_q": 128}, {"forward_block_k": 32}, {"forward_block_k": 128},
     {"forward_warps": 8}, {"forward_stages": 3},
@@ -47,6 +56,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--sweep", action="store_true")
+  parser.add_argument("--shapes", default="initial", choices=tuple(SHAPES))
   args = parser.parse_args(argv)
 
   import jax
@@ -75,7 +85,7 @@ def main(argv=None) -> int:
 
   def pallas_with(tiling):
     return lambda q, k, v, bias, key_mask: pallas_attention.attention(
-        q, k, v, bias, key_mask, interpret=interpret, tiling=tiling)
+        q, k, v, bias, key_mask, interpret=interpret, tiling=tiling, max_queries=512)
 
   impls = [("xla", xla_attention)]
   if not interpret:
@@ -88,7 +98,7 @@ def main(argv=None) -> int:
       sweep.append((label, pallas_with(dataclasses.replace(pallas_attention.DEFAULT_TILING,
                                                            **change))))
 
-  shapes = SHAPES if not args.smoke else (("smoke", 4, 32, 2, 16, True),
+  shapes = SHAPES[args.shapes] if not args.smoke else (("smoke", 4, 32, 2, 16, True),
                                           ("smoke no bias", 4, 32, 2, 16, False))
   print(f"{'shape':58s} {'impl':36s} {'fwd ms':>8s} {'grad ms':>8s} {'grad err':>9s}",
         flush=True)

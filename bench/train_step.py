@@ -101,6 +101,10 @@ VARIANTS = {
     # column, triangle, template triangle attention); cuDNN for the rest (the extra MSA's
     # 8-channel heads).
     "bf16-pallas": {"dtype": "bfloat16", "attention_impl": "pallas"},
+    # The presets with our kernels differentiated up to 512 queries (fine-tuning: crop 384,
+    # 512 MSA rows), not only 256.
+    "bf16-pallas512": {"dtype": "bfloat16", "attention_impl": "auto",
+                       "pallas_attention_max_queries": 512},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_cudnn_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_cudnn_with_flags("--xla_gpu_autotune_level=1"),

@@ -31,6 +31,10 @@ af2flax adds, under `global_config`:
                  the backward kernel) | 'auto' (on a GPU with bf16 activations our kernels
                  where they take the shapes, else cuDNN where it does, else XLA; see
                  `primitives.attention_path`). Presets: 'auto'; `from_alphafold_dict`: 'xla'.
+  pallas_attention_max_queries  the longest query axis that takes our kernels, whose backward
+                 pass holds every query's bias gradient in registers (0: 256, the measured
+                 crop). Fine-tuning's 384 (and its 512 MSA rows' row attention) needs 384:
+                 written and tested, not yet timed on a GPU. Presets: 0.
   triangle_attention_impl  the same choice for the triangle attention only ("": as
                  `attention_impl`). Presets: "".
   fuse_projections  projections of one input as one matrix product over concatenated weights
@@ -73,6 +77,7 @@ OUR_GLOBAL_DEFAULTS = {
     "low_memory": False,
     "attention_impl": "auto",
     "triangle_attention_impl": "",
+    "pallas_attention_max_queries": 0,
     "fuse_projections": True,
     "triangle_channels_first": True,
     "outer_product_mean_chunking": "low_memory",

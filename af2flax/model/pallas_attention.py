@@ -12,10 +12,10 @@ Three kernels (Pallas on the Triton backend), flash-attention style (no [B, H, Q
 memory):
 - forward: one program per (row, head, block of queries) walks the keys with an online
   softmax and writes the output and each query's logit maximum and exponential sum;
-- key/value/bias gradient: one program per (head, block of keys, group of rows) holds every
-  query of one row at once (Q up to `BACKWARD_MAX_QUERIES`), recomputes the probabilities
-  from those two statistics, writes dK and dV of each row and the group's partial bias
-  gradient; XLA sums the groups' partials;
+- key/value/bias gradient: one program per (head, block of keys, group of rows) walks its
+  rows, and in each row every query (in up to `MAX_QUERY_BLOCKS` blocks), recomputes the
+  probabilities from those two statistics, writes dK and dV of each row and the group's
+  partial bias gradient; XLA sums the groups' partials;
 - query gradient: one program per (row, head, block of queries) walks the keys again.
 
 Masking is AlphaFold's: a masked key's logit is replaced by -1e9 (a row with no valid key
@@ -35,9 +35,13 @@ from jax.experimental.pallas import triton as plgpu
 
 # AlphaFold's logit for a masked key (`primitives.SOFTMAX_MASK_VALUE`; a test pins them equal).
 MASK_VALUE = -1e9
-# The key/value/bias kernel holds a [Q, block_k] tile of float32 logits per row: 256 queries
-# x 32 keys is 32 registers per thread of 8 warps, per live tile.
+# The key/value/bias kernel keeps the bias gradient of all Q queries x block_k keys in float32
+# registers (256 x 32: 32 per thread of 8 warps), plus one query block's working tiles. Up to
+# this many queries the presets differentiate through our kernels; longer crops (fine-tuning's
+# 384) run cuDNN unless `global_config.pallas_attention_max_queries` says more (not yet timed).
 BACKWARD_MAX_QUERIES = 256
+# The key/value/bias kernel unrolls its loop over query blocks (`Tiling.kv_block_q`).
+MAX_QUERY_BLOCKS = 4
 # Triton's matrix product takes tiles of at least 16 along every axis.
 MIN_BLOCK = 16
 _F32 = jnp.float32
@@ -52,6 +56,7 @@ class Tiling:
   forward_block_k: int = 64
   forward_warps: int = 4
   forward_stages: int = 2
+  kv_block_q: int = 256
   kv_block_k: int = 32
   kv_warps: int = 8
   kv_stages: int = 1
@@ -82,11 +87,13 @@ def _is_power_of_two(n: int) -> bool:
 
 
 def unsupported_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
-                       differentiable: bool = True) -> str | None:
+                       differentiable: bool = True,
+                       max_queries: int = BACKWARD_MAX_QUERIES) -> str | None:
   """Why these shapes cannot run (None when they can).
 
   q [B, Q, H, d], k [B, K, H, d]. The head dim must be a power of two >= 16 and Q and K
-  multiples of 16; the backward pass also needs Q a power of two <= `BACKWARD_MAX_QUERIES`.
+  multiples of 16; the backward pass also needs Q <= `max_queries`, in at most
+  `MAX_QUERY_BLOCKS` blocks of the default `Tiling.kv_block_q`.
   """
   _, q_len, _, head_dim = q_shape
   k_len = k_shape[1]
@@ -94,9 +101,13 @@ def unsupported_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
     return f"head dim {head_dim} is not a power of two >= {MIN_BLOCK}"
   if _block(q_len, 64) is None or _block(k_len, 64) is None:
     return f"query length {q_len} or key length {k_len} is not a multiple of {MIN_BLOCK}"
-  if differentiable and not (_is_power_of_two(q_len) and q_len <= BACKWARD_MAX_QUERIES):
-    return (f"the backward pass needs the query length ({q_len}) a power of two <= "
-            f"{BACKWARD_MAX_QUERIES}")
+  if differentiable:
+    if q_len > max_queries:
+      return f"the backward pass takes at most {max_queries} queries, not {q_len}"
+    block_q = _block(q_len, DEFAULT_TILING.kv_block_q)
+    if q_len // block_q > MAX_QUERY_BLOCKS:
+      return (f"the backward pass takes {q_len} queries in {q_len // block_q} blocks of "
+              f"{block_q}, more than {MAX_QUERY_BLOCKS}")
   return None
 
 
@@ -199,29 +210,41 @@ def _probs_and_logit_grads(q, k, v, bias, key_valid, d_out, row_max, inv_sum, de
   return probs, jnp.where(key_valid[None, :], d_logits, 0.0)
 
 
-def _key_value_bias_kernel(*refs, has_bias: bool, rows: int):
+def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int):
   if has_bias:
     (q_ref, k_ref, v_ref, bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
      d_k_ref, d_v_ref, d_bias_ref) = refs
-    bias = bias_ref[...]                                           # [Q, bk]
   else:
     (q_ref, k_ref, v_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
      d_k_ref, d_v_ref) = refs
-    d_bias_ref = bias = None
+    bias_ref = d_bias_ref = None
+  # The queries in a few blocks, unrolled: each block's bias tile and bias-gradient
+  # accumulator stay in registers across the rows.
+  query_blocks = [pl.ds(start, block_q) for start in range(0, q_ref.shape[1], block_q)]
+  biases = ([bias_ref[queries, :] for queries in query_blocks] if has_bias   # [bq, bk] each
+            else [None] * len(query_blocks))
 
   def body(row, d_bias):
-    q, d_out = q_ref[row], d_out_ref[row]                          # [Q, d]
-    probs, d_logits = _probs_and_logit_grads(
-        q, k_ref[row], v_ref[row], bias, mask_ref[row] != 0, d_out,
-        max_ref[row][:, None], inv_sum_ref[row][:, None], delta_ref[row][:, None])
-    d_v_ref[row] = _mm(probs.astype(d_out.dtype), d_out, trans_a=True).astype(d_v_ref.dtype)
-    d_k_ref[row] = _mm(d_logits.astype(q.dtype), q, trans_a=True).astype(d_k_ref.dtype)
-    return d_bias + d_logits if d_bias is not None else None
+    k, v, key_valid = k_ref[row], v_ref[row], mask_ref[row] != 0   # [bk, d], [bk]
+    d_k = d_v = jnp.zeros(k.shape, _F32)
+    new_d_bias = []
+    for index, queries in enumerate(query_blocks):
+      q, d_out = q_ref[row, queries, :], d_out_ref[row, queries, :]  # [bq, d]
+      probs, d_logits = _probs_and_logit_grads(
+          q, k, v, biases[index], key_valid, d_out, max_ref[row, queries][:, None],
+          inv_sum_ref[row, queries][:, None], delta_ref[row, queries][:, None])
+      d_v = d_v + _mm(probs.astype(d_out.dtype), d_out, trans_a=True)
+      d_k = d_k + _mm(d_logits.astype(q.dtype), q, trans_a=True)
+      if has_bias:
+        new_d_bias.append(d_bias[index] + d_logits)
+    d_v_ref[row] = d_v.astype(d_v_ref.dtype)
+    d_k_ref[row] = d_k.astype(d_k_ref.dtype)
+    return tuple(new_d_bias)
 
-  init = jnp.zeros(bias.shape, _F32) if has_bias else None
+  init = tuple(jnp.zeros(bias.shape, _F32) for bias in biases) if has_bias else ()
   d_bias = jax.lax.fori_loop(0, rows, body, init)
-  if has_bias:
-    d_bias_ref[...] = d_bias
+  for queries, tile in zip(query_blocks, d_bias):
+    d_bias_ref[queries, :] = tile
 
 
 def _query_kernel(*refs, has_bias: bool, block_k: int):
@@ -269,6 +292,10 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
   query_stats = [row_max, 1.0 / row_sum, delta]                     # [B, H, Q] each
 
   # dK, dV and the bias gradient: grid (head, key block, row group).
+  block_q = _block(q_len, tiling.kv_block_q)
+  if q_len // block_q > MAX_QUERY_BLOCKS:
+    raise ValueError(f"pallas attention: {q_len} queries in blocks of {block_q} are more "
+                     f"than {MAX_QUERY_BLOCKS} blocks (Tiling.kv_block_q)")
   block_k = _block(k_len, tiling.kv_block_k)
   key_blocks = k_len // block_k
   groups = _row_groups(batch, heads, key_blocks, has_bias, tiling.kv_target_programs)
@@ -289,7 +316,8 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
     out_specs.append(pl.BlockSpec((None, None, q_len, block_k), lambda h, j, g: (g, h, 0, j)))
     out_shape.append(jax.ShapeDtypeStruct((groups, heads, q_len, k_len), _F32))
   results = pl.pallas_call(
-      functools.partial(_key_value_bias_kernel, has_bias=has_bias, rows=rows),
+      functools.partial(_key_value_bias_kernel, has_bias=has_bias, rows=rows,
+                        block_q=block_q),
       grid=(heads, key_blocks, groups),
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(tiling.kv_warps, tiling.kv_stages),
@@ -348,14 +376,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
               key_mask: jax.Array, interpret: bool = False,
-              tiling: Tiling = DEFAULT_TILING) -> jax.Array:
+              tiling: Tiling = DEFAULT_TILING,
+              max_queries: int = BACKWARD_MAX_QUERIES) -> jax.Array:
   """softmax(q k^T + bias, masked keys at -1e9) v, differentiable, in Pallas kernels.
 
   q [B, Q, H, d] (already scaled), k, v [B, K, H, d], bias [H, Q, K] shared over the batch
   or None, key_mask [B, K] (non-zero = attend). Returns [B, Q, H, d] in q's dtype. The
   shapes must pass `unsupported_reason`.
   """
-  reason = unsupported_reason(q.shape, k.shape)
+  reason = unsupported_reason(q.shape, k.shape, max_queries=max_queries)
   if reason is not None:
     raise ValueError(f"pallas attention: q {q.shape}, k {k.shape}: {reason}")
   if bias is not None:

@@ -294,20 +294,35 @@ def attention_impl(global_config: Any, module_key: str | None = None) -> str:
   return impl
 
 
-def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array,
-                   has_bias: bool) -> str:
+def pallas_max_queries(global_config: Any) -> int:
+  """`global_config.pallas_attention_max_queries` (`pallas_attention.BACKWARD_MAX_QUERIES`
+  when unset or 0): the longest query axis the training step differentiates through our
+  Pallas kernels."""
+  value = int(global_config.get("pallas_attention_max_queries", 0) or
+              pallas_attention.BACKWARD_MAX_QUERIES)
+  if value < pallas_attention.MIN_BLOCK:
+    raise ValueError(f"global_config.pallas_attention_max_queries={value}; expected 0 (the "
+                     f"default, {pallas_attention.BACKWARD_MAX_QUERIES}) or at least "
+                     f"{pallas_attention.MIN_BLOCK}")
+  return value
+
+
+def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_bias: bool,
+                   pallas_max_queries: int = pallas_attention.BACKWARD_MAX_QUERIES) -> str:
   """Which attention core runs for these (static) shapes: 'pallas', 'fused' or 'xla'.
 
   Our Pallas kernels (`pallas_attention.attention`) take a key mask [B, 1, 1, K] and the
   shapes `pallas_attention.unsupported_reason` accepts (at crop 256: the MSA row and column
-  and the triangle attentions, not the extra MSA's 8-channel heads). 'auto' runs them on a
+  and the triangle attentions, not the extra MSA's 8-channel heads; up to
+  `pallas_max_queries` queries, so not fine-tuning's crop 384 by default). 'auto' runs them on a
   GPU with 16-bit activations (a 7% faster expected training step than cuDNN's on an H200,
   docs/benchmarks.md), else cuDNN where `use_fused_attention` allows, else XLA. 'pallas'
   runs them on a GPU, and on the CPU through Pallas's interpreter (slow: tests), else as
   'auto'. 'cudnn' and 'xla' run what they name.
   """
   pallas_fits = (mask.ndim == 4 and mask.shape[1:3] == (1, 1)
-                 and pallas_attention.unsupported_reason(q.shape, k.shape) is None)
+                 and pallas_attention.unsupported_reason(
+                     q.shape, k.shape, max_queries=pallas_max_queries) is None)
   backend = jax.default_backend()
   if impl == "pallas" and backend in ("gpu", "cpu") and pallas_fits:
     return "pallas"
@@ -389,6 +404,7 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   impl: str = "xla"              # 'xla' | 'cudnn' | 'auto' | 'pallas' (`attention_path`)
+  pallas_max_queries: int = pallas_attention.BACKWARD_MAX_QUERIES   # `attention_path`
   # The caller passes the same array as q_data and m_data: q, k, v and the gate come from one
   # matrix product over concatenated weights (same values and parameters).
   fuse_projections: bool = False
@@ -426,11 +442,12 @@ class Attention(nn.Module):
       v = jnp.einsum("bka,ahc->bkhc", m_data, value_w)
       gate_values = (jnp.einsum("bqc,chv->bqhv", q_data, gating_w) if gating_w is not None
                      else None)
-    path = attention_path(self.impl, q, k, mask, nonbatched_bias is not None)
+    path = attention_path(self.impl, q, k, mask, nonbatched_bias is not None,
+                          self.pallas_max_queries)
     if path == "pallas":
       weighted_avg = pallas_attention.attention(
           q, k, v, nonbatched_bias, mask[:, 0, 0, :],
-          interpret=jax.default_backend() != "gpu")
+          interpret=jax.default_backend() != "gpu", max_queries=self.pallas_max_queries)
     elif path == "fused":
       weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias)
     else:

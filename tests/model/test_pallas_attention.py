@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -77,7 +78,7 @@ def test_tilings_give_the_same_results():
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=8, q_len=32, k_len=32)
   expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
   for change in ({"forward_block_q": 16, "forward_block_k": 16, "query_block_k": 16},
-                 {"kv_block_k": 16, "kv_target_programs": 1},
+                 {"kv_block_k": 16, "kv_target_programs": 1, "kv_block_q": 16},
                  {"kv_target_programs": 10 ** 6, "query_block_q": 16}):
     tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, **change)
     out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
@@ -86,11 +87,23 @@ def test_tilings_give_the_same_results():
       _assert_close(grad, expected, 1e-5, f"{name} {change}")
 
 
+def test_query_length_in_several_blocks():
+  """48 queries (not a power of two, as fine-tuning's 384): the key/value/bias kernel walks
+  them in three blocks of 16, accumulating dK, dV and three bias-gradient tiles."""
+  q, k, v, bias, key_mask = _inputs(jnp.float32, batch=3, q_len=48, k_len=32, seed=5)
+  out, grads = _values_and_grads(_interpreted(), q, k, v, bias, key_mask)
+  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
+  _assert_close(out, expected_out, 1e-5, "out")
+  for name, grad, expected in zip("qkvb", grads, expected_grads):
+    _assert_close(grad, expected, 1e-5, name)
+
+
 def test_row_groups():
   """One row per program without a bias; with one, groups until the target is reached."""
-  assert pallas_attention._row_groups(256, 4, 8, False, 512) == 256  # pylint: disable=protected-access
-  assert pallas_attention._row_groups(256, 4, 8, True, 512) == 16  # pylint: disable=protected-access
-  assert pallas_attention._row_groups(6, 4, 8, True, 512) == 2  # pylint: disable=protected-access
+  row_groups = pallas_attention._row_groups  # pylint: disable=protected-access
+  assert row_groups(256, 4, 8, False, 512) == 256
+  assert row_groups(256, 4, 8, True, 512) == 16
+  assert row_groups(6, 4, 8, True, 512) == 2
 
 
 def test_unsupported_shapes_are_named():
@@ -98,9 +111,13 @@ def test_unsupported_shapes_are_named():
   assert pallas_attention.unsupported_reason((4, 256, 4, 32), (4, 256, 4, 32)) is None
   assert "head dim 8" in pallas_attention.unsupported_reason((4, 256, 8, 8), (4, 256, 8, 8))
   assert "multiple of 16" in pallas_attention.unsupported_reason((4, 24, 4, 32), (4, 24, 4, 32))
-  assert "backward" in pallas_attention.unsupported_reason((4, 384, 4, 32), (4, 384, 4, 32))
-  assert pallas_attention.unsupported_reason((4, 384, 4, 32), (4, 384, 4, 32),
-                                             differentiable=False) is None
+  crop_384 = (4, 384, 4, 32)
+  assert "at most 256 queries" in pallas_attention.unsupported_reason(crop_384, crop_384)
+  assert pallas_attention.unsupported_reason(crop_384, crop_384, differentiable=False) is None
+  assert pallas_attention.unsupported_reason(crop_384, crop_384, max_queries=384) is None
+  many_blocks = (4, 400, 4, 32)   # 25 blocks of 16 queries
+  assert "blocks" in pallas_attention.unsupported_reason(many_blocks, many_blocks,
+                                                         max_queries=512)
   q = jnp.zeros((2, 24, 2, 16))
   with pytest.raises(ValueError, match=r"q \(2, 24, 2, 16\)"):
     pallas_attention.attention(q, q, q, None, jnp.ones((2, 24)), interpret=True)
@@ -147,3 +164,18 @@ def test_attention_module_with_pallas_matches_xla():
   crop_384 = jnp.zeros((rows, 384, 2, 16), jnp.bfloat16)  # fine-tuning: cuDNN on a GPU
   assert primitives.attention_path("auto", crop_384, crop_384, mask, True) == (
       "fused" if on_gpu else "xla")
+  assert primitives.attention_path("auto", crop_384, crop_384, mask, True, 384) == (
+      "pallas" if on_gpu else "xla")
+  assert primitives.attention_path("pallas", crop_384, crop_384, mask, True, 384) == "pallas"
+
+
+def test_pallas_max_queries_setting():
+  """0 or unset: the measured 256; a value under one block is refused, naming the key."""
+  config = ml_collections.ConfigDict({"pallas_attention_max_queries": 0})
+  assert primitives.pallas_max_queries(config) == pallas_attention.BACKWARD_MAX_QUERIES == 256
+  assert primitives.pallas_max_queries(ml_collections.ConfigDict()) == 256
+  config.pallas_attention_max_queries = 384
+  assert primitives.pallas_max_queries(config) == 384
+  config.pallas_attention_max_queries = 8
+  with pytest.raises(ValueError, match="pallas_attention_max_queries=8"):
+    primitives.pallas_max_queries(config)
