@@ -33,8 +33,9 @@ af2flax adds, under `global_config`:
                  `primitives.attention_path`). Presets: 'auto'; `from_alphafold_dict`: 'xla'.
   pallas_attention_max_queries  the longest query axis that takes our kernels, whose backward
                  pass holds every query's bias gradient in registers (0: 256, the measured
-                 crop). Fine-tuning's 384 (and its 512 MSA rows' row attention) needs 384:
-                 written and tested, not yet timed on a GPU. Presets: 0.
+                 crop). Fine-tuning needs 512: crop 384, and its MSA column attention's
+                 queries are the 512 sequences. Written and tested, not yet timed on a GPU.
+                 Presets: 0.
   triangle_attention_impl  the same choice for the triangle attention only ("": as
                  `attention_impl`). Presets: "".
   fuse_projections  projections of one input as one matrix product over concatenated weights
