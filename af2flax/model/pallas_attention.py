@@ -104,10 +104,17 @@ def unsupported_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
   if differentiable:
     if q_len > max_queries:
       return f"the backward pass takes at most {max_queries} queries, not {q_len}"
-    block_q = _block(q_len, DEFAULT_TILING.kv_block_q)
-    if q_len // block_q > MAX_QUERY_BLOCKS:
-      return (f"the backward pass takes {q_len} queries in {q_len // block_q} blocks of "
-              f"{block_q}, more than {MAX_QUERY_BLOCKS}")
+    return _query_blocks_reason(q_len, DEFAULT_TILING.kv_block_q)
+  return None
+
+
+def _query_blocks_reason(q_len: int, preferred_block: int) -> str | None:
+  """Why the key/value/bias kernel cannot unroll `q_len` queries in blocks of (up to)
+  `preferred_block` (None when it can)."""
+  block_q = _block(q_len, preferred_block)
+  if q_len // block_q > MAX_QUERY_BLOCKS:
+    return (f"the backward pass takes {q_len} queries in {q_len // block_q} blocks of "
+            f"{block_q}, more than {MAX_QUERY_BLOCKS}")
   return None
 
 
@@ -127,6 +134,26 @@ def _logits(q, k, bias, key_valid):
 
 def _compiler_params(num_warps: int, num_stages: int):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _query_block_specs(q, k, v, bias, key_mask, block_q):
+  """Operands and block specs shared by the kernels on the grid (row, head, query block):
+  q's block of queries, all of k and v, the bias rows of those queries, the row's key mask.
+
+  Returns (operands, in_specs, query_tile, query_stat): `query_tile` also fits q-shaped
+  outputs and d_out, `query_stat` the [B, H, Q] per-query statistics.
+  """
+  head_dim, k_len = q.shape[-1], k.shape[1]
+  query_tile = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+  all_keys = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, h, 0))
+  operands, in_specs = [q, k, v], [query_tile, all_keys, all_keys]
+  if bias is not None:
+    operands.append(bias)
+    in_specs.append(pl.BlockSpec((None, block_q, k_len), lambda b, h, i: (h, i, 0)))
+  operands.append(key_mask)
+  in_specs.append(pl.BlockSpec((None, k_len), lambda b, h, i: (b, 0)))
+  query_stat = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
+  return operands, in_specs, query_tile, query_stat
 
 
 # --- Forward ------------------------------------------------------------------------------
@@ -165,29 +192,18 @@ def _forward_kernel(*refs, has_bias: bool, block_k: int):
 
 
 def _forward(q, k, v, bias, key_mask, tiling, interpret):
-  batch, q_len, heads, head_dim = q.shape
+  batch, q_len, heads, _ = q.shape
   k_len = k.shape[1]
   block_q = _block(q_len, tiling.forward_block_q)
   block_k = _block(k_len, tiling.forward_block_k)
-  has_bias = bias is not None
-  row_tile = lambda b, h, i: (b, i, h, 0)
-  all_keys = lambda b, h, i: (b, 0, h, 0)
-  in_specs = [pl.BlockSpec((None, block_q, None, head_dim), row_tile),
-              pl.BlockSpec((None, k_len, None, head_dim), all_keys),
-              pl.BlockSpec((None, k_len, None, head_dim), all_keys)]
-  operands = [q, k, v]
-  if has_bias:
-    in_specs.append(pl.BlockSpec((None, block_q, k_len), lambda b, h, i: (h, i, 0)))
-    operands.append(bias)
-  in_specs.append(pl.BlockSpec((None, k_len), lambda b, h, i: (b, 0)))
-  operands.append(key_mask)
-  query_stat = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
+  operands, in_specs, query_tile, query_stat = _query_block_specs(q, k, v, bias, key_mask,
+                                                                  block_q)
   stat_shape = jax.ShapeDtypeStruct((batch, heads, q_len), _F32)
   out, row_max, row_sum = pl.pallas_call(
-      functools.partial(_forward_kernel, has_bias=has_bias, block_k=block_k),
+      functools.partial(_forward_kernel, has_bias=bias is not None, block_k=block_k),
       grid=(batch, heads, q_len // block_q),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, block_q, None, head_dim), row_tile), query_stat, query_stat],
+      out_specs=[query_tile, query_stat, query_stat],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape, stat_shape],
       compiler_params=_compiler_params(tiling.forward_warps, tiling.forward_stages),
       interpret=interpret,
@@ -292,10 +308,10 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
   query_stats = [row_max, 1.0 / row_sum, delta]                     # [B, H, Q] each
 
   # dK, dV and the bias gradient: grid (head, key block, row group).
+  reason = _query_blocks_reason(q_len, tiling.kv_block_q)
+  if reason is not None:
+    raise ValueError(f"pallas attention: {reason} (Tiling.kv_block_q)")
   block_q = _block(q_len, tiling.kv_block_q)
-  if q_len // block_q > MAX_QUERY_BLOCKS:
-    raise ValueError(f"pallas attention: {q_len} queries in blocks of {block_q} are more "
-                     f"than {MAX_QUERY_BLOCKS} blocks (Tiling.kv_block_q)")
   block_k = _block(k_len, tiling.kv_block_k)
   key_blocks = k_len // block_k
   groups = _row_groups(batch, heads, key_blocks, has_bias, tiling.kv_target_programs)
@@ -330,20 +346,14 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
   # dQ: grid (row, head, query block).
   block_q = _block(q_len, tiling.query_block_q)
   block_k = _block(k_len, tiling.query_block_k)
-  row_tile = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
-  all_keys = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, h, 0))
-  query_stat = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
-  in_specs = [row_tile, all_keys, all_keys]
-  operands = [q, k, v]
-  if has_bias:
-    in_specs.append(pl.BlockSpec((None, block_q, k_len), lambda b, h, i: (h, i, 0)))
-    operands.append(bias)
-  in_specs += [pl.BlockSpec((None, k_len), lambda b, h, i: (b, 0)), row_tile] + [query_stat] * 3
-  operands += [key_mask, d_out] + query_stats
+  operands, in_specs, query_tile, query_stat = _query_block_specs(q, k, v, bias, key_mask,
+                                                                  block_q)
+  operands += [d_out] + query_stats
+  in_specs += [query_tile] + [query_stat] * 3
   d_q = pl.pallas_call(
       functools.partial(_query_kernel, has_bias=has_bias, block_k=block_k),
       grid=(batch, heads, q_len // block_q),
-      in_specs=in_specs, out_specs=row_tile,
+      in_specs=in_specs, out_specs=query_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_compiler_params(tiling.query_warps, tiling.query_stages),
       interpret=interpret,
