@@ -101,7 +101,7 @@ def main(argv=None) -> int:
           reference = grads
         else:
           errors.append(f"  {name} {impl}: |grad - {impls[0]} grad| / |{impls[0]} grad| = "
-                        f"{_relative_error(grads, reference):.2e}")
+                        f"{relative_error(grads, reference):.2e}")
         grad_ms = median_ms(lambda: grad(params, inputs[0]), args.steps)
         forward_ms = median_ms(lambda: forward(params, inputs[0]), args.steps)
         row.append(f"{grad_ms:8.3f} /{forward_ms:7.3f} / {scratch:5.2f}")
@@ -125,7 +125,7 @@ def median_ms(call, steps: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def _relative_error(grads, reference) -> float:
+def relative_error(grads, reference) -> float:
   """|grads - reference| / |reference|, L2 norms over every gradient array together (a leaf
   whose true gradient is zero, e.g. a layer-norm offset feeding only a softmax, would make a
   per-leaf ratio meaningless)."""

@@ -61,10 +61,9 @@ def main(argv=None) -> int:
 
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from af2flax.model import pallas_attention
-  from attention import median_ms  # bench/attention.py, beside this script
+  from attention import median_ms, relative_error  # bench/attention.py, beside this script
 
   interpret = jax.default_backend() != "gpu"
   bf16, f32 = jnp.bfloat16, jnp.float32
@@ -122,11 +121,10 @@ def main(argv=None) -> int:
       forward = jax.jit(lambda *ops, impl=impl: impl(*ops, key_mask))
       grad = jax.jit(jax.grad(loss, argnums=argnums))
       try:
-        grads = [np.asarray(g, np.float64) for g in grad(*operands)]
+        grads = grad(*operands)
         if reference is None:
           reference = grads
-        error = (sum(float(np.sum(np.square(g - r))) for g, r in zip(grads, reference))
-                 / sum(float(np.sum(np.square(r))) for r in reference)) ** 0.5
+        error = relative_error(grads, reference)
         forward_ms = median_ms(lambda: forward(*operands), args.steps)
         grad_ms = median_ms(lambda: grad(*operands), args.steps)
         print(f"{label:58s} {impl_name:36s} {forward_ms:8.3f} {grad_ms:8.3f} {error:9.2e}",
