@@ -33,12 +33,14 @@ SHAPES = {
         ("MSA row attention", 128, 256, 8, 32, True),
         ("MSA column attention", 256, 128, 8, 32, False),
         ("template triangle attention", 256, 256, 4, 16, True),
+        ("extra MSA row attention (d=8: ours padded to 16)", 1024, 256, 8, 8, True),
     ),
     "finetune": (
         ("triangle attention", 384, 384, 4, 32, True),
         ("MSA row attention", 512, 384, 8, 32, True),
         ("MSA column attention", 384, 512, 8, 32, False),
         ("template triangle attention", 384, 384, 4, 16, True),
+        ("extra MSA row attention, a chunk of 1,024 rows", 1024, 384, 8, 8, True),
     ),
 }
 SWEEP = (

@@ -97,10 +97,17 @@ VARIANTS = {
     **{f"bf16-cudnn-extra{size}": {"dtype": "bfloat16", "attention_impl": "cudnn",
                                    "extra_msa_subbatch_size": size}
        for size in (0, 512, 1024, 2560)},
-    # Our Pallas (Triton) kernels for every attention whose shapes they take (MSA row and
-    # column, triangle, template triangle attention); cuDNN for the rest (the extra MSA's
-    # 8-channel heads).
+    # Our Pallas (Triton) kernels for every attention whose shapes they take (at crop 256:
+    # all of them, the extra MSA's 8-channel heads padded to 16), cuDNN for the rest.
     "bf16-pallas": {"dtype": "bfloat16", "attention_impl": "pallas"},
+    # The presets with the extra MSA's row attention (8-channel heads) on cuDNN, as before
+    # our kernels took it padded to 16 channels.
+    "bf16-auto-extracudnn": {"dtype": "bfloat16", "attention_impl": "auto",
+                             "extra_msa_attention_impl": "cudnn"},
+    # The presets saving our attention kernels' outputs and statistics through the
+    # rematerialisation (the backward pass's recomputation skips the forward kernels).
+    "bf16-auto-saveattn": {"dtype": "bfloat16", "attention_impl": "auto",
+                           "remat_policy": "save_attention"},
     # The presets with our kernels differentiated up to 512 queries (fine-tuning: crop 384,
     # 512 MSA rows), not only 256.
     "bf16-pallas512": {"dtype": "bfloat16", "attention_impl": "auto",

@@ -11,7 +11,10 @@ af2flax adds, under `global_config`:
                                          layer-norm statistics and structure geometry run in
                                          float32). Presets: 'bfloat16' (AlphaFold trained in
                                          bf16); `from_alphafold_dict`: 'float32'.
-  remat_policy   name in jax.checkpoint_policies used when `use_remat` (None: save nothing).
+  remat_policy   name in jax.checkpoint_policies used when `use_remat` (None: save nothing),
+                 or 'save_attention': save our Pallas attention kernels' outputs and softmax
+                 statistics, so the recomputation skips the forward attention kernels
+                 (`evoformer.remat_policy`). Presets: 'nothing_saveable'.
   use_scan       nn.scan over stacked blocks (off: the same loop fully unrolled).
   remat_group_size with `use_remat`, g > 1 runs a stack of blocks as groups of g, each group
                  rematerialised and each block in it again (two-level checkpointing): fewer
@@ -37,6 +40,8 @@ af2flax adds, under `global_config`:
                  queries are the 512 sequences. Written and tested, not yet timed on a GPU.
                  Presets: 0.
   triangle_attention_impl  the same choice for the triangle attention only ("": as
+                 `attention_impl`). Presets: "".
+  extra_msa_attention_impl  the same choice for the extra MSA's row attention only ("": as
                  `attention_impl`). Presets: "".
   fuse_projections  projections of one input as one matrix product over concatenated weights
                  (triangle multiplication's five, the outer product mean's two, q/k/v/gate of
@@ -78,6 +83,7 @@ OUR_GLOBAL_DEFAULTS = {
     "low_memory": False,
     "attention_impl": "auto",
     "triangle_attention_impl": "",
+    "extra_msa_attention_impl": "",
     "pallas_attention_max_queries": 0,
     "fuse_projections": True,
     "triangle_channels_first": True,

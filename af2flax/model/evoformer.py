@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from af2flax.model import pallas_attention
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
                                       LinearParams, ResidualDropout, Transition, attention_impl,
                                       chunked_apply, compute_dtype, fused_linear,
@@ -52,7 +53,9 @@ class MSARowAttentionWithPairBias(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=dtype,
-                          impl=attention_impl(gc), pallas_max_queries=pallas_max_queries(gc),
+                          impl=attention_impl(
+                              gc, "extra_msa_attention_impl" if self.is_extra_msa else None),
+                          pallas_max_queries=pallas_max_queries(gc),
                           fuse_projections=gc.get("fuse_projections", False), name="attention")
     return chunked_apply(attention, subbatch_size(gc, extra_msa=self.is_extra_msa),
                          [msa_act, msa_act, mask], [nonbatched_bias])
@@ -295,13 +298,19 @@ def submodule_remat(global_config: Any, is_extra_msa: bool):
 
 
 def remat_policy(name: str | None):
-  """`jax.checkpoint_policies.<name>`; None or 'none' recomputes everything in the block."""
+  """`jax.checkpoint_policies.<name>`; None or 'none' recomputes everything in the block;
+  'save_attention' saves our Pallas attention kernels' outputs and softmax statistics
+  (`pallas_attention.SAVED_NAMES`), so the recomputation for the backward pass skips the
+  forward attention kernels, and recomputes everything else."""
   if name in (None, "", "none"):
     return None
+  if name == "save_attention":
+    return jax.checkpoint_policies.save_only_these_names(*pallas_attention.SAVED_NAMES)
   policy = getattr(jax.checkpoint_policies, name, None)
   if policy is None:
-    raise ValueError(f"global_config.remat_policy={name!r} is not a jax.checkpoint_policies name "
-                     "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable')")
+    raise ValueError(f"global_config.remat_policy={name!r} is not 'save_attention' or a "
+                     "jax.checkpoint_policies name (e.g. 'nothing_saveable', 'dots_saveable', "
+                     "'everything_saveable')")
   return policy
 
 

@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -42,8 +43,14 @@ MASK_VALUE = -1e9
 BACKWARD_MAX_QUERIES = 256
 # The key/value/bias kernel unrolls its loop over query blocks (`Tiling.kv_block_q`).
 MAX_QUERY_BLOCKS = 4
+# The forward kernel's results as `checkpoint_name`s: the output and the per-query softmax
+# statistics, all the backward kernels need besides q, k, v and the bias.
+SAVED_NAMES = ("attention_out", "attention_stats")
 # Triton's matrix product takes tiles of at least 16 along every axis.
 MIN_BLOCK = 16
+# Head dims are padded with zeros to a power of two >= MIN_BLOCK (the extra MSA's 8 channels
+# to 16), up to this many channels.
+MAX_HEAD_DIM = 128
 _F32 = jnp.float32
 
 
@@ -82,8 +89,12 @@ def _block(n: int, preferred: int) -> int | None:
   return None
 
 
-def _is_power_of_two(n: int) -> bool:
-  return n >= 1 and n & (n - 1) == 0
+def padded_head_dim(head_dim: int) -> int:
+  """The head dim the kernels run at: the next power of two, at least `MIN_BLOCK`.
+
+  Zero channels are exact: they add nothing to q k^T, and the output's padded channels
+  (zero) are sliced off, so no gradient reaches them."""
+  return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
 def unsupported_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
@@ -91,14 +102,14 @@ def unsupported_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
                        max_queries: int = BACKWARD_MAX_QUERIES) -> str | None:
   """Why these shapes cannot run (None when they can).
 
-  q [B, Q, H, d], k [B, K, H, d]. The head dim must be a power of two >= 16 and Q and K
-  multiples of 16; the backward pass also needs Q <= `max_queries`, in at most
-  `MAX_QUERY_BLOCKS` blocks of the default `Tiling.kv_block_q`.
+  q [B, Q, H, d], k [B, K, H, d]. The head dim must be at most `MAX_HEAD_DIM` (it is padded
+  to `padded_head_dim`) and Q and K multiples of 16; the backward pass also needs
+  Q <= `max_queries`, in at most `MAX_QUERY_BLOCKS` blocks of the default `Tiling.kv_block_q`.
   """
   _, q_len, _, head_dim = q_shape
   k_len = k_shape[1]
-  if not (_is_power_of_two(head_dim) and head_dim >= MIN_BLOCK):
-    return f"head dim {head_dim} is not a power of two >= {MIN_BLOCK}"
+  if not 1 <= head_dim <= MAX_HEAD_DIM:
+    return f"head dim {head_dim} is not between 1 and {MAX_HEAD_DIM}"
   if _block(q_len, 64) is None or _block(k_len, 64) is None:
     return f"query length {q_len} or key length {k_len} is not a multiple of {MIN_BLOCK}"
   if differentiable:
@@ -371,6 +382,10 @@ def _attention(q, k, v, bias, key_mask, tiling, interpret):
 
 def _attention_fwd(q, k, v, bias, key_mask, tiling, interpret):
   out, stats = _forward(q, k, v, bias, key_mask, tiling, interpret)
+  # Named for rematerialisation policies (`SAVED_NAMES`): saving these two skips the forward
+  # kernel when a checkpointed block is recomputed for its backward pass.
+  out = checkpoint_name(out, "attention_out")
+  stats = checkpoint_name(stats, "attention_stats")
   return out, (q, k, v, bias, key_mask, out, stats)
 
 
@@ -392,7 +407,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
 
   q [B, Q, H, d] (already scaled), k, v [B, K, H, d], bias [H, Q, K] shared over the batch
   or None, key_mask [B, K] (non-zero = attend). Returns [B, Q, H, d] in q's dtype. The
-  shapes must pass `unsupported_reason`.
+  shapes must pass `unsupported_reason`. A head dim that is not a power of two >= 16 runs
+  padded with zero channels (`padded_head_dim`).
   """
   reason = unsupported_reason(q.shape, k.shape, max_queries=max_queries)
   if reason is not None:
@@ -400,5 +416,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
   if bias is not None:
     bias = bias.astype(q.dtype)
   key_mask = jnp.broadcast_to(key_mask != 0, (q.shape[0], k.shape[1])).astype(jnp.int32)
-  return _attention(q, k.astype(q.dtype), v.astype(q.dtype), bias, key_mask, tiling,
-                    interpret)
+  head_dim = q.shape[-1]
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
+  padding = padded_head_dim(head_dim) - head_dim
+  if padding:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padding))) for x in (q, k, v))
+  out = _attention(q, k, v, bias, key_mask, tiling, interpret)
+  return out[..., :head_dim] if padding else out

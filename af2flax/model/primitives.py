@@ -312,9 +312,9 @@ def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_b
   """Which attention core runs for these (static) shapes: 'pallas', 'fused' or 'xla'.
 
   Our Pallas kernels (`pallas_attention.attention`) take a key mask [B, 1, 1, K] and the
-  shapes `pallas_attention.unsupported_reason` accepts (at crop 256: the MSA row and column
-  and the triangle attentions, not the extra MSA's 8-channel heads; up to
-  `pallas_max_queries` queries, so not fine-tuning's crop 384 by default). 'auto' runs them on a
+  shapes `pallas_attention.unsupported_reason` accepts (at crop 256: every attention with a
+  key mask, the extra MSA's 8-channel heads padded to 16; up to `pallas_max_queries`
+  queries, so not fine-tuning's crop 384 by default). 'auto' runs them on a
   GPU with 16-bit activations (a 7% faster expected training step than cuDNN's on an H200,
   docs/benchmarks.md), else cuDNN where `use_fused_attention` allows, else XLA. 'pallas'
   runs them on a GPU, and on the CPU through Pallas's interpreter (slow: tests), else as

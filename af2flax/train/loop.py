@@ -80,7 +80,8 @@ def model_config_for_step(config: ml_collections.ConfigDict) -> ml_collections.C
   """
   vmap_size = int(config.get("vmap_batch_size", 1))
   gc = config.model.global_config
-  keys = [k for k in ("attention_impl", "triangle_attention_impl") if gc.get(k, "")]
+  keys = [k for k in ("attention_impl", "triangle_attention_impl",
+                      "extra_msa_attention_impl") if gc.get(k, "")]
   if vmap_size <= 1 or all(gc[k] == "xla" for k in keys):
     return config.model
   for key in keys:

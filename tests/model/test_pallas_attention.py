@@ -1,6 +1,7 @@
 """The Pallas attention kernels (run by Pallas's interpreter on the CPU) against XLA."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,45 @@ def test_query_length_in_several_blocks():
     _assert_close(grad, expected, 1e-5, name)
 
 
+@pytest.mark.parametrize("dim", [8, 24])
+def test_head_dims_are_padded_exactly(dim):
+  """A head dim that Triton's products cannot take (the extra MSA's 8; 24) runs padded with
+  zero channels to 16 / 32: the same values and gradients, in q's own shape."""
+  assert pallas_attention.padded_head_dim(dim) == {8: 16, 24: 32}[dim]
+  q, k, v, bias, key_mask = _inputs(jnp.float32, batch=3, q_len=16, k_len=32, dim=dim, seed=3)
+  out, grads = _values_and_grads(_interpreted(), q, k, v, bias, key_mask)
+  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
+  assert out.shape == q.shape
+  _assert_close(out, expected_out, 1e-5, "out")
+  for name, grad, expected in zip("qkvb", grads, expected_grads):
+    assert grad.shape == expected.shape, name
+    _assert_close(grad, expected, 1e-5, name)
+
+
+def test_remat_policy_saves_the_kernels_outputs(capsys):
+  """`remat_policy='save_attention'` keeps the forward kernel's output and statistics through
+  a checkpoint (so its recomputation drops that kernel) with unchanged gradients;
+  'nothing_saveable' keeps neither."""
+  from af2flax.model.evoformer import remat_policy  # pylint: disable=g-import-not-at-top
+  q, k, v, bias, key_mask = _inputs(jnp.float32, batch=2, q_len=16, k_len=16)
+  attention = _interpreted()
+
+  def loss(q, k, v, bias):
+    return jnp.sum(jnp.sin(attention(q, k, v, bias, key_mask)))
+
+  expected = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+  for name in ("save_attention", "nothing_saveable"):
+    checkpointed = jax.checkpoint(loss, policy=remat_policy(name))
+    grads = jax.grad(checkpointed, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for grad, want in zip(grads, expected):
+      np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(checkpointed, q, k, v, bias)
+    saved = capsys.readouterr().out
+    for kept in pallas_attention.SAVED_NAMES:
+      assert (f"named '{kept}'" in saved) == (name == "save_attention"), saved
+
+
 def test_row_groups():
   """One row per program without a bias; with one, groups until the target is reached."""
   row_groups = pallas_attention._row_groups  # pylint: disable=protected-access
@@ -109,7 +149,8 @@ def test_row_groups():
 def test_unsupported_shapes_are_named():
   """Shapes the kernels cannot take get a reason; `attention` raises it, naming the shapes."""
   assert pallas_attention.unsupported_reason((4, 256, 4, 32), (4, 256, 4, 32)) is None
-  assert "head dim 8" in pallas_attention.unsupported_reason((4, 256, 8, 8), (4, 256, 8, 8))
+  assert pallas_attention.unsupported_reason((4, 256, 8, 8), (4, 256, 8, 8)) is None  # padded
+  assert "head dim 256" in pallas_attention.unsupported_reason((4, 64, 2, 256), (4, 64, 2, 256))
   assert "multiple of 16" in pallas_attention.unsupported_reason((4, 24, 4, 32), (4, 24, 4, 32))
   crop_384 = (4, 384, 4, 32)
   assert "at most 256 queries" in pallas_attention.unsupported_reason(crop_384, crop_384)
@@ -126,7 +167,7 @@ def test_unsupported_shapes_are_named():
 
 def test_attention_module_with_pallas_matches_xla():
   """`Attention(impl='pallas')` (projections, gating, bias, key mask) has the XLA module's
-  values and gradients; a query/key mask it cannot take, or a head dim under 16, falls back."""
+  values and gradients; a query/key mask it cannot take, or a head dim over 128, falls back."""
   rng = np.random.default_rng(2)
   rows, length, channels = 3, 16, 32
   q_data = jnp.asarray(rng.normal(size=(rows, length, channels)), jnp.float32)
@@ -154,8 +195,10 @@ def test_attention_module_with_pallas_matches_xla():
   assert primitives.attention_path("pallas", q, q, mask, True) == "pallas"
   full_mask = jnp.ones((rows, 1, length, length))
   assert primitives.attention_path("pallas", q, q, full_mask, True) == "xla"  # on the CPU
-  small_heads = jnp.zeros((rows, length, 8, 4))
-  assert primitives.attention_path("pallas", small_heads, small_heads, mask, True) == "xla"
+  small_heads = jnp.zeros((rows, length, 8, 4))   # padded to 16 channels
+  assert primitives.attention_path("pallas", small_heads, small_heads, mask, True) == "pallas"
+  large_heads = jnp.zeros((rows, length, 1, 256))
+  assert primitives.attention_path("pallas", large_heads, large_heads, mask, True) == "xla"
   # 'auto' (the presets) takes our kernels only on a GPU with 16-bit activations.
   q16 = q.astype(jnp.bfloat16)
   on_gpu = jax.default_backend() == "gpu"
@@ -184,18 +227,22 @@ def test_pallas_max_queries_setting():
 @pytest.mark.parametrize("module_name", ["msa_row_attention_with_pair_bias",
                                          "msa_column_attention",
                                          "triangle_attention_starting_node",
-                                         "triangle_attention_ending_node"])
+                                         "triangle_attention_ending_node",
+                                         "extra_msa_row_attention"])
 def test_evoformer_attentions_with_pallas_match_xla(module_name, monkeypatch):
-  """model_1's attention modules (its head sizes: 8 x 32 and 4 x 32) at 16 residues and 16
-  sequences, padded at the end: our kernels give the XLA path's values and gradients in
-  float32, the MSA transposes and the ending node's per-column orientation included."""
+  """model_1's attention modules (its head sizes: 8 x 32, 4 x 32, and the extra MSA's 8 x 8,
+  padded to 16) at 16 residues and 16 sequences, padded at the end: our kernels give the XLA
+  path's values and gradients in float32, the MSA transposes and the ending node's
+  per-column orientation included. `extra_msa_attention_impl` overrides the extra MSA's."""
   from af2flax.model import evoformer, triangle  # pylint: disable=g-import-not-at-top
   from af2flax.model.config import model_config  # pylint: disable=g-import-not-at-top
   config = model_config("model_1")
-  module_config = config.embeddings_and_evoformer.evoformer[module_name]
+  is_extra = module_name == "extra_msa_row_attention"
+  module_config = config.embeddings_and_evoformer.evoformer[
+      "msa_row_attention_with_pair_bias" if is_extra else module_name]
   rng = np.random.default_rng(7)
   num_seq = num_res = 16
-  msa = jnp.asarray(rng.normal(size=(num_seq, num_res, 256)), jnp.float32)
+  msa = jnp.asarray(rng.normal(size=(num_seq, num_res, 64 if is_extra else 256)), jnp.float32)
   pair = jnp.asarray(rng.normal(size=(num_res, num_res, 128)), jnp.float32)
   msa_mask = jnp.asarray(np.ones((num_seq, num_res)) * (np.arange(num_res) < 13), jnp.float32)
   msa_mask = msa_mask * (np.arange(num_seq) < 11)[:, None]
@@ -206,6 +253,9 @@ def test_evoformer_attentions_with_pallas_match_xla(module_name, monkeypatch):
       "msa_column_attention": (evoformer.MSAColumnAttention, (msa, msa_mask)),
       "triangle_attention_starting_node": (triangle.TriangleAttention, (pair, pair_mask)),
       "triangle_attention_ending_node": (triangle.TriangleAttention, (pair, pair_mask)),
+      "extra_msa_row_attention": (
+          functools.partial(evoformer.MSARowAttentionWithPairBias, is_extra_msa=True),
+          (msa, msa_mask, pair)),
   }[module_name]
   kernel, calls = pallas_attention.attention, []
   def counted(*args, **kwargs):
@@ -225,7 +275,13 @@ def test_evoformer_attentions_with_pallas_match_xla(module_name, monkeypatch):
       return jnp.sum(jnp.square(out)), out
 
     results[impl] = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, inputs[0])
-  assert calls and all(shape[1] == 16 and shape[-1] == 32 for shape in calls), calls
+  head_dim = 8 if is_extra else 32
+  assert calls and all(shape[1] == 16 and shape[-1] == head_dim for shape in calls), calls
+  if is_extra:   # the per-module override sends the extra MSA to XLA
+    calls.clear()
+    gc.extra_msa_attention_impl = "xla"
+    jax.eval_shape(cls(module_config, gc).init, jax.random.PRNGKey(0), *inputs)
+    assert not calls
   (_, out), grads = results["pallas"]
   (_, expected_out), expected_grads = results["xla"]
   _assert_close(out, expected_out, 1e-5, "out")
