@@ -112,6 +112,12 @@ VARIANTS = {
     # 512 MSA rows), not only 256.
     "bf16-pallas512": {"dtype": "bfloat16", "attention_impl": "auto",
                        "pallas_attention_max_queries": 512},
+    # Our kernels' query gradient added up inside the key/value kernel (atomics).
+    "bf16-auto-fuseddq": {"dtype": "bfloat16", "attention_impl": "auto",
+                          "pallas_attention_fused_dq": True},
+    "bf16-pallas512-fuseddq": {"dtype": "bfloat16", "attention_impl": "auto",
+                               "pallas_attention_max_queries": 512,
+                               "pallas_attention_fused_dq": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_cudnn_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_cudnn_with_flags("--xla_gpu_autotune_level=1"),
