@@ -8,7 +8,6 @@ shared bias:
   xla     the logits materialised, float32 softmax (AlphaFold's arithmetic)
   cudnn   `jax.nn.dot_product_attention(implementation='cudnn')`, bias [1, H, Q, K]
   pallas  `af2flax.model.pallas_attention.attention` with its default tiling
-  pallas fused dQ  the same with `Tiling.fuse_query_grad` (dQ added up in the dK/dV kernel)
 and with `--sweep` (at the first shape, the triangle attention) each tiling that changes one
 field of the default. Prints median ms of
 the forward pass and of forward + backward, and the gradient's difference from XLA's (norm
@@ -93,8 +92,6 @@ def main(argv=None) -> int:
   if not interpret:
     impls.append(("cudnn", cudnn_attention))
   impls.append(("pallas", pallas_with(pallas_attention.DEFAULT_TILING)))
-  impls.append(("pallas fused dQ", pallas_with(
-      dataclasses.replace(pallas_attention.DEFAULT_TILING, fuse_query_grad=True))))
   sweep = []
   if args.sweep:
     for change in SWEEP:

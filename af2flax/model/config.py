@@ -43,10 +43,6 @@ af2flax adds, under `global_config`:
                  `attention_impl`). Presets: "".
   extra_msa_attention_impl  the same choice for the extra MSA's row attention only ("": as
                  `attention_impl`). Presets: "".
-  pallas_attention_fused_dq  our kernels' query gradient inside the key/value kernel, added
-                 up over key blocks with float32 atomics (its last bits vary run to run), not
-                 in a kernel of its own (`pallas_attention.Tiling.fuse_query_grad`).
-                 Presets: False.
   fuse_projections  projections of one input as one matrix product over concatenated weights
                  (triangle multiplication's five, the outer product mean's two, q/k/v/gate of
                  the self-attentions): the same values and parameters. Presets: True (5% faster
@@ -88,7 +84,6 @@ OUR_GLOBAL_DEFAULTS = {
     "attention_impl": "auto",
     "triangle_attention_impl": "",
     "extra_msa_attention_impl": "",
-    "pallas_attention_fused_dq": False,
     "pallas_attention_max_queries": 0,
     "fuse_projections": True,
     "triangle_channels_first": True,

@@ -18,7 +18,7 @@ from af2flax.model import pallas_attention
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
                                       LinearParams, ResidualDropout, Transition, attention_impl,
                                       chunked_apply, compute_dtype, fused_linear,
-                                      pallas_options)
+                                      pallas_max_queries)
 from af2flax.model.triangle import TriangleAttention, TriangleMultiplication, subbatch_size
 
 # Added to the number of sequences that see both residues before dividing (Suppl. Alg. 10).
@@ -55,7 +55,7 @@ class MSARowAttentionWithPairBias(nn.Module):
                           gating=c.gating, zero_init=gc.zero_init, dtype=dtype,
                           impl=attention_impl(
                               gc, "extra_msa_attention_impl" if self.is_extra_msa else None),
-                          **pallas_options(gc),
+                          pallas_max_queries=pallas_max_queries(gc),
                           fuse_projections=gc.get("fuse_projections", False), name="attention")
     return chunked_apply(attention, subbatch_size(gc, extra_msa=self.is_extra_msa),
                          [msa_act, msa_act, mask], [nonbatched_bias])
@@ -81,7 +81,7 @@ class MSAColumnAttention(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=compute_dtype(gc),
-                          impl=attention_impl(gc), **pallas_options(gc),
+                          impl=attention_impl(gc), pallas_max_queries=pallas_max_queries(gc),
                           fuse_projections=gc.get("fuse_projections", False), name="attention")
     msa_act = chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, mask])
     return jnp.swapaxes(msa_act, -2, -3)

@@ -16,9 +16,7 @@ memory):
   rows, and in each row every query (in up to `MAX_QUERY_BLOCKS` blocks), recomputes the
   probabilities from those two statistics, writes dK and dV of each row and the group's
   partial bias gradient; XLA sums the groups' partials;
-- query gradient: one program per (row, head, block of queries) walks the keys again; or,
-  with `Tiling.fuse_query_grad`, the key/value/bias kernel adds each key block's share into
-  a float32 dQ with atomics (FlashAttention-2's way), and this kernel does not run.
+- query gradient: one program per (row, head, block of queries) walks the keys again.
 
 Masking is AlphaFold's: a masked key's logit is replaced by -1e9 (a row with no valid key
 attends uniformly to all), any key mask [B, K], not only padding. `interpret=True` runs the
@@ -76,10 +74,6 @@ class Tiling:
   query_block_k: int = 64
   query_warps: int = 4
   query_stages: int = 2
-  # dQ inside the key/value/bias kernel (float32 atomic adds over key blocks, FlashAttention-2
-  # style; the sum's order, so its last bits, vary run to run), not in a kernel of its own
-  # that recomputes the probabilities.
-  fuse_query_grad: bool = False
 
 
 DEFAULT_TILING = Tiling()
@@ -208,6 +202,10 @@ def _forward_kernel(*refs, has_bias: bool, block_k: int):
   sum_ref[...] = row_sum
 
 
+# Its own jit: a pallas_call is never dead-code eliminated from a jaxpr (it could have effects),
+# a jitted call without effects is. So when a rematerialisation policy saves the outputs
+# (`SAVED_NAMES`), the recomputation drops this kernel.
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def _forward(q, k, v, bias, key_mask, tiling, interpret):
   batch, q_len, heads, _ = q.shape
   k_len = k.shape[1]
@@ -243,16 +241,14 @@ def _probs_and_logit_grads(q, k, v, bias, key_valid, d_out, row_max, inv_sum, de
   return probs, jnp.where(key_valid[None, :], d_logits, 0.0)
 
 
-def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, fuse_dq: bool):
-  refs = list(refs)
-  d_q_ref = refs.pop() if fuse_dq else None           # aliased to its zero-filled input
-  d_bias_ref = refs.pop() if has_bias else None
-  if fuse_dq:
-    del refs[-3]
-  (q_ref, k_ref, v_ref, *bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
-   d_k_ref, d_v_ref) = refs
-  bias_ref = bias_ref[0] if has_bias else None
-  head_dim = q_ref.shape[-1]
+def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int):
+  if has_bias:
+    (q_ref, k_ref, v_ref, bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
+     d_k_ref, d_v_ref, d_bias_ref) = refs
+  else:
+    (q_ref, k_ref, v_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
+     d_k_ref, d_v_ref) = refs
+    bias_ref = d_bias_ref = None
   # The queries in a few blocks, unrolled: each block's bias tile and bias-gradient
   # accumulator stay in registers across the rows.
   query_blocks = [pl.ds(start, block_q) for start in range(0, q_ref.shape[1], block_q)]
@@ -270,9 +266,6 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, fuse_
           inv_sum_ref[row, queries][:, None], delta_ref[row, queries][:, None])
       d_v = d_v + _mm(probs.astype(d_out.dtype), d_out, trans_a=True)
       d_k = d_k + _mm(d_logits.astype(q.dtype), q, trans_a=True)
-      if fuse_dq:   # this key block's share of dQ, summed over key blocks in float32
-        plgpu.atomic_add(d_q_ref, (row, queries, pl.ds(0, head_dim)),
-                         _mm(d_logits.astype(k.dtype), k))
       if has_bias:
         new_d_bias.append(d_bias[index] + d_logits)
     d_v_ref[row] = d_v.astype(d_v_ref.dtype)
@@ -353,28 +346,17 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
   if has_bias:
     out_specs.append(pl.BlockSpec((None, None, q_len, block_k), lambda h, j, g: (g, h, 0, j)))
     out_shape.append(jax.ShapeDtypeStruct((groups, heads, q_len, k_len), _F32))
-  fuse_dq = tiling.fuse_query_grad
-  aliases = {}
-  if fuse_dq:   # every key block's program adds into the same float32 dQ rows
-    aliases[len(operands)] = len(out_shape)
-    operands.append(jnp.zeros(q.shape, _F32))
-    in_specs.append(whole_rows)
-    out_specs.append(whole_rows)
-    out_shape.append(jax.ShapeDtypeStruct(q.shape, _F32))
   results = pl.pallas_call(
       functools.partial(_key_value_bias_kernel, has_bias=has_bias, rows=rows,
-                        block_q=block_q, fuse_dq=fuse_dq),
+                        block_q=block_q),
       grid=(heads, key_blocks, groups),
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      input_output_aliases=aliases,
       compiler_params=_compiler_params(tiling.kv_warps, tiling.kv_stages),
       interpret=interpret,
       name="af2_attention_backward_kv",
   )(*operands)
   d_k, d_v = results[:2]
   d_bias = jnp.sum(results[2], axis=0).astype(bias.dtype) if has_bias else None
-  if fuse_dq:
-    return results[-1].astype(q.dtype), d_k, d_v, d_bias
 
   # dQ: grid (row, head, query block).
   block_q = _block(q_len, tiling.query_block_q)

@@ -11,8 +11,6 @@ activations loses too much precision.
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
 from typing import Any, Sequence
 
@@ -309,14 +307,6 @@ def pallas_max_queries(global_config: Any) -> int:
   return value
 
 
-def pallas_options(global_config: Any) -> dict[str, Any]:
-  """The `Attention` fields that configure our Pallas kernels, from `global_config`:
-  `pallas_max_queries` (`pallas_max_queries`) and `pallas_fused_dq`
-  (`global_config.pallas_attention_fused_dq`)."""
-  return {"pallas_max_queries": pallas_max_queries(global_config),
-          "pallas_fused_dq": bool(global_config.get("pallas_attention_fused_dq", False))}
-
-
 def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_bias: bool,
                    pallas_max_queries: int = pallas_attention.BACKWARD_MAX_QUERIES) -> str:
   """Which attention core runs for these (static) shapes: 'pallas', 'fused' or 'xla'.
@@ -415,7 +405,6 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   impl: str = "xla"              # 'xla' | 'cudnn' | 'auto' | 'pallas' (`attention_path`)
   pallas_max_queries: int = pallas_attention.BACKWARD_MAX_QUERIES   # `attention_path`
-  pallas_fused_dq: bool = False  # `pallas_attention.Tiling.fuse_query_grad`
   # The caller passes the same array as q_data and m_data: q, k, v and the gate come from one
   # matrix product over concatenated weights (same values and parameters).
   fuse_projections: bool = False
@@ -458,9 +447,7 @@ class Attention(nn.Module):
     if path == "pallas":
       weighted_avg = pallas_attention.attention(
           q, k, v, nonbatched_bias, mask[:, 0, 0, :],
-          interpret=jax.default_backend() != "gpu", max_queries=self.pallas_max_queries,
-          tiling=dataclasses.replace(pallas_attention.DEFAULT_TILING,
-                                     fuse_query_grad=self.pallas_fused_dq))
+          interpret=jax.default_backend() != "gpu", max_queries=self.pallas_max_queries)
     elif path == "fused":
       weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias)
     else:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from af2flax.model.primitives import (Attention, LayerNorm, Linear, LinearParams,
                                       attention_impl, chunked_apply, compute_dtype, final_init,
-                                      fused_linear, pallas_options)
+                                      fused_linear, pallas_max_queries)
 
 
 def subbatch_size(global_config: Any, extra_msa: bool = False) -> int | None:
@@ -160,7 +160,7 @@ class TriangleAttention(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=channels, key_dim=c.get("key_dim"),
                           value_dim=c.get("value_dim"), gating=c.gating, zero_init=gc.zero_init,
                           dtype=dtype, impl=attention_impl(gc, "triangle_attention_impl"),
-                          **pallas_options(gc),
+                          pallas_max_queries=pallas_max_queries(gc),
                           fuse_projections=gc.get("fuse_projections", False), name="attention")
     pair_act = chunked_apply(attention, subbatch_size(gc), [pair_act, pair_act, mask],
                              [nonbatched_bias])

@@ -75,15 +75,12 @@ def test_values_and_gradients_match_xla(with_bias, dtype, tol):
 
 
 def test_tilings_give_the_same_results():
-  """Other block sizes, several row groups per bias gradient (partials summed) or one, dQ
-  added up in the key/value kernel (over two or three key blocks)."""
+  """Other block sizes, several row groups per bias gradient (partials summed) or one."""
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=8, q_len=32, k_len=32)
   expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
   for change in ({"forward_block_q": 16, "forward_block_k": 16, "query_block_k": 16},
                  {"kv_block_k": 16, "kv_target_programs": 1, "kv_block_q": 16},
-                 {"kv_target_programs": 10 ** 6, "query_block_q": 16},
-                 {"fuse_query_grad": True},
-                 {"fuse_query_grad": True, "kv_block_k": 16, "kv_target_programs": 1}):
+                 {"kv_target_programs": 10 ** 6, "query_block_q": 16}):
     tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, **change)
     out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
     _assert_close(out, expected_out, 1e-5, f"out {change}")
@@ -222,10 +219,6 @@ def test_pallas_max_queries_setting():
   assert primitives.pallas_max_queries(ml_collections.ConfigDict()) == 256
   config.pallas_attention_max_queries = 384
   assert primitives.pallas_max_queries(config) == 384
-  assert primitives.pallas_options(config) == {"pallas_max_queries": 384,
-                                               "pallas_fused_dq": False}
-  config.pallas_attention_fused_dq = True
-  assert primitives.pallas_options(config)["pallas_fused_dq"] is True
   config.pallas_attention_max_queries = 8
   with pytest.raises(ValueError, match="pallas_attention_max_queries=8"):
     primitives.pallas_max_queries(config)
@@ -240,8 +233,7 @@ def test_evoformer_attentions_with_pallas_match_xla(module_name, monkeypatch):
   """model_1's attention modules (its head sizes: 8 x 32, 4 x 32, and the extra MSA's 8 x 8,
   padded to 16) at 16 residues and 16 sequences, padded at the end: our kernels give the XLA
   path's values and gradients in float32, the MSA transposes and the ending node's
-  per-column orientation included. `extra_msa_attention_impl` overrides the extra MSA's;
-  the ending node runs with `pallas_attention_fused_dq`."""
+  per-column orientation included. `extra_msa_attention_impl` overrides the extra MSA's."""
   from af2flax.model import evoformer, triangle  # pylint: disable=g-import-not-at-top
   from af2flax.model.config import model_config  # pylint: disable=g-import-not-at-top
   config = model_config("model_1")
@@ -272,11 +264,9 @@ def test_evoformer_attentions_with_pallas_match_xla(module_name, monkeypatch):
 
   monkeypatch.setattr(pallas_attention, "attention", counted)
   results = {}
-  fused_dq = module_name == "triangle_attention_ending_node"   # the setting reaches the kernels
   for impl in ("xla", "pallas"):
     gc = ml_collections.ConfigDict({**config.global_config.to_dict(), "dtype": "float32",
-                                    "zero_init": False, "attention_impl": impl,
-                                    "pallas_attention_fused_dq": fused_dq})
+                                    "zero_init": False, "attention_impl": impl})
     module = cls(module_config, gc)
     params = module.init(jax.random.PRNGKey(0), *inputs)
 
