@@ -136,6 +136,26 @@ def test_remat_policy_saves_the_kernels_outputs(capsys):
     saved = capsys.readouterr().out
     for kept in pallas_attention.SAVED_NAMES:
       assert (f"named '{kept}'" in saved) == (name == "save_attention"), saved
+    # The forward kernel runs once (saved) or twice (recomputed for the backward pass).
+    jaxpr = jax.make_jaxpr(jax.grad(checkpointed, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    assert _kernel_names(jaxpr.jaxpr).count("af2_attention_forward") == (
+        1 if name == "save_attention" else 2)
+
+
+def _kernel_names(jaxpr) -> list[str]:
+  """The names of the pallas_calls in a jaxpr, its sub-jaxprs included."""
+  names = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      # The kernel's name (the parameter's key differs between jax versions).
+      names.append(str(eqn.params.get("name_and_src_info", eqn.params.get("name"))).split()[0])
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          names += _kernel_names(sub)
+  return names
 
 
 def test_row_groups():
