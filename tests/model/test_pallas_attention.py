@@ -244,11 +244,14 @@ def test_pallas_max_queries_setting():
     primitives.pallas_max_queries(config)
 
 
-@pytest.mark.parametrize("module_name", ["msa_row_attention_with_pair_bias",
-                                         "msa_column_attention",
-                                         "triangle_attention_starting_node",
-                                         "triangle_attention_ending_node",
-                                         "extra_msa_row_attention"])
+# The row attention and the starting node (slow marker) share their code with the extra MSA's
+# row attention and the ending node, which CI runs.
+@pytest.mark.parametrize("module_name", [
+    pytest.param("msa_row_attention_with_pair_bias", marks=pytest.mark.slow),
+    "msa_column_attention",
+    pytest.param("triangle_attention_starting_node", marks=pytest.mark.slow),
+    "triangle_attention_ending_node",
+    "extra_msa_row_attention"])
 def test_evoformer_attentions_with_pallas_match_xla(module_name, monkeypatch):
   """model_1's attention modules (its head sizes: 8 x 32, 4 x 32, and the extra MSA's 8 x 8,
   padded to 16) at 16 residues and 16 sequences, padded at the end: our kernels give the XLA
