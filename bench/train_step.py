@@ -104,10 +104,6 @@ VARIANTS = {
     # our kernels took it padded to 16 channels.
     "bf16-auto-extracudnn": {"dtype": "bfloat16", "attention_impl": "auto",
                              "extra_msa_attention_impl": "cudnn"},
-    # The presets saving our attention kernels' outputs and statistics through the
-    # rematerialisation (the backward pass's recomputation skips the forward kernels).
-    "bf16-auto-saveattn": {"dtype": "bfloat16", "attention_impl": "auto",
-                           "remat_policy": "save_attention"},
     # The presets with our kernels differentiated up to 512 queries (fine-tuning: crop 384,
     # 512 MSA rows), not only 256.
     "bf16-pallas512": {"dtype": "bfloat16", "attention_impl": "auto",

@@ -11,10 +11,7 @@ af2flax adds, under `global_config`:
                                          layer-norm statistics and structure geometry run in
                                          float32). Presets: 'bfloat16' (AlphaFold trained in
                                          bf16); `from_alphafold_dict`: 'float32'.
-  remat_policy   name in jax.checkpoint_policies used when `use_remat` (None: save nothing),
-                 or 'save_attention': save our Pallas attention kernels' outputs and softmax
-                 statistics, so the recomputation skips the forward attention kernels
-                 (`evoformer.remat_policy`). Presets: 'nothing_saveable'.
+  remat_policy   name in jax.checkpoint_policies used when `use_remat` (None: save nothing).
   use_scan       nn.scan over stacked blocks (off: the same loop fully unrolled).
   remat_group_size with `use_remat`, g > 1 runs a stack of blocks as groups of g, each group
                  rematerialised and each block in it again (two-level checkpointing): fewer

@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from af2flax.model import pallas_attention
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
                                       LinearParams, ResidualDropout, Transition, attention_impl,
                                       chunked_apply, compute_dtype, fused_linear,
@@ -298,19 +297,13 @@ def submodule_remat(global_config: Any, is_extra_msa: bool):
 
 
 def remat_policy(name: str | None):
-  """`jax.checkpoint_policies.<name>`; None or 'none' recomputes everything in the block;
-  'save_attention' saves our Pallas attention kernels' outputs and softmax statistics
-  (`pallas_attention.SAVED_NAMES`), so the recomputation for the backward pass skips the
-  forward attention kernels, and recomputes everything else."""
+  """`jax.checkpoint_policies.<name>`; None or 'none' recomputes everything in the block."""
   if name in (None, "", "none"):
     return None
-  if name == "save_attention":
-    return jax.checkpoint_policies.save_only_these_names(*pallas_attention.SAVED_NAMES)
   policy = getattr(jax.checkpoint_policies, name, None)
   if policy is None:
-    raise ValueError(f"global_config.remat_policy={name!r} is not 'save_attention' or a "
-                     "jax.checkpoint_policies name (e.g. 'nothing_saveable', 'dots_saveable', "
-                     "'everything_saveable')")
+    raise ValueError(f"global_config.remat_policy={name!r} is not a jax.checkpoint_policies name "
+                     "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable')")
   return policy
 
 

@@ -30,7 +30,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -43,9 +42,6 @@ MASK_VALUE = -1e9
 BACKWARD_MAX_QUERIES = 256
 # The key/value/bias kernel unrolls its loop over query blocks (`Tiling.kv_block_q`).
 MAX_QUERY_BLOCKS = 4
-# The forward kernel's results as `checkpoint_name`s: the output and the per-query softmax
-# statistics, all the backward kernels need besides q, k, v and the bias.
-SAVED_NAMES = ("attention_out", "attention_stats")
 # Triton's matrix product takes tiles of at least 16 along every axis.
 MIN_BLOCK = 16
 # Head dims are padded with zeros to a power of two >= MIN_BLOCK (the extra MSA's 8 channels
@@ -202,10 +198,6 @@ def _forward_kernel(*refs, has_bias: bool, block_k: int):
   sum_ref[...] = row_sum
 
 
-# Its own jit: a pallas_call is never dead-code eliminated from a jaxpr (it could have effects),
-# a jitted call without effects is. So when a rematerialisation policy saves the outputs
-# (`SAVED_NAMES`), the recomputation drops this kernel.
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def _forward(q, k, v, bias, key_mask, tiling, interpret):
   batch, q_len, heads, _ = q.shape
   k_len = k.shape[1]
@@ -386,10 +378,6 @@ def _attention(q, k, v, bias, key_mask, tiling, interpret):
 
 def _attention_fwd(q, k, v, bias, key_mask, tiling, interpret):
   out, stats = _forward(q, k, v, bias, key_mask, tiling, interpret)
-  # Named for rematerialisation policies (`SAVED_NAMES`): saving these two skips the forward
-  # kernel when a checkpointed block is recomputed for its backward pass.
-  out = checkpoint_name(out, "attention_out")
-  stats = checkpoint_name(stats, "attention_stats")
   return out, (q, k, v, bias, key_mask, out, stats)
 
 

@@ -114,50 +114,6 @@ def test_head_dims_are_padded_exactly(dim):
     _assert_close(grad, expected, 1e-5, name)
 
 
-def test_remat_policy_saves_the_kernels_outputs(capsys):
-  """`remat_policy='save_attention'` keeps the forward kernel's output and statistics through
-  a checkpoint (so its recomputation drops that kernel) with unchanged gradients;
-  'nothing_saveable' keeps neither."""
-  from af2flax.model.evoformer import remat_policy  # pylint: disable=g-import-not-at-top
-  q, k, v, bias, key_mask = _inputs(jnp.float32, batch=2, q_len=16, k_len=16)
-  attention = _interpreted()
-
-  def loss(q, k, v, bias):
-    return jnp.sum(jnp.sin(attention(q, k, v, bias, key_mask)))
-
-  expected = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
-  for name in ("save_attention", "nothing_saveable"):
-    checkpointed = jax.checkpoint(loss, policy=remat_policy(name))
-    grads = jax.grad(checkpointed, argnums=(0, 1, 2, 3))(q, k, v, bias)
-    for grad, want in zip(grads, expected):
-      np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
-    capsys.readouterr()
-    jax.ad_checkpoint.print_saved_residuals(checkpointed, q, k, v, bias)
-    saved = capsys.readouterr().out
-    for kept in pallas_attention.SAVED_NAMES:
-      assert (f"named '{kept}'" in saved) == (name == "save_attention"), saved
-    # The forward kernel runs once (saved) or twice (recomputed for the backward pass).
-    jaxpr = jax.make_jaxpr(jax.grad(checkpointed, argnums=(0, 1, 2, 3)))(q, k, v, bias)
-    assert _kernel_names(jaxpr.jaxpr).count("af2_attention_forward") == (
-        1 if name == "save_attention" else 2)
-
-
-def _kernel_names(jaxpr) -> list[str]:
-  """The names of the pallas_calls in a jaxpr, its sub-jaxprs included."""
-  names = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      # The kernel's name (the parameter's key differs between jax versions).
-      names.append(str(eqn.params.get("name_and_src_info", eqn.params.get("name"))).split()[0])
-      continue
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          names += _kernel_names(sub)
-  return names
-
-
 def test_row_groups():
   """One row per program without a bias; with one, groups until the target is reached."""
   row_groups = pallas_attention._row_groups  # pylint: disable=protected-access
