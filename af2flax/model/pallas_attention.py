@@ -38,7 +38,8 @@ MASK_VALUE = -1e9
 # The key/value/bias kernel keeps the bias gradient of all Q queries x block_k keys in float32
 # registers (256 x 32: 32 per thread of 8 warps), plus one query block's working tiles. Up to
 # this many queries the presets differentiate through our kernels; longer crops (fine-tuning's
-# 384) run cuDNN unless `global_config.pallas_attention_max_queries` says more (not yet timed).
+# 384) run cuDNN unless `global_config.pallas_attention_max_queries` says more (at
+# fine-tuning shapes no faster than cuDNN, docs/benchmarks.md).
 BACKWARD_MAX_QUERIES = 256
 # The key/value/bias kernel unrolls its loop over query blocks (`Tiling.kv_block_q`).
 MAX_QUERY_BLOCKS = 4
