@@ -242,13 +242,10 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int):
     (q_ref, k_ref, v_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
      d_k_ref, d_v_ref) = refs
     bias_ref = d_bias_ref = None
-  # Tiles are [keys, queries] (the transposed logits), so that dV = P^T dO and dK = dS^T Q
-  # take them as the left operand as they are: no tile is transposed inside the row loop
-  # (a register tile transposed for a matrix product goes through shared memory). The
-  # queries come in a few blocks, unrolled: each block's bias tile and bias-gradient
-  # accumulator stay in registers across the rows, transposed once before and after.
+  # The queries in a few blocks, unrolled: each block's bias tile and bias-gradient
+  # accumulator stay in registers across the rows.
   query_blocks = [pl.ds(start, block_q) for start in range(0, q_ref.shape[1], block_q)]
-  biases = ([bias_ref[queries, :].T for queries in query_blocks] if has_bias   # [bk, bq] each
+  biases = ([bias_ref[queries, :] for queries in query_blocks] if has_bias   # [bq, bk] each
             else [None] * len(query_blocks))
 
   def body(row, d_bias):
@@ -257,17 +254,11 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int):
     new_d_bias = []
     for index, queries in enumerate(query_blocks):
       q, d_out = q_ref[row, queries, :], d_out_ref[row, queries, :]  # [bq, d]
-      logits = _mm(k, q, trans_b=True)                               # [bk, bq]
-      if has_bias:
-        logits = logits + biases[index].astype(_F32)
-      logits = jnp.where(key_valid[:, None], logits, MASK_VALUE)
-      probs = (jnp.exp(logits - max_ref[row, queries][None, :])
-               * inv_sum_ref[row, queries][None, :])
-      d_logits = probs * (_mm(v, d_out, trans_b=True) - delta_ref[row, queries][None, :])
-      # A masked key's logit is a constant: no gradient reaches q, k or the bias through it.
-      d_logits = jnp.where(key_valid[:, None], d_logits, 0.0)
-      d_v = d_v + _mm(probs.astype(d_out.dtype), d_out)
-      d_k = d_k + _mm(d_logits.astype(q.dtype), q)
+      probs, d_logits = _probs_and_logit_grads(
+          q, k, v, biases[index], key_valid, d_out, max_ref[row, queries][:, None],
+          inv_sum_ref[row, queries][:, None], delta_ref[row, queries][:, None])
+      d_v = d_v + _mm(probs.astype(d_out.dtype), d_out, trans_a=True)
+      d_k = d_k + _mm(d_logits.astype(q.dtype), q, trans_a=True)
       if has_bias:
         new_d_bias.append(d_bias[index] + d_logits)
     d_v_ref[row] = d_v.astype(d_v_ref.dtype)
@@ -277,7 +268,7 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int):
   init = tuple(jnp.zeros(bias.shape, _F32) for bias in biases) if has_bias else ()
   d_bias = jax.lax.fori_loop(0, rows, body, init)
   for queries, tile in zip(query_blocks, d_bias):
-    d_bias_ref[queries, :] = tile.T
+    d_bias_ref[queries, :] = tile
 
 
 def _query_kernel(*refs, has_bias: bool, block_k: int):
