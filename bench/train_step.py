@@ -112,6 +112,11 @@ VARIANTS = {
     # (H200, 2026-12-03: 2.07 s, 17.6 GiB, against the preset's 2.37 s, 15.2 GiB).
     "bf16-pallas512-group1": {"dtype": "bfloat16", "attention_impl": "auto",
                               "pallas_attention_max_queries": 512, "remat_group_size": 1},
+    # The presets with our kernels reading q, k and v in place from the self-attentions'
+    # fused projection (no slices copied, q scaled on loading). Written 2026-12-03, fourth
+    # session, after that session's device time: not yet timed.
+    "bf16-auto-readsproj": {"dtype": "bfloat16", "attention_impl": "auto",
+                            "pallas_reads_projection": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_cudnn_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_cudnn_with_flags("--xla_gpu_autotune_level=1"),

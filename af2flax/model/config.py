@@ -44,6 +44,12 @@ af2flax adds, under `global_config`:
                  (triangle multiplication's five, the outer product mean's two, q/k/v/gate of
                  the self-attentions): the same values and parameters. Presets: True (5% faster
                  expected step on an H100, docs/benchmarks.md).
+  pallas_reads_projection  with `fuse_projections`, our Pallas kernels read q, k and v in
+                 place from the self-attentions' fused projection and scale q as they load
+                 it (`pallas_attention.fused_self_attention`), instead of slices of it
+                 copied, and q scaled, in memory first (three [B, N, H, d] copies per
+                 attention in each forward pass, ~16 ms per initial-training step in the
+                 H200 profile of 2026-12-03). Same values. Presets: False (not yet timed).
   triangle_channels_first  the triangle multiplication with its edges laid out [c, N, N]
                  (projections write that layout, fused; no transposes around the product).
                  Same values and parameters. Presets: True (6% faster expected step on an
@@ -83,6 +89,7 @@ OUR_GLOBAL_DEFAULTS = {
     "extra_msa_attention_impl": "",
     "pallas_attention_max_queries": 0,
     "fuse_projections": True,
+    "pallas_reads_projection": False,
     "triangle_channels_first": True,
     "outer_product_mean_chunking": "low_memory",
 }

@@ -55,7 +55,9 @@ class MSARowAttentionWithPairBias(nn.Module):
                           impl=attention_impl(
                               gc, "extra_msa_attention_impl" if self.is_extra_msa else None),
                           pallas_max_queries=pallas_max_queries(gc),
-                          fuse_projections=gc.get("fuse_projections", False), name="attention")
+                          fuse_projections=gc.get("fuse_projections", False),
+                          pallas_reads_projection=gc.get("pallas_reads_projection", False),
+                          name="attention")
     return chunked_apply(attention, subbatch_size(gc, extra_msa=self.is_extra_msa),
                          [msa_act, msa_act, mask], [nonbatched_bias])
 
@@ -81,7 +83,9 @@ class MSAColumnAttention(nn.Module):
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=compute_dtype(gc),
                           impl=attention_impl(gc), pallas_max_queries=pallas_max_queries(gc),
-                          fuse_projections=gc.get("fuse_projections", False), name="attention")
+                          fuse_projections=gc.get("fuse_projections", False),
+                          pallas_reads_projection=gc.get("pallas_reads_projection", False),
+                          name="attention")
     msa_act = chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, mask])
     return jnp.swapaxes(msa_act, -2, -3)
 

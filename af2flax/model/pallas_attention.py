@@ -21,6 +21,10 @@ memory):
 Masking is AlphaFold's: a masked key's logit is replaced by -1e9 (a row with no valid key
 attends uniformly to all), any key mask [B, K], not only padding. `interpret=True` runs the
 same kernels through Pallas's interpreter (the tests on CPU).
+
+`attention` takes q, k and v as separate arrays; `fused_self_attention` reads them in place
+from one fused projection [B, N, G*H, d] of the input (and scales q as it loads it), so that
+no slice of that projection is copied out first.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -74,6 +79,26 @@ class Tiling:
 
 
 DEFAULT_TILING = Tiling()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Where the kernels find q, k and v along the head axis of the arrays they are given, and
+  the query scale they apply on loading q.
+
+  Separate arrays [B, N, H, d]: offsets 0, scale 1 (q already scaled). One fused projection
+  [B, N, G*H, d] (q, k, v, ... in head groups of H; `fused_self_attention`): offsets 0, H, 2H,
+  and the scale AlphaFold applies to q after its projection, so that nothing is sliced out
+  of the fused array or scaled in memory before the kernels run.
+  """
+  heads: int
+  offsets: tuple[int, int, int] = (0, 0, 0)
+  scale: float = 1.0
+
+
+def _scaled(q: jax.Array, scale: float) -> jax.Array:
+  """q * scale rounded to q's dtype, as XLA computes `q * scale` for a 16-bit q."""
+  return q if scale == 1.0 else (q.astype(_F32) * scale).astype(q.dtype)
 
 
 def _block(n: int, preferred: int) -> int | None:
@@ -144,17 +169,20 @@ def _compiler_params(num_warps: int, num_stages: int):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _query_block_specs(q, k, v, bias, key_mask, block_q):
+def _query_block_specs(q, k, v, bias, key_mask, block_q, layout):
   """Operands and block specs shared by the kernels on the grid (row, head, query block):
   q's block of queries, all of k and v, the bias rows of those queries, the row's key mask.
 
-  Returns (operands, in_specs, query_tile, query_stat): `query_tile` also fits q-shaped
+  Returns (operands, in_specs, query_tile, query_stat): `query_tile` fits [B, Q, H, d]
   outputs and d_out, `query_stat` the [B, H, Q] per-query statistics.
   """
   head_dim, k_len = q.shape[-1], k.shape[1]
+  q_at, k_at, v_at = layout.offsets
   query_tile = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
-  all_keys = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, h, 0))
-  operands, in_specs = [q, k, v], [query_tile, all_keys, all_keys]
+  q_tile = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h + q_at, 0))
+  k_all = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, h + k_at, 0))
+  v_all = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, h + v_at, 0))
+  operands, in_specs = [q, k, v], [q_tile, k_all, v_all]
   if bias is not None:
     operands.append(bias)
     in_specs.append(pl.BlockSpec((None, block_q, k_len), lambda b, h, i: (h, i, 0)))
@@ -166,13 +194,13 @@ def _query_block_specs(q, k, v, bias, key_mask, block_q):
 
 # --- Forward ------------------------------------------------------------------------------
 
-def _forward_kernel(*refs, has_bias: bool, block_k: int):
+def _forward_kernel(*refs, has_bias: bool, block_k: int, scale: float):
   if has_bias:
     q_ref, k_ref, v_ref, bias_ref, mask_ref, out_ref, max_ref, sum_ref = refs
   else:
     q_ref, k_ref, v_ref, mask_ref, out_ref, max_ref, sum_ref = refs
     bias_ref = None
-  q = q_ref[...]                                                   # [bq, d]
+  q = _scaled(q_ref[...], scale)                                   # [bq, d]
   block_q, head_dim = q.shape
 
   def body(index, carry):
@@ -199,20 +227,22 @@ def _forward_kernel(*refs, has_bias: bool, block_k: int):
   sum_ref[...] = row_sum
 
 
-def _forward(q, k, v, bias, key_mask, tiling, interpret):
-  batch, q_len, heads, _ = q.shape
-  k_len = k.shape[1]
+def _forward(q, k, v, bias, key_mask, tiling, interpret, layout):
+  batch, q_len, _, head_dim = q.shape
+  k_len, heads = k.shape[1], layout.heads
   block_q = _block(q_len, tiling.forward_block_q)
   block_k = _block(k_len, tiling.forward_block_k)
   operands, in_specs, query_tile, query_stat = _query_block_specs(q, k, v, bias, key_mask,
-                                                                  block_q)
+                                                                  block_q, layout)
   stat_shape = jax.ShapeDtypeStruct((batch, heads, q_len), _F32)
   out, row_max, row_sum = pl.pallas_call(
-      functools.partial(_forward_kernel, has_bias=bias is not None, block_k=block_k),
+      functools.partial(_forward_kernel, has_bias=bias is not None, block_k=block_k,
+                        scale=layout.scale),
       grid=(batch, heads, q_len // block_q),
       in_specs=in_specs,
       out_specs=[query_tile, query_stat, query_stat],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape, stat_shape],
+      out_shape=[jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), q.dtype), stat_shape,
+                 stat_shape],
       compiler_params=_compiler_params(tiling.forward_warps, tiling.forward_stages),
       interpret=interpret,
       name="af2_attention_forward",
@@ -234,7 +264,7 @@ def _probs_and_logit_grads(q, k, v, bias, key_valid, d_out, row_max, inv_sum, de
   return probs, jnp.where(key_valid[None, :], d_logits, 0.0)
 
 
-def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int):
+def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, scale: float):
   if has_bias:
     (q_ref, k_ref, v_ref, bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
      d_k_ref, d_v_ref, d_bias_ref) = refs
@@ -253,7 +283,7 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int):
     d_k = d_v = jnp.zeros(k.shape, _F32)
     new_d_bias = []
     for index, queries in enumerate(query_blocks):
-      q, d_out = q_ref[row, queries, :], d_out_ref[row, queries, :]  # [bq, d]
+      q, d_out = _scaled(q_ref[row, queries, :], scale), d_out_ref[row, queries, :]  # [bq, d]
       probs, d_logits = _probs_and_logit_grads(
           q, k, v, biases[index], key_valid, d_out, max_ref[row, queries][:, None],
           inv_sum_ref[row, queries][:, None], delta_ref[row, queries][:, None])
@@ -271,14 +301,14 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int):
     d_bias_ref[queries, :] = tile
 
 
-def _query_kernel(*refs, has_bias: bool, block_k: int):
+def _query_kernel(*refs, has_bias: bool, block_k: int, scale: float):
   if has_bias:
     (q_ref, k_ref, v_ref, bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
      d_q_ref) = refs
   else:
     q_ref, k_ref, v_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref, d_q_ref = refs
     bias_ref = None
-  q, d_out = q_ref[...], d_out_ref[...]                            # [bq, d]
+  q, d_out = _scaled(q_ref[...], scale), d_out_ref[...]            # [bq, d]
   stats = (max_ref[...][:, None], inv_sum_ref[...][:, None], delta_ref[...][:, None])
 
   def body(index, d_q):
@@ -291,7 +321,8 @@ def _query_kernel(*refs, has_bias: bool, block_k: int):
 
   num_blocks = k_ref.shape[0] // block_k
   d_q = jax.lax.fori_loop(0, num_blocks, body, jnp.zeros(q.shape, _F32))
-  d_q_ref[...] = d_q.astype(d_q_ref.dtype)
+  # The gradient of the unscaled q (the scale is 1 when q comes scaled).
+  d_q_ref[...] = (d_q * scale if scale != 1.0 else d_q).astype(d_q_ref.dtype)
 
 
 def _row_groups(batch: int, heads: int, key_blocks: int, has_bias: bool,
@@ -306,9 +337,12 @@ def _row_groups(batch: int, heads: int, key_blocks: int, has_bias: bool,
   return groups
 
 
-def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
-  batch, q_len, heads, head_dim = q.shape
-  k_len = k.shape[1]
+def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, layout):
+  """dq, dk, dv [B, N, H, d] each (of the unscaled q when `layout.scale` is not 1) and the
+  bias gradient."""
+  batch, q_len, _, head_dim = q.shape
+  k_len, heads = k.shape[1], layout.heads
+  q_at, k_at, v_at = layout.offsets
   has_bias = bias is not None
   d_out = d_out.astype(q.dtype)
   row_max, row_sum = stats
@@ -327,7 +361,9 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
   whole_rows = pl.BlockSpec((rows, q_len, None, head_dim), lambda h, j, g: (g, 0, h, 0))
   key_tile = pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, h, 0))
   per_query = pl.BlockSpec((rows, None, q_len), lambda h, j, g: (g, h, 0))
-  in_specs = [whole_rows, key_tile, key_tile]
+  in_specs = [pl.BlockSpec((rows, q_len, None, head_dim), lambda h, j, g: (g, 0, h + q_at, 0)),
+              pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, h + k_at, 0)),
+              pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, h + v_at, 0))]
   operands = [q, k, v]
   if has_bias:
     in_specs.append(pl.BlockSpec((None, q_len, block_k), lambda h, j, g: (h, 0, j)))
@@ -335,13 +371,13 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
   in_specs += [pl.BlockSpec((rows, block_k), lambda h, j, g: (g, j)), whole_rows] + [per_query] * 3
   operands += [key_mask, d_out] + query_stats
   out_specs = [key_tile, key_tile]
-  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  out_shape = [jax.ShapeDtypeStruct((batch, k_len, heads, head_dim), k.dtype)] * 2
   if has_bias:
     out_specs.append(pl.BlockSpec((None, None, q_len, block_k), lambda h, j, g: (g, h, 0, j)))
     out_shape.append(jax.ShapeDtypeStruct((groups, heads, q_len, k_len), _F32))
   results = pl.pallas_call(
       functools.partial(_key_value_bias_kernel, has_bias=has_bias, rows=rows,
-                        block_q=block_q),
+                        block_q=block_q, scale=layout.scale),
       grid=(heads, key_blocks, groups),
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(tiling.kv_warps, tiling.kv_stages),
@@ -355,14 +391,15 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
   block_q = _block(q_len, tiling.query_block_q)
   block_k = _block(k_len, tiling.query_block_k)
   operands, in_specs, query_tile, query_stat = _query_block_specs(q, k, v, bias, key_mask,
-                                                                  block_q)
+                                                                  block_q, layout)
   operands += [d_out] + query_stats
   in_specs += [query_tile] + [query_stat] * 3
   d_q = pl.pallas_call(
-      functools.partial(_query_kernel, has_bias=has_bias, block_k=block_k),
+      functools.partial(_query_kernel, has_bias=has_bias, block_k=block_k,
+                        scale=layout.scale),
       grid=(batch, heads, q_len // block_q),
       in_specs=in_specs, out_specs=query_tile,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), q.dtype),
       compiler_params=_compiler_params(tiling.query_warps, tiling.query_stages),
       interpret=interpret,
       name="af2_attention_backward_q",
@@ -374,22 +411,48 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attention(q, k, v, bias, key_mask, tiling, interpret):
-  return _forward(q, k, v, bias, key_mask, tiling, interpret)[0]
+  return _forward(q, k, v, bias, key_mask, tiling, interpret, _Layout(q.shape[2]))[0]
 
 
 def _attention_fwd(q, k, v, bias, key_mask, tiling, interpret):
-  out, stats = _forward(q, k, v, bias, key_mask, tiling, interpret)
+  out, stats = _forward(q, k, v, bias, key_mask, tiling, interpret, _Layout(q.shape[2]))
   return out, (q, k, v, bias, key_mask, out, stats)
 
 
 def _attention_bwd(tiling, interpret, residuals, d_out):
   q, k, v, bias, key_mask, out, stats = residuals
   d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling,
-                                    interpret)
+                                    interpret, _Layout(q.shape[2]))
   return d_q, d_k, d_v, d_bias, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused_attention(projection, bias, key_mask, layout, tiling, interpret):
+  out, _ = _forward(projection, projection, projection, bias, key_mask, tiling, interpret,
+                    layout)
+  return out, projection[:, :, 3 * layout.heads:]
+
+
+def _fused_attention_fwd(projection, bias, key_mask, layout, tiling, interpret):
+  out, stats = _forward(projection, projection, projection, bias, key_mask, tiling, interpret,
+                        layout)
+  return (out, projection[:, :, 3 * layout.heads:]), (projection, bias, key_mask, out, stats)
+
+
+def _fused_attention_bwd(layout, tiling, interpret, residuals, cotangents):
+  projection, bias, key_mask, out, stats = residuals
+  d_out, d_rest = cotangents
+  d_q, d_k, d_v, d_bias = _backward(projection, projection, projection, bias, key_mask, out,
+                                    stats, d_out, tiling, interpret, layout)
+  # One concatenation writes the projection's whole gradient (the gate's group included).
+  d_projection = jnp.concatenate([d_q, d_k, d_v, d_rest.astype(d_q.dtype)], axis=2)
+  return d_projection.astype(projection.dtype), d_bias, None
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
@@ -416,3 +479,46 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
     q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padding))) for x in (q, k, v))
   out = _attention(q, k, v, bias, key_mask, tiling, interpret)
   return out[..., :head_dim] if padding else out
+
+
+def fused_projection_reason(projection_shape: tuple[int, ...], heads: int,
+                            max_queries: int = BACKWARD_MAX_QUERIES) -> str | None:
+  """Why `fused_self_attention` cannot take this projection (None when it can): it needs
+  at least three head groups (q, k, v) and a head dim the kernels run unpadded (a power of
+  two from `MIN_BLOCK` to `MAX_HEAD_DIM`), besides the shapes `unsupported_reason` accepts."""
+  batch, length, groups_heads, head_dim = projection_shape
+  if groups_heads < 3 * heads or groups_heads % heads:
+    return f"{groups_heads} projected heads are not whole groups of {heads} for q, k and v"
+  if padded_head_dim(head_dim) != head_dim:
+    return f"head dim {head_dim} would need padding"
+  shape = (batch, length, heads, head_dim)
+  return unsupported_reason(shape, shape, max_queries=max_queries)
+
+
+def fused_self_attention(projection: jax.Array, heads: int, scale: float,
+                         bias: jax.Array | None, key_mask: jax.Array, interpret: bool = False,
+                         tiling: Tiling = DEFAULT_TILING,
+                         max_queries: int = BACKWARD_MAX_QUERIES
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Self-attention read straight from one fused projection of the input.
+
+  `projection` [B, N, G*H, d] holds q, k and v (unscaled) as its first three groups of
+  `heads` heads, then the rest (AlphaFold's gated attention: the gate). Returns the same as
+  `attention(projection[:, :, :H] * scale, projection[:, :, H:2H], projection[:, :, 2H:3H],
+  bias, key_mask)` [B, N, H, d], and `projection[:, :, 3H:]`. The kernels read the three
+  groups where they are and scale q as they load it, so nothing is copied out of the
+  projection, and the backward pass writes the projection's whole gradient (the rest's
+  included) in one concatenation. The shapes must pass `fused_projection_reason`.
+  """
+  reason = fused_projection_reason(projection.shape, heads, max_queries)
+  if reason is not None:
+    raise ValueError(f"pallas attention: fused projection {projection.shape}: {reason}")
+  if bias is not None:
+    bias = bias.astype(projection.dtype)
+  batch, length = projection.shape[:2]
+  key_mask = jnp.broadcast_to(key_mask != 0, (batch, length)).astype(jnp.int32)
+  # The scale rounded to the projection's dtype first (on the host: a static kernel
+  # argument), as XLA rounds the constant of `q * scale` for a 16-bit q: the same scaled
+  # queries as the sliced path.
+  layout = _Layout(heads, (0, heads, 2 * heads), float(np.asarray(scale, projection.dtype)))
+  return _fused_attention(projection, bias, key_mask, layout, tiling, interpret)

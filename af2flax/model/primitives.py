@@ -408,6 +408,10 @@ class Attention(nn.Module):
   # The caller passes the same array as q_data and m_data: q, k, v and the gate come from one
   # matrix product over concatenated weights (same values and parameters).
   fuse_projections: bool = False
+  # With fuse_projections, where our Pallas kernels run: they read q, k and v in place from
+  # the fused projection (`pallas_attention.fused_self_attention`), not from slices of it
+  # copied out (and q scaled) in memory.
+  pallas_reads_projection: bool = False
 
   @nn.compact
   def __call__(self, q_data: jax.Array, m_data: jax.Array, mask: jax.Array,
@@ -429,34 +433,28 @@ class Attention(nn.Module):
     m_data = m_data.astype(self.dtype)
     gating_w = (param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
                 if self.gating else None)
+    weighted_avg = None
     if self.fuse_projections and gating_w is not None and key_dim == value_dim:
       if q_data.shape != m_data.shape:
         raise ValueError(f"fuse_projections: q_data {q_data.shape} and m_data {m_data.shape} "
                          "must be the same array")
       weights = jnp.concatenate([query_w, key_w, value_w, gating_w], axis=1)
-      q, k, v, gate_values = jnp.split(jnp.einsum("bqa,ahc->bqhc", q_data, weights), 4, axis=2)
-      q = q * key_dim ** (-0.5)
+      projection = jnp.einsum("bqa,ahc->bqhc", q_data, weights)      # [B, Q, 4H, d]
+      from_projection = self._pallas_from_projection(projection, heads, key_dim, mask,
+                                                     nonbatched_bias)
+      if from_projection is not None:
+        weighted_avg, gate_values = from_projection
+      else:
+        q, k, v, gate_values = jnp.split(projection, 4, axis=2)
+        q = q * key_dim ** (-0.5)
     else:
       q = jnp.einsum("bqa,ahc->bqhc", q_data, query_w) * key_dim ** (-0.5)
       k = jnp.einsum("bka,ahc->bkhc", m_data, key_w)
       v = jnp.einsum("bka,ahc->bkhc", m_data, value_w)
       gate_values = (jnp.einsum("bqc,chv->bqhv", q_data, gating_w) if gating_w is not None
                      else None)
-    path = attention_path(self.impl, q, k, mask, nonbatched_bias is not None,
-                          self.pallas_max_queries)
-    if path == "pallas":
-      weighted_avg = pallas_attention.attention(
-          q, k, v, nonbatched_bias, mask[:, 0, 0, :],
-          interpret=jax.default_backend() != "gpu", max_queries=self.pallas_max_queries)
-    elif path == "fused":
-      weighted_avg = fused_attention(q, k, v, mask, nonbatched_bias)
-    else:
-      logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
-      if nonbatched_bias is not None:
-        logits = logits + nonbatched_bias.astype(self.dtype)[None]
-      logits = jnp.where(mask != 0, logits.astype(jnp.float32), SOFTMAX_MASK_VALUE)
-      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      weighted_avg = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+    if weighted_avg is None:
+      weighted_avg = self._core(q, k, v, mask, nonbatched_bias)
 
     if gate_values is not None:
       gating_b = param("gating_b", nn.initializers.ones, (heads, value_dim))
@@ -466,6 +464,41 @@ class Attention(nn.Module):
     output_w = param("output_w", output_init, (heads, value_dim, self.output_dim))
     output_b = param("output_b", nn.initializers.zeros, (self.output_dim,))
     return jnp.einsum("bqhc,hco->bqo", weighted_avg, output_w) + output_b
+
+  def _core(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+            bias: jax.Array | None) -> jax.Array:
+    """softmax(q k^T + bias, masked keys) v through the path `attention_path` picks."""
+    path = attention_path(self.impl, q, k, mask, bias is not None, self.pallas_max_queries)
+    if path == "pallas":
+      return pallas_attention.attention(
+          q, k, v, bias, mask[:, 0, 0, :],
+          interpret=jax.default_backend() != "gpu", max_queries=self.pallas_max_queries)
+    if path == "fused":
+      return fused_attention(q, k, v, mask, bias)
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
+    if bias is not None:
+      logits = logits + bias.astype(self.dtype)[None]
+    logits = jnp.where(mask != 0, logits.astype(jnp.float32), SOFTMAX_MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    return jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+
+  def _pallas_from_projection(self, projection: jax.Array, heads: int, head_dim: int,
+                              mask: jax.Array, bias: jax.Array | None
+                              ) -> tuple[jax.Array, jax.Array] | None:
+    """(attention, gate) read from the fused projection [B, Q, 4H, d] by our kernels, or
+    None when `pallas_reads_projection` is off or the kernels would not run on the sliced
+    q, k, v either (`attention_path`, `pallas_attention.fused_projection_reason`)."""
+    if not self.pallas_reads_projection:
+      return None
+    q_like = jax.ShapeDtypeStruct(projection.shape[:2] + (heads, head_dim), projection.dtype)
+    if (attention_path(self.impl, q_like, q_like, mask, bias is not None,
+                       self.pallas_max_queries) != "pallas"
+        or pallas_attention.fused_projection_reason(projection.shape, heads,
+                                                    self.pallas_max_queries) is not None):
+      return None
+    return pallas_attention.fused_self_attention(
+        projection, heads, head_dim ** (-0.5), bias, mask[:, 0, 0, :],
+        interpret=jax.default_backend() != "gpu", max_queries=self.pallas_max_queries)
 
   def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
     return self.param(name, init, shape, self.param_dtype).astype(self.dtype)

@@ -161,7 +161,9 @@ class TriangleAttention(nn.Module):
                           value_dim=c.get("value_dim"), gating=c.gating, zero_init=gc.zero_init,
                           dtype=dtype, impl=attention_impl(gc, "triangle_attention_impl"),
                           pallas_max_queries=pallas_max_queries(gc),
-                          fuse_projections=gc.get("fuse_projections", False), name="attention")
+                          fuse_projections=gc.get("fuse_projections", False),
+                          pallas_reads_projection=gc.get("pallas_reads_projection", False),
+                          name="attention")
     pair_act = chunked_apply(attention, subbatch_size(gc), [pair_act, pair_act, mask],
                              [nonbatched_bias])
     if c.orientation == "per_column":

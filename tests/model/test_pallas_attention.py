@@ -188,6 +188,104 @@ def test_attention_module_with_pallas_matches_xla():
   assert primitives.attention_path("pallas", crop_384, crop_384, mask, True, 384) == "pallas"
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 0.0), (jnp.bfloat16, 1e-2)])
+def test_fused_self_attention_reads_the_projection_in_place(with_bias, dtype, tol):
+  """q, k, v read from the fused projection [B, N, 4H, d] (q scaled on loading) give the
+  sliced path's values (exactly: the scale is rounded as XLA rounds it) and gradients; the
+  gate's group gets a zero gradient; the dQ differs in bf16 only by where it is rounded."""
+  rng = np.random.default_rng(5)
+  batch, length, heads, dim = 3, 32, 2, 32
+  projection = jnp.asarray(rng.normal(size=(batch, length, 4 * heads, dim)), dtype)
+  bias = jnp.asarray(rng.normal(size=(heads, length, length)), dtype) if with_bias else None
+  key_mask = (np.arange(length)[None] < np.array([32, 27, 16])[:, None]).astype(np.int32)
+  scale = dim ** -0.5
+  cotangent = jax.random.normal(jax.random.PRNGKey(3), (batch, length, heads, dim))
+
+  def sliced(projection, bias):
+    q, k, v, _ = jnp.split(projection, 4, axis=2)
+    return pallas_attention.attention(q * scale, k, v, bias, key_mask, interpret=True)
+
+  def fused(projection, bias):
+    out, gate = pallas_attention.fused_self_attention(projection, heads, scale, bias, key_mask,
+                                                      interpret=True)
+    np.testing.assert_array_equal(gate.shape, (batch, length, heads, dim))
+    return out
+
+  results = {}
+  for name, function in (("sliced", sliced), ("fused", fused)):
+    def loss(projection, bias, function=function):
+      out = function(projection, bias)
+      return jnp.sum(out.astype(jnp.float32) * cotangent), out
+    argnums = (0, 1) if with_bias else (0,)
+    results[name] = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(
+        projection, bias)
+  (_, out), grads = results["fused"]
+  (_, expected_out), expected_grads = results["sliced"]
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                np.asarray(expected_out, np.float32))
+  for grad, expected, name in zip(grads, expected_grads, ("projection", "bias")):
+    _assert_close(grad, expected, tol, name)
+  np.testing.assert_array_equal(np.asarray(grads[0][:, :, 3 * heads:], np.float32), 0.0)
+
+
+def test_fused_projection_shapes_it_cannot_take_are_named():
+  """Too few head groups, or a head dim that needs padding, are named; the module then takes
+  the sliced path."""
+  assert pallas_attention.fused_projection_reason((2, 32, 8, 32), 2) is None
+  assert "whole groups" in pallas_attention.fused_projection_reason((2, 32, 5, 32), 2)
+  assert "padding" in pallas_attention.fused_projection_reason((2, 32, 8, 8), 2)
+  assert "multiple" in pallas_attention.fused_projection_reason((2, 24, 8, 32), 2)
+  with pytest.raises(ValueError, match="fused projection"):
+    pallas_attention.fused_self_attention(jnp.zeros((2, 32, 8, 8)), 2, 1.0, None,
+                                          jnp.ones((2, 32)), interpret=True)
+
+
+def test_attention_module_reading_the_projection_matches_the_sliced_path(monkeypatch):
+  """`Attention(pallas_reads_projection=True)`: the same parameters, values and gradients as
+  slicing the fused projection (float32, Pallas interpreted); off (the default) or where our
+  kernels do not run ('xla'), the module does not read the projection in place."""
+  rng = np.random.default_rng(6)
+  rows, length, channels = 3, 16, 64
+  q_data = jnp.asarray(rng.normal(size=(rows, length, channels)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(4, length, length)), jnp.float32)
+  mask = (np.arange(length)[None] < np.array([16, 11, 5])[:, None]).astype(np.float32)
+  mask = jnp.asarray(mask[:, None, None, :])
+  calls = []
+  real = pallas_attention.fused_self_attention
+
+  def counting(*args, **kwargs):
+    calls.append(args[0].shape)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_attention, "fused_self_attention", counting)
+
+  def run(impl, reads):
+    calls.clear()
+    module = primitives.Attention(num_head=4, output_dim=channels, impl=impl,
+                                  zero_init=False, fuse_projections=True,
+                                  pallas_reads_projection=reads)
+    params = module.init(jax.random.PRNGKey(0), q_data, q_data, mask, bias)
+
+    def loss(params, q_data, bias):
+      out = module.apply(params, q_data, q_data, mask, bias)
+      return jnp.sum(jnp.square(out)), out
+
+    result = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+        params, q_data, bias)
+    return result, bool(calls)
+
+  ((_, expected_out), expected_grads), read = run("pallas", False)
+  assert not read
+  ((_, out), grads), read = run("pallas", True)
+  assert read
+  _assert_close(out, expected_out, 1e-6, "out")
+  assert jax.tree.structure(grads) == jax.tree.structure(expected_grads)
+  for grad, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    _assert_close(grad, expected, 1e-5, "grad")
+  assert not run("xla", True)[1]
+
+
 def test_pallas_max_queries_setting():
   """0 or unset: the measured 256; a value under one block is refused, naming the key."""
   config = ml_collections.ConfigDict({"pallas_attention_max_queries": 0})
@@ -202,17 +300,21 @@ def test_pallas_max_queries_setting():
 
 # The row attention and the starting node (slow marker) share their code with the extra MSA's
 # row attention and the ending node, which CI runs.
-@pytest.mark.parametrize("module_name", [
-    pytest.param("msa_row_attention_with_pair_bias", marks=pytest.mark.slow),
-    "msa_column_attention",
-    pytest.param("triangle_attention_starting_node", marks=pytest.mark.slow),
-    "triangle_attention_ending_node",
-    "extra_msa_row_attention"])
-def test_evoformer_attentions_with_pallas_match_xla(module_name, monkeypatch):
+@pytest.mark.parametrize("module_name,reads_projection", [
+    pytest.param("msa_row_attention_with_pair_bias", False, marks=pytest.mark.slow),
+    ("msa_column_attention", False),
+    pytest.param("triangle_attention_starting_node", False, marks=pytest.mark.slow),
+    ("triangle_attention_ending_node", False),
+    ("extra_msa_row_attention", False),
+    pytest.param("msa_row_attention_with_pair_bias", True, marks=pytest.mark.slow),
+    ("triangle_attention_ending_node", True)])
+def test_evoformer_attentions_with_pallas_match_xla(module_name, reads_projection,
+                                                    monkeypatch):
   """model_1's attention modules (its head sizes: 8 x 32, 4 x 32, and the extra MSA's 8 x 8,
   padded to 16) at 16 residues and 16 sequences, padded at the end: our kernels give the XLA
   path's values and gradients in float32, the MSA transposes and the ending node's
-  per-column orientation included. `extra_msa_attention_impl` overrides the extra MSA's."""
+  per-column orientation included. `extra_msa_attention_impl` overrides the extra MSA's.
+  With `pallas_reads_projection` the kernels read q, k, v from the fused projection."""
   from af2flax.model import evoformer, triangle  # pylint: disable=g-import-not-at-top
   from af2flax.model.config import model_config  # pylint: disable=g-import-not-at-top
   config = model_config("model_1")
@@ -236,16 +338,17 @@ def test_evoformer_attentions_with_pallas_match_xla(module_name, monkeypatch):
           functools.partial(evoformer.MSARowAttentionWithPairBias, is_extra_msa=True),
           (msa, msa_mask, pair)),
   }[module_name]
-  kernel, calls = pallas_attention.attention, []
-  def counted(*args, **kwargs):
-    calls.append(args[0].shape)
-    return kernel(*args, **kwargs)
-
-  monkeypatch.setattr(pallas_attention, "attention", counted)
+  calls = []
+  for name in ("attention", "fused_self_attention"):
+    def counted(*args, kernel=getattr(pallas_attention, name), name=name, **kwargs):
+      calls.append((name, args[0].shape))
+      return kernel(*args, **kwargs)
+    monkeypatch.setattr(pallas_attention, name, counted)
   results = {}
   for impl in ("xla", "pallas"):
     gc = ml_collections.ConfigDict({**config.global_config.to_dict(), "dtype": "float32",
-                                    "zero_init": False, "attention_impl": impl})
+                                    "zero_init": False, "attention_impl": impl,
+                                    "pallas_reads_projection": reads_projection})
     module = cls(module_config, gc)
     params = module.init(jax.random.PRNGKey(0), *inputs)
 
@@ -255,7 +358,9 @@ def test_evoformer_attentions_with_pallas_match_xla(module_name, monkeypatch):
 
     results[impl] = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, inputs[0])
   head_dim = 8 if is_extra else 32
-  assert calls and all(shape[1] == 16 and shape[-1] == head_dim for shape in calls), calls
+  assert calls and all(shape[1] == 16 and shape[-1] == head_dim for _, shape in calls), calls
+  assert {name for name, _ in calls} == {
+      "fused_self_attention" if reads_projection else "attention"}
   if is_extra:   # the per-module override sends the extra MSA to XLA
     calls.clear()
     gc.extra_msa_attention_impl = "xla"
