@@ -141,15 +141,22 @@ def test_unsupported_shapes_are_named():
   assert pallas_attention.MASK_VALUE == primitives.SOFTMAX_MASK_VALUE
 
 
+def _module_inputs(seed, channels, heads):
+  """An attention module's input [3, 16, channels], a bias [heads, 16, 16] and a key mask
+  [3, 1, 1, 16] padded at the end of each row (16, 11 and 5 valid keys)."""
+  rng = np.random.default_rng(seed)
+  rows, length = 3, 16
+  q_data = jnp.asarray(rng.normal(size=(rows, length, channels)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(heads, length, length)), jnp.float32)
+  mask = (np.arange(length)[None] < np.array([16, 11, 5])[:, None]).astype(np.float32)
+  return q_data, bias, jnp.asarray(mask[:, None, None, :])
+
+
 def test_attention_module_with_pallas_matches_xla():
   """`Attention(impl='pallas')` (projections, gating, bias, key mask) has the XLA module's
   values and gradients; a query/key mask it cannot take, or a head dim over 128, falls back."""
-  rng = np.random.default_rng(2)
   rows, length, channels = 3, 16, 32
-  q_data = jnp.asarray(rng.normal(size=(rows, length, channels)), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(2, length, length)), jnp.float32)
-  mask = (np.arange(length)[None] < np.array([16, 11, 5])[:, None]).astype(np.float32)
-  mask = jnp.asarray(mask[:, None, None, :])
+  q_data, bias, mask = _module_inputs(2, channels, heads=2)
   results = {}
   for impl in ("xla", "pallas"):
     module = primitives.Attention(num_head=2, output_dim=channels, impl=impl, zero_init=False,
@@ -245,12 +252,8 @@ def test_attention_module_reading_the_projection_matches_the_sliced_path(monkeyp
   """`Attention(pallas_reads_projection=True)`: the same parameters, values and gradients as
   slicing the fused projection (float32, Pallas interpreted); off (the default) or where our
   kernels do not run ('xla'), the module does not read the projection in place."""
-  rng = np.random.default_rng(6)
-  rows, length, channels = 3, 16, 64
-  q_data = jnp.asarray(rng.normal(size=(rows, length, channels)), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(4, length, length)), jnp.float32)
-  mask = (np.arange(length)[None] < np.array([16, 11, 5])[:, None]).astype(np.float32)
-  mask = jnp.asarray(mask[:, None, None, :])
+  channels = 64
+  q_data, bias, mask = _module_inputs(6, channels, heads=4)
   calls = []
   real = pallas_attention.fused_self_attention
 
