@@ -43,6 +43,22 @@ def scope_of(event: dict, depth: int) -> str:
   return "/".join(keep[:depth]) or "(no scope)"
 
 
+# Kernel classes by name, first match wins: (substring, class).
+KERNEL_CLASSES = (
+    ("af2_attention", "our attention kernels (Pallas)"), ("cudnn", "cuDNN"),
+    ("gemm_fusion", "Triton GEMM fusions"), ("nvjet", "cuBLAS GEMMs"),
+    ("cutlass", "cuBLAS GEMMs"), ("gemm", "cuBLAS GEMMs"),
+    ("Memcpy", "copies"), ("Memset", "memsets"), ("transpose", "transpose fusions"),
+    ("reduce", "reduction fusions"), ("concatenate", "concatenations"),
+    ("loop_", "elementwise (loop) fusions"), ("fusion", "other fusions"),
+)
+
+
+def kernel_class(name: str) -> str:
+  """The class of a kernel by its name (`KERNEL_CLASSES`; 'other' when none matches)."""
+  return next((label for part, label in KERNEL_CLASSES if part in name), "other")
+
+
 MODULES = ("msa_row_attention_with_pair_bias", "msa_column_global_attention",
            "msa_column_attention", "msa_transition", "outer_product_mean",
            "triangle_multiplication_outgoing", "triangle_multiplication_incoming",
@@ -210,6 +226,14 @@ def main(argv=None) -> int:
     by_name[e["name"]] += e["dur"]
     count[e["name"]] += 1
     by_scope[scope_of(e, args.depth)] += e["dur"]
+  by_class, class_count = collections.Counter(), collections.Counter()
+  for e in kernels:
+    by_class[kernel_class(e["name"])] += e["dur"]
+    class_count[kernel_class(e["name"])] += 1
+  print(f"\nkernel classes (ms and kernels per step, {args.steps} steps traced)")
+  for label, dur in by_class.most_common():
+    print(f"  {dur / 1e3 / args.steps:9.2f} ms {100 * dur / busy:5.1f}%  "
+          f"{class_count[label] / args.steps:8.0f}  {label}")
   print(f"\ntop {args.top} kernels by time")
   for name, dur in by_name.most_common(args.top):
     print(f"  {dur / 1e3:9.2f} ms {100 * dur / busy:5.1f}%  x{count[name]:<6d} {name[:110]}")

@@ -37,6 +37,12 @@ def test_time_per_module_and_direction(tmp_path):
   assert lines["extra_msa_stack/msa_transition"][:4] == ["0.03", "0.00", "0.00", "0.03"]
   assert "nvjet_gemm" in table  # inside a command buffer: listed as not attributed
   assert "kernels of evoformer_iteration/outer_product_mean" in out and "fusion_1" in out
+  classes = out[out.index("kernel classes"):out.index("top 40 kernels")].splitlines()[1:-1]
+  # ms per step, share, kernels per step, class
+  assert [line.split()[:4] for line in classes] == [
+      ["0.13", "ms", "65.0%", "2"], ["0.05", "ms", "25.0%", "1"], ["0.02", "ms", "10.0%", "1"]]
+  assert [" ".join(line.split()[4:]) for line in classes] == [
+      "other fusions", "cuDNN", "cuBLAS GEMMs"]
 
 
 def test_host_summary_of_a_traced_compilation(tmp_path):
