@@ -96,6 +96,12 @@ class _Layout:
   scale: float = 1.0
 
 
+def _at(head, offset: int):
+  """A block index on the head axis: `head` moved by `offset` (no operation when 0, so the
+  separate arrays' kernels are those measured before the fused layout existed)."""
+  return head + offset if offset else head
+
+
 def _scaled(q: jax.Array, scale: float) -> jax.Array:
   """q * scale rounded to q's dtype, as XLA computes `q * scale` for a 16-bit q."""
   return q if scale == 1.0 else (q.astype(_F32) * scale).astype(q.dtype)
@@ -179,9 +185,9 @@ def _query_block_specs(q, k, v, bias, key_mask, block_q, layout):
   head_dim, k_len = q.shape[-1], k.shape[1]
   q_at, k_at, v_at = layout.offsets
   query_tile = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
-  q_tile = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h + q_at, 0))
-  k_all = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, h + k_at, 0))
-  v_all = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, h + v_at, 0))
+  q_tile = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, _at(h, q_at), 0))
+  k_all = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, _at(h, k_at), 0))
+  v_all = pl.BlockSpec((None, k_len, None, head_dim), lambda b, h, i: (b, 0, _at(h, v_at), 0))
   operands, in_specs = [q, k, v], [q_tile, k_all, v_all]
   if bias is not None:
     operands.append(bias)
@@ -361,9 +367,10 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
   whole_rows = pl.BlockSpec((rows, q_len, None, head_dim), lambda h, j, g: (g, 0, h, 0))
   key_tile = pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, h, 0))
   per_query = pl.BlockSpec((rows, None, q_len), lambda h, j, g: (g, h, 0))
-  in_specs = [pl.BlockSpec((rows, q_len, None, head_dim), lambda h, j, g: (g, 0, h + q_at, 0)),
-              pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, h + k_at, 0)),
-              pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, h + v_at, 0))]
+  in_specs = [
+      pl.BlockSpec((rows, q_len, None, head_dim), lambda h, j, g: (g, 0, _at(h, q_at), 0)),
+      pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, _at(h, k_at), 0)),
+      pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, _at(h, v_at), 0))]
   operands = [q, k, v]
   if has_bias:
     in_specs.append(pl.BlockSpec((None, q_len, block_k), lambda h, j, g: (h, 0, j)))
