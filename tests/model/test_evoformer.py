@@ -167,6 +167,9 @@ def test_remat_evoformer_stack_agrees_with_scan(overrides):
   _check_stack_variant("evoformer", overrides)
 
 
+# Slow marker: remat_submodules is an option the presets leave off (22 s on the 2-core CI
+# machine).
+@pytest.mark.slow
 def test_submodule_remat_agrees_with_block_remat():
   """Each module of the block rematerialised on its own inside the block's remat: the same
   parameters, values and gradients."""
@@ -319,6 +322,9 @@ def test_triangle_attention_impl_overrides_only_the_triangle_attention():
                    jax.random.PRNGKey(0), activations, masks)
 
 
+# Slow marker: the separate projections are the option the presets leave off; the parity
+# test runs the fused ones against AlphaFold (40 s on the 2-core CI machine).
+@pytest.mark.slow
 def test_fused_projections_equal_separate_ones(trunk_fp32):
   """`fuse_projections`: the same parameter tree and values, fewer matrix products."""
   config, params, batch, prev, reference = trunk_fp32

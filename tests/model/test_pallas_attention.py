@@ -195,7 +195,7 @@ def test_attention_module_with_pallas_matches_xla():
   assert primitives.attention_path("pallas", crop_384, crop_384, mask, True, 384) == "pallas"
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_bias", [True, pytest.param(False, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 0.0), (jnp.bfloat16, 1e-2)])
 def test_fused_self_attention_reads_the_projection_in_place(with_bias, dtype, tol):
   """q, k, v read from the fused projection [B, N, 4H, d] (q scaled on loading) give the
