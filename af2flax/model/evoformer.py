@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
-                                      LinearParams, ResidualDropout, Transition, attention_impl,
-                                      chunked_apply, compute_dtype, fused_linear,
-                                      pallas_max_queries)
+                                      LinearParams, ResidualDropout, Transition,
+                                      attention_settings, chunked_apply, compute_dtype,
+                                      fused_linear)
 from af2flax.model.triangle import TriangleAttention, TriangleMultiplication, subbatch_size
 
 # Added to the number of sequences that see both residues before dividing (Suppl. Alg. 10).
@@ -52,12 +52,8 @@ class MSARowAttentionWithPairBias(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=dtype,
-                          impl=attention_impl(
-                              gc, "extra_msa_attention_impl" if self.is_extra_msa else None),
-                          pallas_max_queries=pallas_max_queries(gc),
-                          fuse_projections=gc.get("fuse_projections", False),
-                          pallas_reads_projection=gc.get("pallas_reads_projection", False),
-                          name="attention")
+                          name="attention", **attention_settings(
+                              gc, "extra_msa_attention_impl" if self.is_extra_msa else None))
     return chunked_apply(attention, subbatch_size(gc, extra_msa=self.is_extra_msa),
                          [msa_act, msa_act, mask], [nonbatched_bias])
 
@@ -82,10 +78,7 @@ class MSAColumnAttention(nn.Module):
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
                           key_dim=c.get("key_dim"), value_dim=c.get("value_dim"),
                           gating=c.gating, zero_init=gc.zero_init, dtype=compute_dtype(gc),
-                          impl=attention_impl(gc), pallas_max_queries=pallas_max_queries(gc),
-                          fuse_projections=gc.get("fuse_projections", False),
-                          pallas_reads_projection=gc.get("pallas_reads_projection", False),
-                          name="attention")
+                          name="attention", **attention_settings(gc))
     msa_act = chunked_apply(attention, subbatch_size(gc), [msa_act, msa_act, mask])
     return jnp.swapaxes(msa_act, -2, -3)
 

@@ -307,6 +307,16 @@ def pallas_max_queries(global_config: Any) -> int:
   return value
 
 
+def attention_settings(global_config: Any, module_key: str | None = None) -> dict[str, Any]:
+  """The `Attention` fields that `global_config` sets, for a module whose own override of
+  `attention_impl` is `module_key` (e.g. 'triangle_attention_impl'): its core's path, the
+  query length our kernels take, and the fused projection and its reading in place."""
+  return {"impl": attention_impl(global_config, module_key),
+          "pallas_max_queries": pallas_max_queries(global_config),
+          "fuse_projections": global_config.get("fuse_projections", False),
+          "pallas_reads_projection": global_config.get("pallas_reads_projection", False)}
+
+
 def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_bias: bool,
                    pallas_max_queries: int = pallas_attention.BACKWARD_MAX_QUERIES) -> str:
   """Which attention core runs for these (static) shapes: 'pallas', 'fused' or 'xla'.

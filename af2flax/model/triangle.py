@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from af2flax.model.primitives import (Attention, LayerNorm, Linear, LinearParams,
-                                      attention_impl, chunked_apply, compute_dtype, final_init,
-                                      fused_linear, pallas_max_queries)
+                                      attention_settings, chunked_apply, compute_dtype,
+                                      final_init, fused_linear)
 
 
 def subbatch_size(global_config: Any, extra_msa: bool = False) -> int | None:
@@ -159,11 +159,8 @@ class TriangleAttention(nn.Module):
 
     attention = Attention(num_head=c.num_head, output_dim=channels, key_dim=c.get("key_dim"),
                           value_dim=c.get("value_dim"), gating=c.gating, zero_init=gc.zero_init,
-                          dtype=dtype, impl=attention_impl(gc, "triangle_attention_impl"),
-                          pallas_max_queries=pallas_max_queries(gc),
-                          fuse_projections=gc.get("fuse_projections", False),
-                          pallas_reads_projection=gc.get("pallas_reads_projection", False),
-                          name="attention")
+                          dtype=dtype, name="attention",
+                          **attention_settings(gc, "triangle_attention_impl"))
     pair_act = chunked_apply(attention, subbatch_size(gc), [pair_act, pair_act, mask],
                              [nonbatched_bias])
     if c.orientation == "per_column":
