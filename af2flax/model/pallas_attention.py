@@ -418,7 +418,7 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attention(q, k, v, bias, key_mask, tiling, interpret):
-  return _forward(q, k, v, bias, key_mask, tiling, interpret, _Layout(q.shape[2]))[0]
+  return _attention_fwd(q, k, v, bias, key_mask, tiling, interpret)[0]
 
 
 def _attention_fwd(q, k, v, bias, key_mask, tiling, interpret):
@@ -438,9 +438,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _fused_attention(projection, bias, key_mask, layout, tiling, interpret):
-  out, _ = _forward(projection, projection, projection, bias, key_mask, tiling, interpret,
-                    layout)
-  return out, projection[:, :, 3 * layout.heads:]
+  return _fused_attention_fwd(projection, bias, key_mask, layout, tiling, interpret)[0]
 
 
 def _fused_attention_fwd(projection, bias, key_mask, layout, tiling, interpret):
