@@ -227,9 +227,9 @@ def main(argv=None) -> int:
     count[e["name"]] += 1
     by_scope[scope_of(e, args.depth)] += e["dur"]
   by_class, class_count = collections.Counter(), collections.Counter()
-  for e in kernels:
-    by_class[kernel_class(e["name"])] += e["dur"]
-    class_count[kernel_class(e["name"])] += 1
+  for name, dur in by_name.items():   # per kernel name, not per event
+    by_class[kernel_class(name)] += dur
+    class_count[kernel_class(name)] += count[name]
   print(f"\nkernel classes (ms and kernels per step, {args.steps} steps traced)")
   for label, dur in by_class.most_common():
     print(f"  {dur / 1e3 / args.steps:9.2f} ms {100 * dur / busy:5.1f}%  "
