@@ -45,9 +45,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
 
-def _bf16_cudnn_with_flags(xla_flags: str) -> dict:
-  """The default variant (bf16, cuDNN attention) under these XLA flags."""
-  return {"dtype": "bfloat16", "attention_impl": "cudnn", "xla_flags": xla_flags}
+def _bf16_with_flags(xla_flags: str, attention_impl: str = "cudnn") -> dict:
+  """A bf16 variant (cuDNN attention, the default until 2026-12-03; or 'auto', the presets
+  since) under these XLA flags."""
+  return {"dtype": "bfloat16", "attention_impl": attention_impl, "xla_flags": xla_flags}
 
 
 # name -> model global_config overrides ('xla_flags': added to XLA_FLAGS of its worker)
@@ -118,15 +119,15 @@ VARIANTS = {
     "bf16-auto-readsproj": {"dtype": "bfloat16", "attention_impl": "auto",
                             "pallas_reads_projection": True},
     # XLA's GPU compiler settings (compile time against step time).
-    "bf16-cudnn-notriton": _bf16_cudnn_with_flags("--xla_gpu_enable_triton_gemm=false"),
-    "bf16-cudnn-autotune1": _bf16_cudnn_with_flags("--xla_gpu_autotune_level=1"),
-    "bf16-cudnn-autotune0": _bf16_cudnn_with_flags("--xla_gpu_autotune_level=0"),
-    "bf16-cudnn-autotune0-notriton": _bf16_cudnn_with_flags(
+    "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
+    "bf16-cudnn-autotune1": _bf16_with_flags("--xla_gpu_autotune_level=1"),
+    "bf16-cudnn-autotune0": _bf16_with_flags("--xla_gpu_autotune_level=0"),
+    "bf16-cudnn-autotune0-notriton": _bf16_with_flags(
         "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false"),
     # Compile-time levers of jax 0.11's XLA (its LLVM module split flag is gone): the compile
     # thread count, XLA's autotuner of non-GEMM fusions off.
-    "bf16-cudnn-par16": _bf16_cudnn_with_flags("--xla_gpu_force_compilation_parallelism=16"),
-    "bf16-cudnn-nofusiontune": _bf16_cudnn_with_flags(
+    "bf16-cudnn-par16": _bf16_with_flags("--xla_gpu_force_compilation_parallelism=16"),
+    "bf16-cudnn-nofusiontune": _bf16_with_flags(
         "--xla_gpu_experimental_enable_fusion_autotuner=false"),
     # The presets under XLA flags aimed at the per-step small kernels of the scanned blocks
     # (the profile of 2026-12-03, fourth session: ~4,400 device-to-device copies and ~4,000
@@ -135,19 +136,17 @@ VARIANTS = {
     # slices fused into the matrix products that read them; normalisations as Triton
     # block-level fusions. H200, that session, gradient pass: 0.523, 0.525 and 0.745 s
     # against the presets' 0.522 s side by side. None kept.
-    "bf16-auto-regioncopy": {"dtype": "bfloat16", "attention_impl": "auto",
-                             "xla_flags": "--xla_gpu_copy_insertion_use_region_analysis=true"},
-    "bf16-auto-dsfusion": {"dtype": "bfloat16", "attention_impl": "auto",
-                           "xla_flags": "--xla_gpu_enable_dynamic_slice_fusion=true"},
-    "bf16-auto-blocklevel": {
-        "dtype": "bfloat16", "attention_impl": "auto",
-        "xla_flags": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"},
+    "bf16-auto-regioncopy": _bf16_with_flags(
+        "--xla_gpu_copy_insertion_use_region_analysis=true", "auto"),
+    "bf16-auto-dsfusion": _bf16_with_flags("--xla_gpu_enable_dynamic_slice_fusion=true", "auto"),
+    "bf16-auto-blocklevel": _bf16_with_flags(
+        "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true", "auto"),
     # Step-time levers: no zero-initialisation of the buffers that dynamic-update-slice
     # accumulates into (the scans' stacked outputs), programmatic dependent launch (a kernel's
     # start overlaps the previous kernel's tail).
-    "bf16-cudnn-dusinit": _bf16_cudnn_with_flags(
+    "bf16-cudnn-dusinit": _bf16_with_flags(
         "--xla_gpu_enable_dus_accumulator_zero_init_elimination=true"),
-    "bf16-cudnn-pdl": _bf16_cudnn_with_flags("--xla_gpu_enable_pdl=true"),
+    "bf16-cudnn-pdl": _bf16_with_flags("--xla_gpu_enable_pdl=true"),
 }
 RECYCLES = (0, 1, 2, 3)
 
