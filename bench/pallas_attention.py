@@ -7,7 +7,8 @@ At the attention shapes of an initial-training step (crop 256, 128 MSA rows; bf1
 shared bias:
   xla     the logits materialised, float32 softmax (AlphaFold's arithmetic)
   cudnn   `jax.nn.dot_product_attention(implementation='cudnn')`, bias [1, H, Q, K]
-  pallas  `af2flax.model.pallas_attention.attention` with its default tiling
+  pallas  `af2flax.model.pallas_attention.attention` with its default tiling, then with each
+          other backward pass (`Tiling.backward`: the logits' gradient written for XLA to sum)
 and with `--sweep` (at the first shape, the triangle attention) each tiling that changes one
 field of the default. Prints median ms of
 the forward pass and of forward + backward, and the gradient's difference from XLA's (norm
@@ -50,7 +51,13 @@ SWEEP = (
     {"kv_target_programs": 256}, {"kv_target_programs": 2048},
     {"query_block_q": 32}, {"query_block_q": 128}, {"query_block_k": 32},
     {"query_block_k": 128}, {"query_warps": 8},
+    {"backward": "logit_grads", "lg_block_q": 32}, {"backward": "logit_grads", "lg_block_q": 128},
+    {"backward": "logit_grads", "lg_block_k": 32}, {"backward": "logit_grads", "lg_block_k": 128},
+    {"backward": "logit_grads", "lg_warps": 8}, {"backward": "logit_grads", "lg_stages": 1},
+    {"backward": "logit_grads", "lg_stages": 3},
 )
+# Beside the default tiling, every shape times the other backward passes (`Tiling.backward`).
+OTHER_BACKWARDS = ("logit_grads", "logit_grads_xla_dq")
 
 
 def main(argv=None) -> int:
@@ -92,6 +99,9 @@ def main(argv=None) -> int:
   if not interpret:
     impls.append(("cudnn", cudnn_attention))
   impls.append(("pallas", pallas_with(pallas_attention.DEFAULT_TILING)))
+  for backward in OTHER_BACKWARDS:
+    impls.append((f"pallas/{backward}", pallas_with(dataclasses.replace(
+        pallas_attention.DEFAULT_TILING, backward=backward))))
   sweep = []
   if args.sweep:
     for change in SWEEP:

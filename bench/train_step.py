@@ -118,6 +118,13 @@ VARIANTS = {
     # session, after that session's device time: not yet timed.
     "bf16-auto-readsproj": {"dtype": "bfloat16", "attention_impl": "auto",
                             "pallas_reads_projection": True},
+    # The presets with our kernels' backward pass writing the logits' gradient [B, H, Q, K]
+    # (XLA sums it over rows for the bias gradient), dQ from our query kernel or from XLA's
+    # product of that gradient with k (`global_config.pallas_backward`).
+    "bf16-auto-lg": {"dtype": "bfloat16", "attention_impl": "auto",
+                     "pallas_backward": "logit_grads"},
+    "bf16-auto-lgxladq": {"dtype": "bfloat16", "attention_impl": "auto",
+                          "pallas_backward": "logit_grads_xla_dq"},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_with_flags("--xla_gpu_autotune_level=1"),

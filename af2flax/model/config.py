@@ -50,6 +50,11 @@ af2flax adds, under `global_config`:
                  copied, and q scaled, in memory first (three [B, N, H, d] copies per
                  attention in each forward pass, ~16 ms per initial-training step in the
                  H200 profile of 2026-12-03). Same values. Presets: False (not yet timed).
+  pallas_backward  how our kernels' backward pass gets dK, dV and the shared bias's gradient
+                 (`pallas_attention.Tiling.backward`): 'grouped' (summed over groups of rows
+                 in registers) | 'logit_grads' (the logits' gradient [B, H, Q, K] written,
+                 XLA sums it over rows) | 'logit_grads_xla_dq' (and dQ as XLA's product of
+                 it with k). The same values up to float rounding. Presets: 'grouped'.
   triangle_channels_first  the triangle multiplication with its edges laid out [c, N, N]
                  (projections write that layout, fused; no transposes around the product).
                  Same values and parameters. Presets: True (6% faster expected step on an
@@ -90,6 +95,7 @@ OUR_GLOBAL_DEFAULTS = {
     "pallas_attention_max_queries": 0,
     "fuse_projections": True,
     "pallas_reads_projection": False,
+    "pallas_backward": "grouped",
     "triangle_channels_first": True,
     "outer_product_mean_chunking": "low_memory",
 }

@@ -76,9 +76,23 @@ class Tiling:
   query_block_k: int = 64
   query_warps: int = 4
   query_stages: int = 2
+  # How the backward pass gets dK, dV and the bias gradient (`BACKWARDS`):
+  #   'grouped'      the key/value/bias kernel above: the bias gradient summed over each
+  #                  group's rows in registers (kv_* fields);
+  #   'logit_grads'  one program per (row, head, block of keys) walks the queries in blocks,
+  #                  writes dK, dV and the logits' gradient [B, H, Q, K] (q's dtype), which
+  #                  XLA sums over the rows (lg_* fields); dQ from the query kernel;
+  #   'logit_grads_xla_dq'  the same, and dQ = dS k as XLA's batched matrix product of that
+  #                  written gradient instead of the query kernel.
+  backward: str = "grouped"
+  lg_block_q: int = 64
+  lg_block_k: int = 64
+  lg_warps: int = 4
+  lg_stages: int = 2
 
 
 DEFAULT_TILING = Tiling()
+BACKWARDS = ("grouped", "logit_grads", "logit_grads_xla_dq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +321,37 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, scale
     d_bias_ref[queries, :] = tile
 
 
+def _key_value_logit_grads_kernel(*refs, has_bias: bool, writes_logit_grads: bool,
+                                  block_q: int, scale: float):
+  """dK and dV of one row's block of keys, walking its queries in blocks, and the logits'
+  gradient of that row (when `writes_logit_grads`) for XLA to sum over rows."""
+  refs = list(refs)
+  q_ref, k_ref, v_ref = refs[:3]
+  bias_ref = refs.pop(3) if has_bias else None
+  mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref, d_k_ref, d_v_ref = refs[3:10]
+  d_logits_ref = refs[10] if writes_logit_grads else None
+  k, v, key_valid = k_ref[...], v_ref[...], mask_ref[...] != 0   # [bk, d], [bk]
+
+  def body(index, carry):
+    d_k, d_v = carry
+    queries = pl.ds(index * block_q, block_q)
+    q, d_out = _scaled(q_ref[queries, :], scale), d_out_ref[queries, :]   # [bq, d]
+    bias = bias_ref[queries, :] if bias_ref is not None else None
+    probs, d_logits = _probs_and_logit_grads(
+        q, k, v, bias, key_valid, d_out, max_ref[queries][:, None],
+        inv_sum_ref[queries][:, None], delta_ref[queries][:, None])
+    if d_logits_ref is not None:
+      d_logits_ref[queries, :] = d_logits.astype(d_logits_ref.dtype)
+    d_v = d_v + _mm(probs.astype(d_out.dtype), d_out, trans_a=True)
+    d_k = d_k + _mm(d_logits.astype(q.dtype), q, trans_a=True)
+    return d_k, d_v
+
+  zeros = jnp.zeros(k.shape, _F32)
+  d_k, d_v = jax.lax.fori_loop(0, q_ref.shape[0] // block_q, body, (zeros, zeros))
+  d_k_ref[...] = d_k.astype(d_k_ref.dtype)
+  d_v_ref[...] = d_v.astype(d_v_ref.dtype)
+
+
 def _query_kernel(*refs, has_bias: bool, block_k: int, scale: float):
   if has_bias:
     (q_ref, k_ref, v_ref, bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
@@ -346,16 +391,61 @@ def _row_groups(batch: int, heads: int, key_blocks: int, has_bias: bool,
 def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, layout):
   """dq, dk, dv [B, N, H, d] each (of the unscaled q when `layout.scale` is not 1) and the
   bias gradient."""
-  batch, q_len, _, head_dim = q.shape
-  k_len, heads = k.shape[1], layout.heads
-  q_at, k_at, v_at = layout.offsets
-  has_bias = bias is not None
+  if tiling.backward not in BACKWARDS:
+    raise ValueError(f"pallas attention: Tiling.backward={tiling.backward!r}; expected one of "
+                     f"{BACKWARDS}")
   d_out = d_out.astype(q.dtype)
   row_max, row_sum = stats
   delta = jnp.einsum("bqhc,bqhc->bhq", d_out.astype(_F32), out.astype(_F32))
   query_stats = [row_max, 1.0 / row_sum, delta]                     # [B, H, Q] each
+  if tiling.backward == "grouped":
+    d_k, d_v, d_bias = _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats,
+                                                tiling, interpret, layout)
+  else:
+    xla_dq = tiling.backward == "logit_grads_xla_dq"
+    d_k, d_v, d_logits = _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats,
+                                                tiling, interpret, layout,
+                                                writes_logit_grads=bias is not None or xla_dq)
+    d_bias = (jnp.sum(d_logits, axis=0, dtype=_F32).astype(bias.dtype) if bias is not None
+              else None)
+    if xla_dq:
+      # dS [B, H, Q, K] times the keys (as the kernels read them, q's dtype), float32 sums;
+      # the gradient of the unscaled q.
+      keys = k[:, :, layout.offsets[1]:layout.offsets[1] + layout.heads]
+      d_q = jnp.einsum("bhqk,bkhc->bqhc", d_logits, keys, preferred_element_type=_F32)
+      d_q = (d_q * layout.scale if layout.scale != 1.0 else d_q).astype(q.dtype)
+      return d_q, d_k, d_v, d_bias
 
-  # dK, dV and the bias gradient: grid (head, key block, row group).
+  # dQ: grid (row, head, query block).
+  q_len, k_len = q.shape[1], k.shape[1]
+  batch, head_dim, heads = q.shape[0], q.shape[-1], layout.heads
+  block_q = _block(q_len, tiling.query_block_q)
+  block_k = _block(k_len, tiling.query_block_k)
+  operands, in_specs, query_tile, query_stat = _query_block_specs(q, k, v, bias, key_mask,
+                                                                  block_q, layout)
+  operands += [d_out] + query_stats
+  in_specs += [query_tile] + [query_stat] * 3
+  d_q = pl.pallas_call(
+      functools.partial(_query_kernel, has_bias=bias is not None, block_k=block_k,
+                        scale=layout.scale),
+      grid=(batch, heads, q_len // block_q),
+      in_specs=in_specs, out_specs=query_tile,
+      out_shape=jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), q.dtype),
+      compiler_params=_compiler_params(tiling.query_warps, tiling.query_stages),
+      interpret=interpret,
+      name="af2_attention_backward_q",
+  )(*operands)
+  return d_q, d_k, d_v, d_bias
+
+
+def _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, interpret,
+                             layout):
+  """dK, dV and the bias gradient from the key/value/bias kernel: grid (head, key block,
+  row group)."""
+  batch, q_len, _, head_dim = q.shape
+  k_len, heads = k.shape[1], layout.heads
+  q_at, k_at, v_at = layout.offsets
+  has_bias = bias is not None
   reason = _query_blocks_reason(q_len, tiling.kv_block_q)
   if reason is not None:
     raise ValueError(f"pallas attention: {reason} (Tiling.kv_block_q)")
@@ -391,27 +481,49 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
       interpret=interpret,
       name="af2_attention_backward_kv",
   )(*operands)
-  d_k, d_v = results[:2]
   d_bias = jnp.sum(results[2], axis=0).astype(bias.dtype) if has_bias else None
+  return results[0], results[1], d_bias
 
-  # dQ: grid (row, head, query block).
-  block_q = _block(q_len, tiling.query_block_q)
-  block_k = _block(k_len, tiling.query_block_k)
-  operands, in_specs, query_tile, query_stat = _query_block_specs(q, k, v, bias, key_mask,
-                                                                  block_q, layout)
-  operands += [d_out] + query_stats
-  in_specs += [query_tile] + [query_stat] * 3
-  d_q = pl.pallas_call(
-      functools.partial(_query_kernel, has_bias=has_bias, block_k=block_k,
+
+def _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, interpret,
+                           layout, writes_logit_grads):
+  """dK, dV and (when `writes_logit_grads`) the logits' gradient [B, H, Q, K] in q's dtype:
+  grid (row, head, key block)."""
+  batch, q_len, _, head_dim = q.shape
+  k_len, heads = k.shape[1], layout.heads
+  q_at, k_at, v_at = layout.offsets
+  block_q = _block(q_len, tiling.lg_block_q)
+  block_k = _block(k_len, tiling.lg_block_k)
+  whole_rows = pl.BlockSpec((None, q_len, None, head_dim), lambda b, h, j: (b, 0, h, 0))
+  key_tile = pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, h, 0))
+  per_query = pl.BlockSpec((None, None, q_len), lambda b, h, j: (b, h, 0))
+  in_specs = [
+      pl.BlockSpec((None, q_len, None, head_dim), lambda b, h, j: (b, 0, _at(h, q_at), 0)),
+      pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, _at(h, k_at), 0)),
+      pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, _at(h, v_at), 0))]
+  operands = [q, k, v]
+  if bias is not None:
+    in_specs.append(pl.BlockSpec((None, q_len, block_k), lambda b, h, j: (h, 0, j)))
+    operands.append(bias)
+  in_specs += [pl.BlockSpec((None, block_k), lambda b, h, j: (b, j)), whole_rows]
+  in_specs += [per_query] * 3
+  operands += [key_mask, d_out] + query_stats
+  out_specs = [key_tile, key_tile]
+  out_shape = [jax.ShapeDtypeStruct((batch, k_len, heads, head_dim), k.dtype)] * 2
+  if writes_logit_grads:
+    out_specs.append(pl.BlockSpec((None, None, q_len, block_k), lambda b, h, j: (b, h, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, heads, q_len, k_len), q.dtype))
+  results = pl.pallas_call(
+      functools.partial(_key_value_logit_grads_kernel, has_bias=bias is not None,
+                        writes_logit_grads=writes_logit_grads, block_q=block_q,
                         scale=layout.scale),
-      grid=(batch, heads, q_len // block_q),
-      in_specs=in_specs, out_specs=query_tile,
-      out_shape=jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), q.dtype),
-      compiler_params=_compiler_params(tiling.query_warps, tiling.query_stages),
+      grid=(batch, heads, k_len // block_k),
+      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_compiler_params(tiling.lg_warps, tiling.lg_stages),
       interpret=interpret,
-      name="af2_attention_backward_q",
+      name="af2_attention_backward_kv_logit_grads",
   )(*operands)
-  return d_q, d_k, d_v, d_bias
+  return results[0], results[1], results[2] if writes_logit_grads else None
 
 
 # --- The differentiable function ----------------------------------------------------------

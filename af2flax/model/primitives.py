@@ -11,6 +11,8 @@ activations loses too much precision.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any, Sequence
 
@@ -307,6 +309,16 @@ def pallas_max_queries(global_config: Any) -> int:
   return value
 
 
+def pallas_backward(global_config: Any) -> str:
+  """`global_config.pallas_backward`: how our kernels' backward pass gets dK, dV and the
+  bias gradient (`pallas_attention.Tiling.backward`; 'grouped' when unset)."""
+  value = global_config.get("pallas_backward", "") or "grouped"
+  if value not in pallas_attention.BACKWARDS:
+    raise ValueError(f"global_config.pallas_backward={value!r}; expected one of "
+                     f"{pallas_attention.BACKWARDS}")
+  return value
+
+
 def attention_settings(global_config: Any, module_key: str | None = None) -> dict[str, Any]:
   """The `Attention` fields that `global_config` sets, for a module whose own override of
   `attention_impl` is `module_key` (e.g. 'triangle_attention_impl'): its core's path, the
@@ -314,7 +326,8 @@ def attention_settings(global_config: Any, module_key: str | None = None) -> dic
   return {"impl": attention_impl(global_config, module_key),
           "pallas_max_queries": pallas_max_queries(global_config),
           "fuse_projections": global_config.get("fuse_projections", False),
-          "pallas_reads_projection": global_config.get("pallas_reads_projection", False)}
+          "pallas_reads_projection": global_config.get("pallas_reads_projection", False),
+          "pallas_backward": pallas_backward(global_config)}
 
 
 def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_bias: bool,
@@ -422,6 +435,8 @@ class Attention(nn.Module):
   # the fused projection (`pallas_attention.fused_self_attention`), not from slices of it
   # copied out (and q scaled) in memory.
   pallas_reads_projection: bool = False
+  # `pallas_attention.Tiling.backward` of our kernels (global_config.pallas_backward).
+  pallas_backward: str = "grouped"
 
   @nn.compact
   def __call__(self, q_data: jax.Array, m_data: jax.Array, mask: jax.Array,
@@ -481,8 +496,8 @@ class Attention(nn.Module):
     path = attention_path(self.impl, q, k, mask, bias is not None, self.pallas_max_queries)
     if path == "pallas":
       return pallas_attention.attention(
-          q, k, v, bias, mask[:, 0, 0, :],
-          interpret=jax.default_backend() != "gpu", max_queries=self.pallas_max_queries)
+          q, k, v, bias, mask[:, 0, 0, :], interpret=jax.default_backend() != "gpu",
+          tiling=self._pallas_tiling(), max_queries=self.pallas_max_queries)
     if path == "fused":
       return fused_attention(q, k, v, mask, bias)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
@@ -508,7 +523,13 @@ class Attention(nn.Module):
       return None
     return pallas_attention.fused_self_attention(
         projection, heads, head_dim ** (-0.5), bias, mask[:, 0, 0, :],
-        interpret=jax.default_backend() != "gpu", max_queries=self.pallas_max_queries)
+        interpret=jax.default_backend() != "gpu", tiling=self._pallas_tiling(),
+        max_queries=self.pallas_max_queries)
+
+  def _pallas_tiling(self) -> pallas_attention.Tiling:
+    if self.pallas_backward == pallas_attention.DEFAULT_TILING.backward:
+      return pallas_attention.DEFAULT_TILING
+    return dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=self.pallas_backward)
 
   def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
     return self.param(name, init, shape, self.param_dtype).astype(self.dtype)

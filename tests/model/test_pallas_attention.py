@@ -88,6 +88,33 @@ def test_tilings_give_the_same_results():
       _assert_close(grad, expected, 1e-5, f"{name} {change}")
 
 
+@pytest.mark.parametrize("backward", ["logit_grads", "logit_grads_xla_dq"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_logit_gradient_backwards_match_xla(backward, with_bias, dtype, tol):
+  """The backward passes that write the logits' gradient [B, H, Q, K] (XLA sums it over the
+  rows for the bias; dQ from our query kernel or from XLA's product of it with k) give the
+  materialised attention's gradients, with 48 queries walked in three blocks of 16 and two
+  blocks of 16 keys."""
+  q, k, v, bias, key_mask = _inputs(dtype, batch=3, q_len=48, k_len=32, seed=7)
+  bias = bias if with_bias else None
+  tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward,
+                               lg_block_q=16, lg_block_k=16)
+  out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
+  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
+  _assert_close(out, expected_out, tol, "out")
+  for name, grad, expected in zip("qkvb", grads, expected_grads):
+    assert grad.shape == expected.shape and grad.dtype == expected.dtype, name
+    _assert_close(grad, expected, tol, name)
+
+
+def test_unknown_backward_is_named():
+  q, k, v, bias, key_mask = _inputs(jnp.float32, batch=2, q_len=16, k_len=16)
+  tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward="atomics")
+  with pytest.raises(ValueError, match="Tiling.backward='atomics'"):
+    _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
+
+
 def test_query_length_in_several_blocks():
   """48 queries (not a power of two, as fine-tuning's 384): the key/value/bias kernel walks
   them in three blocks of 16, accumulating dK, dV and three bias-gradient tiles."""
@@ -195,12 +222,14 @@ def test_attention_module_with_pallas_matches_xla():
   assert primitives.attention_path("pallas", crop_384, crop_384, mask, True, 384) == "pallas"
 
 
+@pytest.mark.parametrize("backward", ["grouped", "logit_grads_xla_dq"])
 @pytest.mark.parametrize("with_bias", [True, pytest.param(False, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 0.0), (jnp.bfloat16, 1e-2)])
-def test_fused_self_attention_reads_the_projection_in_place(with_bias, dtype, tol):
+def test_fused_self_attention_reads_the_projection_in_place(with_bias, dtype, tol, backward):
   """q, k, v read from the fused projection [B, N, 4H, d] (q scaled on loading) give the
   sliced path's values (exactly: the scale is rounded as XLA rounds it) and gradients; the
-  gate's group gets a zero gradient; the dQ differs in bf16 only by where it is rounded."""
+  gate's group gets a zero gradient; the dQ differs in bf16 only by where it is rounded.
+  With `logit_grads_xla_dq`, XLA's dQ takes k from the projection's second group."""
   rng = np.random.default_rng(5)
   batch, length, heads, dim = 3, 32, 2, 32
   projection = jnp.asarray(rng.normal(size=(batch, length, 4 * heads, dim)), dtype)
@@ -208,14 +237,16 @@ def test_fused_self_attention_reads_the_projection_in_place(with_bias, dtype, to
   key_mask = (np.arange(length)[None] < np.array([32, 27, 16])[:, None]).astype(np.int32)
   scale = dim ** -0.5
   cotangent = jax.random.normal(jax.random.PRNGKey(3), (batch, length, heads, dim))
+  tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward)
 
   def sliced(projection, bias):
     q, k, v, _ = jnp.split(projection, 4, axis=2)
-    return pallas_attention.attention(q * scale, k, v, bias, key_mask, interpret=True)
+    return pallas_attention.attention(q * scale, k, v, bias, key_mask, interpret=True,
+                                      tiling=tiling)
 
   def fused(projection, bias):
     out, gate = pallas_attention.fused_self_attention(projection, heads, scale, bias, key_mask,
-                                                      interpret=True)
+                                                      interpret=True, tiling=tiling)
     np.testing.assert_array_equal(gate.shape, (batch, length, heads, dim))
     return out
 
