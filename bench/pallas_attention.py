@@ -8,7 +8,8 @@ shared bias:
   xla     the logits materialised, float32 softmax (AlphaFold's arithmetic)
   cudnn   `jax.nn.dot_product_attention(implementation='cudnn')`, bias [1, H, Q, K]
   pallas  `af2flax.model.pallas_attention.attention` with its default tiling, then with each
-          other backward pass (`Tiling.backward`: the logits' gradient written for XLA to sum)
+          other backward pass (`Tiling.backward`: 'grouped', the bias gradient summed in
+          registers; 'logit_grads', dQ from our query kernel)
 and with `--sweep` (at the first shape, the triangle attention) each tiling that changes one
 field of the default. Prints median ms of
 the forward pass and of forward + backward, and the gradient's difference from XLA's (norm
@@ -47,17 +48,13 @@ SHAPES = {
 SWEEP = (
     {"forward_block_q": 128}, {"forward_block_k": 32}, {"forward_block_k": 128},
     {"forward_warps": 8}, {"forward_stages": 3},
-    {"kv_block_k": 16}, {"kv_block_k": 64}, {"kv_warps": 4}, {"kv_stages": 2},
-    {"kv_target_programs": 256}, {"kv_target_programs": 2048},
+    {"lg_block_q": 32}, {"lg_block_q": 128}, {"lg_block_k": 32}, {"lg_block_k": 128},
+    {"lg_warps": 8}, {"lg_stages": 1}, {"lg_stages": 3},
     {"query_block_q": 32}, {"query_block_q": 128}, {"query_block_k": 32},
     {"query_block_k": 128}, {"query_warps": 8},
-    {"backward": "logit_grads", "lg_block_q": 32}, {"backward": "logit_grads", "lg_block_q": 128},
-    {"backward": "logit_grads", "lg_block_k": 32}, {"backward": "logit_grads", "lg_block_k": 128},
-    {"backward": "logit_grads", "lg_warps": 8}, {"backward": "logit_grads", "lg_stages": 1},
-    {"backward": "logit_grads", "lg_stages": 3},
 )
 # Beside the default tiling, every shape times the other backward passes (`Tiling.backward`).
-OTHER_BACKWARDS = ("logit_grads", "logit_grads_xla_dq")
+OTHER_BACKWARDS = ("grouped", "logit_grads")
 
 
 def main(argv=None) -> int:

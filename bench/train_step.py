@@ -114,17 +114,18 @@ VARIANTS = {
     "bf16-pallas512-group1": {"dtype": "bfloat16", "attention_impl": "auto",
                               "pallas_attention_max_queries": 512, "remat_group_size": 1},
     # The presets with our kernels reading q, k and v in place from the self-attentions'
-    # fused projection (no slices copied, q scaled on loading). Written 2026-12-03, fourth
-    # session, after that session's device time: not yet timed.
+    # fused projection (no slices copied, q scaled on loading). H200, 2026-12-03 (fifth
+    # session): gradient pass 0.549 s against 0.525 s, so not kept.
     "bf16-auto-readsproj": {"dtype": "bfloat16", "attention_impl": "auto",
                             "pallas_reads_projection": True},
-    # The presets with our kernels' backward pass writing the logits' gradient [B, H, Q, K]
-    # (XLA sums it over rows for the bias gradient), dQ from our query kernel or from XLA's
-    # product of that gradient with k (`global_config.pallas_backward`).
+    # The presets with another backward pass of our kernels (`global_config.pallas_backward`;
+    # the presets: 'logit_grads_xla_dq'): 'grouped' (the presets before 2026-12-03's fifth
+    # session: the bias gradient summed in registers) and 'logit_grads' (dQ from our query
+    # kernel, not from XLA's product of the written logits' gradient with k).
+    "bf16-auto-grouped": {"dtype": "bfloat16", "attention_impl": "auto",
+                          "pallas_backward": "grouped"},
     "bf16-auto-lg": {"dtype": "bfloat16", "attention_impl": "auto",
                      "pallas_backward": "logit_grads"},
-    "bf16-auto-lgxladq": {"dtype": "bfloat16", "attention_impl": "auto",
-                          "pallas_backward": "logit_grads_xla_dq"},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_with_flags("--xla_gpu_autotune_level=1"),

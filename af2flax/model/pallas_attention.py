@@ -3,20 +3,21 @@
 Jumper et al. (2021) Suppl. Alg. 7 / 8 / 13 / 14: the attention core of the MSA row and
 column attentions and the triangle attentions, `softmax(q k^T + bias, masked keys) v`, where
 the pair bias [H, Q, K] is shared by every row of the batch (every MSA row, every row of the
-pair representation). Its gradient is the sum over the batch of the logits' gradients. cuDNN
-computes that sum in a second, poorly parallel kernel after writing each row's gradient
-(`fmha_dbias`, a third of the attention's time in the training step: docs/benchmarks.md);
-here the backward kernel sums it in registers while it walks the rows.
+pair representation). Its gradient is the sum over the batch of the logits' gradients.
 
-Three kernels (Pallas on the Triton backend), flash-attention style (no [B, H, Q, K] array in
-memory):
+Kernels (Pallas on the Triton backend), flash-attention style (no float32 [B, H, Q, K]
+logits or probabilities in memory):
 - forward: one program per (row, head, block of queries) walks the keys with an online
   softmax and writes the output and each query's logit maximum and exponential sum;
-- key/value/bias gradient: one program per (head, block of keys, group of rows) walks its
-  rows, and in each row every query (in up to `MAX_QUERY_BLOCKS` blocks), recomputes the
-  probabilities from those two statistics, writes dK and dV of each row and the group's
-  partial bias gradient; XLA sums the groups' partials;
-- query gradient: one program per (row, head, block of queries) walks the keys again.
+- key/value gradient (`Tiling.backward`, default 'logit_grads_xla_dq'): one program per
+  (row, head, block of keys) walks the row's queries in blocks, recomputes the probabilities
+  from those two statistics, accumulates dK and dV and, with a bias, writes the logits'
+  gradient dS [B, H, Q, K] in q's dtype; XLA sums dS over the rows (the bias gradient) and
+  multiplies it with k (dQ). 'grouped' instead sums the bias gradient of a group of rows in
+  registers (one program per head, block of keys and group of rows; at most
+  `BACKWARD_MAX_QUERIES` queries): no dS in memory, but 1.7x slower at crop 256;
+- query gradient (without a bias, or with `Tiling.backward` other than the default): one
+  program per (row, head, block of queries) walks the keys again.
 
 Masking is AlphaFold's: a masked key's logit is replaced by -1e9 (a row with no valid key
 attends uniformly to all), any key mask [B, K], not only padding. `interpret=True` runs the
@@ -40,11 +41,10 @@ from jax.experimental.pallas import triton as plgpu
 
 # AlphaFold's logit for a masked key (`primitives.SOFTMAX_MASK_VALUE`; a test pins them equal).
 MASK_VALUE = -1e9
-# The key/value/bias kernel keeps the bias gradient of all Q queries x block_k keys in float32
-# registers (256 x 32: 32 per thread of 8 warps), plus one query block's working tiles. Up to
-# this many queries the presets differentiate through our kernels; longer crops (fine-tuning's
-# 384) run cuDNN unless `global_config.pallas_attention_max_queries` says more (at
-# fine-tuning shapes no faster than cuDNN, docs/benchmarks.md).
+# Up to this many queries the presets differentiate through our kernels; longer crops
+# (fine-tuning's 384) run cuDNN unless `global_config.pallas_attention_max_queries` says more.
+# The 'grouped' key/value/bias kernel keeps the bias gradient of all Q queries x block_k keys
+# in float32 registers (256 x 32: 32 per thread of 8 warps), plus one query block's tiles.
 BACKWARD_MAX_QUERIES = 256
 # The key/value/bias kernel unrolls its loop over query blocks (`Tiling.kv_block_q`).
 MAX_QUERY_BLOCKS = 4
@@ -82,9 +82,13 @@ class Tiling:
   #   'logit_grads'  one program per (row, head, block of keys) walks the queries in blocks,
   #                  writes dK, dV and the logits' gradient [B, H, Q, K] (q's dtype), which
   #                  XLA sums over the rows (lg_* fields); dQ from the query kernel;
-  #   'logit_grads_xla_dq'  the same, and dQ = dS k as XLA's batched matrix product of that
-  #                  written gradient instead of the query kernel.
-  backward: str = "grouped"
+  #   'logit_grads_xla_dq'  the same, and with a bias (whose gradient needs dS written
+  #                  anyway) dQ = dS k as XLA's batched matrix product instead of the query
+  #                  kernel; without one, as 'logit_grads' (nothing written).
+  # H200, 2026-12-03 (docs/benchmarks.md): 'logit_grads_xla_dq' takes 0.60 ms per triangle
+  # attention gradient against 'grouped''s 1.02 ms, and the column attention (no bias) 0.35
+  # against 0.79 ms.
+  backward: str = "logit_grads_xla_dq"
   lg_block_q: int = 64
   lg_block_k: int = 64
   lg_warps: int = 4
@@ -402,10 +406,10 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
     d_k, d_v, d_bias = _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats,
                                                 tiling, interpret, layout)
   else:
-    xla_dq = tiling.backward == "logit_grads_xla_dq"
+    xla_dq = tiling.backward == "logit_grads_xla_dq" and bias is not None
     d_k, d_v, d_logits = _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats,
                                                 tiling, interpret, layout,
-                                                writes_logit_grads=bias is not None or xla_dq)
+                                                writes_logit_grads=bias is not None)
     d_bias = (jnp.sum(d_logits, axis=0, dtype=_F32).astype(bias.dtype) if bias is not None
               else None)
     if xla_dq:

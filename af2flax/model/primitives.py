@@ -311,8 +311,8 @@ def pallas_max_queries(global_config: Any) -> int:
 
 def pallas_backward(global_config: Any) -> str:
   """`global_config.pallas_backward`: how our kernels' backward pass gets dK, dV and the
-  bias gradient (`pallas_attention.Tiling.backward`; 'grouped' when unset)."""
-  value = global_config.get("pallas_backward", "") or "grouped"
+  bias gradient (`pallas_attention.Tiling.backward`; its default when unset)."""
+  value = global_config.get("pallas_backward", "") or pallas_attention.DEFAULT_TILING.backward
   if value not in pallas_attention.BACKWARDS:
     raise ValueError(f"global_config.pallas_backward={value!r}; expected one of "
                      f"{pallas_attention.BACKWARDS}")
@@ -436,7 +436,7 @@ class Attention(nn.Module):
   # copied out (and q scaled) in memory.
   pallas_reads_projection: bool = False
   # `pallas_attention.Tiling.backward` of our kernels (global_config.pallas_backward).
-  pallas_backward: str = "grouped"
+  pallas_backward: str = pallas_attention.DEFAULT_TILING.backward
 
   @nn.compact
   def __call__(self, q_data: jax.Array, m_data: jax.Array, mask: jax.Array,

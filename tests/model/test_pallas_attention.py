@@ -75,12 +75,15 @@ def test_values_and_gradients_match_xla(with_bias, dtype, tol):
 
 
 def test_tilings_give_the_same_results():
-  """Other block sizes, several row groups per bias gradient (partials summed) or one."""
+  """Other block sizes, several row groups per bias gradient (partials summed) or one (the
+  'grouped' backward), one program per key block of 32 or per 16 keys."""
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=8, q_len=32, k_len=32)
   expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
   for change in ({"forward_block_q": 16, "forward_block_k": 16, "query_block_k": 16},
-                 {"kv_block_k": 16, "kv_target_programs": 1, "kv_block_q": 16},
-                 {"kv_target_programs": 10 ** 6, "query_block_q": 16}):
+                 {"kv_block_k": 16, "kv_target_programs": 1, "kv_block_q": 16,
+                  "backward": "grouped"},
+                 {"kv_target_programs": 10 ** 6, "query_block_q": 16, "backward": "grouped"},
+                 {"lg_block_q": 32, "lg_block_k": 32}):
     tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, **change)
     out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
     _assert_close(out, expected_out, 1e-5, f"out {change}")
@@ -88,18 +91,18 @@ def test_tilings_give_the_same_results():
       _assert_close(grad, expected, 1e-5, f"{name} {change}")
 
 
-@pytest.mark.parametrize("backward", ["logit_grads", "logit_grads_xla_dq"])
+@pytest.mark.parametrize("backward", pallas_attention.BACKWARDS)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_logit_gradient_backwards_match_xla(backward, with_bias, dtype, tol):
-  """The backward passes that write the logits' gradient [B, H, Q, K] (XLA sums it over the
-  rows for the bias; dQ from our query kernel or from XLA's product of it with k) give the
-  materialised attention's gradients, with 48 queries walked in three blocks of 16 and two
-  blocks of 16 keys."""
+def test_each_backward_matches_xla(backward, with_bias, dtype, tol):
+  """Each backward pass: 'grouped' (bias gradient summed in registers), and those that write
+  the logits' gradient [B, H, Q, K] (XLA sums it over the rows for the bias; dQ from our
+  query kernel or from XLA's product of it with k) give the materialised attention's
+  gradients, with 48 queries walked in three blocks of 16 and two blocks of 16 keys."""
   q, k, v, bias, key_mask = _inputs(dtype, batch=3, q_len=48, k_len=32, seed=7)
   bias = bias if with_bias else None
   tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward,
-                               lg_block_q=16, lg_block_k=16)
+                               lg_block_q=16, lg_block_k=16, kv_block_q=16, kv_block_k=16)
   out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
   expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
   _assert_close(out, expected_out, tol, "out")
@@ -116,10 +119,12 @@ def test_unknown_backward_is_named():
 
 
 def test_query_length_in_several_blocks():
-  """48 queries (not a power of two, as fine-tuning's 384): the key/value/bias kernel walks
-  them in three blocks of 16, accumulating dK, dV and three bias-gradient tiles."""
+  """48 queries (not a power of two, as fine-tuning's 384): the 'grouped' key/value/bias
+  kernel walks them in three blocks of 16, accumulating dK, dV and three bias-gradient
+  tiles."""
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=3, q_len=48, k_len=32, seed=5)
-  out, grads = _values_and_grads(_interpreted(), q, k, v, bias, key_mask)
+  tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward="grouped")
+  out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
   expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
   _assert_close(out, expected_out, 1e-5, "out")
   for name, grad, expected in zip("qkvb", grads, expected_grads):

@@ -16,10 +16,10 @@ def test_smoke_rows_time_both_implementations_and_check_the_gradient():
   assert done.returncode == 0, done.stderr[-2000:]
   rows = [line.split() for line in done.stdout.splitlines() if line.startswith("smoke")]
   by_impl = {(" ".join(row[:-4]), row[-4]): row for row in rows}
-  # Two shapes x (xla, pallas, pallas/logit_grads, pallas/logit_grads_xla_dq).
+  # Two shapes x (xla, pallas, pallas/grouped, pallas/logit_grads).
   assert len(rows) == 8 and len(by_impl) == 8, done.stdout
-  assert {impl for _, impl in by_impl} == {"xla", "pallas", "pallas/logit_grads",
-                                           "pallas/logit_grads_xla_dq"}, done.stdout
+  assert {impl for _, impl in by_impl} == {"xla", "pallas", "pallas/grouped",
+                                           "pallas/logit_grads"}, done.stdout
   for (shape, impl), row in by_impl.items():
     forward_ms, grad_ms, error = (float(value) for value in row[-3:])
     assert forward_ms > 0 and grad_ms > 0, row
