@@ -93,6 +93,10 @@ class Tiling:
   lg_block_k: int = 64
   lg_warps: int = 4
   lg_stages: int = 2
+  # The logits' gradient is written for at most this many bytes of rows at a time (chunks of
+  # rows run one after the other; 0: all rows at once). The extra MSA's row attention at crop
+  # 256 writes 1 GiB at once otherwise, fine-tuning's MSA row attention 1.2 GB.
+  lg_max_chunk_bytes: int = 256 * 2 ** 20
 
 
 DEFAULT_TILING = Tiling()
@@ -407,17 +411,9 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
                                                 tiling, interpret, layout)
   else:
     xla_dq = tiling.backward == "logit_grads_xla_dq" and bias is not None
-    d_k, d_v, d_logits = _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats,
-                                                tiling, interpret, layout,
-                                                writes_logit_grads=bias is not None)
-    d_bias = (jnp.sum(d_logits, axis=0, dtype=_F32).astype(bias.dtype) if bias is not None
-              else None)
-    if xla_dq:
-      # dS [B, H, Q, K] times the keys (as the kernels read them, q's dtype), float32 sums;
-      # the gradient of the unscaled q.
-      keys = k[:, :, layout.offsets[1]:layout.offsets[1] + layout.heads]
-      d_q = jnp.einsum("bhqk,bkhc->bqhc", d_logits, keys, preferred_element_type=_F32)
-      d_q = (d_q * layout.scale if layout.scale != 1.0 else d_q).astype(q.dtype)
+    d_k, d_v, d_bias, d_q = _logit_grad_backward(q, k, v, bias, key_mask, d_out, query_stats,
+                                                 tiling, interpret, layout, xla_dq)
+    if d_q is not None:
       return d_q, d_k, d_v, d_bias
 
   # dQ: grid (row, head, query block).
@@ -440,6 +436,65 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
       name="af2_attention_backward_q",
   )(*operands)
   return d_q, d_k, d_v, d_bias
+
+
+def _rows_per_chunk(batch: int, row_bytes: int, max_bytes: int) -> int:
+  """The most rows (a divisor of `batch`, at least 1) whose logits' gradient takes at most
+  `max_bytes` (all of them when `max_bytes` is 0)."""
+  if max_bytes <= 0 or batch * row_bytes <= max_bytes:
+    return batch
+  return max([rows for rows in range(1, batch + 1)
+              if batch % rows == 0 and rows * row_bytes <= max_bytes] or [1])
+
+
+def _logit_grad_backward(q, k, v, bias, key_mask, d_out, query_stats, tiling, interpret,
+                         layout, xla_dq):
+  """(dK, dV, bias gradient, dQ or None) of the 'logit_grads' backward passes: dS written
+  (with a bias) in chunks of rows of at most `Tiling.lg_max_chunk_bytes`, run one after the
+  other (a scan) so that only one chunk's dS is in memory; each chunk's dS is summed into the
+  bias gradient and, with `xla_dq`, multiplied with the chunk's keys."""
+
+  def chunk_grads(q, k, v, key_mask, d_out, query_stats):
+    d_k, d_v, d_logits = _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats,
+                                                tiling, interpret, layout,
+                                                writes_logit_grads=bias is not None)
+    if bias is None:
+      return d_k, d_v, None, None
+    d_bias = jnp.sum(d_logits, axis=0, dtype=_F32)
+    d_q = None
+    if xla_dq:
+      # dS [B, H, Q, K] times the keys (as the kernels read them, q's dtype), float32 sums;
+      # the gradient of the unscaled q.
+      keys = k[:, :, layout.offsets[1]:layout.offsets[1] + layout.heads]
+      d_q = jnp.einsum("bhqk,bkhc->bqhc", d_logits, keys, preferred_element_type=_F32)
+      d_q = (d_q * layout.scale if layout.scale != 1.0 else d_q).astype(q.dtype)
+    return d_k, d_v, d_bias, d_q
+
+  batch, q_len = q.shape[:2]
+  row_bytes = layout.heads * q_len * k.shape[1] * jnp.dtype(q.dtype).itemsize
+  rows = (_rows_per_chunk(batch, row_bytes, tiling.lg_max_chunk_bytes) if bias is not None
+          else batch)
+  if rows == batch:
+    d_k, d_v, d_bias, d_q = chunk_grads(q, k, v, key_mask, d_out, query_stats)
+  else:
+    chunks = batch // rows
+    split = lambda x: x.reshape((chunks, rows) + x.shape[1:])   # pylint: disable=unnecessary-lambda-assignment
+    # The fused layout passes one projection as q, k and v: scan over it once.
+    distinct = [q] if (k is q and v is q) else [q, k, v]
+
+    def body(d_bias, xs):
+      arrays, key_mask, d_out, query_stats = xs
+      q_c, k_c, v_c = arrays * 3 if len(arrays) == 1 else arrays
+      d_k, d_v, d_bias_c, d_q = chunk_grads(q_c, k_c, v_c, key_mask, d_out, query_stats)
+      return d_bias + d_bias_c, (d_k, d_v, d_q)
+
+    xs = ([split(x) for x in distinct], split(key_mask), split(d_out),
+          [split(x) for x in query_stats])
+    d_bias, (d_k, d_v, d_q) = jax.lax.scan(body, jnp.zeros(bias.shape, _F32), xs)
+    d_k, d_v = (x.reshape((batch,) + x.shape[2:]) for x in (d_k, d_v))
+    if d_q is not None:
+      d_q = d_q.reshape((batch,) + d_q.shape[2:])
+  return d_k, d_v, d_bias.astype(bias.dtype) if bias is not None else None, d_q
 
 
 def _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, interpret,

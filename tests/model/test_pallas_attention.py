@@ -93,7 +93,8 @@ def test_tilings_give_the_same_results():
 
 @pytest.mark.parametrize("backward", pallas_attention.BACKWARDS)
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5),
+                                       pytest.param(jnp.bfloat16, 2e-2, marks=pytest.mark.slow)])
 def test_each_backward_matches_xla(backward, with_bias, dtype, tol):
   """Each backward pass: 'grouped' (bias gradient summed in registers), and those that write
   the logits' gradient [B, H, Q, K] (XLA sums it over the rows for the bias; dQ from our
@@ -109,6 +110,28 @@ def test_each_backward_matches_xla(backward, with_bias, dtype, tol):
   for name, grad, expected in zip("qkvb", grads, expected_grads):
     assert grad.shape == expected.shape and grad.dtype == expected.dtype, name
     _assert_close(grad, expected, tol, name)
+
+
+@pytest.mark.parametrize("backward", ["logit_grads", "logit_grads_xla_dq"])
+def test_logit_gradients_in_chunks_of_rows(backward):
+  """With `lg_max_chunk_bytes` under one row group's dS, the rows run in chunks (a scan):
+  the same gradients as all rows at once, and as the materialised attention."""
+  q, k, v, bias, key_mask = _inputs(jnp.float32, batch=6, q_len=32, k_len=16, seed=9)
+  row_bytes = 2 * 32 * 16 * 4          # heads x Q x K float32
+  assert pallas_attention._rows_per_chunk(6, row_bytes, 2 * row_bytes + 1) == 2  # pylint: disable=protected-access
+  assert pallas_attention._rows_per_chunk(6, row_bytes, 0) == 6  # pylint: disable=protected-access
+  assert pallas_attention._rows_per_chunk(6, row_bytes, 1) == 1  # pylint: disable=protected-access
+  results = []
+  for max_bytes in (0, 2 * row_bytes + 1):
+    tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward,
+                                 lg_max_chunk_bytes=max_bytes)
+    attention = jax.jit(_interpreted(tiling))
+    results.append(_values_and_grads(attention, q, k, v, bias, key_mask))
+  _, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
+  for name, whole, chunked, expected in zip("qkvb", results[0][1], results[1][1],
+                                            expected_grads):
+    _assert_close(chunked, whole, 1e-6, name)
+    _assert_close(chunked, expected, 1e-5, name)
 
 
 def test_unknown_backward_is_named():
@@ -234,7 +257,8 @@ def test_fused_self_attention_reads_the_projection_in_place(with_bias, dtype, to
   """q, k, v read from the fused projection [B, N, 4H, d] (q scaled on loading) give the
   sliced path's values (exactly: the scale is rounded as XLA rounds it) and gradients; the
   gate's group gets a zero gradient; the dQ differs in bf16 only by where it is rounded.
-  With `logit_grads_xla_dq`, XLA's dQ takes k from the projection's second group."""
+  With `logit_grads_xla_dq` (in chunks of one row), XLA's dQ takes k from the projection's
+  second group."""
   rng = np.random.default_rng(5)
   batch, length, heads, dim = 3, 32, 2, 32
   projection = jnp.asarray(rng.normal(size=(batch, length, 4 * heads, dim)), dtype)
@@ -242,7 +266,9 @@ def test_fused_self_attention_reads_the_projection_in_place(with_bias, dtype, to
   key_mask = (np.arange(length)[None] < np.array([32, 27, 16])[:, None]).astype(np.int32)
   scale = dim ** -0.5
   cotangent = jax.random.normal(jax.random.PRNGKey(3), (batch, length, heads, dim))
-  tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward)
+  # The default backward in chunks of one row (the fused projection scanned once).
+  tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward,
+                               lg_max_chunk_bytes=1)
 
   def sliced(projection, bias):
     q, k, v, _ = jnp.split(projection, 4, axis=2)
