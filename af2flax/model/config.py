@@ -31,11 +31,12 @@ af2flax adds, under `global_config`:
                  the backward kernel) | 'auto' (on a GPU with bf16 activations our kernels
                  where they take the shapes, else cuDNN where it does, else XLA; see
                  `primitives.attention_path`). Presets: 'auto'; `from_alphafold_dict`: 'xla'.
-  pallas_attention_max_queries  the longest query axis that takes our kernels, whose backward
-                 pass holds every query's bias gradient in registers (0: 256, the measured
-                 crop). Fine-tuning needs 512: crop 384, and its MSA column attention's
-                 queries are the 512 sequences. Measured there on an H200: 1% slower than
-                 cuDNN, 0.8 GiB more peak (docs/benchmarks.md). Presets: 0.
+  pallas_attention_max_queries  the longest query axis that takes our kernels (0: 256, the
+                 measured crop). Fine-tuning needs 512: crop 384, and its MSA column
+                 attention's queries are the 512 sequences. Measured there on an H200 with
+                 the 'logit_grads_xla_dq' backward: 2.16 s per step against cuDNN's 2.36 s,
+                 but a 16.17 GiB peak against 14.87 GiB, over the 16 GiB that fine-tuning must
+                 fit in (docs/benchmarks.md). Presets: 0 (set 512 where memory allows).
   triangle_attention_impl  the same choice for the triangle attention only ("": as
                  `attention_impl`). Presets: "".
   extra_msa_attention_impl  the same choice for the extra MSA's row attention only ("": as
@@ -47,9 +48,8 @@ af2flax adds, under `global_config`:
   pallas_reads_projection  with `fuse_projections`, our Pallas kernels read q, k and v in
                  place from the self-attentions' fused projection and scale q as they load
                  it (`pallas_attention.fused_self_attention`), instead of slices of it
-                 copied, and q scaled, in memory first (three [B, N, H, d] copies per
-                 attention in each forward pass, ~16 ms per initial-training step in the
-                 H200 profile of 2026-12-03). Same values. Presets: False (not yet timed).
+                 copied, and q scaled, in memory first. Same values. Presets: False (on an
+                 H200 the gradient pass took 0.549 s against 0.525 s, docs/benchmarks.md).
   pallas_backward  how our kernels' backward pass gets dK, dV and the shared bias's gradient
                  (`pallas_attention.Tiling.backward`): 'grouped' (summed over groups of rows
                  in registers) | 'logit_grads' (the logits' gradient [B, H, Q, K] written
