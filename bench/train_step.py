@@ -127,6 +127,17 @@ VARIANTS = {
                           "pallas_backward": "grouped"},
     "bf16-auto-lg": {"dtype": "bfloat16", "attention_impl": "auto",
                      "pallas_backward": "logit_grads"},
+    # The presets with our kernels taking lengths that are not multiples of 16, padded (the
+    # MSA column attention's 132 keys, cuDNN otherwise; `global_config.pallas_pad_lengths`).
+    # Written 2026-12-03, fifth session, after that session's device time: not yet timed.
+    "bf16-auto-padlengths": {"dtype": "bfloat16", "attention_impl": "auto",
+                             "pallas_pad_lengths": True},
+    # Fine-tuning with our kernels up to 512 queries, the extra MSA's row attention on cuDNN
+    # (not padded from 8 to 16 channels): is the extra MSA where our kernels' 1.3 GiB more
+    # peak comes from? Not yet timed.
+    "bf16-pallas512-extracudnn": {"dtype": "bfloat16", "attention_impl": "auto",
+                                  "pallas_attention_max_queries": 512,
+                                  "extra_msa_attention_impl": "cudnn"},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_with_flags("--xla_gpu_autotune_level=1"),

@@ -57,6 +57,13 @@ af2flax adds, under `global_config`:
                  dQ as XLA's product of it with k). The same values up to float rounding.
                  Presets: 'logit_grads_xla_dq' (gradient pass 9% faster than 'grouped' on an
                  H200, docs/benchmarks.md).
+  pallas_pad_lengths  our kernels also take query and key lengths that are not multiples of
+                 16, padded to the next one (padding keys get a -inf logit, padding queries
+                 are sliced off: the same values). In training that is the MSA column
+                 attention, whose 132 keys (128 sequences + 4 template rows) otherwise run
+                 cuDNN (24.6 ms per initial-training step in the H200 profile of
+                 2026-12-03). Presets: False (written 2026-12-03, fifth session, after that
+                 session's device time: not yet timed).
   triangle_channels_first  the triangle multiplication with its edges laid out [c, N, N]
                  (projections write that layout, fused; no transposes around the product).
                  Same values and parameters. Presets: True (6% faster expected step on an
@@ -98,6 +105,7 @@ OUR_GLOBAL_DEFAULTS = {
     "fuse_projections": True,
     "pallas_reads_projection": False,
     "pallas_backward": "logit_grads_xla_dq",
+    "pallas_pad_lengths": False,
     "triangle_channels_first": True,
     "outer_product_mean_chunking": "low_memory",
 }

@@ -50,6 +50,9 @@ BACKWARD_MAX_QUERIES = 256
 MAX_QUERY_BLOCKS = 4
 # Triton's matrix product takes tiles of at least 16 along every axis.
 MIN_BLOCK = 16
+# The key-mask value of a padding key that `attention(..., pad_lengths=True)` adds (logit
+# -inf: no share of the softmax), beside 0 (masked: AlphaFold's -1e9) and 1 (attends).
+ABSENT_KEY = -1
 # Head dims are padded with zeros to a power of two >= MIN_BLOCK (the extra MSA's 8 channels
 # to 16), up to this many channels.
 MAX_HEAD_DIM = 128
@@ -119,6 +122,8 @@ class _Layout:
   heads: int
   offsets: tuple[int, int, int] = (0, 0, 0)
   scale: float = 1.0
+  # The key mask may hold `ABSENT_KEY` (padding added by `attention`): those logits are -inf.
+  absent_keys: bool = False
 
 
 def _at(head, offset: int):
@@ -150,25 +155,37 @@ def padded_head_dim(head_dim: int) -> int:
   return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
+def padded_length(length: int) -> int:
+  """The query or key length the kernels run at with `pad_lengths`: the next multiple of
+  `MIN_BLOCK`."""
+  return -(-length // MIN_BLOCK) * MIN_BLOCK
+
+
 def unsupported_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
                        differentiable: bool = True,
-                       max_queries: int = BACKWARD_MAX_QUERIES) -> str | None:
+                       max_queries: int = BACKWARD_MAX_QUERIES,
+                       tiling: Tiling = DEFAULT_TILING,
+                       pad_lengths: bool = False) -> str | None:
   """Why these shapes cannot run (None when they can).
 
   q [B, Q, H, d], k [B, K, H, d]. The head dim must be at most `MAX_HEAD_DIM` (it is padded
-  to `padded_head_dim`) and Q and K multiples of 16; the backward pass also needs
-  Q <= `max_queries`, in at most `MAX_QUERY_BLOCKS` blocks of the default `Tiling.kv_block_q`.
+  to `padded_head_dim`) and Q and K multiples of 16, unless `pad_lengths` (they are padded to
+  `padded_length`); the backward pass also needs Q (padded) <= `max_queries`, and the
+  'grouped' backward at most `MAX_QUERY_BLOCKS` blocks of `Tiling.kv_block_q`.
   """
   _, q_len, _, head_dim = q_shape
   k_len = k_shape[1]
   if not 1 <= head_dim <= MAX_HEAD_DIM:
     return f"head dim {head_dim} is not between 1 and {MAX_HEAD_DIM}"
+  if pad_lengths:
+    q_len, k_len = padded_length(q_len), padded_length(k_len)
   if _block(q_len, 64) is None or _block(k_len, 64) is None:
     return f"query length {q_len} or key length {k_len} is not a multiple of {MIN_BLOCK}"
   if differentiable:
     if q_len > max_queries:
       return f"the backward pass takes at most {max_queries} queries, not {q_len}"
-    return _query_blocks_reason(q_len, DEFAULT_TILING.kv_block_q)
+    if tiling.backward == "grouped":
+      return _query_blocks_reason(q_len, tiling.kv_block_q)
   return None
 
 
@@ -188,12 +205,20 @@ def _mm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False
   return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
-def _logits(q, k, bias, key_valid):
-  """q k^T + bias with masked keys at `MASK_VALUE`, float32 [q, k]."""
+def _logits(q, k, bias, key_state, absent_keys):
+  """q k^T + bias with masked keys at `MASK_VALUE`, float32 [q, k].
+
+  key_state [k] int32: non-zero attends, 0 is masked; with `absent_keys`, a negative state is
+  a padding key the caller added (`ABSENT_KEY`), whose logit is -inf: it takes no share of
+  the softmax, even in a row whose keys are all masked (AlphaFold's uniform attention over
+  the row's real keys)."""
   logits = _mm(q, k, trans_b=True)
   if bias is not None:
     logits = logits + bias.astype(_F32)
-  return jnp.where(key_valid[None, :], logits, MASK_VALUE)
+  logits = jnp.where(key_state[None, :] != 0, logits, MASK_VALUE)
+  if absent_keys:
+    logits = jnp.where(key_state[None, :] < 0, -jnp.inf, logits)
+  return logits
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -225,7 +250,7 @@ def _query_block_specs(q, k, v, bias, key_mask, block_q, layout):
 
 # --- Forward ------------------------------------------------------------------------------
 
-def _forward_kernel(*refs, has_bias: bool, block_k: int, scale: float):
+def _forward_kernel(*refs, has_bias: bool, block_k: int, scale: float, absent_keys: bool):
   if has_bias:
     q_ref, k_ref, v_ref, bias_ref, mask_ref, out_ref, max_ref, sum_ref = refs
   else:
@@ -238,7 +263,7 @@ def _forward_kernel(*refs, has_bias: bool, block_k: int, scale: float):
     acc, row_max, row_sum = carry
     keys = pl.ds(index * block_k, block_k)
     bias = bias_ref[:, keys] if bias_ref is not None else None
-    logits = _logits(q, k_ref[keys, :], bias, mask_ref[keys] != 0)  # [bq, bk]
+    logits = _logits(q, k_ref[keys, :], bias, mask_ref[keys], absent_keys)  # [bq, bk]
     new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
     correction = jnp.exp(row_max - new_max)
     probs = jnp.exp(logits - new_max[:, None])
@@ -268,7 +293,7 @@ def _forward(q, k, v, bias, key_mask, tiling, interpret, layout):
   stat_shape = jax.ShapeDtypeStruct((batch, heads, q_len), _F32)
   out, row_max, row_sum = pl.pallas_call(
       functools.partial(_forward_kernel, has_bias=bias is not None, block_k=block_k,
-                        scale=layout.scale),
+                        scale=layout.scale, absent_keys=layout.absent_keys),
       grid=(batch, heads, q_len // block_q),
       in_specs=in_specs,
       out_specs=[query_tile, query_stat, query_stat],
@@ -283,19 +308,22 @@ def _forward(q, k, v, bias, key_mask, tiling, interpret, layout):
 
 # --- Backward -----------------------------------------------------------------------------
 
-def _probs_and_logit_grads(q, k, v, bias, key_valid, d_out, row_max, inv_sum, delta):
+def _probs_and_logit_grads(q, k, v, bias, key_state, absent_keys, d_out, row_max, inv_sum,
+                           delta):
   """Recomputed probabilities and the logits' gradient (zero at masked keys), [q, k] float32.
 
-  row_max, inv_sum, delta: [q, 1], the forward pass's row maximum and 1 / row sum and
-  rowsum(dO * O). dP = dO V^T; dS = P (dP - delta).
+  key_state, absent_keys: as `_logits`. row_max, inv_sum, delta: [q, 1], the forward pass's
+  row maximum and 1 / row sum and rowsum(dO * O). dP = dO V^T; dS = P (dP - delta).
   """
-  probs = jnp.exp(_logits(q, k, bias, key_valid) - row_max) * inv_sum
+  probs = jnp.exp(_logits(q, k, bias, key_state, absent_keys) - row_max) * inv_sum
   d_logits = probs * (_mm(d_out, v, trans_b=True) - delta)
-  # A masked key's logit is a constant: no gradient reaches q, k or the bias through it.
-  return probs, jnp.where(key_valid[None, :], d_logits, 0.0)
+  # A masked key's logit is a constant: no gradient reaches q, k or the bias through it (an
+  # absent key's probability is 0, so its dS is too).
+  return probs, jnp.where(key_state[None, :] != 0, d_logits, 0.0)
 
 
-def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, scale: float):
+def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, scale: float,
+                           absent_keys: bool):
   if has_bias:
     (q_ref, k_ref, v_ref, bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
      d_k_ref, d_v_ref, d_bias_ref) = refs
@@ -310,13 +338,13 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, scale
             else [None] * len(query_blocks))
 
   def body(row, d_bias):
-    k, v, key_valid = k_ref[row], v_ref[row], mask_ref[row] != 0   # [bk, d], [bk]
+    k, v, key_state = k_ref[row], v_ref[row], mask_ref[row]   # [bk, d], [bk]
     d_k = d_v = jnp.zeros(k.shape, _F32)
     new_d_bias = []
     for index, queries in enumerate(query_blocks):
       q, d_out = _scaled(q_ref[row, queries, :], scale), d_out_ref[row, queries, :]  # [bq, d]
       probs, d_logits = _probs_and_logit_grads(
-          q, k, v, biases[index], key_valid, d_out, max_ref[row, queries][:, None],
+          q, k, v, biases[index], key_state, absent_keys, d_out, max_ref[row, queries][:, None],
           inv_sum_ref[row, queries][:, None], delta_ref[row, queries][:, None])
       d_v = d_v + _mm(probs.astype(d_out.dtype), d_out, trans_a=True)
       d_k = d_k + _mm(d_logits.astype(q.dtype), q, trans_a=True)
@@ -333,7 +361,7 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, scale
 
 
 def _key_value_logit_grads_kernel(*refs, has_bias: bool, writes_logit_grads: bool,
-                                  block_q: int, scale: float):
+                                  block_q: int, scale: float, absent_keys: bool):
   """dK and dV of one row's block of keys, walking its queries in blocks, and the logits'
   gradient of that row (when `writes_logit_grads`) for XLA to sum over rows."""
   refs = list(refs)
@@ -341,7 +369,7 @@ def _key_value_logit_grads_kernel(*refs, has_bias: bool, writes_logit_grads: boo
   bias_ref = refs.pop(3) if has_bias else None
   mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref, d_k_ref, d_v_ref = refs[3:10]
   d_logits_ref = refs[10] if writes_logit_grads else None
-  k, v, key_valid = k_ref[...], v_ref[...], mask_ref[...] != 0   # [bk, d], [bk]
+  k, v, key_state = k_ref[...], v_ref[...], mask_ref[...]   # [bk, d], [bk]
 
   def body(index, carry):
     d_k, d_v = carry
@@ -349,7 +377,7 @@ def _key_value_logit_grads_kernel(*refs, has_bias: bool, writes_logit_grads: boo
     q, d_out = _scaled(q_ref[queries, :], scale), d_out_ref[queries, :]   # [bq, d]
     bias = bias_ref[queries, :] if bias_ref is not None else None
     probs, d_logits = _probs_and_logit_grads(
-        q, k, v, bias, key_valid, d_out, max_ref[queries][:, None],
+        q, k, v, bias, key_state, absent_keys, d_out, max_ref[queries][:, None],
         inv_sum_ref[queries][:, None], delta_ref[queries][:, None])
     if d_logits_ref is not None:
       d_logits_ref[queries, :] = d_logits.astype(d_logits_ref.dtype)
@@ -363,7 +391,7 @@ def _key_value_logit_grads_kernel(*refs, has_bias: bool, writes_logit_grads: boo
   d_v_ref[...] = d_v.astype(d_v_ref.dtype)
 
 
-def _query_kernel(*refs, has_bias: bool, block_k: int, scale: float):
+def _query_kernel(*refs, has_bias: bool, block_k: int, scale: float, absent_keys: bool):
   if has_bias:
     (q_ref, k_ref, v_ref, bias_ref, mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref,
      d_q_ref) = refs
@@ -377,8 +405,8 @@ def _query_kernel(*refs, has_bias: bool, block_k: int, scale: float):
     keys = pl.ds(index * block_k, block_k)
     k = k_ref[keys, :]
     bias = bias_ref[:, keys] if bias_ref is not None else None
-    _, d_logits = _probs_and_logit_grads(q, k, v_ref[keys, :], bias, mask_ref[keys] != 0,
-                                         d_out, *stats)
+    _, d_logits = _probs_and_logit_grads(q, k, v_ref[keys, :], bias, mask_ref[keys],
+                                         absent_keys, d_out, *stats)
     return d_q + _mm(d_logits.astype(k.dtype), k)
 
   num_blocks = k_ref.shape[0] // block_k
@@ -430,7 +458,7 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
   in_specs += [query_tile] + [query_stat] * 3
   d_q = pl.pallas_call(
       functools.partial(_query_kernel, has_bias=bias is not None, block_k=block_k,
-                        scale=layout.scale),
+                        scale=layout.scale, absent_keys=layout.absent_keys),
       grid=(batch, heads, q_len // block_q),
       in_specs=in_specs, out_specs=query_tile,
       out_shape=jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), q.dtype),
@@ -481,7 +509,10 @@ def _logit_grad_backward(q, k, v, bias, key_mask, d_out, query_stats, tiling, in
     d_k, d_v, d_bias, d_q = chunk_grads(q, k, v, key_mask, d_out, query_stats)
   else:
     chunks = batch // rows
-    split = lambda x: x.reshape((chunks, rows) + x.shape[1:])   # pylint: disable=unnecessary-lambda-assignment
+
+    def split(x):
+      return x.reshape((chunks, rows) + x.shape[1:])
+
     # The fused layout passes one projection as q, k and v: scan over it once.
     distinct = [q] if (k is q and v is q) else [q, k, v]
 
@@ -536,7 +567,7 @@ def _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling
     out_shape.append(jax.ShapeDtypeStruct((groups, heads, q_len, k_len), _F32))
   results = pl.pallas_call(
       functools.partial(_key_value_bias_kernel, has_bias=has_bias, rows=rows,
-                        block_q=block_q, scale=layout.scale),
+                        block_q=block_q, scale=layout.scale, absent_keys=layout.absent_keys),
       grid=(heads, key_blocks, groups),
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(tiling.kv_warps, tiling.kv_stages),
@@ -578,7 +609,7 @@ def _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, 
   results = pl.pallas_call(
       functools.partial(_key_value_logit_grads_kernel, has_bias=bias is not None,
                         writes_logit_grads=writes_logit_grads, block_q=block_q,
-                        scale=layout.scale),
+                        scale=layout.scale, absent_keys=layout.absent_keys),
       grid=(batch, heads, k_len // block_k),
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(tiling.lg_warps, tiling.lg_stages),
@@ -590,20 +621,21 @@ def _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, 
 
 # --- The differentiable function ----------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, bias, key_mask, tiling, interpret):
-  return _attention_fwd(q, k, v, bias, key_mask, tiling, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, bias, key_mask, tiling, interpret, absent_keys):
+  return _attention_fwd(q, k, v, bias, key_mask, tiling, interpret, absent_keys)[0]
 
 
-def _attention_fwd(q, k, v, bias, key_mask, tiling, interpret):
-  out, stats = _forward(q, k, v, bias, key_mask, tiling, interpret, _Layout(q.shape[2]))
+def _attention_fwd(q, k, v, bias, key_mask, tiling, interpret, absent_keys):
+  out, stats = _forward(q, k, v, bias, key_mask, tiling, interpret,
+                        _Layout(q.shape[2], absent_keys=absent_keys))
   return out, (q, k, v, bias, key_mask, out, stats)
 
 
-def _attention_bwd(tiling, interpret, residuals, d_out):
+def _attention_bwd(tiling, interpret, absent_keys, residuals, d_out):
   q, k, v, bias, key_mask, out, stats = residuals
   d_q, d_k, d_v, d_bias = _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling,
-                                    interpret, _Layout(q.shape[2]))
+                                    interpret, _Layout(q.shape[2], absent_keys=absent_keys))
   return d_q, d_k, d_v, d_bias, None
 
 
@@ -637,27 +669,41 @@ _fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
               key_mask: jax.Array, interpret: bool = False,
               tiling: Tiling = DEFAULT_TILING,
-              max_queries: int = BACKWARD_MAX_QUERIES) -> jax.Array:
+              max_queries: int = BACKWARD_MAX_QUERIES,
+              pad_lengths: bool = False) -> jax.Array:
   """softmax(q k^T + bias, masked keys at -1e9) v, differentiable, in Pallas kernels.
 
   q [B, Q, H, d] (already scaled), k, v [B, K, H, d], bias [H, Q, K] shared over the batch
   or None, key_mask [B, K] (non-zero = attend). Returns [B, Q, H, d] in q's dtype. The
   shapes must pass `unsupported_reason`. A head dim that is not a power of two >= 16 runs
-  padded with zero channels (`padded_head_dim`).
+  padded with zero channels (`padded_head_dim`). With `pad_lengths`, query and key lengths
+  that are not multiples of 16 (the MSA column attention's 128 sequences + 4 template rows)
+  run padded to `padded_length`: zero queries whose outputs are sliced off (so no gradient
+  comes back through them), and zero keys marked `ABSENT_KEY`, whose logit is -inf. The
+  values are those of the unpadded attention, a row with every key masked included.
   """
-  reason = unsupported_reason(q.shape, k.shape, max_queries=max_queries)
+  reason = unsupported_reason(q.shape, k.shape, max_queries=max_queries, tiling=tiling,
+                              pad_lengths=pad_lengths)
   if reason is not None:
     raise ValueError(f"pallas attention: q {q.shape}, k {k.shape}: {reason}")
   if bias is not None:
     bias = bias.astype(q.dtype)
   key_mask = jnp.broadcast_to(key_mask != 0, (q.shape[0], k.shape[1])).astype(jnp.int32)
-  head_dim = q.shape[-1]
+  q_len, head_dim = q.shape[1], q.shape[-1]
   k, v = k.astype(q.dtype), v.astype(q.dtype)
-  padding = padded_head_dim(head_dim) - head_dim
-  if padding:
-    q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padding))) for x in (q, k, v))
-  out = _attention(q, k, v, bias, key_mask, tiling, interpret)
-  return out[..., :head_dim] if padding else out
+  pad_q = padded_length(q_len) - q_len if pad_lengths else 0
+  pad_k = padded_length(k.shape[1]) - k.shape[1] if pad_lengths else 0
+  pad_d = padded_head_dim(head_dim) - head_dim
+  if pad_q or pad_d:
+    q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, pad_d)))
+  if pad_k or pad_d:
+    k, v = (jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, pad_d))) for x in (k, v))
+  if pad_k:
+    key_mask = jnp.pad(key_mask, ((0, 0), (0, pad_k)), constant_values=ABSENT_KEY)
+  if bias is not None and (pad_q or pad_k):
+    bias = jnp.pad(bias, ((0, 0), (0, pad_q), (0, pad_k)))
+  out = _attention(q, k, v, bias, key_mask, tiling, interpret, bool(pad_k))
+  return out[:, :q_len, :, :head_dim] if (pad_q or pad_d) else out
 
 
 def fused_projection_reason(projection_shape: tuple[int, ...], heads: int,

@@ -327,17 +327,22 @@ def attention_settings(global_config: Any, module_key: str | None = None) -> dic
           "pallas_max_queries": pallas_max_queries(global_config),
           "fuse_projections": global_config.get("fuse_projections", False),
           "pallas_reads_projection": global_config.get("pallas_reads_projection", False),
-          "pallas_backward": pallas_backward(global_config)}
+          "pallas_backward": pallas_backward(global_config),
+          "pallas_pad_lengths": global_config.get("pallas_pad_lengths", False)}
 
 
 def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_bias: bool,
-                   pallas_max_queries: int = pallas_attention.BACKWARD_MAX_QUERIES) -> str:
+                   pallas_max_queries: int = pallas_attention.BACKWARD_MAX_QUERIES,
+                   pallas_tiling: pallas_attention.Tiling = pallas_attention.DEFAULT_TILING,
+                   pallas_pad_lengths: bool = False) -> str:
   """Which attention core runs for these (static) shapes: 'pallas', 'fused' or 'xla'.
 
   Our Pallas kernels (`pallas_attention.attention`) take a key mask [B, 1, 1, K] and the
   shapes `pallas_attention.unsupported_reason` accepts (at crop 256: every attention with a
   key mask, the extra MSA's 8-channel heads padded to 16; up to `pallas_max_queries`
-  queries, so not fine-tuning's crop 384 by default). 'auto' runs them on a
+  queries, so not fine-tuning's crop 384 by default; lengths that are not multiples of 16
+  only with `pallas_pad_lengths`, e.g. the MSA column attention's 132 = 128 sequences + 4
+  template rows, which otherwise runs cuDNN). 'auto' runs them on a
   GPU with 16-bit activations (a 7% faster expected training step than cuDNN's on an H200,
   docs/benchmarks.md), else cuDNN where `use_fused_attention` allows, else XLA. 'pallas'
   runs them on a GPU, and on the CPU through Pallas's interpreter (slow: tests), else as
@@ -345,7 +350,8 @@ def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_b
   """
   pallas_fits = (mask.ndim == 4 and mask.shape[1:3] == (1, 1)
                  and pallas_attention.unsupported_reason(
-                     q.shape, k.shape, max_queries=pallas_max_queries) is None)
+                     q.shape, k.shape, max_queries=pallas_max_queries, tiling=pallas_tiling,
+                     pad_lengths=pallas_pad_lengths) is None)
   backend = jax.default_backend()
   if impl == "pallas" and backend in ("gpu", "cpu") and pallas_fits:
     return "pallas"
@@ -437,6 +443,9 @@ class Attention(nn.Module):
   pallas_reads_projection: bool = False
   # `pallas_attention.Tiling.backward` of our kernels (global_config.pallas_backward).
   pallas_backward: str = pallas_attention.DEFAULT_TILING.backward
+  # Our kernels take lengths that are not multiples of 16, padded (global_config
+  # .pallas_pad_lengths; `pallas_attention.attention`).
+  pallas_pad_lengths: bool = False
 
   @nn.compact
   def __call__(self, q_data: jax.Array, m_data: jax.Array, mask: jax.Array,
@@ -493,11 +502,14 @@ class Attention(nn.Module):
   def _core(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
             bias: jax.Array | None) -> jax.Array:
     """softmax(q k^T + bias, masked keys) v through the path `attention_path` picks."""
-    path = attention_path(self.impl, q, k, mask, bias is not None, self.pallas_max_queries)
+    tiling = self._pallas_tiling()
+    path = attention_path(self.impl, q, k, mask, bias is not None, self.pallas_max_queries,
+                          tiling, self.pallas_pad_lengths)
     if path == "pallas":
       return pallas_attention.attention(
           q, k, v, bias, mask[:, 0, 0, :], interpret=jax.default_backend() != "gpu",
-          tiling=self._pallas_tiling(), max_queries=self.pallas_max_queries)
+          tiling=tiling, max_queries=self.pallas_max_queries,
+          pad_lengths=self.pallas_pad_lengths)
     if path == "fused":
       return fused_attention(q, k, v, mask, bias)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
@@ -517,7 +529,7 @@ class Attention(nn.Module):
       return None
     q_like = jax.ShapeDtypeStruct(projection.shape[:2] + (heads, head_dim), projection.dtype)
     if (attention_path(self.impl, q_like, q_like, mask, bias is not None,
-                       self.pallas_max_queries) != "pallas"
+                       self.pallas_max_queries, self._pallas_tiling()) != "pallas"
         or pallas_attention.fused_projection_reason(projection.shape, heads,
                                                     self.pallas_max_queries) is not None):
       return None

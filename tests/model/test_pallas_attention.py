@@ -118,9 +118,10 @@ def test_logit_gradients_in_chunks_of_rows(backward):
   the same gradients as all rows at once, and as the materialised attention."""
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=6, q_len=32, k_len=16, seed=9)
   row_bytes = 2 * 32 * 16 * 4          # heads x Q x K float32
-  assert pallas_attention._rows_per_chunk(6, row_bytes, 2 * row_bytes + 1) == 2  # pylint: disable=protected-access
-  assert pallas_attention._rows_per_chunk(6, row_bytes, 0) == 6  # pylint: disable=protected-access
-  assert pallas_attention._rows_per_chunk(6, row_bytes, 1) == 1  # pylint: disable=protected-access
+  rows_per_chunk = pallas_attention._rows_per_chunk  # pylint: disable=protected-access
+  assert rows_per_chunk(6, row_bytes, 2 * row_bytes + 1) == 2
+  assert rows_per_chunk(6, row_bytes, 0) == 6
+  assert rows_per_chunk(6, row_bytes, 1) == 1
   results = []
   for max_bytes in (0, 2 * row_bytes + 1):
     tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward,
@@ -132,6 +133,27 @@ def test_logit_gradients_in_chunks_of_rows(backward):
                                             expected_grads):
     _assert_close(chunked, whole, 1e-6, name)
     _assert_close(chunked, expected, 1e-5, name)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_padded_lengths_match_xla(with_bias):
+  """`pad_lengths`: 36 queries and 20 keys (not multiples of 16) run padded to 48 and 32, with
+  each backward pass: the unpadded attention's values and gradients, in the inputs' shapes,
+  the row whose keys are all masked included (uniform over its 20 real keys, not the 32)."""
+  q, k, v, bias, key_mask = _inputs(jnp.float32, batch=3, q_len=36, k_len=20, seed=11)
+  bias = bias if with_bias else None
+  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
+  for backward in pallas_attention.BACKWARDS:
+    tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward,
+                                 kv_block_q=16)
+    attention = functools.partial(pallas_attention.attention, interpret=True, tiling=tiling,
+                                  pad_lengths=True)
+    out, grads = _values_and_grads(attention, q, k, v, bias, key_mask)
+    assert out.shape == q.shape
+    _assert_close(out, expected_out, 1e-5, f"out {backward}")
+    for name, grad, expected in zip("qkvb", grads, expected_grads):
+      assert grad.shape == expected.shape, name
+      _assert_close(grad, expected, 1e-5, f"{name} {backward}")
 
 
 def test_unknown_backward_is_named():
@@ -187,9 +209,22 @@ def test_unsupported_shapes_are_named():
   assert "at most 256 queries" in pallas_attention.unsupported_reason(crop_384, crop_384)
   assert pallas_attention.unsupported_reason(crop_384, crop_384, differentiable=False) is None
   assert pallas_attention.unsupported_reason(crop_384, crop_384, max_queries=384) is None
-  many_blocks = (4, 400, 4, 32)   # 25 blocks of 16 queries
+  many_blocks = (4, 400, 4, 32)   # 25 blocks of 16 queries: only the 'grouped' backward
+  grouped = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward="grouped")
   assert "blocks" in pallas_attention.unsupported_reason(many_blocks, many_blocks,
-                                                         max_queries=512)
+                                                         max_queries=512, tiling=grouped)
+  assert pallas_attention.unsupported_reason(many_blocks, many_blocks, max_queries=512) is None
+  # Lengths that are not multiples of 16 run padded with `pad_lengths` (132 -> 144).
+  msa_column = (256, 132, 8, 32)
+  assert "multiple of 16" in pallas_attention.unsupported_reason(msa_column, msa_column)
+  assert pallas_attention.unsupported_reason(msa_column, msa_column, pad_lengths=True) is None
+  assert pallas_attention.padded_length(132) == 144
+  assert pallas_attention.padded_length(144) == 144
+  assert pallas_attention.unsupported_reason((4, 250, 4, 32), (4, 250, 4, 32),
+                                            pad_lengths=True) is None   # 256 queries
+  assert "at most 256 queries, not 272" in pallas_attention.unsupported_reason(
+      (4, 260, 4, 32), (4, 260, 4, 32), pad_lengths=True)
+
   q = jnp.zeros((2, 24, 2, 16))
   with pytest.raises(ValueError, match=r"q \(2, 24, 2, 16\)"):
     pallas_attention.attention(q, q, q, None, jnp.ones((2, 24)), interpret=True)
@@ -437,3 +472,48 @@ def test_evoformer_attentions_with_pallas_match_xla(module_name, reads_projectio
   flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
   expected_flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(expected_grads)])
   assert np.linalg.norm(flat - expected_flat) < 1e-5 * np.linalg.norm(expected_flat)
+
+
+def test_msa_column_attention_with_padded_lengths_matches_xla(monkeypatch):
+  """`global_config.pallas_pad_lengths`: the MSA column attention over 20 sequences (as 132 =
+  128 + 4 template rows in training: not a multiple of 16) runs our kernels, padded, and
+  gives the XLA path's values and gradients in float32; without it the module takes XLA."""
+  from af2flax.model import evoformer  # pylint: disable=g-import-not-at-top
+  from af2flax.model.config import model_config  # pylint: disable=g-import-not-at-top
+  config = model_config("model_1")
+  module_config = config.embeddings_and_evoformer.evoformer["msa_column_attention"]
+  rng = np.random.default_rng(8)
+  num_seq, num_res = 20, 16
+  msa = jnp.asarray(rng.normal(size=(num_seq, num_res, 256)), jnp.float32)
+  msa_mask = np.ones((num_seq, num_res), np.float32) * (np.arange(num_seq) < 17)[:, None]
+  msa_mask[:, 14:] = 0.0      # two padding residues: columns whose keys are all masked
+  msa_mask = jnp.asarray(msa_mask)
+  calls = []
+
+  def counted(*args, kernel=pallas_attention.attention, **kwargs):
+    calls.append((args[0].shape, kwargs.get("pad_lengths")))
+    return kernel(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_attention, "attention", counted)
+  results = {}
+  for impl, pad in (("xla", False), ("pallas", False), ("pallas", True)):
+    gc = ml_collections.ConfigDict({**config.global_config.to_dict(), "dtype": "float32",
+                                    "zero_init": False, "attention_impl": impl,
+                                    "pallas_pad_lengths": pad})
+    module = evoformer.MSAColumnAttention(module_config, gc)
+    params = module.init(jax.random.PRNGKey(0), msa, msa_mask)
+
+    def loss(params, act, module=module):
+      out = module.apply(params, act, msa_mask)
+      return jnp.sum(jnp.square(out)), out
+
+    calls.clear()
+    results[(impl, pad)] = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, msa)
+    assert bool(calls) == pad, (impl, pad, calls)
+  assert all(shape[1] == num_seq and pad for shape, pad in calls), calls
+  (_, out), grads = results[("pallas", True)]
+  (_, expected_out), expected_grads = results[("xla", False)]
+  _assert_close(out, expected_out, 1e-5, "out")
+  for grad, expected in zip(jax.tree_util.tree_leaves(grads),
+                            jax.tree_util.tree_leaves(expected_grads)):
+    _assert_close(grad, expected, 1e-5, "grad")
