@@ -205,19 +205,22 @@ def _mm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False
   return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
-def _logits(q, k, bias, key_state, absent_keys):
-  """q k^T + bias with masked keys at `MASK_VALUE`, float32 [q, k].
+def _key_flags(key_state, absent_keys):
+  """(valid, absent) of a key mask's values [k] int32: non-zero attends, 0 is masked (logit
+  `MASK_VALUE`); with `absent_keys`, a negative value is a padding key the caller added
+  (`ABSENT_KEY`, logit -inf: no share of the softmax, even in a row whose keys are all
+  masked, which AlphaFold attends uniformly over its real keys). absent is None without."""
+  return key_state != 0, (key_state < 0 if absent_keys else None)
 
-  key_state [k] int32: non-zero attends, 0 is masked; with `absent_keys`, a negative state is
-  a padding key the caller added (`ABSENT_KEY`), whose logit is -inf: it takes no share of
-  the softmax, even in a row whose keys are all masked (AlphaFold's uniform attention over
-  the row's real keys)."""
+
+def _logits(q, k, bias, key_valid, key_absent=None):
+  """q k^T + bias with masked keys at `MASK_VALUE` (absent ones at -inf), float32 [q, k]."""
   logits = _mm(q, k, trans_b=True)
   if bias is not None:
     logits = logits + bias.astype(_F32)
-  logits = jnp.where(key_state[None, :] != 0, logits, MASK_VALUE)
-  if absent_keys:
-    logits = jnp.where(key_state[None, :] < 0, -jnp.inf, logits)
+  logits = jnp.where(key_valid[None, :], logits, MASK_VALUE)
+  if key_absent is not None:
+    logits = jnp.where(key_absent[None, :], -jnp.inf, logits)
   return logits
 
 
@@ -263,7 +266,8 @@ def _forward_kernel(*refs, has_bias: bool, block_k: int, scale: float, absent_ke
     acc, row_max, row_sum = carry
     keys = pl.ds(index * block_k, block_k)
     bias = bias_ref[:, keys] if bias_ref is not None else None
-    logits = _logits(q, k_ref[keys, :], bias, mask_ref[keys], absent_keys)  # [bq, bk]
+    logits = _logits(q, k_ref[keys, :], bias,
+                     *_key_flags(mask_ref[keys], absent_keys))    # [bq, bk]
     new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
     correction = jnp.exp(row_max - new_max)
     probs = jnp.exp(logits - new_max[:, None])
@@ -308,18 +312,17 @@ def _forward(q, k, v, bias, key_mask, tiling, interpret, layout):
 
 # --- Backward -----------------------------------------------------------------------------
 
-def _probs_and_logit_grads(q, k, v, bias, key_state, absent_keys, d_out, row_max, inv_sum,
-                           delta):
+def _probs_and_logit_grads(q, k, v, bias, key_flags, d_out, row_max, inv_sum, delta):
   """Recomputed probabilities and the logits' gradient (zero at masked keys), [q, k] float32.
 
-  key_state, absent_keys: as `_logits`. row_max, inv_sum, delta: [q, 1], the forward pass's
+  key_flags: `_key_flags`. row_max, inv_sum, delta: [q, 1], the forward pass's
   row maximum and 1 / row sum and rowsum(dO * O). dP = dO V^T; dS = P (dP - delta).
   """
-  probs = jnp.exp(_logits(q, k, bias, key_state, absent_keys) - row_max) * inv_sum
+  probs = jnp.exp(_logits(q, k, bias, *key_flags) - row_max) * inv_sum
   d_logits = probs * (_mm(d_out, v, trans_b=True) - delta)
   # A masked key's logit is a constant: no gradient reaches q, k or the bias through it (an
   # absent key's probability is 0, so its dS is too).
-  return probs, jnp.where(key_state[None, :] != 0, d_logits, 0.0)
+  return probs, jnp.where(key_flags[0][None, :], d_logits, 0.0)
 
 
 def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, scale: float,
@@ -338,13 +341,14 @@ def _key_value_bias_kernel(*refs, has_bias: bool, rows: int, block_q: int, scale
             else [None] * len(query_blocks))
 
   def body(row, d_bias):
-    k, v, key_state = k_ref[row], v_ref[row], mask_ref[row]   # [bk, d], [bk]
+    k, v = k_ref[row], v_ref[row]                                  # [bk, d]
+    key_flags = _key_flags(mask_ref[row], absent_keys)             # [bk]
     d_k = d_v = jnp.zeros(k.shape, _F32)
     new_d_bias = []
     for index, queries in enumerate(query_blocks):
       q, d_out = _scaled(q_ref[row, queries, :], scale), d_out_ref[row, queries, :]  # [bq, d]
       probs, d_logits = _probs_and_logit_grads(
-          q, k, v, biases[index], key_state, absent_keys, d_out, max_ref[row, queries][:, None],
+          q, k, v, biases[index], key_flags, d_out, max_ref[row, queries][:, None],
           inv_sum_ref[row, queries][:, None], delta_ref[row, queries][:, None])
       d_v = d_v + _mm(probs.astype(d_out.dtype), d_out, trans_a=True)
       d_k = d_k + _mm(d_logits.astype(q.dtype), q, trans_a=True)
@@ -369,7 +373,8 @@ def _key_value_logit_grads_kernel(*refs, has_bias: bool, writes_logit_grads: boo
   bias_ref = refs.pop(3) if has_bias else None
   mask_ref, d_out_ref, max_ref, inv_sum_ref, delta_ref, d_k_ref, d_v_ref = refs[3:10]
   d_logits_ref = refs[10] if writes_logit_grads else None
-  k, v, key_state = k_ref[...], v_ref[...], mask_ref[...]   # [bk, d], [bk]
+  k, v = k_ref[...], v_ref[...]                                    # [bk, d]
+  key_flags = _key_flags(mask_ref[...], absent_keys)               # [bk]
 
   def body(index, carry):
     d_k, d_v = carry
@@ -377,7 +382,7 @@ def _key_value_logit_grads_kernel(*refs, has_bias: bool, writes_logit_grads: boo
     q, d_out = _scaled(q_ref[queries, :], scale), d_out_ref[queries, :]   # [bq, d]
     bias = bias_ref[queries, :] if bias_ref is not None else None
     probs, d_logits = _probs_and_logit_grads(
-        q, k, v, bias, key_state, absent_keys, d_out, max_ref[queries][:, None],
+        q, k, v, bias, key_flags, d_out, max_ref[queries][:, None],
         inv_sum_ref[queries][:, None], delta_ref[queries][:, None])
     if d_logits_ref is not None:
       d_logits_ref[queries, :] = d_logits.astype(d_logits_ref.dtype)
@@ -405,8 +410,9 @@ def _query_kernel(*refs, has_bias: bool, block_k: int, scale: float, absent_keys
     keys = pl.ds(index * block_k, block_k)
     k = k_ref[keys, :]
     bias = bias_ref[:, keys] if bias_ref is not None else None
-    _, d_logits = _probs_and_logit_grads(q, k, v_ref[keys, :], bias, mask_ref[keys],
-                                         absent_keys, d_out, *stats)
+    _, d_logits = _probs_and_logit_grads(q, k, v_ref[keys, :], bias,
+                                         _key_flags(mask_ref[keys], absent_keys), d_out,
+                                         *stats)
     return d_q + _mm(d_logits.astype(k.dtype), k)
 
   num_blocks = k_ref.shape[0] // block_k
@@ -531,13 +537,42 @@ def _logit_grad_backward(q, k, v, bias, key_mask, d_out, query_stats, tiling, in
   return d_k, d_v, d_bias.astype(bias.dtype) if bias is not None else None, d_q
 
 
+def _key_block_operands(q, k, v, bias, key_mask, d_out, query_stats, layout, rows, block_k,
+                        program_to):
+  """Operands, block specs and the dK / dV tile spec of the two key/value kernels, whose
+  programs each take `rows` rows (None: one, its axis squeezed) of one head and one block of
+  keys: all of those rows' queries, d_out and per-query statistics [B, H, Q], their keys and
+  values of the block, the bias columns of the block, the key mask. `program_to` maps the
+  program ids to (row block, head, key block)."""
+  q_len, head_dim = q.shape[1], q.shape[-1]
+  q_at, k_at, v_at = layout.offsets
+
+  def spec(shape, index):
+    return pl.BlockSpec(shape, lambda *ids: index(*program_to(*ids)))
+
+  def head_tile(length, at):
+    # rows' [length, d] tiles of one head (moved by `at` in the fused layout).
+    block = q_len if length is None else length
+    return spec((rows, block, None, head_dim),
+                lambda r, h, j: (r, 0 if length is None else j, _at(h, at), 0))
+
+  operands = [q, k, v]
+  in_specs = [head_tile(None, q_at), head_tile(block_k, k_at), head_tile(block_k, v_at)]
+  if bias is not None:
+    operands.append(bias)
+    in_specs.append(spec((None, q_len, block_k), lambda r, h, j: (h, 0, j)))
+  operands += [key_mask, d_out] + list(query_stats)
+  in_specs += [spec((rows, block_k), lambda r, h, j: (r, j)), head_tile(None, 0)]
+  in_specs += [spec((rows, None, q_len), lambda r, h, j: (r, h, 0))] * 3
+  return operands, in_specs, head_tile(block_k, 0)
+
+
 def _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, interpret,
                              layout):
   """dK, dV and the bias gradient from the key/value/bias kernel: grid (head, key block,
   row group)."""
   batch, q_len, _, head_dim = q.shape
   k_len, heads = k.shape[1], layout.heads
-  q_at, k_at, v_at = layout.offsets
   has_bias = bias is not None
   reason = _query_blocks_reason(q_len, tiling.kv_block_q)
   if reason is not None:
@@ -547,19 +582,10 @@ def _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling
   key_blocks = k_len // block_k
   groups = _row_groups(batch, heads, key_blocks, has_bias, tiling.kv_target_programs)
   rows = batch // groups
-  whole_rows = pl.BlockSpec((rows, q_len, None, head_dim), lambda h, j, g: (g, 0, h, 0))
-  key_tile = pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, h, 0))
-  per_query = pl.BlockSpec((rows, None, q_len), lambda h, j, g: (g, h, 0))
-  in_specs = [
-      pl.BlockSpec((rows, q_len, None, head_dim), lambda h, j, g: (g, 0, _at(h, q_at), 0)),
-      pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, _at(h, k_at), 0)),
-      pl.BlockSpec((rows, block_k, None, head_dim), lambda h, j, g: (g, j, _at(h, v_at), 0))]
-  operands = [q, k, v]
-  if has_bias:
-    in_specs.append(pl.BlockSpec((None, q_len, block_k), lambda h, j, g: (h, 0, j)))
-    operands.append(bias)
-  in_specs += [pl.BlockSpec((rows, block_k), lambda h, j, g: (g, j)), whole_rows] + [per_query] * 3
-  operands += [key_mask, d_out] + query_stats
+  # Programs (head, key block, row group).
+  operands, in_specs, key_tile = _key_block_operands(
+      q, k, v, bias, key_mask, d_out, query_stats, layout, rows, block_k,
+      lambda h, j, g: (g, h, j))
   out_specs = [key_tile, key_tile]
   out_shape = [jax.ShapeDtypeStruct((batch, k_len, heads, head_dim), k.dtype)] * 2
   if has_bias:
@@ -584,23 +610,11 @@ def _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, 
   grid (row, head, key block)."""
   batch, q_len, _, head_dim = q.shape
   k_len, heads = k.shape[1], layout.heads
-  q_at, k_at, v_at = layout.offsets
   block_q = _block(q_len, tiling.lg_block_q)
   block_k = _block(k_len, tiling.lg_block_k)
-  whole_rows = pl.BlockSpec((None, q_len, None, head_dim), lambda b, h, j: (b, 0, h, 0))
-  key_tile = pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, h, 0))
-  per_query = pl.BlockSpec((None, None, q_len), lambda b, h, j: (b, h, 0))
-  in_specs = [
-      pl.BlockSpec((None, q_len, None, head_dim), lambda b, h, j: (b, 0, _at(h, q_at), 0)),
-      pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, _at(h, k_at), 0)),
-      pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, _at(h, v_at), 0))]
-  operands = [q, k, v]
-  if bias is not None:
-    in_specs.append(pl.BlockSpec((None, q_len, block_k), lambda b, h, j: (h, 0, j)))
-    operands.append(bias)
-  in_specs += [pl.BlockSpec((None, block_k), lambda b, h, j: (b, j)), whole_rows]
-  in_specs += [per_query] * 3
-  operands += [key_mask, d_out] + query_stats
+  operands, in_specs, key_tile = _key_block_operands(
+      q, k, v, bias, key_mask, d_out, query_stats, layout, None, block_k,
+      lambda b, h, j: (b, h, j))
   out_specs = [key_tile, key_tile]
   out_shape = [jax.ShapeDtypeStruct((batch, k_len, heads, head_dim), k.dtype)] * 2
   if writes_logit_grads:
