@@ -539,11 +539,11 @@ def _logit_grad_backward(q, k, v, bias, key_mask, d_out, query_stats, tiling, in
 
 def _key_block_operands(q, k, v, bias, key_mask, d_out, query_stats, layout, rows, block_k,
                         program_to):
-  """Operands, block specs and the dK / dV tile spec of the two key/value kernels, whose
-  programs each take `rows` rows (None: one, its axis squeezed) of one head and one block of
-  keys: all of those rows' queries, d_out and per-query statistics [B, H, Q], their keys and
-  values of the block, the bias columns of the block, the key mask. `program_to` maps the
-  program ids to (row block, head, key block)."""
+  """Operands, their block specs, and dK and dV's specs and shapes, of the two key/value
+  kernels, whose programs each take `rows` rows (None: one, its axis squeezed) of one head
+  and one block of keys: all of those rows' queries, d_out and per-query statistics
+  [B, H, Q], their keys and values of the block, the bias columns of the block, the key
+  mask. `program_to` maps the program ids to (row block, head, key block)."""
   q_len, head_dim = q.shape[1], q.shape[-1]
   q_at, k_at, v_at = layout.offsets
 
@@ -564,14 +564,15 @@ def _key_block_operands(q, k, v, bias, key_mask, d_out, query_stats, layout, row
   operands += [key_mask, d_out] + list(query_stats)
   in_specs += [spec((rows, block_k), lambda r, h, j: (r, j)), head_tile(None, 0)]
   in_specs += [spec((rows, None, q_len), lambda r, h, j: (r, h, 0))] * 3
-  return operands, in_specs, head_tile(block_k, 0)
+  d_kv_shape = jax.ShapeDtypeStruct((q.shape[0], k.shape[1], layout.heads, head_dim), k.dtype)
+  return operands, in_specs, [head_tile(block_k, 0)] * 2, [d_kv_shape] * 2
 
 
 def _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, interpret,
                              layout):
   """dK, dV and the bias gradient from the key/value/bias kernel: grid (head, key block,
   row group)."""
-  batch, q_len, _, head_dim = q.shape
+  batch, q_len = q.shape[:2]
   k_len, heads = k.shape[1], layout.heads
   has_bias = bias is not None
   reason = _query_blocks_reason(q_len, tiling.kv_block_q)
@@ -583,11 +584,9 @@ def _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling
   groups = _row_groups(batch, heads, key_blocks, has_bias, tiling.kv_target_programs)
   rows = batch // groups
   # Programs (head, key block, row group).
-  operands, in_specs, key_tile = _key_block_operands(
+  operands, in_specs, out_specs, out_shape = _key_block_operands(
       q, k, v, bias, key_mask, d_out, query_stats, layout, rows, block_k,
       lambda h, j, g: (g, h, j))
-  out_specs = [key_tile, key_tile]
-  out_shape = [jax.ShapeDtypeStruct((batch, k_len, heads, head_dim), k.dtype)] * 2
   if has_bias:
     out_specs.append(pl.BlockSpec((None, None, q_len, block_k), lambda h, j, g: (g, h, 0, j)))
     out_shape.append(jax.ShapeDtypeStruct((groups, heads, q_len, k_len), _F32))
@@ -608,15 +607,13 @@ def _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, 
                            layout, writes_logit_grads):
   """dK, dV and (when `writes_logit_grads`) the logits' gradient [B, H, Q, K] in q's dtype:
   grid (row, head, key block)."""
-  batch, q_len, _, head_dim = q.shape
+  batch, q_len = q.shape[:2]
   k_len, heads = k.shape[1], layout.heads
   block_q = _block(q_len, tiling.lg_block_q)
   block_k = _block(k_len, tiling.lg_block_k)
-  operands, in_specs, key_tile = _key_block_operands(
+  operands, in_specs, out_specs, out_shape = _key_block_operands(
       q, k, v, bias, key_mask, d_out, query_stats, layout, None, block_k,
       lambda b, h, j: (b, h, j))
-  out_specs = [key_tile, key_tile]
-  out_shape = [jax.ShapeDtypeStruct((batch, k_len, heads, head_dim), k.dtype)] * 2
   if writes_logit_grads:
     out_specs.append(pl.BlockSpec((None, None, q_len, block_k), lambda b, h, j: (b, h, 0, j)))
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, q_len, k_len), q.dtype))
