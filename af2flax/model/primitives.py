@@ -12,7 +12,6 @@ activations loses too much precision.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from typing import Any, Sequence
 
