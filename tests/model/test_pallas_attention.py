@@ -112,7 +112,8 @@ def test_each_backward_matches_xla(backward, with_bias, dtype, tol):
     _assert_close(grad, expected, tol, name)
 
 
-@pytest.mark.parametrize("backward", ["logit_grads", "logit_grads_xla_dq"])
+@pytest.mark.parametrize("backward", [pytest.param("logit_grads", marks=pytest.mark.slow),
+                                      "logit_grads_xla_dq"])
 def test_logit_gradients_in_chunks_of_rows(backward):
   """With `lg_max_chunk_bytes` under one row group's dS, the rows run in chunks (a scan):
   the same gradients as all rows at once, and as the materialised attention."""
@@ -138,12 +139,13 @@ def test_logit_gradients_in_chunks_of_rows(backward):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_padded_lengths_match_xla(with_bias):
   """`pad_lengths`: 36 queries and 20 keys (not multiples of 16) run padded to 48 and 32, with
-  each backward pass: the unpadded attention's values and gradients, in the inputs' shapes,
-  the row whose keys are all masked included (uniform over its 20 real keys, not the 32)."""
+  the default backward pass (dQ from XLA with a bias, from the query kernel without) and the
+  'grouped' one: the unpadded attention's values and gradients, in the inputs' shapes, the
+  row whose keys are all masked included (uniform over its 20 real keys, not the 32)."""
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=3, q_len=36, k_len=20, seed=11)
   bias = bias if with_bias else None
   expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
-  for backward in pallas_attention.BACKWARDS:
+  for backward in ("logit_grads_xla_dq", "grouped"):
     tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward,
                                  kv_block_q=16)
     attention = functools.partial(pallas_attention.attention, interpret=True, tiling=tiling,
