@@ -446,14 +446,19 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
   if tiling.backward == "grouped":
     d_k, d_v, d_bias = _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats,
                                                 tiling, interpret, layout)
+    d_q = None
   else:
     xla_dq = tiling.backward == "logit_grads_xla_dq" and bias is not None
     d_k, d_v, d_bias, d_q = _logit_grad_backward(q, k, v, bias, key_mask, d_out, query_stats,
                                                  tiling, interpret, layout, xla_dq)
-    if d_q is not None:
-      return d_q, d_k, d_v, d_bias
+  if d_q is None:
+    d_q = _query_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, interpret, layout)
+  return d_q, d_k, d_v, d_bias
 
-  # dQ: grid (row, head, query block).
+
+def _query_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, interpret, layout):
+  """dQ [B, Q, H, d] (of the unscaled q) from the query kernel: grid (row, head, query
+  block)."""
   q_len, k_len = q.shape[1], k.shape[1]
   batch, head_dim, heads = q.shape[0], q.shape[-1], layout.heads
   block_q = _block(q_len, tiling.query_block_q)
@@ -462,7 +467,7 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
                                                                   block_q, layout)
   operands += [d_out] + query_stats
   in_specs += [query_tile] + [query_stat] * 3
-  d_q = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_query_kernel, has_bias=bias is not None, block_k=block_k,
                         scale=layout.scale, absent_keys=layout.absent_keys),
       grid=(batch, heads, q_len // block_q),
@@ -472,7 +477,6 @@ def _backward(q, k, v, bias, key_mask, out, stats, d_out, tiling, interpret, lay
       interpret=interpret,
       name="af2_attention_backward_q",
   )(*operands)
-  return d_q, d_k, d_v, d_bias
 
 
 def _rows_per_chunk(batch: int, row_bytes: int, max_bytes: int) -> int:
