@@ -57,6 +57,18 @@ def _assert_close(actual, expected, tol, name):
   np.testing.assert_allclose(actual / scale, expected / scale, atol=tol, err_msg=name)
 
 
+def _assert_matches(results, expected_results, tol, label=""):
+  """Output and gradients (q, k, v and the bias when there is one) of `_values_and_grads`
+  against the expected ones: the same shapes and dtypes, close to `tol` of the largest."""
+  (out, grads), (expected_out, expected_grads) = results, expected_results
+  assert out.shape == expected_out.shape and out.dtype == expected_out.dtype, label
+  _assert_close(out, expected_out, tol, f"out {label}")
+  assert len(grads) == len(expected_grads), label
+  for name, grad, expected in zip("qkvb", grads, expected_grads):
+    assert grad.shape == expected.shape and grad.dtype == expected.dtype, f"{name} {label}"
+    _assert_close(grad, expected, tol, f"{name} {label}")
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_values_and_gradients_match_xla(with_bias, dtype, tol):
@@ -65,30 +77,24 @@ def test_values_and_gradients_match_xla(with_bias, dtype, tol):
   attention, AlphaFold's -1e9), a key length (48) that is not a power of two."""
   q, k, v, bias, key_mask = _inputs(dtype)
   bias = bias if with_bias else None
-  out, grads = _values_and_grads(_interpreted(), q, k, v, bias, key_mask)
-  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
-  assert out.dtype == dtype
-  _assert_close(out, expected_out, tol, "out")
-  for name, grad, expected in zip("qkvb", grads, expected_grads):
-    assert grad.shape == expected.shape and grad.dtype == expected.dtype, name
-    _assert_close(grad, expected, tol, name)
+  results = _values_and_grads(_interpreted(), q, k, v, bias, key_mask)
+  assert results[0].dtype == dtype
+  _assert_matches(results, _values_and_grads(_reference, q, k, v, bias, key_mask), tol)
 
 
 def test_tilings_give_the_same_results():
   """Other block sizes, several row groups per bias gradient (partials summed) or one (the
   'grouped' backward), one program per key block of 32 or per 16 keys."""
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=8, q_len=32, k_len=32)
-  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
+  expected = _values_and_grads(_reference, q, k, v, bias, key_mask)
   for change in ({"forward_block_q": 16, "forward_block_k": 16, "query_block_k": 16},
                  {"kv_block_k": 16, "kv_target_programs": 1, "kv_block_q": 16,
                   "backward": "grouped"},
                  {"kv_target_programs": 10 ** 6, "query_block_q": 16, "backward": "grouped"},
                  {"lg_block_q": 32, "lg_block_k": 32}):
     tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, **change)
-    out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
-    _assert_close(out, expected_out, 1e-5, f"out {change}")
-    for name, grad, expected in zip("qkvb", grads, expected_grads):
-      _assert_close(grad, expected, 1e-5, f"{name} {change}")
+    _assert_matches(_values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask),
+                    expected, 1e-5, str(change))
 
 
 @pytest.mark.parametrize("backward", pallas_attention.BACKWARDS)
@@ -104,12 +110,8 @@ def test_each_backward_matches_xla(backward, with_bias, dtype, tol):
   bias = bias if with_bias else None
   tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward,
                                lg_block_q=16, lg_block_k=16, kv_block_q=16, kv_block_k=16)
-  out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
-  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
-  _assert_close(out, expected_out, tol, "out")
-  for name, grad, expected in zip("qkvb", grads, expected_grads):
-    assert grad.shape == expected.shape and grad.dtype == expected.dtype, name
-    _assert_close(grad, expected, tol, name)
+  _assert_matches(_values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask),
+                  _values_and_grads(_reference, q, k, v, bias, key_mask), tol)
 
 
 @pytest.mark.parametrize("backward", [pytest.param("logit_grads", marks=pytest.mark.slow),
@@ -144,18 +146,15 @@ def test_padded_lengths_match_xla(with_bias):
   row whose keys are all masked included (uniform over its 20 real keys, not the 32)."""
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=3, q_len=36, k_len=20, seed=11)
   bias = bias if with_bias else None
-  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
+  expected = _values_and_grads(_reference, q, k, v, bias, key_mask)
   for backward in ("logit_grads_xla_dq", "grouped"):
     tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=backward,
                                  kv_block_q=16)
     attention = functools.partial(pallas_attention.attention, interpret=True, tiling=tiling,
                                   pad_lengths=True)
-    out, grads = _values_and_grads(attention, q, k, v, bias, key_mask)
-    assert out.shape == q.shape
-    _assert_close(out, expected_out, 1e-5, f"out {backward}")
-    for name, grad, expected in zip("qkvb", grads, expected_grads):
-      assert grad.shape == expected.shape, name
-      _assert_close(grad, expected, 1e-5, f"{name} {backward}")
+    results = _values_and_grads(attention, q, k, v, bias, key_mask)
+    assert results[0].shape == q.shape
+    _assert_matches(results, expected, 1e-5, backward)
 
 
 def test_unknown_backward_is_named():
@@ -171,11 +170,8 @@ def test_query_length_in_several_blocks():
   tiles."""
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=3, q_len=48, k_len=32, seed=5)
   tiling = dataclasses.replace(pallas_attention.DEFAULT_TILING, backward="grouped")
-  out, grads = _values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask)
-  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
-  _assert_close(out, expected_out, 1e-5, "out")
-  for name, grad, expected in zip("qkvb", grads, expected_grads):
-    _assert_close(grad, expected, 1e-5, name)
+  _assert_matches(_values_and_grads(_interpreted(tiling), q, k, v, bias, key_mask),
+                  _values_and_grads(_reference, q, k, v, bias, key_mask), 1e-5)
 
 
 @pytest.mark.parametrize("dim", [8, 24])
@@ -184,13 +180,9 @@ def test_head_dims_are_padded_exactly(dim):
   zero channels to 16 / 32: the same values and gradients, in q's own shape."""
   assert pallas_attention.padded_head_dim(dim) == {8: 16, 24: 32}[dim]
   q, k, v, bias, key_mask = _inputs(jnp.float32, batch=3, q_len=16, k_len=32, dim=dim, seed=3)
-  out, grads = _values_and_grads(_interpreted(), q, k, v, bias, key_mask)
-  expected_out, expected_grads = _values_and_grads(_reference, q, k, v, bias, key_mask)
-  assert out.shape == q.shape
-  _assert_close(out, expected_out, 1e-5, "out")
-  for name, grad, expected in zip("qkvb", grads, expected_grads):
-    assert grad.shape == expected.shape, name
-    _assert_close(grad, expected, 1e-5, name)
+  results = _values_and_grads(_interpreted(), q, k, v, bias, key_mask)
+  assert results[0].shape == q.shape
+  _assert_matches(results, _values_and_grads(_reference, q, k, v, bias, key_mask), 1e-5)
 
 
 def test_row_groups():
