@@ -146,3 +146,46 @@ def test_final_iteration_features_slices_recycle_axis():
   final = step_lib.final_iteration_features(example)
   np.testing.assert_array_equal(final["aatype"], [6, 7, 8])
   assert int(final["num_iter_recycling"]) == 2
+
+
+def test_split_train_step_equals_the_one_program_step():
+  """`make_recycle_step` + `SplitTrainStep`: a recycler's output, computed as a program of its
+  own for every example, feeds the objective's `prev`; the update equals that of one program
+  whose objective computes the same `prev` itself (4 examples; 1 and 2 at a time)."""
+  model = mlp.MLP(dropout_rate=0.0)
+
+  def recycler(params, example, rng):
+    del rng
+    return {"h": jax.lax.stop_gradient(model.apply({"params": params}, example["x"]))}
+
+  def objective(params, example, rng, prev=None):
+    if prev is None:
+      prev = recycler(params, example, rng)
+    pred = model.apply({"params": params}, example["x"] * (1.0 + prev["h"][:, None]))
+    mse = jnp.mean((pred - example["y"]) ** 2)
+    return mse, {"mse": mse}
+
+  batch = mlp.make_batch(0, 4)
+  for vmap_batch_size in (1, 2):
+    config = mlp.train_config(vmap_batch_size=vmap_batch_size)
+    tx = optimizer_lib.make_optimizer(config.optimizer)
+    state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
+    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+    shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), state)
+    train_step = step_lib.make_train_step(objective, tx, config, mesh)
+    one = sharding_lib.jit_train_step(train_step, shardings, mesh)
+    split = sharding_lib.jit_train_step(
+        train_step, shardings, mesh, step_lib.make_recycle_step(recycler, config, mesh))
+    fresh = lambda tree: jax.tree.map(jnp.array, tree)  # the steps donate their state
+    state_one, metrics_one = one(fresh(state), batch)
+    state_split, metrics_split = split(fresh(state), batch)
+    np.testing.assert_allclose(metrics_split["loss"], metrics_one["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+                 state_split.params, state_one.params)
+    prev = split.recycle(state, batch)
+    assert prev["h"].shape == (4, mlp.POINTS)
+    expected = [recycler(state.params, {"x": x}, None)["h"] for x in batch["x"]]
+    np.testing.assert_allclose(prev["h"], np.stack(expected), rtol=1e-6)
+    # Compiled once per shapes, then reused; a second call runs the kept programs.
+    state_again, _ = split(state_split, batch)
+    assert int(state_again.step) == 2 and len(split._compiled) == 1
