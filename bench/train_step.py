@@ -138,10 +138,6 @@ VARIANTS = {
     "bf16-pallas512-extracudnn": {"dtype": "bfloat16", "attention_impl": "auto",
                                   "pallas_attention_max_queries": 512,
                                   "extra_msa_attention_impl": "cudnn"},
-    # The presets with the recycling iterations compiled as a program of their own, side by
-    # side with the gradient step's (`config.separate_recycling`, a train-config key).
-    "bf16-auto-separate": {"dtype": "bfloat16", "attention_impl": "auto",
-                           "separate_recycling": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_with_flags("--xla_gpu_autotune_level=1"),
@@ -173,8 +169,6 @@ VARIANTS = {
     "bf16-cudnn-pdl": _bf16_with_flags("--xla_gpu_enable_pdl=true"),
 }
 RECYCLES = (0, 1, 2, 3)
-# Variant keys that are the train config's own, not `model.global_config`'s.
-TRAIN_KEYS = ("separate_recycling",)
 
 
 def _train_config(variant: str, smoke: bool, stage: str):
@@ -183,9 +177,8 @@ def _train_config(variant: str, smoke: bool, stage: str):
   import importlib
 
   config = importlib.import_module(f"configs.{stage}").get_config()
-  settings = {k: v for k, v in VARIANTS[variant].items() if k != "xla_flags"}
-  config.update({k: settings.pop(k) for k in TRAIN_KEYS if k in settings})
-  config.model.global_config.update(settings)
+  config.model.global_config.update(
+      {k: v for k, v in VARIANTS[variant].items() if k != "xla_flags"})
   config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))
   if smoke:
     evo = config.model.embeddings_and_evoformer
@@ -199,9 +192,8 @@ def _train_config(variant: str, smoke: bool, stage: str):
 
 
 def _step_parts(variant: str, shape_name: str, smoke: bool):
-  """(config, model, optimizer, jitted train step) of the preset that `shape_name` belongs
-  to, with the variant's model settings, on a one-device mesh. The step is a `jax.jit` with
-  the state donated, or with `separate_recycling` a `step.SplitTrainStep` of two."""
+  """(config, model, optimizer, un-jitted train step) of the preset that `shape_name` belongs
+  to, with the variant's model settings, on a one-device mesh."""
   import jax
 
   from af2flax.model.alphafold import AlphaFold
@@ -216,11 +208,7 @@ def _step_parts(variant: str, shape_name: str, smoke: bool):
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
   train_step = step_lib.make_train_step(
       step_lib.alphafold_objective(model, config.model), optimizer, config, mesh)
-  if config.get("separate_recycling", False):
-    recycle_step = step_lib.make_recycle_step(step_lib.alphafold_recycler(model), config, mesh)
-    return config, model, optimizer, step_lib.SplitTrainStep(
-        jax.jit(recycle_step), jax.jit(train_step, donate_argnums=0))
-  return config, model, optimizer, jax.jit(train_step, donate_argnums=0)
+  return config, model, optimizer, train_step
 
 
 def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
@@ -257,9 +245,10 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   init_parts["train_state"] = lap()
   init_s = clock[-1] - clock[0]
 
-  trace_s, lower_s, lowered = _trace_and_lower(train_step, state, first)
+  step_fn = jax.jit(train_step, donate_argnums=0)
+  trace_s, lower_s, lowered = _trace_and_lower(step_fn, state, first)
   start = time.perf_counter()
-  compiled = _compile(train_step, state, first, lowered)
+  compiled = lowered.compile()
   xla_compile_s = time.perf_counter() - start
 
   temp_gib = _scratch_gib(compiled)
@@ -292,7 +281,7 @@ def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
     import gzip  # pylint: disable=g-import-not-at-top
     os.makedirs(profile_dir, exist_ok=True)
     with gzip.open(os.path.join(profile_dir, "train_step.hlo.txt.gz"), "wt") as handle:
-      handle.write("\n".join(program.as_text() for program in _programs(compiled)))
+      handle.write(compiled.as_text())
     batch = jax.device_put(jax.tree.map(lambda x: x[None], examples[recycles[0]]))
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       for _ in range(2):
@@ -360,34 +349,13 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
 
 def _trace_and_lower(step_fn, state, batch):
   """Python tracing and lowering to StableHLO, timed apart from XLA's compilation: these two
-  are the same on every backend, so a CPU measures them for the GPU. A `SplitTrainStep`
-  gives a tuple of its two programs."""
+  are the same on every backend, so a CPU measures them for the GPU."""
   start = time.perf_counter()
   traced = step_fn.trace(state, batch)
   trace_s = time.perf_counter() - start
   start = time.perf_counter()
-  lowered = (tuple(t.lower() for t in traced) if isinstance(traced, tuple)
-             else traced.lower())
+  lowered = traced.lower()
   return trace_s, time.perf_counter() - start, lowered
-
-
-def _compile(step_fn, state, batch, lowered):
-  """XLA's compilation: the jitted step's one program, or a `SplitTrainStep`'s two at once
-  (the step itself is then returned: it calls the programs it keeps)."""
-  if isinstance(lowered, tuple):
-    step_fn.compile(state, batch, lowered)
-    return step_fn
-  return lowered.compile()
-
-
-def _programs(compiled) -> list:
-  """The compiled programs (`jax.stages.Compiled`) behind what `_compile` returned."""
-  from af2flax.train import step as step_lib
-  if isinstance(compiled, step_lib.SplitTrainStep):
-    return list(next(iter(compiled._compiled.values())))  # pylint: disable=protected-access
-  if isinstance(compiled, tuple):
-    return list(compiled)
-  return [compiled]
 
 
 def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool = False,
@@ -408,8 +376,8 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
   params = jax.eval_shape(lambda k: model.init(k, example)["params"], jax.random.PRNGKey(0))
   state = jax.eval_shape(
       lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
-  trace_s, lower_s, lowered = _trace_and_lower(train_step, state, first)
-  text = "\n".join(program.as_text() for program in _programs(lowered))
+  trace_s, lower_s, lowered = _trace_and_lower(jax.jit(train_step), state, first)
+  text = lowered.as_text()
   row = {"variant": variant, "shapes": shape_name, "trace_s": trace_s, "lower_s": lower_s,
          "stablehlo_lines": text.count("\n"), "device": jax.devices()[0].device_kind,
          "jax": jax.__version__}
@@ -418,18 +386,16 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
                else contextlib.nullcontext())
     with tracing:
       start = time.perf_counter()
-      compiled = _compile(train_step, state, first, lowered)
+      compiled = lowered.compile()
       row["xla_compile_s"] = time.perf_counter() - start
     row["temp_gib"] = _scratch_gib(compiled)
   return row
 
 
 def _scratch_gib(compiled) -> float | None:
-  """XLA's scratch estimate of a compiled program (beyond its arguments and outputs), GiB;
-  of two programs run one after the other, the larger."""
-  sizes = [memory.temp_size_in_bytes for memory in
-           (program.memory_analysis() for program in _programs(compiled)) if memory is not None]
-  return max(sizes) / 2 ** 30 if sizes else None
+  """XLA's scratch estimate of a compiled program (beyond its arguments and outputs), GiB."""
+  memory = compiled.memory_analysis()
+  return memory.temp_size_in_bytes / 2 ** 30 if memory is not None else None
 
 
 def run_breakdown(variant: str, steps: int, smoke: bool) -> list[dict]:

@@ -60,9 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Each device runs its examples one after another; >1 vmaps that many together (faster on
   # small models, more memory and compile time).
   config.vmap_batch_size = 1
-  # The recycling iterations (no gradient) as a program of their own, compiled at the same
-  # time as the gradient step's (docs/training.md, "Compile time").
-  config.separate_recycling = False
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
       "warmup_steps": 1000, "decay_steps": 50_000, "decay_factor": 0.95,

@@ -111,35 +111,19 @@ def slice_recycle(batch: Mapping[str, jax.Array], index: jax.Array | int) -> dic
           for key, value in batch.items()}
 
 
-def _num_iter(batch: Mapping[str, jax.Array], config: Any) -> jax.Array:
-  """Recycling iterations before the final one: `num_iter_recycling` capped at `num_recycle`."""
-  if not config.num_recycle:
-    return jnp.asarray(0, jnp.int32)
-  if "num_iter_recycling" in batch:
-    return jnp.minimum(batch["num_iter_recycling"][0], config.num_recycle).astype(jnp.int32)
-  return jnp.asarray(config.num_recycle, jnp.int32)
-
-
 class AlphaFold(nn.Module):
   """AlphaFold with recycling as trained (Jumper et al. 2021, Suppl. Alg. 2, Suppl. 1.10).
 
   `num_iter_recycling` iterations run inside a `while_loop` with their outputs passed
   through `stop_gradient`; the final iteration runs outside the loop and carries the
   gradient. Each iteration draws its own dropout randomness.
-
-  The two parts can also run apart (the train step compiles them as two programs, side by
-  side: `af2flax.train.step.make_recycle_step`): `recycle_only=True` runs the loop alone and
-  returns the recycled inputs of the final iteration (`prev_pos`, `prev_msa_first_row`,
-  `prev_pair`, float32, without gradient); given those as `prev`, the call runs the final
-  iteration alone.
   """
 
   config: Any   # the model config
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True,
-               prev: Mapping[str, jax.Array] | None = None,
-               recycle_only: bool = False) -> dict[str, Any]:
+  def __call__(self, batch: Mapping[str, jax.Array],
+               deterministic: bool = True) -> dict[str, Any]:
     c = self.config
     if batch["aatype"].ndim != 2:
       raise ValueError(f"batch['aatype'] has shape {batch['aatype'].shape}; expected "
@@ -150,23 +134,19 @@ class AlphaFold(nn.Module):
     def features(index):
       return slice_recycle(batch, index if c.resample_msa_in_recycling else 0)
 
-    if prev is not None and recycle_only:
-      raise ValueError("AlphaFold: give `prev` (run the final iteration) or `recycle_only` "
-                       "(run the recycling iterations), not both")
-    initial = _initial_prev(num_res, c)
-    if prev is not None:
-      if set(prev) != set(initial):
-        raise ValueError(f"AlphaFold: prev has {sorted(prev)}; this model recycles "
-                         f"{sorted(initial)}")
-    elif c.num_recycle:
-      num_iter = _num_iter(batch, c)
+    prev = _initial_prev(num_res, c)
+    if c.num_recycle:
+      if "num_iter_recycling" in batch:
+        num_iter = jnp.minimum(batch["num_iter_recycling"][0], c.num_recycle)
+      else:
+        num_iter = jnp.asarray(c.num_recycle)
+      num_iter = num_iter.astype(jnp.int32)
 
       def body(module, carry):
         index, carry_prev = carry
         outputs = module(features(index), carry_prev, deterministic)
         return index + 1, _prev_from_outputs(outputs, carry_prev)
 
-      prev = initial
       if self.is_initializing():
         # Parameters are created by one plain call; the loop needs them to exist.
         body(iteration, (jnp.asarray(0, jnp.int32), prev))
@@ -175,7 +155,5 @@ class AlphaFold(nn.Module):
                                 (jnp.asarray(0, jnp.int32), prev),
                                 broadcast_variables="params", split_rngs={"dropout": True})
     else:
-      prev = initial
-    if recycle_only:
-      return prev
-    return iteration(features(_num_iter(batch, c)), prev, deterministic)
+      num_iter = jnp.asarray(0, jnp.int32)
+    return iteration(features(num_iter), prev, deterministic)

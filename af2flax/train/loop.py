@@ -43,14 +43,11 @@ class ModelFns:
   init: (rng, example) -> params.
   objective: (params, example, dropout_rng) -> (loss, aux scalars), see `step.py`.
   evaluate: (params, example) -> {metric name: scalar}, deterministic (validation).
-  recycler: None, or (params, example, dropout_rng) -> prev, the recycling iterations alone;
-    the objective then also takes `prev` (`config.separate_recycling`).
   """
 
   init: Callable[[jax.Array, Batch], PyTree]
   objective: step_lib.Objective
   evaluate: Callable[[PyTree, Batch], Mapping[str, jax.Array]]
-  recycler: step_lib.Recycler | None = None
 
 
 @dataclasses.dataclass
@@ -127,7 +124,7 @@ def create_model(config: ml_collections.ConfigDict) -> ModelFns:
     return metrics
 
   return ModelFns(init=init, objective=step_lib.alphafold_objective(model, config.model),
-                  evaluate=evaluate, recycler=step_lib.alphafold_recycler(model))
+                  evaluate=evaluate)
 
 
 def create_input(config: ml_collections.ConfigDict, workdir: epath.Path,
@@ -263,14 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # The step, jitted over the mesh; validation with the EMA parameters.
   param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
-  recycle_step = None
-  if config.get("separate_recycling", False):
-    if model.recycler is None:
-      raise ValueError("separate_recycling=True: this model has no recycler (ModelFns)")
-    recycle_step = step_lib.make_recycle_step(model.recycler, config, mesh)
   train_step = sharding_lib.jit_train_step(
       step_lib.make_train_step(model.objective, optimizer, config, mesh, param_specs),
-      state_shardings, mesh, recycle_step)
+      state_shardings, mesh)
 
   def masked_metrics(params, example):
     mask = example[EVAL_MASK_KEY]

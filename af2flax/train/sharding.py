@@ -155,28 +155,15 @@ def init_sharded(init_fn: Any, *args: Any, mesh: Mesh, rules: Sequence[tuple[str
   return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
 
 
-def jit_train_step(train_step: Any, state_shardings: PyTree, mesh: Mesh,
-                   recycle_step: Any = None) -> Any:
+def jit_train_step(train_step: Any, state_shardings: PyTree, mesh: Mesh) -> Any:
   """The train step jitted with the state's shardings, the batch over all devices.
 
-  The state is donated (updated in place); metrics come back replicated. With a
-  `recycle_step` (`step.make_recycle_step`), the step runs as two programs compiled side by
-  side (`step.SplitTrainStep`): the recycling iterations, then `train_step(state, batch,
-  prev)` with their output.
+  The state is donated (updated in place); metrics come back replicated.
   """
-  if recycle_step is None:
-    return jax.jit(train_step,
-                   in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)),
-                   donate_argnums=0)
-  from af2flax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  recycle = jax.jit(recycle_step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                    out_shardings=batch_sharding(mesh))
-  update = jax.jit(train_step,
-                   in_shardings=(state_shardings, batch_sharding(mesh), batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)),
-                   donate_argnums=0)
-  return step_lib.SplitTrainStep(recycle, update)
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, batch_sharding(mesh)),
+                 out_shardings=(state_shardings, replicated(mesh)),
+                 donate_argnums=0)
 
 
 def _reduce_over_devices(x: jax.Array, spec: P) -> jax.Array:
@@ -231,26 +218,3 @@ def sum_over_examples(fn: Any, mesh: Mesh, out_specs: PyTree, vmap_size: int = 1
 
   return jax.shard_map(local_sum, mesh=mesh, in_specs=(P(), P(BATCH_AXES)),
                        out_specs=out_specs, check_vma=False)
-
-
-def map_over_examples(fn: Any, mesh: Mesh, vmap_size: int = 1) -> Any:
-  """`(shared, batch) -> fn(shared, example)` for every example, stacked; device-local.
-
-  The per-example map of `sum_over_examples`: every device runs its own examples (leading
-  axis sharded over the mesh's batch axes), `vmap_size` at a time, and the outputs keep the
-  batch's sharding.
-  """
-
-  def local_map(shared, local_batch):
-    num_local = jax.tree.leaves(local_batch)[0].shape[0]
-    if num_local % vmap_size:
-      raise ValueError(f"{num_local} examples per device is not a multiple of "
-                       f"vmap_size={vmap_size}")
-    if num_local == 1:  # no loop at all: the network compiles as for one example
-      one = fn(shared, jax.tree.map(lambda x: x[0], local_batch))
-      return jax.tree.map(lambda x: x[None], one)
-    return jax.lax.map(lambda example: fn(shared, example), local_batch,
-                       batch_size=vmap_size if vmap_size > 1 else None)
-
-  return jax.shard_map(local_map, mesh=mesh, in_specs=(P(), P(BATCH_AXES)),
-                       out_specs=P(BATCH_AXES), check_vma=False)

@@ -15,7 +15,6 @@ it from the model and the losses. This module imports neither TensorFlow nor `af
 
 from __future__ import annotations
 
-import concurrent.futures
 from typing import Any, Callable, Mapping
 
 import jax
@@ -29,10 +28,7 @@ from af2flax.train import state as state_lib
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
-# (params, example, dropout_rng[, prev]) -> (loss, aux); `prev` only with a Recycler.
-Objective = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
-# (params, example, dropout_rng) -> prev: the recycling iterations alone, without gradient.
-Recycler = Callable[[PyTree, Batch, jax.Array], PyTree]
+Objective = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 TrainStep = Callable[[state_lib.TrainState, Batch],
                      tuple[state_lib.TrainState, dict[str, jax.Array]]]
 
@@ -68,10 +64,6 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
   optimizer state and EMA stay as they were, `skipped_steps` and `consecutive_skips` count it
   (the loop stops the run after `config.max_consecutive_skips`).
 
-  `train_step(state, batch, prev)` takes the recycled inputs of every example [B, ...] from
-  `make_recycle_step` (the objective then runs the final iteration alone, `prev` its fourth
-  argument); `SplitTrainStep` runs the two.
-
   Metrics (all scalars, averaged over examples): `loss`, every scalar in the objective's aux,
   `grad_norm` (mean per-example norm before clipping), `clipped_fraction`, `update_grad_norm`
   (norm of the averaged clipped gradient), `param_norm`, `learning_rate`, `skipped`,
@@ -80,10 +72,9 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
   clip_norm = float(config.optimizer.clip_norm)
   ema_decay = float(config.optimizer.ema_decay)
 
-  def example_grads(params, example_rng_prev):
-    example, rng, *prev = example_rng_prev  # prev: the recycled inputs of a SplitTrainStep
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, example, rng,
-                                                                     *prev)
+  def example_grads(params, example_and_rng):
+    example, rng = example_and_rng
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, example, rng)
     grads, norm = clip_by_global_norm(grads, clip_norm)
     scalars = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if jnp.ndim(v) == 0}
     scalars["loss"] = jnp.asarray(loss, jnp.float32)
@@ -95,11 +86,11 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
       example_grads, mesh, out_specs=(param_specs, jax.sharding.PartitionSpec()),
       vmap_size=int(config.get("vmap_batch_size", 1)))
 
-  def train_step(state: state_lib.TrainState, batch: Batch, prev: PyTree = None):
+  def train_step(state: state_lib.TrainState, batch: Batch):
     batch_size = jax.tree.leaves(batch)[0].shape[0]
-    rngs = example_rngs(state, batch)
-    operands = (batch, rngs) if prev is None else (batch, rngs, prev)
-    grad_sum, scalar_sum = summed_grads(state.params, operands)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    rngs = jax.random.split(step_rng, batch_size)  # one dropout key per example
+    grad_sum, scalar_sum = summed_grads(state.params, (batch, rngs))
     grads = jax.tree.map(lambda g: g / batch_size, grad_sum)
     metrics = jax.tree.map(lambda s: s / batch_size, scalar_sum)
 
@@ -135,92 +126,6 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
   return train_step
 
 
-def example_rngs(state: state_lib.TrainState, batch: Batch) -> jax.Array:
-  """One dropout key per example of the batch, from the state's key and step."""
-  batch_size = jax.tree.leaves(batch)[0].shape[0]
-  return jax.random.split(jax.random.fold_in(state.rng, state.step), batch_size)
-
-
-# The recycling iterations of a SplitTrainStep draw their dropout from the example's key
-# folded with this; the final iteration draws from the key itself.
-RECYCLE_RNG_FOLD = 1
-
-
-def make_recycle_step(recycler: Recycler, config: ml_collections.ConfigDict,
-                      mesh: jax.sharding.Mesh) -> Callable[[state_lib.TrainState, Batch], PyTree]:
-  """Builds `recycle_step(state, batch) -> prev` (not jitted; see `jit_train_step`).
-
-  The recycling iterations of every example (Suppl. 1.10: `num_iter_recycling` forward
-  passes without gradient, with dropout), each device on its own examples; `prev` [B, ...]
-  goes to `train_step(state, batch, prev)`, which runs the final, gradient-carrying
-  iteration. Together they compute the step of one program with its recycling loop inside
-  (the same values without dropout; dropout draws other, equally distributed masks). Apart,
-  XLA compiles them side by side (`SplitTrainStep`): the loop is a third of the program.
-  """
-
-  def recycle_example(params, example_and_rng):
-    example, rng = example_and_rng
-    return recycler(params, example, jax.random.fold_in(rng, RECYCLE_RNG_FOLD))
-
-  per_example = sharding_lib.map_over_examples(
-      recycle_example, mesh, vmap_size=int(config.get("vmap_batch_size", 1)))
-
-  def recycle_step(state: state_lib.TrainState, batch: Batch) -> PyTree:
-    params = jax.lax.stop_gradient(state.params)
-    return per_example(params, (batch, example_rngs(state, batch)))
-
-  return recycle_step
-
-
-class SplitTrainStep:
-  """The train step as two jitted programs: the recycling iterations, then the update.
-
-  Called as the one-program step is, `(state, batch) -> (state, metrics)`. The first call
-  for a set of shapes traces both programs, then XLA compiles them at the same time on two
-  threads (`compile`), so that the first compile takes about as long as the larger program
-  alone. Built by `sharding.jit_train_step(..., recycle_step=...)`.
-  """
-
-  def __init__(self, recycle: Any, update: Any):
-    self.recycle = recycle    # jitted (state, batch) -> prev
-    self.update = update      # jitted (state, batch, prev) -> (state, metrics), state donated
-    self._compiled: dict[Any, tuple[Any, Any]] = {}
-
-  @staticmethod
-  def _signature(state: Any, batch: Batch) -> Any:
-    leaves, treedef = jax.tree.flatten((state, batch))
-    return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
-
-  def trace(self, state: Any, batch: Batch) -> tuple[Any, Any]:
-    """Both programs traced (`jax.stages.Traced`); `state`, `batch` may be abstract
-    (`jax.ShapeDtypeStruct`)."""
-    recycle = self.recycle.trace(state, batch)
-    prev = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), recycle.out_info)
-    return recycle, self.update.trace(state, batch, prev)
-
-  def lower(self, state: Any, batch: Batch) -> tuple[Any, Any]:
-    """Both programs traced and lowered (`jax.stages.Lowered`)."""
-    return tuple(traced.lower() for traced in self.trace(state, batch))
-
-  def compile(self, state: Any, batch: Batch, lowered: tuple[Any, Any] | None = None
-              ) -> tuple[Any, Any]:
-    """Compiles both programs at once (XLA releases the interpreter lock while it compiles)
-    and keeps them for these shapes; returns them (`jax.stages.Compiled`)."""
-    recycle, update = lowered if lowered is not None else self.lower(state, batch)
-    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="compile") as pool:
-      # The larger program first.
-      update, recycle = pool.map(lambda program: program.compile(), (update, recycle))
-    self._compiled[self._signature(state, batch)] = (recycle, update)
-    return recycle, update
-
-  def __call__(self, state: state_lib.TrainState, batch: Batch):
-    compiled = self._compiled.get(self._signature(state, batch))
-    if compiled is None:
-      compiled = self.compile(state, batch)
-    recycle, update = compiled
-    return update(state, batch, recycle(state, batch))
-
-
 def to_float32(tree: PyTree) -> PyTree:
   """Floating arrays of `tree` in float32 (losses and metrics of bf16 model outputs)."""
   return jax.tree.map(
@@ -249,23 +154,11 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> 
 
   heads_config = model_config.heads
 
-  def objective(params, example, dropout_rng, prev=None):
+  def objective(params, example, dropout_rng):
     outputs = model.apply({"params": params}, example, deterministic=False,
-                          rngs={"dropout": dropout_rng}, prev=prev)
+                          rngs={"dropout": dropout_rng})
     outputs = to_float32(outputs)
     loss, aux = alphafold_loss(final_iteration_features(example), outputs, heads_config)
     return loss, aux
 
   return objective
-
-
-def alphafold_recycler(model: Any) -> Recycler:
-  """The recycling iterations of `model` (AlphaFold) alone, with dropout: the recycled inputs
-  (`prev_pos`, `prev_msa_first_row`, `prev_pair`) of the final iteration, which
-  `alphafold_objective(...)(params, example, rng, prev)` then runs."""
-
-  def recycler(params, example, dropout_rng):
-    return model.apply({"params": params}, example, deterministic=False,
-                       rngs={"dropout": dropout_rng}, recycle_only=True)
-
-  return recycler

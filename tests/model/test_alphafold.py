@@ -104,30 +104,6 @@ def test_recycling_slices_the_batch_and_stops_gradients():
                     (TINY_SHAPES["num_res"], 37, 3))
 
 
-def test_recycling_apart_gives_the_same_outputs():
-  """`recycle_only=True` returns the recycled inputs after `num_iter_recycling` iterations;
-  given them as `prev`, the final iteration alone gives the outputs of the whole call."""
-  config = _recycling_config()   # num_recycle = 1: two slices
-  batch = batch_spec.random_features(0, num_slices=2, num_iter_recycling=1, **TINY_SHAPES)
-  model = AlphaFold(config)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
-  params = perturb_params(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), scale=0.3)
-
-  @jax.jit
-  def whole_and_apart(params, batch):
-    prev = model.apply(params, batch, recycle_only=True)
-    return model.apply(params, batch), model.apply(params, batch, prev=prev), prev
-
-  whole, apart, prev = whole_and_apart(params, batch)
-  assert set(prev) == {"prev_pos", "prev_msa_first_row", "prev_pair"}
-  assert np.abs(np.asarray(prev["prev_pair"])).max() > 0   # one iteration ran
-  chex.assert_trees_all_close(apart, whole, rtol=1e-6, atol=1e-6)
-  with pytest.raises(ValueError, match="not both"):
-    model.apply(params, batch, prev=prev, recycle_only=True)
-  with pytest.raises(ValueError, match="prev has"):
-    model.apply(params, batch, prev={"prev_pos": prev["prev_pos"]})
-
-
 def test_model_imports_without_tensorflow():
   """The GPU machines have no TensorFlow: the model, losses, tools and bench must not need it."""
   code = ("import sys; import af2flax.model.alphafold, af2flax.model.import_af2, "
