@@ -38,11 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
   # AlphaFold was fine-tuned on (docs/benchmarks.md). With memory to spare,
   # --config.model.global_config.remat_group_size=1 is the faster choice.
   config.model.global_config.remat_group_size = 4
-  # Our attention kernels (Pallas) up to 512 queries, so also for the MSA row and column
-  # attentions at these shapes (256 otherwise), and the extra MSA's row attention (8-channel
-  # heads, which our kernels pad to 16) on cuDNN: 2.20 s and 14.69 GiB per gradient pass on
-  # an H200, against 2.36 s and 14.87 GiB with cuDNN for all of those (docs/benchmarks.md,
-  # 2026-12-03, sixth session).
+  # On a GPU: our attention kernels (Pallas) up to 512 queries, so also for the MSA row and
+  # column attentions at these shapes (256 otherwise), and the extra MSA's row attention
+  # (8-channel heads, which our kernels pad to 16) on cuDNN ('auto_cudnn': XLA off GPUs):
+  # 2.20 s and 14.69 GiB per gradient pass on an H200, against 2.36 s and 14.87 GiB with
+  # cuDNN for all of those (docs/benchmarks.md, 2026-12-03, sixth session).
   config.model.global_config.pallas_attention_max_queries = 512
-  config.model.global_config.extra_msa_attention_impl = "cudnn"
+  config.model.global_config.extra_msa_attention_impl = "auto_cudnn"
   return config

@@ -30,17 +30,21 @@ af2flax adds, under `global_config`:
                  kernels, `pallas_attention.py`, which sum the shared bias's gradient inside
                  the backward kernel) | 'auto' (on a GPU with bf16 activations our kernels
                  where they take the shapes, else cuDNN where it does, else XLA; see
-                 `primitives.attention_path`). Presets: 'auto'; `from_alphafold_dict`: 'xla'.
+                 `primitives.attention_path`) | 'auto_cudnn' ('auto' without our kernels).
+                 Presets: 'auto'; `from_alphafold_dict`: 'xla'.
   pallas_attention_max_queries  the longest query axis that takes our kernels (0: 256, the
                  measured crop). Fine-tuning needs 512: crop 384, and its MSA column
                  attention's queries are the 512 sequences. Measured there on an H200 with
                  the 'logit_grads_xla_dq' backward: 2.16 s per step against cuDNN's 2.36 s,
-                 but a 16.17 GiB peak against 14.87 GiB, over the 16 GiB that fine-tuning must
-                 fit in (docs/benchmarks.md). Presets: 0 (set 512 where memory allows).
+                 but a 16.17 GiB peak against 14.87 GiB; with the extra MSA's row attention
+                 on cuDNN (`extra_msa_attention_impl`) 2.20 s and 14.69 GiB, under the 16 GiB
+                 that fine-tuning must fit in (docs/benchmarks.md). Presets: 512 in
+                 fine-tuning, else 0.
   triangle_attention_impl  the same choice for the triangle attention only ("": as
                  `attention_impl`). Presets: "".
   extra_msa_attention_impl  the same choice for the extra MSA's row attention only ("": as
-                 `attention_impl`). Presets: "".
+                 `attention_impl`). Presets: 'auto_cudnn' in fine-tuning (its 8-channel heads
+                 padded to 16 in our kernels cost 1.5 GiB there), else "".
   fuse_projections  projections of one input as one matrix product over concatenated weights
                  (triangle multiplication's five, the outer product mean's two, q/k/v/gate of
                  the self-attentions): the same values and parameters. Presets: True (5% faster

@@ -282,7 +282,7 @@ class ResidualDropout(nn.Module):
 
 # --- Fused attention ----------------------------------------------------------------------
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas", "auto_cudnn")
 
 
 def attention_impl(global_config: Any, module_key: str | None = None) -> str:
@@ -345,8 +345,12 @@ def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_b
   GPU with 16-bit activations (a 7% faster expected training step than cuDNN's on an H200,
   docs/benchmarks.md), else cuDNN where `use_fused_attention` allows, else XLA. 'pallas'
   runs them on a GPU, and on the CPU through Pallas's interpreter (slow: tests), else as
-  'auto'. 'cudnn' and 'xla' run what they name.
+  'auto'. 'auto_cudnn' is 'auto' without our kernels: cuDNN where 'auto' would take it, else
+  XLA (so a preset that prefers cuDNN for one attention still runs on a TPU or a CPU).
+  'cudnn' and 'xla' run what they name.
   """
+  if impl == "auto_cudnn":
+    return "fused" if use_fused_attention("auto", q, k, has_bias) else "xla"
   pallas_fits = (mask.ndim == 4 and mask.shape[1:3] == (1, 1)
                  and pallas_attention.unsupported_reason(
                      q.shape, k.shape, max_queries=pallas_max_queries, tiling=pallas_tiling,

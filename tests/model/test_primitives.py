@@ -171,6 +171,15 @@ def test_attention_impl_choice():
   assert not primitives.use_fused_attention("auto", q16.astype(jnp.float32), q16, True)
   odd = jnp.zeros((2, 7, 4, 32), jnp.bfloat16)
   assert not primitives.use_fused_attention("auto", odd, odd, True)  # cuDNN bwd needs even.
+  # 'auto_cudnn': cuDNN where 'auto' allows it, never our kernels, XLA elsewhere.
+  mask = jnp.ones((2, 1, 1, 16))
+  q16x16 = jnp.zeros((2, 16, 4, 32), jnp.bfloat16)
+  assert primitives.attention_path("auto_cudnn", q16x16, q16x16, mask, True) == (
+      "fused" if on_gpu else "xla")
+  assert primitives.attention_path("auto_cudnn", q16x16.astype(jnp.float32),
+                                   q16x16.astype(jnp.float32), mask, True) == "xla"
+  assert primitives.attention_impl(
+      ml_collections.ConfigDict({"attention_impl": "auto_cudnn"})) == "auto_cudnn"
   with pytest.raises(ValueError, match="attention_impl"):
     primitives.attention_impl(ml_collections.ConfigDict({"attention_impl": "flash"}))
   gc = ml_collections.ConfigDict({"attention_impl": "cudnn", "triangle_attention_impl": ""})
