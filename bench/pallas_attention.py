@@ -10,12 +10,13 @@ shared bias:
   pallas  `af2flax.model.pallas_attention.attention` with its default tiling, then with each
           other backward pass (`Tiling.backward`: 'grouped', the bias gradient summed in
           registers; 'logit_grads', dQ from our query kernel)
-and with `--sweep` (at the first shape, the triangle attention) each tiling that changes one
-field of the default. Prints median ms of
-the forward pass and of forward + backward, and the gradient's difference from XLA's (norm
-of the difference over the norm, all four gradients together). Masks: the last 10% of keys
-are padding in every row. `--shapes finetune`: crop 384 and 512 MSA rows (our backward kernel
-then walks 384 or 512 queries in blocks: `global_config.pallas_attention_max_queries=512`).
+and with `--sweep` (at the first shape, the triangle attention, or at the shapes `--sweep_at`
+names) each tiling that changes one field of the default (or a few, listed in `SWEEP`).
+Prints median ms of the forward pass and of forward + backward, and the gradient's
+difference from XLA's (norm of the difference over the norm, all four gradients together).
+Masks: the last 10% of keys are padding in every row. `--shapes finetune`: crop 384 and 512
+MSA rows (our backward kernel then walks 384 or 512 queries in blocks:
+`global_config.pallas_attention_max_queries=512`).
 Needs a GPU for cudnn and pallas (`--smoke`: tiny shapes on the CPU, Pallas interpreted).
 """
 
@@ -52,6 +53,9 @@ SWEEP = (
     {"lg_warps": 8}, {"lg_stages": 1}, {"lg_stages": 3},
     {"query_block_q": 32}, {"query_block_q": 128}, {"query_block_k": 32},
     {"query_block_k": 128}, {"query_warps": 8},
+    # Larger tiles with more warps together (the longer crops of fine-tuning).
+    {"forward_block_q": 128, "forward_warps": 8}, {"forward_block_k": 128, "forward_warps": 8},
+    {"lg_block_q": 128, "lg_warps": 8}, {"lg_block_k": 128, "lg_warps": 8},
 )
 # Beside the default tiling, every shape times the other backward passes (`Tiling.backward`).
 OTHER_BACKWARDS = ("grouped", "logit_grads")
@@ -63,6 +67,9 @@ def main(argv=None) -> int:
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--sweep", action="store_true")
   parser.add_argument("--shapes", default="initial", choices=tuple(SHAPES))
+  parser.add_argument("--sweep_at", default="0",
+                      help="with --sweep: the shapes (indices into the table, comma-separated) "
+                      "that time every tiling")
   args = parser.parse_args(argv)
 
   import jax
@@ -110,6 +117,7 @@ def main(argv=None) -> int:
                                           ("smoke no bias", 4, 32, 2, 16, False))
   print(f"{'shape':58s} {'impl':36s} {'fwd ms':>8s} {'grad ms':>8s} {'grad err':>9s}",
         flush=True)
+  sweep_at = {int(i) for i in args.sweep_at.split(",")}
   for index, (name, rows, length, heads, head_dim, has_bias) in enumerate(shapes):
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     q = (jax.random.normal(keys[0], (rows, length, heads, head_dim), f32)
@@ -124,7 +132,7 @@ def main(argv=None) -> int:
     argnums = (0, 1, 2, 3) if has_bias else (0, 1, 2)
     reference = None
     label = f"{name} [B={rows}, N={length}, H={heads}, d={head_dim}]"
-    for impl_name, impl in impls + (sweep if index == 0 else []):
+    for impl_name, impl in impls + (sweep if index in sweep_at else []):
       def loss(q, k, v, bias, impl=impl):
         return jnp.sum(impl(q, k, v, bias, key_mask).astype(f32) * d_out)
       forward = jax.jit(lambda *ops, impl=impl: impl(*ops, key_mask))

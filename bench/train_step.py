@@ -167,6 +167,12 @@ VARIANTS = {
     "bf16-cudnn-dusinit": _bf16_with_flags(
         "--xla_gpu_enable_dus_accumulator_zero_init_elimination=true"),
     "bf16-cudnn-pdl": _bf16_with_flags("--xla_gpu_enable_pdl=true"),
+    # CUDA-graph command buffers: all off (the profiles' setting), or only for kernels and
+    # library calls (no while loops or conditionals captured as graphs): compile time against
+    # launch overhead.
+    "bf16-auto-nocb": _bf16_with_flags("--xla_gpu_enable_command_buffer=", "auto"),
+    "bf16-auto-cbnoloop": _bf16_with_flags(
+        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN", "auto"),
 }
 RECYCLES = (0, 1, 2, 3)
 
