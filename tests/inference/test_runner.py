@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -40,7 +41,9 @@ def test_runner_equals_the_full_model_with_recycling(tiny, raw):
   config = runner.inference_config(tiny.config, num_recycle=1)
   batch = make_batch(raw, config)
   prediction = runner.ModelRunner("m", config, tiny.params).predict(batch, num_res=33)
-  outputs = AlphaFold(config).apply({"params": tiny.params}, batch, deterministic=True)
+  # jit: op by op, the tiny model took ~40 s more on the 2-core CI machine.
+  outputs = jax.jit(lambda params, batch: AlphaFold(config).apply(
+      {"params": params}, batch, deterministic=True))(tiny.params, batch)
   positions = np.asarray(outputs["structure_module"]["final_atom_positions"])[:33]
   np.testing.assert_allclose(prediction.final_atom_positions, positions, atol=1e-3)
   from af2flax.common import confidence

@@ -82,6 +82,9 @@ def test_values_and_gradients_match_xla(with_bias, dtype, tol):
   _assert_matches(results, _values_and_grads(_reference, q, k, v, bias, key_mask), tol)
 
 
+# Slow (CI skips it): tilings and the 'grouped' backward, which no preset uses; run with
+# `-m slow`.
+@pytest.mark.slow
 def test_tilings_give_the_same_results():
   """Other block sizes, several row groups per bias gradient (partials summed) or one (the
   'grouped' backward), one program per key block of 32 or per 16 keys."""
@@ -97,7 +100,10 @@ def test_tilings_give_the_same_results():
                     expected, 1e-5, str(change))
 
 
-@pytest.mark.parametrize("backward", pallas_attention.BACKWARDS)
+# The 'grouped' backward (no preset uses it) is slow (CI skips it; run with `-m slow`).
+@pytest.mark.parametrize("backward", [
+    pytest.param(b, marks=pytest.mark.slow) if b == "grouped" else b
+    for b in pallas_attention.BACKWARDS])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5),
                                        pytest.param(jnp.bfloat16, 2e-2, marks=pytest.mark.slow)])
@@ -138,6 +144,8 @@ def test_logit_gradients_in_chunks_of_rows(backward):
     _assert_close(chunked, expected, 1e-5, name)
 
 
+# Slow (CI skips it): `pad_lengths`, which no preset uses; run with `-m slow`.
+@pytest.mark.slow
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_padded_lengths_match_xla(with_bias):
   """`pad_lengths`: 36 queries and 20 keys (not multiples of 16) run padded to 48 and 32, with
@@ -279,7 +287,8 @@ def test_attention_module_with_pallas_matches_xla():
   assert primitives.attention_path("pallas", crop_384, crop_384, mask, True, 384) == "pallas"
 
 
-@pytest.mark.parametrize("backward", ["grouped", "logit_grads_xla_dq"])
+@pytest.mark.parametrize("backward", [pytest.param("grouped", marks=pytest.mark.slow),
+                                      "logit_grads_xla_dq"])
 @pytest.mark.parametrize("with_bias", [True, pytest.param(False, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 0.0), (jnp.bfloat16, 1e-2)])
 def test_fused_self_attention_reads_the_projection_in_place(with_bias, dtype, tol, backward):
@@ -339,6 +348,8 @@ def test_fused_projection_shapes_it_cannot_take_are_named():
                                           jnp.ones((2, 32)), interpret=True)
 
 
+# Slow (CI skips it): `pallas_reads_projection`, which no preset uses; run with `-m slow`.
+@pytest.mark.slow
 def test_attention_module_reading_the_projection_matches_the_sliced_path(monkeypatch):
   """`Attention(pallas_reads_projection=True)`: the same parameters, values and gradients as
   slicing the fused projection (float32, Pallas interpreted); off (the default) or where our
@@ -468,6 +479,8 @@ def test_evoformer_attentions_with_pallas_match_xla(module_name, reads_projectio
   assert np.linalg.norm(flat - expected_flat) < 1e-5 * np.linalg.norm(expected_flat)
 
 
+# Slow (CI skips it): `pallas_pad_lengths`, which no preset uses; run with `-m slow`.
+@pytest.mark.slow
 def test_msa_column_attention_with_padded_lengths_matches_xla(monkeypatch):
   """`global_config.pallas_pad_lengths`: the MSA column attention over 20 sequences (as 132 =
   128 + 4 template rows in training: not a multiple of 16) runs our kernels, padded, and
