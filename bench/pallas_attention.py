@@ -117,7 +117,12 @@ def main(argv=None) -> int:
                                           ("smoke no bias", 4, 32, 2, 16, False))
   print(f"{'shape':58s} {'impl':36s} {'fwd ms':>8s} {'grad ms':>8s} {'grad err':>9s}",
         flush=True)
-  sweep_at = {int(i) for i in args.sweep_at.split(",")}
+  try:
+    sweep_at = {int(i) for i in args.sweep_at.split(",")}
+  except ValueError:
+    parser.error(f"--sweep_at {args.sweep_at!r}: expected comma-separated shape indices")
+  if not sweep_at <= set(range(len(shapes))):
+    parser.error(f"--sweep_at {args.sweep_at!r}: the table has shapes 0 to {len(shapes) - 1}")
   for index, (name, rows, length, heads, head_dim, has_bias) in enumerate(shapes):
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     q = (jax.random.normal(keys[0], (rows, length, heads, head_dim), f32)
