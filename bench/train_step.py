@@ -10,8 +10,10 @@ The step is the product's own (`af2flax.train.step.make_train_step` with
 `alphafold_objective`): the model with random recycling (`num_iter_recycling` no-gradient
 iterations before the final one, read from the batch), every AlphaFold loss, the backward
 pass, per-example gradient clipping to global norm 0.1, Adam with AlphaFold's schedule and the
-EMA update; one example (AlphaFold's one example per core). The batch holds random features
-and the ground truth of a random chain at the given shapes (`model_step._training_example`).
+EMA update; one example (AlphaFold's one example per core), or with `--examples N` N examples
+per step on the one device, vmapped together (`vmap_batch_size` N; times then per example).
+The batch holds random features and the ground truth of a random chain at the given shapes
+(`model_step._training_example`).
 
 One compilation serves every recycling count (it is a loop bound in the batch), so each
 variant reports the step at each recycling count (r=0: the gradient pass only) and the
@@ -138,6 +140,19 @@ VARIANTS = {
     "bf16-pallas512-extracudnn": {"dtype": "bfloat16", "attention_impl": "auto",
                                   "pallas_attention_max_queries": 512,
                                   "extra_msa_attention_impl": "cudnn"},
+    # Our kernels' forward and logits'-gradient kernels with two pipeline stages (the
+    # default until 2026-12-03's eighth session, three since), and the fine-tuning preset
+    # with the MSA column attention's 516 queries and keys padded to 528 for our kernels.
+    "bf16-auto-stages2": {"dtype": "bfloat16", "attention_impl": "auto",
+                          "pallas_tiling": "forward_stages=2,lg_stages=2"},
+    "bf16-pallas512-extracudnn-stages2": {"dtype": "bfloat16", "attention_impl": "auto",
+                                          "pallas_attention_max_queries": 512,
+                                          "extra_msa_attention_impl": "cudnn",
+                                          "pallas_tiling": "forward_stages=2,lg_stages=2"},
+    "bf16-pallas528-extracudnn-pad": {"dtype": "bfloat16", "attention_impl": "auto",
+                                      "pallas_attention_max_queries": 528,
+                                      "extra_msa_attention_impl": "cudnn",
+                                      "pallas_pad_lengths": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_with_flags("--xla_gpu_autotune_level=1"),
@@ -193,8 +208,21 @@ def _train_config(variant: str, smoke: bool, stage: str):
     evo.template.template_pair_stack.num_block = 1
     config.model.heads.structure_module.num_layer = 2
   config.mesh.data = 1
-  config.batch_size = 1
+  # --examples N: N examples per step, vmapped together on the one device.
+  config.batch_size = config.vmap_batch_size = _examples()
   return config
+
+
+def _examples() -> int:
+  """Examples per step (`--examples`, passed to workers in AF2FLAX_BENCH_EXAMPLES)."""
+  return int(os.environ.get("AF2FLAX_BENCH_EXAMPLES", "1"))
+
+
+def _batch_of(example: dict, count: int | None = None) -> dict:
+  """A batch of `count` (default `_examples()`) copies of one example: [count, ...]."""
+  import numpy as np
+  count = _examples() if count is None else count
+  return {key: np.stack([np.asarray(value)] * count) for key, value in example.items()}
 
 
 def _step_parts(variant: str, shape_name: str, smoke: bool):
@@ -209,7 +237,7 @@ def _step_parts(variant: str, shape_name: str, smoke: bool):
 
   stage = "finetune" if shape_name == "finetune" else "initial_training"
   config = _train_config(variant, smoke, stage)
-  model = AlphaFold(config.model)
+  model = AlphaFold(step_lib.model_config_for_step(config))  # marked when examples vmap
   optimizer = optimizer_lib.make_optimizer(config.optimizer)
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
   train_step = step_lib.make_train_step(
@@ -229,8 +257,8 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   shapes = SHAPES[shape_name]
   num_slices = config.model.num_recycle + 1
   examples = {r: _training_example(shapes, num_slices, r) for r in recycles}
-  first = jax.tree.map(lambda x: x[None], examples[recycles[0]])
-  init_batch = jax.tree.map(lambda x: x[0], first)
+  first = _batch_of(examples[recycles[0]])
+  init_batch = examples[recycles[0]]
   # Initialisation, in parts: tracing+lowering model.init, XLA compiling it, running it, and
   # the train state (Adam moments, EMA copy) built from the parameters.
   clock = [time.perf_counter()]
@@ -271,7 +299,7 @@ def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
 
   step_times, losses = {}, {}
   for count in recycles:
-    batch = jax.device_put(jax.tree.map(lambda x: x[None], examples[count]))
+    batch = jax.device_put(_batch_of(examples[count]))
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
     times = []
@@ -288,7 +316,7 @@ def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
     os.makedirs(profile_dir, exist_ok=True)
     with gzip.open(os.path.join(profile_dir, "train_step.hlo.txt.gz"), "wt") as handle:
       handle.write(compiled.as_text())
-    batch = jax.device_put(jax.tree.map(lambda x: x[None], examples[recycles[0]]))
+    batch = jax.device_put(_batch_of(examples[recycles[0]]))
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       for _ in range(2):
         state, metrics = compiled(state, batch)
@@ -332,13 +360,16 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
                                            else recycles[0]), remat=remat)
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
+  examples = _examples()
   return {
       "variant": variant, "shapes": shape_name, "ok": True, "device": device.device_kind,
       "jax": jax.__version__, "init_s": init_s, "init_parts": init_parts,
       "compile_s": compile_s,
       "trace_s": trace_s, "lower_s": lower_s, "xla_compile_s": xla_compile_s,
+      # Seconds per step; with `examples` > 1 the table divides them by it (per example).
       "step_s": {str(k): v for k, v in step_times.items()}, "expected_s": expected,
-      "tflops": timed_flops / timed / 1e12, "forward_flop": forward,
+      "examples": examples,
+      "tflops": examples * timed_flops / timed / 1e12, "forward_flop": forward,
       "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None,
       "loss": losses, "finite": bool(np.all(np.isfinite(list(losses.values())))),
       "dtype": gc.get("dtype"), "shape_sizes": dict(shapes),
@@ -378,7 +409,7 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
 
   config, model, optimizer, train_step = _step_parts(variant, shape_name, smoke)
   example = _training_example(SHAPES[shape_name], config.model.num_recycle + 1, 0)
-  first = jax.tree.map(lambda x: x[None], example)
+  first = _batch_of(example)
   params = jax.eval_shape(lambda k: model.init(k, example)["params"], jax.random.PRNGKey(0))
   state = jax.eval_shape(
       lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
@@ -496,7 +527,9 @@ def _format(rows: list[dict]) -> str:
       lines.append(f"{row['variant']:24s} {row['shapes']:18s} FAILED: "
                    f"{row.get('error', '')[:150]}")
       continue
-    steps = row["step_s"]
+    per = row.get("examples", 1)  # seconds per example
+    steps = {k: v / per for k, v in row["step_s"].items()}
+    expected = row["expected_s"] / per if row["expected_s"] is not None else None
     def cell(value, width, fmt):
       return format(value, fmt) if value is not None else f"{'-':>{width}s}"
     sizes = row.get("shape_sizes") or {}
@@ -505,10 +538,12 @@ def _format(rows: list[dict]) -> str:
     dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(row.get("dtype"), row.get("dtype") or "")
     lines.append(f"{row['variant']:24s} {shapes:18s} {dtype:8s} {_remat_label(row):10s} "
                  + " ".join(cell(steps.get(str(r)), 7, "7.3f") for r in RECYCLES)
-                 + f" {cell(row['expected_s'], 8, '8.3f')} "
+                 + f" {cell(expected, 8, '8.3f')} "
                  f"{row['tflops']:8.1f} {row['peak_gib'] or 0:8.2f} "
                  f"{row['compile_s']:9.1f}  {row['device']}, jax {row['jax']}, "
-                 f"trace+lower {row['trace_s'] + row['lower_s']:.1f} s, "
+                 + (f"{per} examples per step (vmapped; seconds per example), " if per > 1
+                    else "")
+                 + f"trace+lower {row['trace_s'] + row['lower_s']:.1f} s, "
                  f"init {row['init_s']:.1f} s"
                  + (" ({})".format(", ".join(f"{_INIT_LABELS.get(k, k)} {v:.1f}" for k, v in
                                              row["init_parts"].items()))
@@ -520,7 +555,8 @@ def _format(rows: list[dict]) -> str:
 def _run_worker(variant: str, shape_name: str, args, env: dict):
   """One variant at one shape in its own process: its result row (or breakdown list)."""
   command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one",
-             f"{variant},{shape_name}", "--steps", str(args.steps), "--recycles", args.recycles]
+             f"{variant},{shape_name}", "--steps", str(args.steps), "--recycles", args.recycles,
+             "--examples", str(args.examples)]
   if args.smoke:
     command.append("--smoke")
   if args.profile_dir:
@@ -577,6 +613,9 @@ def main(argv=None) -> int:
   parser.add_argument("--parallel", type=int, default=1,
                       help="workers side by side: compilations overlap (their compile seconds "
                       "share the host's cores), timed steps run one worker at a time")
+  parser.add_argument("--examples", type=int, default=1,
+                      help="examples per step on the one device, vmapped together "
+                      "(vmap_batch_size); the table gives seconds per example")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -591,6 +630,9 @@ def main(argv=None) -> int:
       overrides[key] = value
   if overrides:
     os.environ["AF2FLAX_BENCH_SET"] = json.dumps(overrides)
+  if args.examples < 1:
+    parser.error(f"--examples {args.examples}: expected at least 1")
+  os.environ["AF2FLAX_BENCH_EXAMPLES"] = str(args.examples)
 
   if args.lower_only:
     print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}"
