@@ -48,8 +48,9 @@ from af2flax.common import config_files
 def get_config() -> ml_collections.ConfigDict:
   config = config_files.sibling_config(__file__, "initial_training")
 
-  # XLA attention: the cuDNN fused path does not batch under vmap (vmap_batch_size > 1) with a
-  # bias shared across rows (jax's cuDNN batching rule; bench/attention.py).
+  # XLA attention, as in the documented runs (docs/training_run.md). They date from when
+  # vmap_batch_size > 1 could not run the cuDNN path (a bias shared across rows, jax's cuDNN
+  # batching rule); 'auto' now runs our Pallas kernels under vmap (step.model_config_for_step).
   config.model.global_config.attention_impl = "xla"
   evo = config.model.embeddings_and_evoformer
   config.model.global_config.use_remat = False

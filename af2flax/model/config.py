@@ -68,6 +68,15 @@ af2flax adds, under `global_config`:
                  cuDNN (24.6 ms per initial-training step in the H200 profile of
                  2026-12-03). Presets: False (H200, 2026-12-03, sixth session: expected
                  initial step 0.654 s against 0.635 s without it).
+  pallas_tiling  block sizes, warps and pipeline stages of our kernels, as comma-separated
+                 `pallas_attention.Tiling` fields over its defaults, e.g.
+                 'forward_stages=2,lg_block_q=128' ("": the defaults; the backward pass is
+                 `pallas_backward`). The same values; only the speed changes
+                 (`bench/pallas_attention.py --sweep` times choices). Presets: "".
+  examples_vmapped  set by the train step (`step.model_config_for_step`) when it vmaps
+                 several examples (`vmap_batch_size` > 1): attentions with a bias that 'auto'
+                 would hand to cuDNN run through XLA (jax's cuDNN attention cannot batch a
+                 shared bias under vmap); ours and cuDNN without a bias still run.
   triangle_channels_first  the triangle multiplication with its edges laid out [c, N, N]
                  (projections write that layout, fused; no transposes around the product).
                  Same values and parameters. Presets: True (6% faster expected step on an
@@ -110,6 +119,8 @@ OUR_GLOBAL_DEFAULTS = {
     "pallas_reads_projection": False,
     "pallas_backward": "logit_grads_xla_dq",
     "pallas_pad_lengths": False,
+    "pallas_tiling": "",
+    "examples_vmapped": False,
     "triangle_channels_first": True,
     "outer_product_mean_chunking": "low_memory",
 }

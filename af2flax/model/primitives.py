@@ -327,13 +327,23 @@ def attention_settings(global_config: Any, module_key: str | None = None) -> dic
           "fuse_projections": global_config.get("fuse_projections", False),
           "pallas_reads_projection": global_config.get("pallas_reads_projection", False),
           "pallas_backward": pallas_backward(global_config),
-          "pallas_pad_lengths": global_config.get("pallas_pad_lengths", False)}
+          "pallas_pad_lengths": global_config.get("pallas_pad_lengths", False),
+          "pallas_tiling": pallas_tiling_text(global_config),
+          "examples_vmapped": bool(global_config.get("examples_vmapped", False))}
+
+
+def pallas_tiling_text(global_config: Any) -> str:
+  """`global_config.pallas_tiling` ("" when unset), checked by parsing it once here so that
+  a bad value is named before any module runs."""
+  text = global_config.get("pallas_tiling", "") or ""
+  pallas_attention.tiling_from_text(text)
+  return text
 
 
 def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_bias: bool,
                    pallas_max_queries: int = pallas_attention.BACKWARD_MAX_QUERIES,
                    pallas_tiling: pallas_attention.Tiling = pallas_attention.DEFAULT_TILING,
-                   pallas_pad_lengths: bool = False) -> str:
+                   pallas_pad_lengths: bool = False, examples_vmapped: bool = False) -> str:
   """Which attention core runs for these (static) shapes: 'pallas', 'fused' or 'xla'.
 
   Our Pallas kernels (`pallas_attention.attention`) take a key mask [B, 1, 1, K] and the
@@ -347,10 +357,16 @@ def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_b
   runs them on a GPU, and on the CPU through Pallas's interpreter (slow: tests), else as
   'auto'. 'auto_cudnn' is 'auto' without our kernels: cuDNN where 'auto' would take it, else
   XLA (so a preset that prefers cuDNN for one attention still runs on a TPU or a CPU).
-  'cudnn' and 'xla' run what they name.
+  'cudnn' and 'xla' run what they name. With `examples_vmapped` (the train step vmaps
+  examples), 'auto' and 'auto_cudnn' never hand an attention with a bias to cuDNN (jax's
+  batching rule cannot batch a bias shared over the attention batch): XLA runs it.
   """
+  if examples_vmapped and has_bias and impl in ("auto", "auto_cudnn", "pallas"):
+    cudnn_ok = False
+  else:
+    cudnn_ok = True
   if impl == "auto_cudnn":
-    return "fused" if use_fused_attention("auto", q, k, has_bias) else "xla"
+    return "fused" if cudnn_ok and use_fused_attention("auto", q, k, has_bias) else "xla"
   pallas_fits = (mask.ndim == 4 and mask.shape[1:3] == (1, 1)
                  and pallas_attention.unsupported_reason(
                      q.shape, k.shape, max_queries=pallas_max_queries, tiling=pallas_tiling,
@@ -363,7 +379,7 @@ def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_b
     return "pallas"
   if impl == "pallas":
     impl = "auto"
-  return "fused" if use_fused_attention(impl, q, k, has_bias) else "xla"
+  return "fused" if cudnn_ok and use_fused_attention(impl, q, k, has_bias) else "xla"
 
 
 def use_fused_attention(impl: str, q: jax.Array, k: jax.Array, has_bias: bool) -> bool:
@@ -449,6 +465,10 @@ class Attention(nn.Module):
   # Our kernels take lengths that are not multiples of 16, padded (global_config
   # .pallas_pad_lengths; `pallas_attention.attention`).
   pallas_pad_lengths: bool = False
+  # `pallas_attention.Tiling` fields over its defaults (global_config.pallas_tiling).
+  pallas_tiling: str = ""
+  # The train step vmaps examples (global_config.examples_vmapped): no cuDNN with a bias.
+  examples_vmapped: bool = False
 
   @nn.compact
   def __call__(self, q_data: jax.Array, m_data: jax.Array, mask: jax.Array,
@@ -507,7 +527,7 @@ class Attention(nn.Module):
     """softmax(q k^T + bias, masked keys) v through the path `attention_path` picks."""
     tiling = self._pallas_tiling()
     path = attention_path(self.impl, q, k, mask, bias is not None, self.pallas_max_queries,
-                          tiling, self.pallas_pad_lengths)
+                          tiling, self.pallas_pad_lengths, self.examples_vmapped)
     if path == "pallas":
       return pallas_attention.attention(
           q, k, v, bias, mask[:, 0, 0, :], interpret=jax.default_backend() != "gpu",
@@ -542,9 +562,10 @@ class Attention(nn.Module):
         max_queries=self.pallas_max_queries)
 
   def _pallas_tiling(self) -> pallas_attention.Tiling:
-    if self.pallas_backward == pallas_attention.DEFAULT_TILING.backward:
-      return pallas_attention.DEFAULT_TILING
-    return dataclasses.replace(pallas_attention.DEFAULT_TILING, backward=self.pallas_backward)
+    tiling = pallas_attention.tiling_from_text(self.pallas_tiling)
+    if self.pallas_backward == tiling.backward:
+      return tiling
+    return dataclasses.replace(tiling, backward=self.pallas_backward)
 
   def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
     return self.param(name, init, shape, self.param_dtype).astype(self.dtype)

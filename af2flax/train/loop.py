@@ -68,45 +68,13 @@ class InputData:
   train_eval_batches: Callable[[], Iterable[Batch]] | None = None
 
 
-def model_config_for_step(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.model`, with XLA attention where the step vmaps examples on a GPU.
-
-  jax's batching rule for cuDNN attention cannot batch a bias shared over the attention
-  batch (it reshapes [V, 1, H, Q, K] as if it were [V * B, H, Q, K]), so
-  `vmap_batch_size` > 1 runs 'auto' attention through XLA (with a warning) and refuses
-  'cudnn' with a clear message instead of failing inside the trace. 'pallas' runs through
-  XLA too: its kernels take one example's rows (a batched bias would be a second grid
-  axis, not written or measured).
-  """
-  vmap_size = int(config.get("vmap_batch_size", 1))
-  gc = config.model.global_config
-  keys = [k for k in ("attention_impl", "triangle_attention_impl",
-                      "extra_msa_attention_impl") if gc.get(k, "")]
-  if vmap_size <= 1 or all(gc[k] == "xla" for k in keys):
-    return config.model
-  for key in keys:
-    if gc[key] == "cudnn":
-      raise ValueError(f"model.global_config.{key}='cudnn' cannot run with "
-                       f"vmap_batch_size={vmap_size} (jax's cuDNN attention does not batch a "
-                       "shared bias under vmap): use vmap_batch_size=1 or "
-                       f"{key} 'xla'/'auto'")
-  if jax.default_backend() != "gpu" and all(gc[k] != "pallas" for k in keys):
-    return config.model  # 'auto' is XLA off GPUs anyway
-  logging.warning("vmap_batch_size=%d: attention runs through XLA, not cuDNN or Pallas "
-                  "(jax's cuDNN attention does not batch a shared bias under vmap)", vmap_size)
-  model_config = ml_collections.ConfigDict(config.model.to_dict())
-  for key in keys:
-    model_config.global_config[key] = "xla"
-  return model_config
-
-
 def create_model(config: ml_collections.ConfigDict) -> ModelFns:
   """AlphaFold (MODEL_CONTRACT sections 3-6) with its losses and validation metrics."""
   from af2flax.losses import total as total_loss_lib  # pylint: disable=g-import-not-at-top
   from af2flax.model.alphafold import AlphaFold  # pylint: disable=g-import-not-at-top
   from af2flax.train import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
 
-  model = AlphaFold(model_config_for_step(config))
+  model = AlphaFold(step_lib.model_config_for_step(config))
   ca = residue_constants.atom_order["CA"]
 
   def init(rng, example):

@@ -48,6 +48,34 @@ def _tree_all_finite(tree: PyTree) -> jax.Array:
   return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
+def model_config_for_step(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.model` as the train step runs it: with `vmap_batch_size` > 1, marked
+  `examples_vmapped`.
+
+  Under `jax.vmap` over examples, jax's batching rule for cuDNN attention cannot batch a
+  bias shared over the attention batch (it reshapes [V, 1, H, Q, K] as if it were
+  [V * B, H, Q, K]). So with vmapped examples, an attention with a bias that 'auto' would
+  hand to cuDNN runs through XLA instead (`primitives.attention_path`), and 'cudnn' chosen
+  outright is refused with a clear message rather than failing inside the trace. Our Pallas
+  kernels batch under vmap (pallas_call adds a grid axis) and cuDNN without a bias does too,
+  so both still run: on an H200 the initial-training presets with 2 examples vmapped took
+  0.652 s per example (docs/benchmarks.md, 2026-12-03, eighth session).
+  """
+  vmap_size = int(config.get("vmap_batch_size", 1))
+  gc = config.model.global_config
+  if vmap_size <= 1:
+    return config.model
+  for key in ("attention_impl", "triangle_attention_impl", "extra_msa_attention_impl"):
+    if gc.get(key, "") == "cudnn":
+      raise ValueError(f"model.global_config.{key}='cudnn' cannot run with "
+                       f"vmap_batch_size={vmap_size} (jax's cuDNN attention does not batch a "
+                       "shared bias under vmap): use vmap_batch_size=1 or "
+                       f"{key} 'auto' (our kernels, cuDNN where no bias, else XLA) or 'xla'")
+  model_config = ml_collections.ConfigDict(config.model.to_dict())
+  model_config.global_config.examples_vmapped = True
+  return model_config
+
+
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     param_specs: PyTree = jax.sharding.PartitionSpec()) -> TrainStep:

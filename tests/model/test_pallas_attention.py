@@ -524,3 +524,35 @@ def test_msa_column_attention_with_padded_lengths_matches_xla(monkeypatch):
   for grad, expected in zip(jax.tree_util.tree_leaves(grads),
                             jax.tree_util.tree_leaves(expected_grads)):
     _assert_close(grad, expected, 1e-5, "grad")
+
+
+def test_tiling_from_text():
+  """`global_config.pallas_tiling` sets Tiling fields over the defaults and names what it
+  cannot take."""
+  base = pallas_attention.DEFAULT_TILING
+  assert pallas_attention.tiling_from_text("") is base
+  tiling = pallas_attention.tiling_from_text(" forward_stages=2, lg_block_q=128 ")
+  assert tiling == dataclasses.replace(base, forward_stages=2, lg_block_q=128)
+  for text, named in [("forward_stage=2", "forward_stage"), ("forward_stages", "forward_stages"),
+                      ("lg_warps=0", "lg_warps"), ("kv_warps=x", "kv_warps"),
+                      ("backward=grouped", "backward")]:
+    with pytest.raises(ValueError, match=named):
+      pallas_attention.tiling_from_text(text)
+  gc = ml_collections.ConfigDict({"pallas_tiling": "query_stages=1"})
+  assert primitives.attention_settings(gc)["pallas_tiling"] == "query_stages=1"
+  gc.pallas_tiling = "query_stage=1"
+  with pytest.raises(ValueError, match="query_stage"):
+    primitives.attention_settings(gc)
+
+
+def test_kernels_batch_under_vmap():
+  """Under `jax.vmap` over examples (the train step's `vmap_batch_size` > 1) every input
+  carries the example axis, the bias included; pallas_call's batching rule adds a grid axis.
+  Values and gradients equal each example's own."""
+  examples = [_inputs(jnp.float32, batch=2, seed=seed) for seed in (0, 1)]
+  stacked = [jnp.stack(parts) for parts in zip(*examples)]
+  out, grads = jax.vmap(
+      lambda *args: _values_and_grads(_interpreted(), *args))(*stacked)
+  for index, example in enumerate(examples):
+    expected = _values_and_grads(_reference, *example)
+    _assert_matches((out[index], [g[index] for g in grads]), expected, 1e-5, f"example {index}")

@@ -190,3 +190,23 @@ def test_attention_impl_choice():
   gc.triangle_attention_impl = "flash"
   with pytest.raises(ValueError, match="triangle_attention_impl='flash'"):
     primitives.attention_impl(gc, "triangle_attention_impl")
+
+
+def test_vmapped_examples_keep_biased_attention_off_cudnn(monkeypatch):
+  """With `examples_vmapped` (the train step vmaps examples), 'auto' and 'auto_cudnn' hand
+  an attention with a bias to XLA, not cuDNN (jax cannot batch cuDNN's shared bias under
+  vmap); without a bias cuDNN still runs. The backend is taken to be a GPU: only the
+  choice is tested, nothing runs."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  mask = jnp.ones((2, 1, 1, 132))
+  q = jnp.zeros((2, 132, 8, 32), jnp.bfloat16)   # 132 keys: not our kernels' (unpadded)
+  for impl in ("auto", "auto_cudnn", "pallas"):
+    assert primitives.attention_path(impl, q, q, mask, True) == "fused", impl
+    assert primitives.attention_path(impl, q, q, mask, True, examples_vmapped=True) == "xla"
+    assert primitives.attention_path(impl, q, q, mask, False, examples_vmapped=True) == "fused"
+  q16 = jnp.zeros((2, 128, 8, 32), jnp.bfloat16)  # our kernels batch under vmap: unchanged
+  mask16 = jnp.ones((2, 1, 1, 128))
+  assert primitives.attention_path("auto", q16, q16, mask16, True, examples_vmapped=True) == (
+      "pallas")
+  gc = ml_collections.ConfigDict({"attention_impl": "auto", "examples_vmapped": True})
+  assert primitives.attention_settings(gc)["examples_vmapped"] is True

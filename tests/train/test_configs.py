@@ -92,19 +92,23 @@ def test_overfit_gpu_is_alphafold_with_documented_changes():
 
 
 def test_vmapped_examples_never_reach_cudnn_attention():
-  from af2flax.train import loop  # pylint: disable=g-import-not-at-top
+  """With vmap_batch_size > 1, 'cudnn' chosen outright is refused; the other choices stay,
+  marked `examples_vmapped` (biased attentions then skip cuDNN: `attention_path`)."""
+  from af2flax.train import step  # pylint: disable=g-import-not-at-top
   config = _load("tiny")
   config.vmap_batch_size = 1
   config.model.global_config.attention_impl = "cudnn"
-  assert loop.model_config_for_step(config) is config.model
+  assert step.model_config_for_step(config) is config.model
   config.vmap_batch_size = 2
   with pytest.raises(ValueError, match="vmap_batch_size=2"):
-    loop.model_config_for_step(config)
-  config.model.global_config.attention_impl = "auto"  # XLA on this CPU anyway
-  assert loop.model_config_for_step(config).global_config.attention_impl in ("auto", "xla")
-  config.model.global_config.attention_impl = "pallas"  # XLA under vmap on every backend
-  assert loop.model_config_for_step(config).global_config.attention_impl == "xla"
+    step.model_config_for_step(config)
+  for impl in ("auto", "pallas", "xla", "auto_cudnn"):
+    config.model.global_config.attention_impl = impl
+    model_config = step.model_config_for_step(config)
+    assert model_config.global_config.attention_impl == impl
+    assert model_config.global_config.examples_vmapped
+    assert not config.model.global_config.examples_vmapped  # the run's config is untouched
   config.model.global_config.attention_impl = "auto"
   config.model.global_config.triangle_attention_impl = "cudnn"  # the override counts too
   with pytest.raises(ValueError, match="triangle_attention_impl='cudnn'"):
-    loop.model_config_for_step(config)
+    step.model_config_for_step(config)
