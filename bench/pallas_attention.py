@@ -18,6 +18,16 @@ Masks: the last 10% of keys are padding in every row. `--shapes finetune`: crop 
 MSA rows (our backward kernel then walks 384 or 512 queries in blocks:
 `global_config.pallas_attention_max_queries=512`).
 Needs a GPU for cudnn and pallas (`--smoke`: tiny shapes on the CPU, Pallas interpreted).
+
+`--compare A --compare B ...` times only our kernels under the named tilings
+(`global_config.pallas_tiling` texts over the defaults; 'default' is the defaults), at every
+shape, interleaved: `--rounds` rounds, each timing every tiling's forward pass and then its
+gradient `--steps` times back to back (one wait at the end, so host round trips do not
+count). It prints the median ms per call over the rounds and their range, which shows
+whether a difference is larger than the card's drift (the one-at-a-time `--sweep` was too
+noisy to tell 10% apart on an H200, docs/benchmarks.md):
+
+    python bench/pallas_attention.py --compare forward_stages=2,lg_stages=2 --compare default
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import statistics
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -70,7 +82,13 @@ def main(argv=None) -> int:
   parser.add_argument("--sweep_at", default="0",
                       help="with --sweep: the shapes (indices into the table, comma-separated) "
                       "that time every tiling")
+  parser.add_argument("--compare", action="append", default=[], metavar="TILING",
+                      help="time our kernels under these tilings interleaved (repeatable; "
+                      "'default' or FIELD=VALUE,...)")
+  parser.add_argument("--rounds", type=int, default=5, help="with --compare: rounds")
   args = parser.parse_args(argv)
+  if args.compare:
+    return compare(args, parser)
 
   import jax
   import jax.numpy as jnp
@@ -79,7 +97,7 @@ def main(argv=None) -> int:
   from attention import median_ms, relative_error  # bench/attention.py, beside this script
 
   interpret = jax.default_backend() != "gpu"
-  bf16, f32 = jnp.bfloat16, jnp.float32
+  f32 = jnp.float32
 
   def xla_attention(q, k, v, bias, key_mask):
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=f32)
@@ -124,15 +142,7 @@ def main(argv=None) -> int:
   if not sweep_at <= set(range(len(shapes))):
     parser.error(f"--sweep_at {args.sweep_at!r}: the table has shapes 0 to {len(shapes) - 1}")
   for index, (name, rows, length, heads, head_dim, has_bias) in enumerate(shapes):
-    keys = jax.random.split(jax.random.PRNGKey(0), 5)
-    q = (jax.random.normal(keys[0], (rows, length, heads, head_dim), f32)
-         * head_dim ** -0.5).astype(bf16)
-    k = jax.random.normal(keys[1], (rows, length, heads, head_dim), bf16)
-    v = jax.random.normal(keys[2], (rows, length, heads, head_dim), bf16)
-    bias = jax.random.normal(keys[3], (heads, length, length), bf16) if has_bias else None
-    key_mask = jnp.broadcast_to(jnp.arange(length) < length - length // 10, (rows, length))
-    key_mask = key_mask.astype(jnp.int32)
-    d_out = jax.random.normal(keys[4], q.shape, f32)
+    q, k, v, bias, key_mask, d_out = _operands(rows, length, heads, head_dim, has_bias)
     operands = (q, k, v, bias)
     argnums = (0, 1, 2, 3) if has_bias else (0, 1, 2)
     reference = None
@@ -154,6 +164,72 @@ def main(argv=None) -> int:
       except Exception as error:  # pylint: disable=broad-except
         print(f"{label:58s} {impl_name:36s} failed: {type(error).__name__}: "
               f"{str(error)[:300]}", flush=True)
+  return 0
+
+
+def _operands(rows, length, heads, head_dim, has_bias):
+  """bf16 q (scaled), k, v, a bias or None, a key mask (last 10% padding) and a float32
+  output cotangent, from a fixed seed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  q = (jax.random.normal(keys[0], (rows, length, heads, head_dim), f32)
+       * head_dim ** -0.5).astype(bf16)
+  k = jax.random.normal(keys[1], (rows, length, heads, head_dim), bf16)
+  v = jax.random.normal(keys[2], (rows, length, heads, head_dim), bf16)
+  bias = jax.random.normal(keys[3], (heads, length, length), bf16) if has_bias else None
+  key_mask = jnp.broadcast_to(jnp.arange(length) < length - length // 10, (rows, length))
+  return q, k, v, bias, key_mask.astype(jnp.int32), jax.random.normal(keys[4], q.shape, f32)
+
+
+def compare(args, parser) -> int:
+  """`--compare`: our kernels under each named tiling, timed interleaved (module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from af2flax.model import pallas_attention
+
+  if args.rounds < 1 or args.steps < 1:
+    parser.error("--rounds and --steps: expected at least 1")
+  tilings = {}
+  for text in args.compare:
+    try:
+      tilings[text] = pallas_attention.tiling_from_text("" if text == "default" else text)
+    except ValueError as error:
+      parser.error(f"--compare: {error}")
+  interpret = jax.default_backend() != "gpu"
+  shapes = SHAPES[args.shapes] if not args.smoke else (("smoke", 4, 32, 2, 16, True),)
+  print(f"{'shape':58s} {'tiling':36s} {'fwd ms':>8s} {'(range)':>15s} {'grad ms':>8s} "
+        f"{'(range)':>15s}", flush=True)
+  for name, rows, length, heads, head_dim, has_bias in shapes:
+    q, k, v, bias, key_mask, d_out = _operands(rows, length, heads, head_dim, has_bias)
+    argnums = (0, 1, 2, 3) if has_bias else (0, 1, 2)
+    calls = {}
+    for text, tiling in tilings.items():
+      def attend(q, k, v, bias, tiling=tiling):
+        return pallas_attention.attention(q, k, v, bias, key_mask, interpret=interpret,
+                                          tiling=tiling, max_queries=512)
+      grad = jax.grad(lambda q, k, v, bias, attend=attend: jnp.sum(
+          attend(q, k, v, bias).astype(jnp.float32) * d_out), argnums=argnums)
+      calls[text] = (jax.jit(attend), jax.jit(grad))
+      for call in calls[text]:
+        jax.block_until_ready(call(q, k, v, bias))   # compile and warm up
+    times = {text: ([], []) for text in tilings}
+    for _ in range(args.rounds):
+      for text, pair in calls.items():
+        for slot, call in enumerate(pair):
+          jax.block_until_ready(call(q, k, v, bias))
+          start = time.perf_counter()
+          for _ in range(args.steps):
+            out = call(q, k, v, bias)
+          jax.block_until_ready(out)
+          times[text][slot].append(1e3 * (time.perf_counter() - start) / args.steps)
+    label = f"{name} [B={rows}, N={length}, H={heads}, d={head_dim}]"
+    for text, (forward, gradient) in times.items():
+      cells = " ".join(f"{statistics.median(ms):8.3f} {f'({min(ms):.3f}-{max(ms):.3f})':>15s}"
+                       for ms in (forward, gradient))
+      print(f"{label:58s} {text:36s} {cells}", flush=True)
   return 0
 
 
