@@ -35,6 +35,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -286,6 +287,7 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   xla_compile_s = time.perf_counter() - start
 
   temp_gib = _scratch_gib(compiled)
+  _wait_for_compilations()
   with _timing_lock():
     step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
   return _row(variant, shape_name, config, shapes, recycles, step_times, losses,
@@ -322,6 +324,33 @@ def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
   return step_times, losses
+
+
+def _wait_for_compilations(poll_s: float = 1.0, limit_s: float = 1800.0) -> None:
+  """With `--parallel`, a worker that has compiled waits until every other worker started so
+  far has compiled too (or exited) before it times steps: XLA's autotuner runs candidate
+  kernels on the GPU while it compiles, so a compilation beside a timed step slows it
+  (H200, 2026-12-03, eighth session: a side-by-side run read 0.683 s per expected step for
+  the presets that took 0.622 s alone). Workers mark themselves in the AF2FLAX_BENCH_BARRIER
+  directory: `started-ID` and `exited-ID` by the parent, `compiled-ID` here. A job started
+  after others passed the barrier (more jobs than --parallel) still compiles beside them."""
+  barrier = os.environ.get("AF2FLAX_BENCH_BARRIER")
+  worker = os.environ.get("AF2FLAX_BENCH_WORKER_ID")
+  if not barrier or not worker:
+    return
+  directory = pathlib.Path(barrier)
+  (directory / f"compiled-{worker}").touch()
+  deadline = time.monotonic() + limit_s
+  while time.monotonic() < deadline:
+    names = {path.name for path in directory.iterdir()}
+    pending = [name[len("started-"):] for name in names if name.startswith("started-")
+               and f"compiled-{name[len('started-'):]}" not in names
+               and f"exited-{name[len('started-'):]}" not in names]
+    if not pending:
+      return
+    time.sleep(poll_s)
+  print(f"worker {worker}: other workers still compiling after {limit_s:.0f} s; timing anyway",
+        file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -612,7 +641,8 @@ def main(argv=None) -> int:
   parser.add_argument("--json", help="also write the rows to this file")
   parser.add_argument("--parallel", type=int, default=1,
                       help="workers side by side: compilations overlap (their compile seconds "
-                      "share the host's cores), timed steps run one worker at a time")
+                      "share the host's cores), timed steps run one worker at a time and only "
+                      "once no other worker is compiling")
   parser.add_argument("--examples", type=int, default=1,
                       help="examples per step on the one device, vmapped together "
                       "(vmap_batch_size); the table gives seconds per example")
@@ -671,6 +701,7 @@ def main(argv=None) -> int:
   for variant, _ in jobs:
     if variant not in VARIANTS:
       parser.error(f"--variants: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+  own_barrier = None
   if args.parallel > 1:
     # Side by side: no GPU memory preallocation, and one worker at a time in its timed steps.
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -678,19 +709,33 @@ def main(argv=None) -> int:
     # An inherited lock (another run side by side) keeps that run's steps apart from ours too.
     env.setdefault("AF2FLAX_BENCH_LOCK",
                    os.path.join(tempfile.mkdtemp(prefix="train_step_bench"), "lock"))
+    # ... and none times its steps while another still compiles (`_wait_for_compilations`).
+    if "AF2FLAX_BENCH_BARRIER" not in env:
+      env["AF2FLAX_BENCH_BARRIER"] = own_barrier = tempfile.mkdtemp(prefix="train_step_barrier")
 
-  def job(variant_and_shape):
-    return _run_worker(*variant_and_shape, args, env)
+  def job(numbered_job):
+    number, variant_and_shape = numbered_job
+    barrier = env.get("AF2FLAX_BENCH_BARRIER")
+    if not barrier:
+      return _run_worker(*variant_and_shape, args, env)
+    worker = f"{os.getpid()}-{number}"  # unique across runs that share the directory
+    pathlib.Path(barrier, f"started-{worker}").touch()
+    try:
+      return _run_worker(*variant_and_shape, args, dict(env, AF2FLAX_BENCH_WORKER_ID=worker))
+    finally:
+      pathlib.Path(barrier, f"exited-{worker}").touch()
 
   rows: list = []
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-    for (variant, shape_name), result in zip(jobs, pool.map(job, jobs)):
+    for (variant, shape_name), result in zip(jobs, pool.map(job, enumerate(jobs))):
       if shape_name == "breakdown" and isinstance(result, list):
         _print_breakdown(variant, result)
         rows.append({"breakdown": result, "variant": variant})
         continue
       rows.append(result)
       print(_format([result]).splitlines()[-1], flush=True)
+  if own_barrier:
+    shutil.rmtree(own_barrier, ignore_errors=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
   table_rows = [r for r in rows if "breakdown" not in r]

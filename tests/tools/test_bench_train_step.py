@@ -78,6 +78,29 @@ def test_parallel_workers_time_their_steps_one_at_a_time(tmp_path, monkeypatch):
   assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
 
 
+def test_workers_time_steps_only_once_no_other_worker_compiles(tmp_path, monkeypatch):
+  """--parallel: a compiled worker waits while another started worker has neither compiled
+  nor exited (XLA's autotuning runs on the GPU), and goes on once it has."""
+  import threading
+  import time
+
+  bench = _bench_module()
+  monkeypatch.setenv("AF2FLAX_BENCH_BARRIER", str(tmp_path))
+  monkeypatch.setenv("AF2FLAX_BENCH_WORKER_ID", "1-0")
+  for worker in ("1-0", "1-1", "1-2"):
+    (tmp_path / f"started-{worker}").touch()
+  (tmp_path / "exited-1-2").touch()    # failed before compiling: not waited for
+  done = []
+  waiter = threading.Thread(target=lambda: done.append(
+      bench._wait_for_compilations(poll_s=0.01)))  # pylint: disable=protected-access
+  waiter.start()
+  time.sleep(0.3)
+  assert not done and (tmp_path / "compiled-1-0").exists()  # 1-1 still compiling
+  (tmp_path / "compiled-1-1").touch()
+  waiter.join(timeout=5)
+  assert done == [None]
+
+
 def test_unknown_variant_is_named():
   done = subprocess.run([sys.executable, "bench/train_step.py", "--smoke", "--variants",
                          "bf16-nonesuch"], cwd=REPO_ROOT, capture_output=True, text=True,
