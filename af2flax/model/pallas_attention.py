@@ -68,8 +68,9 @@ class Tiling:
   forward_block_k: int = 64
   forward_warps: int = 4
   # Three software-pipeline stages in the forward and logits'-gradient kernels (two before
-  # 2026-12-03's eighth session): interleaved A/B on an H200, forward 4-10% and gradient
-  # 4-6% faster at the triangle and MSA row shapes of initial training and fine-tuning
+  # 2026-12-03's eighth session): interleaved A/B on an H200, forward 4-9% and gradient
+  # 3-6% faster at every attention shape of initial training and at fine-tuning's triangle
+  # and MSA row shapes; the presets' expected step 0.622 s against 0.636 s
   # (docs/benchmarks.md).
   forward_stages: int = 3
   kv_block_q: int = 256
