@@ -75,6 +75,9 @@ def create_model(config: ml_collections.ConfigDict) -> ModelFns:
   from af2flax.train import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
 
   model = AlphaFold(step_lib.model_config_for_step(config))
+  # Evaluation takes one example at a time (never vmapped): the model as configured, the
+  # same parameters.
+  eval_model = AlphaFold(config.model)
   ca = residue_constants.atom_order["CA"]
 
   def init(rng, example):
@@ -82,7 +85,7 @@ def create_model(config: ml_collections.ConfigDict) -> ModelFns:
 
   def evaluate(params, example):
     """Validation metrics of one example, EMA params, all recycles of the batch, no dropout."""
-    outputs = model.apply({"params": params}, example, deterministic=True)
+    outputs = eval_model.apply({"params": params}, example, deterministic=True)
     outputs = step_lib.to_float32(outputs)
     final = step_lib.final_iteration_features(example)
     metrics = evaluate_lib.structure_metrics(
