@@ -54,6 +54,11 @@ def _bf16_with_flags(xla_flags: str, attention_impl: str = "cudnn") -> dict:
   return {"dtype": "bfloat16", "attention_impl": attention_impl, "xla_flags": xla_flags}
 
 
+# The fine-tuning preset's attention settings (`bf16-pallas512-extracudnn`), which the
+# fine-tuning variants below start from.
+_FINETUNE_OURS = {"dtype": "bfloat16", "attention_impl": "auto",
+                  "pallas_attention_max_queries": 512, "extra_msa_attention_impl": "cudnn"}
+
 # name -> model global_config overrides ('xla_flags': added to XLA_FLAGS of its worker)
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
@@ -138,21 +143,15 @@ VARIANTS = {
     # Fine-tuning with our kernels up to 512 queries, the extra MSA's row attention on cuDNN
     # (not padded from 8 to 16 channels). H200, 2026-12-03 (sixth session): 2.204 s, 14.69
     # GiB; the fine-tuning preset since (it equals the preset now).
-    "bf16-pallas512-extracudnn": {"dtype": "bfloat16", "attention_impl": "auto",
-                                  "pallas_attention_max_queries": 512,
-                                  "extra_msa_attention_impl": "cudnn"},
+    "bf16-pallas512-extracudnn": _FINETUNE_OURS,
     # Our kernels' forward and logits'-gradient kernels with two pipeline stages (the
     # default until 2026-12-03's eighth session, three since), and the fine-tuning preset
     # with the MSA column attention's 516 queries and keys padded to 528 for our kernels.
     "bf16-auto-stages2": {"dtype": "bfloat16", "attention_impl": "auto",
                           "pallas_tiling": "forward_stages=2,lg_stages=2"},
-    "bf16-pallas512-extracudnn-stages2": {"dtype": "bfloat16", "attention_impl": "auto",
-                                          "pallas_attention_max_queries": 512,
-                                          "extra_msa_attention_impl": "cudnn",
+    "bf16-pallas512-extracudnn-stages2": {**_FINETUNE_OURS,
                                           "pallas_tiling": "forward_stages=2,lg_stages=2"},
-    "bf16-pallas528-extracudnn-pad": {"dtype": "bfloat16", "attention_impl": "auto",
-                                      "pallas_attention_max_queries": 528,
-                                      "extra_msa_attention_impl": "cudnn",
+    "bf16-pallas528-extracudnn-pad": {**_FINETUNE_OURS, "pallas_attention_max_queries": 528,
                                       "pallas_pad_lengths": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
@@ -219,10 +218,10 @@ def _examples() -> int:
   return int(os.environ.get("AF2FLAX_BENCH_EXAMPLES", "1"))
 
 
-def _batch_of(example: dict, count: int | None = None) -> dict:
-  """A batch of `count` (default `_examples()`) copies of one example: [count, ...]."""
+def _batch_of(example: dict) -> dict:
+  """A batch of `_examples()` copies of one example: [examples, ...]."""
   import numpy as np
-  count = _examples() if count is None else count
+  count = _examples()
   return {key: np.stack([np.asarray(value)] * count) for key, value in example.items()}
 
 
@@ -343,10 +342,8 @@ def _wait_for_compilations(poll_s: float = 1.0, limit_s: float = 1800.0) -> None
   deadline = time.monotonic() + limit_s
   while time.monotonic() < deadline:
     names = {path.name for path in directory.iterdir()}
-    pending = [name[len("started-"):] for name in names if name.startswith("started-")
-               and f"compiled-{name[len('started-'):]}" not in names
-               and f"exited-{name[len('started-'):]}" not in names]
-    if not pending:
+    started = {name[len("started-"):] for name in names if name.startswith("started-")}
+    if all(f"compiled-{other}" in names or f"exited-{other}" in names for other in started):
       return
     time.sleep(poll_s)
   print(f"worker {worker}: other workers still compiling after {limit_s:.0f} s; timing anyway",

@@ -128,12 +128,13 @@ def tiling_from_text(text: str, base: Tiling = DEFAULT_TILING) -> Tiling:
       raise ValueError(f"pallas tiling {text!r}: {item!r} is not FIELD=VALUE with a field of "
                        f"Tiling ({', '.join(sorted(fields))})")
     try:
-      changes[name] = int(value)
+      number = int(value)
     except ValueError:
-      changes[name] = -1
-    if changes[name] < (0 if name == "lg_max_chunk_bytes" else 1):
+      number = None
+    if number is None or number < (0 if name == "lg_max_chunk_bytes" else 1):
       raise ValueError(f"pallas tiling {text!r}: {name}={value.strip()!r} is not a "
                        "positive integer")
+    changes[name] = number
   return dataclasses.replace(base, **changes) if changes else base
 
 

@@ -361,10 +361,7 @@ def attention_path(impl: str, q: jax.Array, k: jax.Array, mask: jax.Array, has_b
   examples), 'auto' and 'auto_cudnn' never hand an attention with a bias to cuDNN (jax's
   batching rule cannot batch a bias shared over the attention batch): XLA runs it.
   """
-  if examples_vmapped and has_bias and impl in ("auto", "auto_cudnn", "pallas"):
-    cudnn_ok = False
-  else:
-    cudnn_ok = True
+  cudnn_ok = not (examples_vmapped and has_bias and impl in ("auto", "auto_cudnn", "pallas"))
   if impl == "auto_cudnn":
     return "fused" if cudnn_ok and use_fused_attention("auto", q, k, has_bias) else "xla"
   pallas_fits = (mask.ndim == 4 and mask.shape[1:3] == (1, 1)
