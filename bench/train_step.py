@@ -142,17 +142,28 @@ VARIANTS = {
                              "pallas_pad_lengths": True},
     # Fine-tuning with our kernels up to 512 queries, the extra MSA's row attention on cuDNN
     # (not padded from 8 to 16 channels). H200, 2026-12-03 (sixth session): 2.204 s, 14.69
-    # GiB; the fine-tuning preset since (it equals the preset now).
+    # GiB; the fine-tuning preset since (it equals the preset now). Alone, with three pipeline
+    # stages (2026-12-04): 2.162 s, 15.29 GiB.
     "bf16-pallas512-extracudnn": _FINETUNE_OURS,
     # Our kernels' forward and logits'-gradient kernels with two pipeline stages (the
     # default until 2026-12-03's eighth session, three since), and the fine-tuning preset
-    # with the MSA column attention's 516 queries and keys padded to 528 for our kernels.
+    # with the MSA column attention's 516 queries and keys padded to 528 for our kernels
+    # (H200, 2026-12-04, alone: 2.898 s, 14.92 GiB against the preset's 2.162 s: 528 is
+    # 33 blocks of 16).
     "bf16-auto-stages2": {"dtype": "bfloat16", "attention_impl": "auto",
                           "pallas_tiling": "forward_stages=2,lg_stages=2"},
     "bf16-pallas512-extracudnn-stages2": {**_FINETUNE_OURS,
                                           "pallas_tiling": "forward_stages=2,lg_stages=2"},
     "bf16-pallas528-extracudnn-pad": {**_FINETUNE_OURS, "pallas_attention_max_queries": 528,
                                       "pallas_pad_lengths": True},
+    # The fine-tuning preset without two-level checkpointing (one checkpoint per block; H200,
+    # 2026-12-04: 1.851 s, 17.84 GiB), and the same with each block's saved input kept in the
+    # host's pinned memory (`remat_offload`; not yet timed: its first compile failed on the
+    # template stack, now kept on the device).
+    "bf16-pallas512-extracudnn-group1": {**_FINETUNE_OURS, "remat_group_size": 1},
+    "bf16-pallas512-extracudnn-offload": {**_FINETUNE_OURS, "remat_group_size": 1,
+                                          "remat_offload": True},
+    "bf16-auto-offload": {"dtype": "bfloat16", "attention_impl": "auto", "remat_offload": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_with_flags("--xla_gpu_autotune_level=1"),
@@ -184,7 +195,8 @@ VARIANTS = {
     "bf16-cudnn-pdl": _bf16_with_flags("--xla_gpu_enable_pdl=true"),
     # CUDA-graph command buffers: all off (the profiles' setting), or only for kernels and
     # library calls (no while loops or conditionals captured as graphs): compile time against
-    # launch overhead.
+    # launch overhead. H200, 2026-12-04, one after the other alone: 'cbnoloop' compiled in
+    # 118.6 s against the presets' 135.2 s, expected step 0.636 against 0.625 s.
     "bf16-auto-nocb": _bf16_with_flags("--xla_gpu_enable_command_buffer=", "auto"),
     "bf16-auto-cbnoloop": _bf16_with_flags(
         "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN", "auto"),
@@ -402,6 +414,7 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
       "remat_policy": gc.get("remat_policy"),
       "remat_submodules": gc.get("remat_submodules"),
       "remat_group_size": gc.get("remat_group_size"),
+      "remat_offload": gc.get("remat_offload", False),
       "xla_flags": VARIANTS[variant].get("xla_flags", ""), "temp_gib": temp_gib,
       "concurrent_workers": int(os.environ.get("AF2FLAX_BENCH_WORKERS", "1")),
       # JAX's persistent cache (JAX_COMPILATION_CACHE_DIR): compile_s may be a cache load.
@@ -525,7 +538,8 @@ def run_breakdown(variant: str, steps: int, smoke: bool) -> list[dict]:
 
 
 def _remat_label(row: dict) -> str:
-  """'none', or the policy (default: nothing saved), with 'gN' for groups of N blocks."""
+  """'none', or the policy (default: nothing saved), with 'gN' for groups of N blocks and
+  'host' for block inputs kept in host memory."""
   if not row.get("use_remat"):
     return "none"
   label = row.get("remat_policy") or "nothing"
@@ -533,6 +547,8 @@ def _remat_label(row: dict) -> str:
       label, label)
   if (row.get("remat_group_size") or 1) > 1:
     label += f",g{row['remat_group_size']}"
+  if row.get("remat_offload"):
+    label += ",host"
   if row.get("remat_submodules") not in (None, "", "none"):
     label += f",sub:{row['remat_submodules']}"
   return label

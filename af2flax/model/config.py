@@ -16,6 +16,10 @@ af2flax adds, under `global_config`:
   remat_group_size with `use_remat`, g > 1 runs a stack of blocks as groups of g, each group
                  rematerialised and each block in it again (two-level checkpointing): fewer
                  saved block inputs for one more forward pass. Presets: 1.
+  remat_offload  with `use_remat` ('nothing_saveable', no groups): each block's input, all a
+                 block keeps for its backward pass, waits in the host's pinned memory instead
+                 of the accelerator's (copied out in the forward pass, back in the backward
+                 pass). Presets: False.
   remat_submodules 'none' | 'extra_msa' | 'all': also rematerialise each module of a block on
                  its own (the extra-MSA blocks, or all blocks): the backward pass holds one
                  module's intermediates instead of a block's, for one more forward pass.
@@ -67,7 +71,8 @@ af2flax adds, under `global_config`:
                  attention, whose 132 keys (128 sequences + 4 template rows) otherwise run
                  cuDNN (24.6 ms per initial-training step in the H200 profile of
                  2026-12-03). Presets: False (H200, 2026-12-03, sixth session: expected
-                 initial step 0.654 s against 0.635 s without it).
+                 initial step 0.654 s against 0.635 s without it; at fine-tuning shapes, the
+                 516 sequences padded to 528: 2.90 s against 2.16 s, 2026-12-04).
   pallas_tiling  block sizes, warps and pipeline stages of our kernels, as comma-separated
                  `pallas_attention.Tiling` fields over its defaults, e.g.
                  'forward_stages=2,lg_block_q=128' ("": the defaults; the backward pass is
@@ -109,6 +114,7 @@ OUR_GLOBAL_DEFAULTS = {
     "use_scan": True,
     "remat_submodules": "none",
     "remat_group_size": 1,
+    "remat_offload": False,
     "extra_msa_subbatch_size": 0,
     "low_memory": False,
     "attention_impl": "auto",

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
                                       LinearParams, ResidualDropout, Transition,
@@ -304,8 +305,27 @@ def remat_policy(name: str | None):
   return policy
 
 
+# The name under which `layer_stack` tags each block's input for `remat_offload`.
+BLOCK_INPUT = "block_input"
+
+
+def remat_offload_policy(global_config: Any):
+  """With `global_config.remat_offload`, the checkpoint policy that keeps each block's input
+  in the host's pinned memory between the forward and the backward pass (and saves nothing
+  else); None without. Needs `remat_policy` 'nothing_saveable' (or none): the block input is
+  then the only thing a block keeps."""
+  if not global_config.get("remat_offload", False):
+    return None
+  if global_config.get("remat_policy") not in (None, "", "none", "nothing_saveable"):
+    raise ValueError(f"global_config.remat_offload needs remat_policy 'nothing_saveable', not "
+                     f"{global_config.get('remat_policy')!r}")
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT],
+      offload_src="device", offload_dst="pinned_host")
+
+
 def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: Any,
-                *args: Any) -> Any:
+                *args: Any, offload: bool = True) -> Any:
   """Runs `num_layers` copies of `block` (carry -> carry) with separate parameters.
 
   The parameters get a leading layer axis, exactly like Haiku's `layer_stack`, through
@@ -321,19 +341,34 @@ def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: An
   instead of num_layers (48 blocks, g=4: 16 instead of 48; 138 MB each in bf16 at
   fine-tuning shapes) for one more forward pass of the stack. Parameters keep the
   [num_layers, ...] layout.
+
+  `global_config.remat_offload` (with `use_remat`, no groups): each block's input, the only
+  thing a block keeps for its backward pass, is kept in the host's pinned memory instead of
+  the accelerator's (`jax.checkpoint_policies.save_and_offload_only_these_names`), copied
+  out during the forward pass and back during the backward pass. `offload=False` keeps them
+  on the device regardless: a stack that runs inside another loop (the template stack, once
+  per template) must, since XLA's GPU compiler (jax 0.11.2) fails on host-memory residuals of
+  a nested loop ("Expected instruction to have shape equal to ...", after layout
+  assignment).
   """
   if num_layers == 0:
     return carry
+  use_remat = global_config.get("use_remat", False)
+  offload = remat_offload_policy(global_config) if use_remat and offload else None
 
   def body(module, layer_carry, _):
+    if offload is not None:
+      layer_carry = jax.tree.map(lambda x: checkpoint_name(x, BLOCK_INPUT), layer_carry)
     return module(layer_carry, *args), None
 
-  use_remat = global_config.get("use_remat", False)
   if use_remat:
-    policy = remat_policy(global_config.get("remat_policy"))
+    policy = offload or remat_policy(global_config.get("remat_policy"))
     body = nn.remat(body, policy=policy, prevent_cse=False)
   group = int(global_config.get("remat_group_size", 1) or 1)
   if use_remat and 1 < group < num_layers:
+    if offload is not None:
+      raise ValueError(f"global_config.remat_offload and remat_group_size={group} do not "
+                       "combine: set remat_group_size=1")
     if num_layers % group:
       raise ValueError(f"global_config.remat_group_size={group} does not divide the "
                        f"{num_layers} layers of {block.name}")

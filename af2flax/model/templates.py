@@ -67,8 +67,9 @@ class TemplatePairStack(nn.Module):
   def __call__(self, pair_act: jax.Array, pair_mask: jax.Array,
                deterministic: bool = True) -> jax.Array:
     block = TemplatePairBlock(self.config, self.global_config, name="__layer_stack_no_state")
+    # Run once per template (a loop): its block inputs stay on the device (`layer_stack`).
     return layer_stack(block, pair_act, self.config.num_block, self.global_config, pair_mask,
-                       deterministic)
+                       deterministic, offload=False)
 
 
 def template_pair_features(template: Mapping[str, jax.Array], config: Any) -> jax.Array:

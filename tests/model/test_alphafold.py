@@ -1,5 +1,6 @@
 """The full model: parity with DeepMind's AlphaFold on af2_tiny, and recycling as trained."""
 
+import re
 import subprocess
 import sys
 
@@ -113,3 +114,31 @@ def test_model_imports_without_tensorflow():
   done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                         text=True, check=False)
   assert done.returncode == 0, done.stderr
+
+
+def test_offloaded_block_inputs_of_the_full_model():
+  """`remat_offload`: in the gradient of the whole model, the Evoformer's and the extra MSA's
+  block inputs are the values kept in host memory, and the template stack's (a stack run
+  once per template, inside a loop, which XLA's GPU compiler cannot offload) are not."""
+  config = tiny_config(use_remat=True, remat_offload=True)
+  # three template blocks: a stacked template input would show a leading 3
+  config.embeddings_and_evoformer.template.template_pair_stack.num_block = 3
+  batch = batch_spec.random_features(0, num_slices=2, **TINY_SHAPES)
+  model = AlphaFold(config)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
+
+  def loss(params):
+    return jnp.sum(model.apply(params, batch)["representations"]["single"] ** 2)
+
+  text = str(jax.make_jaxpr(jax.grad(loss))(params))
+  emb = config.embeddings_and_evoformer
+  n_res, n_msa = TINY_SHAPES["num_res"], TINY_SHAPES["num_msa"] + TINY_SHAPES["num_templates"]
+  evoformer, extra = emb.evoformer_num_block, emb.extra_msa_stack_num_block
+  expected = {(evoformer, n_msa, n_res, emb.msa_channel),
+              (evoformer, n_res, n_res, emb.pair_channel),
+              (extra, TINY_SHAPES["num_extra_msa"], n_res, emb.extra_msa_channel),
+              (extra, n_res, n_res, emb.pair_channel)}
+  found = {tuple(int(n) for n in shape.split(","))
+           for shape in re.findall(r"f32<host>\[([0-9,]+)\]", text)}
+  # the stacked inputs [blocks, ...], and one block's inside the scans' bodies
+  assert expected <= found <= expected | {shape[1:] for shape in expected}

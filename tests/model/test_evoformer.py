@@ -1,6 +1,7 @@
 """Evoformer blocks and the trunk: shapes, parameter layout, chunking, remat/scan, bf16,
 dropout."""
 
+import re
 from typing import Any
 
 import chex
@@ -242,6 +243,35 @@ def test_grouped_remat_stack_can_be_called_twice():
   ours = grouped.apply(params, activations, masks)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_offloaded_block_inputs_agree_with_scan():
+  """`remat_offload`: the same values and gradients, and the backward pass's saved block
+  inputs live in the host's memory (the jaxpr types them `<host>`), nothing on the device."""
+  offload = {"use_remat": True, "remat_offload": True}
+  _check_stack_variant("transition", offload, num_layers=3)
+  activations, masks = _stack_inputs()
+  params = random_params(_Stack(tiny_config(), "transition", 3).init, activations, masks)
+
+  def saved(overrides):
+    module = _Stack(tiny_config(**overrides), "transition", 3)
+    loss = lambda p: sum(jnp.sum(x) for x in module.apply(p, activations, masks))
+    text = str(jax.make_jaxpr(jax.grad(loss))(params))
+    return re.findall(r"f32<host>\[3,[0-9,]+\]", text)
+
+  # the stacked inputs of the 3 layers: msa [3, 4, 6, 16] and pair [3, 6, 6, 8]
+  assert sorted(set(saved(offload))) == ["f32<host>[3,4,6,16]", "f32<host>[3,6,6,8]"]
+  assert saved({"use_remat": True}) == []
+
+
+def test_offloaded_block_inputs_refuse_groups_and_other_policies():
+  activations, masks = _stack_inputs()
+  for overrides, message in (({"remat_group_size": 2}, "set remat_group_size=1"),
+                             ({"remat_policy": "dots_saveable"}, "needs remat_policy")):
+    config = tiny_config(use_remat=True, remat_offload=True, **overrides)
+    with pytest.raises(ValueError, match=message):
+      jax.eval_shape(_Stack(config, "transition", 6).init, jax.random.PRNGKey(0),
+                     activations, masks)
 
 
 def test_grouped_remat_needs_a_divisor():
