@@ -297,13 +297,13 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   compiled = lowered.compile()
   xla_compile_s = time.perf_counter() - start
 
-  temp_gib = _scratch_gib(compiled)
+  temp_gib, host_gib = _scratch_gib(compiled), _host_scratch_gib(compiled)
   _wait_for_compilations()
   with _timing_lock():
     step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
   return _row(variant, shape_name, config, shapes, recycles, step_times, losses,
               init_s=init_s, init_parts=init_parts, trace_s=trace_s, lower_s=lower_s,
-              xla_compile_s=xla_compile_s, temp_gib=temp_gib)
+              xla_compile_s=xla_compile_s, temp_gib=temp_gib, host_gib=host_gib)
 
 
 def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
@@ -378,7 +378,7 @@ def _timing_lock():
 
 
 def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
-         init_s, init_parts, trace_s, lower_s, xla_compile_s, temp_gib) -> dict:
+         init_s, init_parts, trace_s, lower_s, xla_compile_s, temp_gib, host_gib) -> dict:
   """One result row (seconds: wall time of initialisation, tracing, lowering and XLA;
   `init_parts`: the initialisation's parts, see `run_one`)."""
   import jax
@@ -416,6 +416,7 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
       "remat_group_size": gc.get("remat_group_size"),
       "remat_offload": gc.get("remat_offload", False),
       "xla_flags": VARIANTS[variant].get("xla_flags", ""), "temp_gib": temp_gib,
+      "host_gib": host_gib,
       "concurrent_workers": int(os.environ.get("AF2FLAX_BENCH_WORKERS", "1")),
       # JAX's persistent cache (JAX_COMPILATION_CACHE_DIR): compile_s may be a cache load.
       "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR") or None,
@@ -472,6 +473,13 @@ def _scratch_gib(compiled) -> float | None:
   """XLA's scratch estimate of a compiled program (beyond its arguments and outputs), GiB."""
   memory = compiled.memory_analysis()
   return memory.temp_size_in_bytes / 2 ** 30 if memory is not None else None
+
+
+def _host_scratch_gib(compiled) -> float | None:
+  """The part of that scratch in the host's memory (`remat_offload`'s block inputs), GiB."""
+  memory = compiled.memory_analysis()
+  host = getattr(memory, "host_temp_size_in_bytes", None) if memory is not None else None
+  return host / 2 ** 30 if host is not None else None
 
 
 def run_breakdown(variant: str, steps: int, smoke: bool) -> list[dict]:
@@ -590,6 +598,7 @@ def _format(rows: list[dict]) -> str:
                  + (" ({})".format(", ".join(f"{_INIT_LABELS.get(k, k)} {v:.1f}" for k, v in
                                              row["init_parts"].items()))
                     if row.get("init_parts") else "")
+                 + (f", host memory {row['host_gib']:.2f} GiB" if row.get("host_gib") else "")
                  + (", compilation cache on" if row.get("compilation_cache") else ""))
   return "\n".join(lines)
 

@@ -130,3 +130,16 @@ def test_result_table_names_shapes_dtype_remat_and_every_recycle_count():
                                "209.5"]
   assert line.endswith("init 39.2 s (trace+lower 4.3, compile 20.1, run 0.4, train state 14.4)")
   assert "FAILED: OOM" in failure
+
+
+def test_result_table_marks_offloaded_block_inputs():
+  """`remat_offload` shows in the remat column, and the host memory it takes in the note."""
+  bench = _bench_module()
+  row = {"variant": "bf16-auto-offload", "shapes": "initial", "ok": True, "device": "H200",
+         "jax": "0.11.2", "init_s": 30.0, "compile_s": 150.0, "trace_s": 10.0, "lower_s": 3.0,
+         "step_s": {"0": 0.5}, "expected_s": None, "tflops": 90.0, "peak_gib": 5.0,
+         "dtype": "bfloat16", "use_remat": True, "remat_policy": "nothing_saveable",
+         "remat_offload": True, "host_gib": 1.52}
+  line = bench._format([row]).splitlines()[1]  # pylint: disable=protected-access
+  assert line.split()[3] == "nothing,host"
+  assert line.endswith("init 30.0 s, host memory 1.52 GiB")
