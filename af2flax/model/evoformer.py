@@ -354,19 +354,19 @@ def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: An
   if num_layers == 0:
     return carry
   use_remat = global_config.get("use_remat", False)
-  offload = remat_offload_policy(global_config) if use_remat and offload else None
+  offload_policy = remat_offload_policy(global_config) if use_remat and offload else None
 
   def body(module, layer_carry, _):
-    if offload is not None:
+    if offload_policy is not None:
       layer_carry = jax.tree.map(lambda x: checkpoint_name(x, BLOCK_INPUT), layer_carry)
     return module(layer_carry, *args), None
 
   if use_remat:
-    policy = offload or remat_policy(global_config.get("remat_policy"))
+    policy = offload_policy or remat_policy(global_config.get("remat_policy"))
     body = nn.remat(body, policy=policy, prevent_cse=False)
   group = int(global_config.get("remat_group_size", 1) or 1)
   if use_remat and 1 < group < num_layers:
-    if offload is not None:
+    if offload_policy is not None:
       raise ValueError(f"global_config.remat_offload and remat_group_size={group} do not "
                        "combine: set remat_group_size=1")
     if num_layers % group:
