@@ -54,10 +54,14 @@ def _bf16_with_flags(xla_flags: str, attention_impl: str = "cudnn") -> dict:
   return {"dtype": "bfloat16", "attention_impl": attention_impl, "xla_flags": xla_flags}
 
 
+# Our kernels up to 512 queries, the extra MSA's row attention included: "" overrides the
+# fine-tuning preset's 'auto_cudnn' (since 2026-12-03's sixth session), as these variants
+# were measured before it.
+_PALLAS512 = {"dtype": "bfloat16", "attention_impl": "auto",
+              "pallas_attention_max_queries": 512, "extra_msa_attention_impl": ""}
 # The fine-tuning preset's attention settings (`bf16-pallas512-extracudnn`), which the
 # fine-tuning variants below start from.
-_FINETUNE_OURS = {"dtype": "bfloat16", "attention_impl": "auto",
-                  "pallas_attention_max_queries": 512, "extra_msa_attention_impl": "cudnn"}
+_FINETUNE_OURS = {**_PALLAS512, "extra_msa_attention_impl": "cudnn"}
 
 # name -> model global_config overrides ('xla_flags': added to XLA_FLAGS of its worker)
 VARIANTS = {
@@ -116,12 +120,10 @@ VARIANTS = {
     # The presets with our kernels differentiated up to 512 queries (fine-tuning: crop 384,
     # 512 MSA rows), not only 256. H200, 2026-12-03 (fifth session, the 'logit_grads_xla_dq'
     # backward): 2.16 s, 16.17 GiB against the preset's 2.36 s, 14.87 GiB.
-    "bf16-pallas512": {"dtype": "bfloat16", "attention_impl": "auto",
-                       "pallas_attention_max_queries": 512},
+    "bf16-pallas512": _PALLAS512,
     # Fine-tuning with our kernels up to 512 queries and without two-level checkpointing
     # (H200, 2026-12-03: 2.07 s, 17.6 GiB, against the preset's 2.37 s, 15.2 GiB).
-    "bf16-pallas512-group1": {"dtype": "bfloat16", "attention_impl": "auto",
-                              "pallas_attention_max_queries": 512, "remat_group_size": 1},
+    "bf16-pallas512-group1": {**_PALLAS512, "remat_group_size": 1},
     # The presets with our kernels reading q, k and v in place from the self-attentions'
     # fused projection (no slices copied, q scaled on loading). H200, 2026-12-03 (fifth
     # session): gradient pass 0.549 s against 0.525 s, so not kept.
@@ -165,9 +167,7 @@ VARIANTS = {
                                           "remat_offload": True},
     # With the block inputs off the GPU, the extra MSA's row attention might go back to our
     # kernels (padded to 16 channels: +1.5 GiB, 2% faster in the fifth session).
-    "bf16-pallas512-offload": {"dtype": "bfloat16", "attention_impl": "auto",
-                               "pallas_attention_max_queries": 512, "remat_group_size": 1,
-                               "remat_offload": True},
+    "bf16-pallas512-offload": {**_PALLAS512, "remat_group_size": 1, "remat_offload": True},
     "bf16-auto-offload": {"dtype": "bfloat16", "attention_impl": "auto", "remat_offload": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
@@ -302,7 +302,7 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   compiled = lowered.compile()
   xla_compile_s = time.perf_counter() - start
 
-  temp_gib, host_gib = _scratch_gib(compiled), _host_scratch_gib(compiled)
+  temp_gib, host_gib = _scratch_gib(compiled)
   _wait_for_compilations()
   with _timing_lock():
     step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
@@ -470,21 +470,19 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
       start = time.perf_counter()
       compiled = lowered.compile()
       row["xla_compile_s"] = time.perf_counter() - start
-    row["temp_gib"] = _scratch_gib(compiled)
+    row["temp_gib"] = _scratch_gib(compiled)[0]
   return row
 
 
-def _scratch_gib(compiled) -> float | None:
-  """XLA's scratch estimate of a compiled program (beyond its arguments and outputs), GiB."""
+def _scratch_gib(compiled) -> tuple[float | None, float | None]:
+  """XLA's scratch estimate of a compiled program (beyond its arguments and outputs), and
+  the part of it in the host's memory (`remat_offload`'s block inputs), GiB (None: not
+  reported)."""
   memory = compiled.memory_analysis()
-  return memory.temp_size_in_bytes / 2 ** 30 if memory is not None else None
-
-
-def _host_scratch_gib(compiled) -> float | None:
-  """The part of that scratch in the host's memory (`remat_offload`'s block inputs), GiB."""
-  memory = compiled.memory_analysis()
-  host = getattr(memory, "host_temp_size_in_bytes", None) if memory is not None else None
-  return host / 2 ** 30 if host is not None else None
+  if memory is None:
+    return None, None
+  host = getattr(memory, "host_temp_size_in_bytes", None)
+  return memory.temp_size_in_bytes / 2 ** 30, (host / 2 ** 30 if host is not None else None)
 
 
 def run_breakdown(variant: str, steps: int, smoke: bool) -> list[dict]:

@@ -316,7 +316,8 @@ def remat_offload_policy(global_config: Any):
   then the only thing a block keeps."""
   if not global_config.get("remat_offload", False):
     return None
-  if global_config.get("remat_policy") not in (None, "", "none", "nothing_saveable"):
+  if remat_policy(global_config.get("remat_policy")) not in (
+      None, jax.checkpoint_policies.nothing_saveable):
     raise ValueError(f"global_config.remat_offload needs remat_policy 'nothing_saveable', not "
                      f"{global_config.get('remat_policy')!r}")
   return jax.checkpoint_policies.save_and_offload_only_these_names(
