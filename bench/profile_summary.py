@@ -15,6 +15,7 @@ time (`bench/train_step.py --lower_only --compile_only --profile_dir DIR`).
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -186,6 +187,60 @@ def host_summary(events: list[dict], device_pids: set, names: dict, top: int) ->
     print(f"  {total / 1e6:9.2f} s  {label[:80]}")
 
 
+def _union(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+  """Sorted, merged [start, end) intervals."""
+  merged: list[list[int]] = []
+  for start, end in sorted(intervals):
+    if merged and start <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], end)
+    else:
+      merged.append([start, end])
+  return [(a, b) for a, b in merged]
+
+
+def _overlap(interval: tuple[int, int], union: list[tuple[int, int]]) -> int:
+  """Length of `interval` covered by the sorted, merged intervals `union`."""
+  start, end = interval
+  covered = 0
+  i = max(bisect.bisect_right(union, (start, start)) - 1, 0)
+  while i < len(union) and union[i][0] < end:
+    covered += max(0, min(end, union[i][1]) - max(start, union[i][0]))
+    i += 1
+  return covered
+
+
+def stream_summary(kernels: list[dict], names: dict, steps: int) -> None:
+  """Busy time per device stream, and how much of the copies' time (host offloading's
+  device-to-host and host-to-device copies) ran while another stream computed: a copy that
+  overlaps nothing stalls the step."""
+  print(f"\nstreams (ms per step, {steps} steps traced)")
+  by_stream = collections.defaultdict(list)
+  for e in kernels:
+    by_stream[(e["pid"], e.get("tid"))].append(e)
+  for key, events in sorted(by_stream.items(), key=lambda item: -sum(e["dur"] for e in item[1])):
+    copies = sum(e["dur"] for e in events if kernel_class(e["name"]) == "copies")
+    print(f"  {names.get(key, str(key[1]))[:50]:50s} {len(events) / steps:8.0f} events "
+          f"{sum(e['dur'] for e in events) / 1e3 / steps:9.2f} ms busy, copies "
+          f"{copies / 1e3 / steps:8.2f} ms")
+  computing = [e for e in kernels if kernel_class(e["name"]) != "copies"]
+  copies = collections.defaultdict(list)
+  for e in kernels:
+    if kernel_class(e["name"]) == "copies":
+      copies[re.sub(r"[^A-Za-z]+$", "", e["name"])[:40]].append(e)
+  others: dict = {}  # stream -> merged intervals of the other streams' compute kernels
+  for name, events in sorted(copies.items(), key=lambda item: -sum(e["dur"] for e in item[1])):
+    total = sum(e["dur"] for e in events)
+    hidden = 0
+    for e in events:  # time covered by compute kernels of other streams
+      stream = (e["pid"], e.get("tid"))
+      if stream not in others:
+        others[stream] = _union([(k["ts"], k["ts"] + k["dur"]) for k in computing
+                                 if (k["pid"], k.get("tid")) != stream])
+      hidden += _overlap((e["ts"], e["ts"] + e["dur"]), others[stream])
+    print(f"  copy {name:40s} x{len(events) / steps:<7.0f} {total / 1e3 / steps:9.2f} ms, "
+          f"{100 * hidden / max(total, 1):5.1f}% of it alongside compute")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("trace")
@@ -196,6 +251,9 @@ def main(argv=None) -> int:
   parser.add_argument("--kernels_of", action="append", default=[], metavar="MODULE",
                       help="with --hlo: also list the top kernels of modules whose name "
                       "contains MODULE (repeatable)")
+  parser.add_argument("--streams", action="store_true",
+                      help="also print busy time per device stream and how much of the copies' "
+                      "time (host offloading) overlaps compute on other streams")
   parser.add_argument("--host", action="store_true",
                       help="summarise host events instead (a traced compilation)")
   args = parser.parse_args(argv)
@@ -240,6 +298,8 @@ def main(argv=None) -> int:
   print(f"\ntop {args.top} scopes by time")
   for name, dur in by_scope.most_common(args.top):
     print(f"  {dur / 1e3:9.2f} ms {100 * dur / busy:5.1f}%  {name[:140]}")
+  if args.streams:
+    stream_summary(kernels, names, args.steps)
   if args.hlo:
     _print_modules(kernels, hlo_op_names(pathlib.Path(args.hlo)), args)
   sample = next((e for e in kernels if e.get("args")), kernels[0])

@@ -160,14 +160,37 @@ VARIANTS = {
                                       "pallas_pad_lengths": True},
     # The fine-tuning preset without two-level checkpointing (one checkpoint per block; H200,
     # 2026-12-04: 1.851 s, 17.84 GiB), and the same with each block's saved input kept in the
-    # host's pinned memory (`remat_offload`; not yet timed: its first compile failed on the
-    # template stack, now kept on the device).
+    # host's pinned memory (`remat_offload`; H200, 2026-12-04, tenth session, alone: 2.113 s,
+    # 13.88 GiB on the GPU and 7.30 GiB on the host, against the preset's 2.162 s and 15.29
+    # GiB of the ninth session). Its profile: the copies to and from the host take 288 ms per
+    # step (3.65 GiB each way, ~27 GB/s), under 7% of it beside compute.
     "bf16-pallas512-extracudnn-group1": {**_FINETUNE_OURS, "remat_group_size": 1},
     "bf16-pallas512-extracudnn-offload": {**_FINETUNE_OURS, "remat_group_size": 1,
                                           "remat_offload": True},
-    # With the block inputs off the GPU, the extra MSA's row attention might go back to our
-    # kernels (padded to 16 channels: +1.5 GiB, 2% faster in the fifth session).
+    # With the block inputs off the GPU, the extra MSA's row attention back on our kernels
+    # (padded to 16 channels). H200, 2026-12-04, beside the next one: 2.078 s, 15.18 GiB.
     "bf16-pallas512-offload": {**_PALLAS512, "remat_group_size": 1, "remat_offload": True},
+    # Attempts to overlap those copies with compute (H200, 2026-12-04; none did, the copies
+    # stay 1-14% beside compute): XLA's latency-hiding scheduler (2.106 s); the loops of blocks
+    # kept out of CUDA-graph command buffers, which moves the copies from the compute stream
+    # to copy streams but leaves the compute stream waiting for them (2.136 s), the same with
+    # the latency-hiding scheduler (2.133 s), no command buffers (2.169 s). Two blocks per
+    # scan iteration (nn.scan's unroll=2, tried and removed) did not compile: "Expected
+    # instruction to have shape equal to ..." after layout assignment, as for the template
+    # stack nested in its loop over templates.
+    "bf16-pallas512-extracudnn-offload-lhs": {
+        **_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
+        "xla_flags": "--xla_gpu_enable_latency_hiding_scheduler=true"},
+    "bf16-pallas512-extracudnn-offload-cbnoloop": {
+        **_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
+        "xla_flags": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"},
+    "bf16-pallas512-extracudnn-offload-cbnoloop-lhs": {
+        **_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
+        "xla_flags": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
+                     "--xla_gpu_enable_latency_hiding_scheduler=true"},
+    "bf16-pallas512-extracudnn-offload-nocb": {
+        **_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
+        "xla_flags": "--xla_gpu_enable_command_buffer="},
     "bf16-auto-offload": {"dtype": "bfloat16", "attention_impl": "auto", "remat_offload": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
@@ -613,8 +636,9 @@ def _run_worker(variant: str, shape_name: str, args, env: dict):
              "--examples", str(args.examples)]
   if args.smoke:
     command.append("--smoke")
-  if args.profile_dir:
-    command += ["--profile_dir", args.profile_dir]
+  if args.profile_dir:  # several jobs: each traces into its own subdirectory
+    command += ["--profile_dir", os.path.join(args.profile_dir, f"{variant}-{shape_name}")
+                if getattr(args, "profile_per_job", False) else args.profile_dir]
   worker_env = dict(env)
   flags = VARIANTS[variant].get("xla_flags", "")
   if flags:
@@ -649,7 +673,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=10, help="timed steps per recycling count")
   parser.add_argument("--recycles", default="0,1,2,3",
                       help="recycling counts to time (all four give the expected step)")
-  parser.add_argument("--profile_dir", help="also trace two steps into this directory (with "
+  parser.add_argument("--profile_dir", help="also trace two steps into this directory (several "
+                      "variants or shapes: a subdirectory VARIANT-SHAPES each; with "
                       "--lower_only --compile_only: trace XLA's compilation instead)")
   parser.add_argument("--breakdown", action="store_true")
   parser.add_argument("--lower_only", action="store_true",
@@ -726,6 +751,7 @@ def main(argv=None) -> int:
   for variant, _ in jobs:
     if variant not in VARIANTS:
       parser.error(f"--variants: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+  args.profile_per_job = len(jobs) > 1
   own_barrier = None
   if args.parallel > 1:
     # Side by side: no GPU memory preallocation, and one worker at a time in its timed steps.

@@ -65,3 +65,27 @@ def test_host_summary_of_a_traced_compilation(tmp_path):
   assert "3.00 s  x1       GpuCompiler::RunBackend" in out
   busy = out[out.index("threads by busy time"):].splitlines()
   assert busy[1].split() == ["3.00", "s", "main"] and busy[2].split() == ["1.00", "s", "tid", "8"]
+
+
+def test_streams_and_copies_alongside_compute(tmp_path):
+  """--streams: a copy on its own stream counts as hidden only where another stream computed."""
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "compute"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "copy"}}]
+  for tid, ts, dur, name in ((1, 0, 100, "fusion_1"), (1, 150, 50, "fusion_2"),
+                             (2, 50, 100, "MemcpyDtoH"),    # 50 of 100 beside fusion_1
+                             (2, 300, 40, "MemcpyHtoD"),    # nothing beside it
+                             (1, 400, 10, "MemcpyDtoD")):   # on the compute stream itself
+    events.append({"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name})
+  with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as handle:
+    json.dump({"traceEvents": events}, handle)
+  out = subprocess.run([sys.executable, "bench/profile_summary.py", str(tmp_path), "--steps",
+                        "1", "--streams"], cwd=REPO_ROOT, capture_output=True, text=True,
+                       check=True).stdout
+  streams = out[out.index("\nstreams"):out.index("example event")].splitlines()
+  compute = next(line for line in streams if line.strip().startswith("compute"))
+  assert compute.split()[1:4] == ["3", "events", "0.16"]
+  copies = {line.split()[1]: line.split()[3:] for line in streams if "copy Memcpy" in line}
+  assert copies["MemcpyDtoH"][:3] == ["0.10", "ms,", "50.0%"]
+  assert copies["MemcpyHtoD"][:3] == ["0.04", "ms,", "0.0%"]
+  assert copies["MemcpyDtoD"][:3] == ["0.01", "ms,", "0.0%"]
