@@ -37,7 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
   # layout changes the preset peaks at 14.0 GiB (2.75 s), within the 16 GiB of the TPUv3 core
   # AlphaFold was fine-tuned on (docs/benchmarks.md). With memory to spare,
   # --config.model.global_config.remat_group_size=1 is the faster choice (H200, 2026-12-04:
-  # 1.85 s and 17.84 GiB against this preset's 2.16 s and 15.29 GiB).
+  # 1.85 s and 17.84 GiB against this preset's 2.16 s and 15.29 GiB). At one example per
+  # device, remat_group_size=1 with remat_offload=True keeps the block inputs in the host's
+  # memory: 2.11 s and 13.88 GiB (not the preset: with several examples per device the block
+  # loops nest in the loop over examples, not yet compiled on a GPU; docs/benchmarks.md).
   config.model.global_config.remat_group_size = 4
   # On a GPU: our attention kernels (Pallas) up to 512 queries, so also for the MSA row and
   # column attentions at these shapes (256 otherwise), and the extra MSA's row attention
