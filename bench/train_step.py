@@ -11,7 +11,10 @@ The step is the product's own (`af2flax.train.step.make_train_step` with
 iterations before the final one, read from the batch), every AlphaFold loss, the backward
 pass, per-example gradient clipping to global norm 0.1, Adam with AlphaFold's schedule and the
 EMA update; one example (AlphaFold's one example per core), or with `--examples N` N examples
-per step on the one device, vmapped together (`vmap_batch_size` N; times then per example).
+per step on the one device, vmapped together (`vmap_batch_size` N; times then per example), or
+with `--one_at_a_time` one after another in the loop over a device's examples, as the training
+loop runs a batch larger than the device count (`vmap_batch_size` 1: the model's loops run
+nested inside that loop).
 The batch holds random features and the ground truth of a random chain at the given shapes
 (`model_step._training_example`).
 
@@ -248,8 +251,10 @@ def _train_config(variant: str, smoke: bool, stage: str):
     evo.template.template_pair_stack.num_block = 1
     config.model.heads.structure_module.num_layer = 2
   config.mesh.data = 1
-  # --examples N: N examples per step, vmapped together on the one device.
-  config.batch_size = config.vmap_batch_size = _examples()
+  # --examples N: N examples per step on the one device, vmapped together, or one at a time
+  # (--one_at_a_time) in the loop over the device's examples.
+  config.batch_size = _examples()
+  config.vmap_batch_size = 1 if os.environ.get("AF2FLAX_BENCH_ONE_AT_A_TIME") else _examples()
   return config
 
 
@@ -434,7 +439,7 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
       "trace_s": trace_s, "lower_s": lower_s, "xla_compile_s": xla_compile_s,
       # Seconds per step; with `examples` > 1 the table divides them by it (per example).
       "step_s": {str(k): v for k, v in step_times.items()}, "expected_s": expected,
-      "examples": examples,
+      "examples": examples, "vmapped": config.vmap_batch_size > 1,
       "tflops": examples * timed_flops / timed / 1e12, "forward_flop": forward,
       "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None,
       "loss": losses, "finite": bool(np.all(np.isfinite(list(losses.values())))),
@@ -617,8 +622,9 @@ def _format(rows: list[dict]) -> str:
                  + f" {cell(expected, 8, '8.3f')} "
                  f"{row['tflops']:8.1f} {row['peak_gib'] or 0:8.2f} "
                  f"{row['compile_s']:9.1f}  {row['device']}, jax {row['jax']}, "
-                 + (f"{per} examples per step (vmapped; seconds per example), " if per > 1
-                    else "")
+                 + (f"{per} examples per step ("
+                    + ("vmapped" if row.get("vmapped", True) else "one at a time")
+                    + "; seconds per example), " if per > 1 else "")
                  + f"trace+lower {row['trace_s'] + row['lower_s']:.1f} s, "
                  f"init {row['init_s']:.1f} s"
                  + (" ({})".format(", ".join(f"{_INIT_LABELS.get(k, k)} {v:.1f}" for k, v in
@@ -696,6 +702,9 @@ def main(argv=None) -> int:
   parser.add_argument("--examples", type=int, default=1,
                       help="examples per step on the one device, vmapped together "
                       "(vmap_batch_size); the table gives seconds per example")
+  parser.add_argument("--one_at_a_time", action="store_true",
+                      help="with --examples N: the N examples one after another in the loop "
+                      "over the device's examples (vmap_batch_size 1), not vmapped")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -713,6 +722,8 @@ def main(argv=None) -> int:
   if args.examples < 1:
     parser.error(f"--examples {args.examples}: expected at least 1")
   os.environ["AF2FLAX_BENCH_EXAMPLES"] = str(args.examples)
+  if args.one_at_a_time:
+    os.environ["AF2FLAX_BENCH_ONE_AT_A_TIME"] = "1"
 
   if args.lower_only:
     print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}"

@@ -143,3 +143,23 @@ def test_result_table_marks_offloaded_block_inputs():
   line = bench._format([row]).splitlines()[1]  # pylint: disable=protected-access
   assert line.split()[3] == "nothing,host"
   assert line.endswith("init 30.0 s, host memory 1.52 GiB")
+
+
+def test_examples_vmapped_or_one_at_a_time(monkeypatch):
+  """--examples N vmaps N examples per step; with --one_at_a_time they run one after another
+  in the loop over the device's examples (vmap_batch_size 1), and the table says which."""
+  bench = _bench_module()
+  monkeypatch.setenv("AF2FLAX_BENCH_EXAMPLES", "2")
+  monkeypatch.delenv("AF2FLAX_BENCH_ONE_AT_A_TIME", raising=False)
+  config = bench._train_config("bf16-auto", True, "finetune")  # pylint: disable=protected-access
+  assert (config.batch_size, config.vmap_batch_size) == (2, 2)
+  monkeypatch.setenv("AF2FLAX_BENCH_ONE_AT_A_TIME", "1")
+  config = bench._train_config("bf16-auto", True, "finetune")  # pylint: disable=protected-access
+  assert (config.batch_size, config.vmap_batch_size) == (2, 1)
+  row = {"variant": "bf16-auto", "shapes": "finetune", "ok": True, "device": "H200",
+         "jax": "0.11.2", "init_s": 30.0, "compile_s": 150.0, "trace_s": 10.0, "lower_s": 3.0,
+         "step_s": {"0": 4.0}, "expected_s": None, "tflops": 90.0, "peak_gib": 14.0,
+         "dtype": "bfloat16", "examples": 2}
+  for vmapped, words in ((True, "(vmapped;"), (False, "(one at a time;")):
+    line = bench._format([dict(row, vmapped=vmapped)]).splitlines()[1]  # pylint: disable=protected-access
+    assert "2.000" in line.split() and f"2 examples per step {words} seconds per example" in line
