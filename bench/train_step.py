@@ -65,6 +65,11 @@ _PALLAS512 = {"dtype": "bfloat16", "attention_impl": "auto",
 # The fine-tuning preset's attention settings (`bf16-pallas512-extracudnn`), which the
 # fine-tuning variants below start from.
 _FINETUNE_OURS = {**_PALLAS512, "extra_msa_attention_impl": "cudnn"}
+# ... with one checkpoint per block, each block's saved input in the host's pinned memory.
+_FINETUNE_OFFLOAD = {**_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True}
+# CUDA-graph command buffers for kernels and library calls only (no loops or conditionals).
+_CB_NO_LOOPS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
+_LHS = "--xla_gpu_enable_latency_hiding_scheduler=true"
 
 # name -> model global_config overrides ('xla_flags': added to XLA_FLAGS of its worker)
 VARIANTS = {
@@ -168,8 +173,7 @@ VARIANTS = {
     # GiB of the ninth session). Its profile: the copies to and from the host take 288 ms per
     # step (3.65 GiB each way, ~27 GB/s), under 7% of it beside compute.
     "bf16-pallas512-extracudnn-group1": {**_FINETUNE_OURS, "remat_group_size": 1},
-    "bf16-pallas512-extracudnn-offload": {**_FINETUNE_OURS, "remat_group_size": 1,
-                                          "remat_offload": True},
+    "bf16-pallas512-extracudnn-offload": _FINETUNE_OFFLOAD,
     # With the block inputs off the GPU, the extra MSA's row attention back on our kernels
     # (padded to 16 channels). H200, 2026-12-04, beside the next one: 2.078 s, 15.18 GiB.
     "bf16-pallas512-offload": {**_PALLAS512, "remat_group_size": 1, "remat_offload": True},
@@ -181,19 +185,12 @@ VARIANTS = {
     # scan iteration (nn.scan's unroll=2, tried and removed) did not compile: "Expected
     # instruction to have shape equal to ..." after layout assignment, as for the template
     # stack nested in its loop over templates.
-    "bf16-pallas512-extracudnn-offload-lhs": {
-        **_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
-        "xla_flags": "--xla_gpu_enable_latency_hiding_scheduler=true"},
-    "bf16-pallas512-extracudnn-offload-cbnoloop": {
-        **_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
-        "xla_flags": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"},
-    "bf16-pallas512-extracudnn-offload-cbnoloop-lhs": {
-        **_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
-        "xla_flags": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
-                     "--xla_gpu_enable_latency_hiding_scheduler=true"},
-    "bf16-pallas512-extracudnn-offload-nocb": {
-        **_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
-        "xla_flags": "--xla_gpu_enable_command_buffer="},
+    "bf16-pallas512-extracudnn-offload-lhs": {**_FINETUNE_OFFLOAD, "xla_flags": _LHS},
+    "bf16-pallas512-extracudnn-offload-cbnoloop": {**_FINETUNE_OFFLOAD, "xla_flags": _CB_NO_LOOPS},
+    "bf16-pallas512-extracudnn-offload-cbnoloop-lhs": {**_FINETUNE_OFFLOAD,
+                                                       "xla_flags": f"{_CB_NO_LOOPS} {_LHS}"},
+    "bf16-pallas512-extracudnn-offload-nocb": {**_FINETUNE_OFFLOAD,
+                                               "xla_flags": "--xla_gpu_enable_command_buffer="},
     "bf16-auto-offload": {"dtype": "bfloat16", "attention_impl": "auto", "remat_offload": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
@@ -229,8 +226,7 @@ VARIANTS = {
     # launch overhead. H200, 2026-12-04, one after the other alone: 'cbnoloop' compiled in
     # 118.6 s against the presets' 135.2 s, expected step 0.636 against 0.625 s.
     "bf16-auto-nocb": _bf16_with_flags("--xla_gpu_enable_command_buffer=", "auto"),
-    "bf16-auto-cbnoloop": _bf16_with_flags(
-        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN", "auto"),
+    "bf16-auto-cbnoloop": _bf16_with_flags(_CB_NO_LOOPS, "auto"),
 }
 RECYCLES = (0, 1, 2, 3)
 
@@ -644,7 +640,7 @@ def _run_worker(variant: str, shape_name: str, args, env: dict):
     command.append("--smoke")
   if args.profile_dir:  # several jobs: each traces into its own subdirectory
     command += ["--profile_dir", os.path.join(args.profile_dir, f"{variant}-{shape_name}")
-                if getattr(args, "profile_per_job", False) else args.profile_dir]
+                if args.profile_per_job else args.profile_dir]
   worker_env = dict(env)
   flags = VARIANTS[variant].get("xla_flags", "")
   if flags:
