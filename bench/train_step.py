@@ -65,8 +65,13 @@ _PALLAS512 = {"dtype": "bfloat16", "attention_impl": "auto",
 # The fine-tuning preset's attention settings (`bf16-pallas512-extracudnn`), which the
 # fine-tuning variants below start from.
 _FINETUNE_OURS = {**_PALLAS512, "extra_msa_attention_impl": "cudnn"}
-# ... with one checkpoint per block, each block's saved input in the host's pinned memory.
-_FINETUNE_OFFLOAD = {**_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True}
+# The fine-tuning preset's checkpointing until 2026-12-04's eleventh session (12 groups of 4
+# blocks, everything on the GPU), pinned in the variants measured with it. Without it a
+# fine-tuning variant checkpoints as the preset does now (`remat_offload`, 55% offloaded).
+_GROUP4 = {"remat_group_size": 4, "remat_offload": False}
+# ... with one checkpoint per block, every block's saved input in the host's pinned memory.
+_FINETUNE_OFFLOAD = {**_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
+                     "remat_offload_fraction": 1.0}
 # CUDA-graph command buffers for kernels and library calls only (no loops or conditionals).
 _CB_NO_LOOPS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
 _LHS = "--xla_gpu_enable_latency_hiding_scheduler=true"
@@ -112,7 +117,7 @@ VARIANTS = {
     "bf16-cudnn-opmfull": {"dtype": "bfloat16", "attention_impl": "cudnn",
                            "outer_product_mean_chunking": "low_memory"},
     # Two-level checkpointing of the block stacks: groups of 4 blocks.
-    "bf16-cudnn-group4": {"dtype": "bfloat16", "attention_impl": "cudnn", "remat_group_size": 4},
+    "bf16-cudnn-group4": {"dtype": "bfloat16", "attention_impl": "cudnn", **_GROUP4},
     # The extra MSA's row attention and transition alone in chunks of N rows (0: unchunked;
     # the fine-tuning preset's default is 1024).
     **{f"bf16-cudnn-extra{size}": {"dtype": "bfloat16", "attention_impl": "cudnn",
@@ -128,10 +133,10 @@ VARIANTS = {
     # The presets with our kernels differentiated up to 512 queries (fine-tuning: crop 384,
     # 512 MSA rows), not only 256. H200, 2026-12-03 (fifth session, the 'logit_grads_xla_dq'
     # backward): 2.16 s, 16.17 GiB against the preset's 2.36 s, 14.87 GiB.
-    "bf16-pallas512": _PALLAS512,
+    "bf16-pallas512": {**_PALLAS512, **_GROUP4},
     # Fine-tuning with our kernels up to 512 queries and without two-level checkpointing
     # (H200, 2026-12-03: 2.07 s, 17.6 GiB, against the preset's 2.37 s, 15.2 GiB).
-    "bf16-pallas512-group1": {**_PALLAS512, "remat_group_size": 1},
+    "bf16-pallas512-group1": {**_PALLAS512, "remat_group_size": 1, "remat_offload": False},
     # The presets with our kernels reading q, k and v in place from the self-attentions'
     # fused projection (no slices copied, q scaled on loading). H200, 2026-12-03 (fifth
     # session): gradient pass 0.549 s against 0.525 s, so not kept.
@@ -152,9 +157,10 @@ VARIANTS = {
                              "pallas_pad_lengths": True},
     # Fine-tuning with our kernels up to 512 queries, the extra MSA's row attention on cuDNN
     # (not padded from 8 to 16 channels). H200, 2026-12-03 (sixth session): 2.204 s, 14.69
-    # GiB; the fine-tuning preset since (it equals the preset now). Alone, with three pipeline
-    # stages (2026-12-04): 2.162 s, 15.29 GiB.
-    "bf16-pallas512-extracudnn": _FINETUNE_OURS,
+    # GiB; the fine-tuning preset since, with groups of 4 blocks until 2026-12-04's eleventh
+    # session. Alone, with three pipeline stages (2026-12-04): 2.162 s, 15.29 GiB; two
+    # examples one at a time: 2.152 s, 16.12 GiB per example.
+    "bf16-pallas512-extracudnn": {**_FINETUNE_OURS, **_GROUP4},
     # Our kernels' forward and logits'-gradient kernels with two pipeline stages (the
     # default until 2026-12-03's eighth session, three since), and the fine-tuning preset
     # with the MSA column attention's 516 queries and keys padded to 528 for our kernels
@@ -162,9 +168,10 @@ VARIANTS = {
     # 33 blocks of 16).
     "bf16-auto-stages2": {"dtype": "bfloat16", "attention_impl": "auto",
                           "pallas_tiling": "forward_stages=2,lg_stages=2"},
-    "bf16-pallas512-extracudnn-stages2": {**_FINETUNE_OURS,
+    "bf16-pallas512-extracudnn-stages2": {**_FINETUNE_OURS, **_GROUP4,
                                           "pallas_tiling": "forward_stages=2,lg_stages=2"},
-    "bf16-pallas528-extracudnn-pad": {**_FINETUNE_OURS, "pallas_attention_max_queries": 528,
+    "bf16-pallas528-extracudnn-pad": {**_FINETUNE_OURS, **_GROUP4,
+                                      "pallas_attention_max_queries": 528,
                                       "pallas_pad_lengths": True},
     # The fine-tuning preset without two-level checkpointing (one checkpoint per block; H200,
     # 2026-12-04: 1.851 s, 17.84 GiB), and the same with each block's saved input kept in the
@@ -172,11 +179,24 @@ VARIANTS = {
     # 13.88 GiB on the GPU and 7.30 GiB on the host, against the preset's 2.162 s and 15.29
     # GiB of the ninth session). Its profile: the copies to and from the host take 288 ms per
     # step (3.65 GiB each way, ~27 GB/s), under 7% of it beside compute.
-    "bf16-pallas512-extracudnn-group1": {**_FINETUNE_OURS, "remat_group_size": 1},
+    "bf16-pallas512-extracudnn-group1": {**_FINETUNE_OURS, "remat_group_size": 1,
+                                         "remat_offload": False},
     "bf16-pallas512-extracudnn-offload": _FINETUNE_OFFLOAD,
+    # Only the first share of each stack's blocks offloaded (`remat_offload_fraction`; the
+    # last blocks keep their inputs on the GPU, trading GPU memory for the copies' time).
+    # H200, 2026-12-04 (eleventh session), two examples one at a time, per example: all
+    # 2.100 s, 15.00 GiB; 7/8 (42 of 48 Evoformer blocks, the 4 extra-MSA blocks) 2.071 s,
+    # 15.08 GiB; 0.55 (27 of 48, the 4 extra-MSA blocks: the fine-tuning preset now) 2.000 s,
+    # 15.14 GiB; half (24 of 48, 2 of 4) 1.966 s, 16.02 GiB. With 3 of the 4 extra-MSA
+    # blocks offloaded and one on the GPU in a loop of its own (0.625 and 0.55 before
+    # `offloaded_layers` stopped splitting off single layers): 20.5-22.6 GiB.
+    "bf16-pallas512-extracudnn-offload88": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.875},
+    "bf16-pallas512-extracudnn-offload55": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.55},
+    "bf16-pallas512-extracudnn-offload50": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.5},
     # With the block inputs off the GPU, the extra MSA's row attention back on our kernels
     # (padded to 16 channels). H200, 2026-12-04, beside the next one: 2.078 s, 15.18 GiB.
-    "bf16-pallas512-offload": {**_PALLAS512, "remat_group_size": 1, "remat_offload": True},
+    "bf16-pallas512-offload": {**_PALLAS512, "remat_group_size": 1, "remat_offload": True,
+                               "remat_offload_fraction": 1.0},
     # Attempts to overlap those copies with compute (H200, 2026-12-04; none did, the copies
     # stay 1-14% beside compute): XLA's latency-hiding scheduler (2.106 s); the loops of blocks
     # kept out of CUDA-graph command buffers, which moves the copies from the compute stream
@@ -444,6 +464,7 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
       "remat_submodules": gc.get("remat_submodules"),
       "remat_group_size": gc.get("remat_group_size"),
       "remat_offload": gc.get("remat_offload", False),
+      "remat_offload_fraction": gc.get("remat_offload_fraction", 1.0),
       "xla_flags": VARIANTS[variant].get("xla_flags", ""), "temp_gib": temp_gib,
       "host_gib": host_gib,
       "concurrent_workers": int(os.environ.get("AF2FLAX_BENCH_WORKERS", "1")),
@@ -583,7 +604,8 @@ def _remat_label(row: dict) -> str:
   if (row.get("remat_group_size") or 1) > 1:
     label += f",g{row['remat_group_size']}"
   if row.get("remat_offload"):
-    label += ",host"
+    fraction = row.get("remat_offload_fraction", 1.0)
+    label += ",host" if fraction >= 1.0 else f",host{round(100 * fraction)}%"
   if row.get("remat_submodules") not in (None, "", "none"):
     label += f",sub:{row['remat_submodules']}"
   return label

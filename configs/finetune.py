@@ -32,16 +32,18 @@ def get_config() -> ml_collections.ConfigDict:
   # values; the peak memory of a step drops from 24.7 to 18.3 GiB for 2% more time on an
   # H200, docs/benchmarks.md).
   config.model.global_config.extra_msa_subbatch_size = 1024
-  # The 48 Evoformer blocks as 12 rematerialised groups of 4 (two-level checkpointing): 15.2
-  # instead of 18.4 GiB on an H100 for 18% more time (2.94 vs 2.48 s); with this session's
-  # layout changes the preset peaks at 14.0 GiB (2.75 s), within the 16 GiB of the TPUv3 core
-  # AlphaFold was fine-tuned on (docs/benchmarks.md). With memory to spare,
-  # --config.model.global_config.remat_group_size=1 is the faster choice (H200, 2026-12-04:
-  # 1.85 s and 17.84 GiB against this preset's 2.16 s and 15.29 GiB). At one example per
-  # device, remat_group_size=1 with remat_offload=True keeps the block inputs in the host's
-  # memory: 2.11 s and 13.88 GiB (not the preset: with several examples per device the block
-  # loops nest in the loop over examples, not yet compiled on a GPU; docs/benchmarks.md).
-  config.model.global_config.remat_group_size = 4
+  # One checkpoint per block, with the saved inputs of the first 55% of each stack's blocks
+  # (27 of the 48 Evoformer blocks, all 4 extra-MSA blocks) in the host's pinned memory,
+  # copied out in the forward pass and back in the backward pass; the last 21 Evoformer
+  # blocks keep theirs on the GPU. On an H200 with two examples per device, one at a time as
+  # training runs them (2026-12-04, docs/benchmarks.md): 2.000 s and 15.14 GiB per example,
+  # against 2.152 s and 16.12 GiB for the earlier preset (12 rematerialised groups of 4,
+  # `remat_group_size=4`, which keeps everything on the GPU) and 1.966 s and 16.02 GiB with
+  # half the blocks offloaded. With memory to spare, remat_offload=False is the fastest
+  # (1.85 s, 17.8 GiB at one example per device).
+  config.model.global_config.remat_group_size = 1
+  config.model.global_config.remat_offload = True
+  config.model.global_config.remat_offload_fraction = 0.55
   # On a GPU: our attention kernels (Pallas) up to 512 queries, so also for the MSA row and
   # column attentions at these shapes (256 otherwise), and the extra MSA's row attention
   # (8-channel heads, which our kernels pad to 16) on cuDNN ('auto_cudnn': XLA off GPUs):

@@ -15,11 +15,18 @@ af2flax adds, under `global_config`:
   use_scan       nn.scan over stacked blocks (off: the same loop fully unrolled).
   remat_group_size with `use_remat`, g > 1 runs a stack of blocks as groups of g, each group
                  rematerialised and each block in it again (two-level checkpointing): fewer
-                 saved block inputs for one more forward pass. Presets: 1.
+                 saved block inputs for one more forward pass. Presets: 1 (fine-tuning: 4
+                 until 2026-12-04).
   remat_offload  with `use_remat` ('nothing_saveable', no groups): each block's input, all a
                  block keeps for its backward pass, waits in the host's pinned memory instead
                  of the accelerator's (copied out in the forward pass, back in the backward
-                 pass). Presets: False.
+                 pass). Presets: True in fine-tuning, else False.
+  remat_offload_fraction  with `remat_offload`, the share of each stack's blocks (the first
+                 ~f * n, `evoformer.offloaded_layers`) whose inputs go to the host; the rest
+                 keep theirs on the device: each kept input saves its copies' time.
+                 Presets: 0.55 in fine-tuning (with `remat_offload`, `remat_group_size` 1:
+                 2.000 s, 15.14 GiB per example on an H200 against 2.152 s, 16.12 GiB for
+                 groups of 4, docs/benchmarks.md), else 1.0.
   remat_submodules 'none' | 'extra_msa' | 'all': also rematerialise each module of a block on
                  its own (the extra-MSA blocks, or all blocks): the backward pass holds one
                  module's intermediates instead of a block's, for one more forward pass.
@@ -115,6 +122,7 @@ OUR_GLOBAL_DEFAULTS = {
     "remat_submodules": "none",
     "remat_group_size": 1,
     "remat_offload": False,
+    "remat_offload_fraction": 1.0,
     "extra_msa_subbatch_size": 0,
     "low_memory": False,
     "attention_impl": "auto",

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from af2flax.model.evoformer import EvoformerIteration, layer_stack
+from af2flax.model.evoformer import EvoformerIteration, layer_stack, offloaded_layers
 from af2flax.model.primitives import Transition
 from af2flax.model.triangle import subbatch_size
 from af2flax.model.trunk import EmbeddingsAndEvoformer
@@ -262,6 +262,92 @@ def test_offloaded_block_inputs_agree_with_scan():
   # the stacked inputs of the 3 layers: msa [3, 4, 6, 16] and pair [3, 6, 6, 8]
   assert sorted(set(saved(offload))) == ["f32<host>[3,4,6,16]", "f32<host>[3,6,6,8]"]
   assert saved({"use_remat": True}) == []
+
+
+def test_partly_offloaded_stack_agrees_with_scan():
+  """`remat_offload_fraction`: of 4 layers at 0.5 the first 2 keep their inputs in the host's
+  memory and the last 2 on the device; the same parameter layout, values and gradients."""
+  partly = {"use_remat": True, "remat_offload": True, "remat_offload_fraction": 0.5}
+  _check_stack_variant("transition", partly, num_layers=4)
+  activations, masks = _stack_inputs()
+  params = random_params(_Stack(tiny_config(), "transition", 4).init, activations, masks)
+  module = _Stack(tiny_config(**partly), "transition", 4)
+  loss = lambda p: sum(jnp.sum(x) for x in module.apply(p, activations, masks))
+  text = str(jax.make_jaxpr(jax.grad(loss))(params))
+  # the stacked inputs of the offloaded layers only: [2, ...], not [4, ...]
+  assert sorted(set(re.findall(r"f32<host>\[[0-9]+,(?:4,6,16|6,6,8)\]", text))) == [
+      "f32<host>[2,4,6,16]", "f32<host>[2,6,6,8]"]
+
+
+@pytest.mark.parametrize("num_layers,fraction,offloaded", [
+    (6, 0.0, 0), (6, 0.5, 3), (6, 0.6, 4), (6, 1.0, 6),
+    (6, 0.01, 2),   # one layer would be offloaded alone: two are
+    (6, 0.8, 6),    # one layer would stay on the device alone: it is offloaded too
+    (3, 0.5, 3), (2, 0.5, 2), (48, 0.55, 27), (4, 0.55, 4)])
+def test_offloaded_layers_never_split_off_one_layer(num_layers, fraction, offloaded):
+  config = tiny_config(remat_offload_fraction=fraction).global_config
+  assert offloaded_layers(config, num_layers) == offloaded
+
+
+def test_offload_fraction_out_of_range_is_named():
+  with pytest.raises(ValueError, match="remat_offload_fraction=1.5 is not in"):
+    offloaded_layers(tiny_config(remat_offload_fraction=1.5).global_config, 3)
+
+
+@pytest.mark.parametrize("num_layers,overrides,barriers", [
+    (1, {}, True),                      # a one-layer stack
+    (3, {"use_scan": False}, True),     # all layers unrolled: no loop left
+    (3, {}, False), (4, {"remat_offload": True, "remat_offload_fraction": 0.5}, False)])
+def test_one_iteration_loops_keep_their_recomputation(num_layers, overrides, barriers):
+  """A loop of one iteration is inlined by XLA, which could then merge a block's
+  recomputation with its forward pass (and keep every activation): such stacks put an
+  optimisation barrier around the block (`prevent_cse`); longer loops need none."""
+  activations, masks = _stack_inputs()
+  params = random_params(_Stack(tiny_config(), "transition", num_layers).init, activations,
+                         masks)
+  module = _Stack(tiny_config(use_remat=True, **overrides), "transition", num_layers)
+  loss = lambda p: sum(jnp.sum(x) for x in module.apply(p, activations, masks))
+  assert ("prevent_cse=True" in str(jax.make_jaxpr(jax.grad(loss))(params))) == barriers
+
+
+class _DrawBlock(nn.Module):
+  """Returns a fresh random draw as its MSA, and keeps a * pair + b * (its input MSA) in the
+  pair (a, b: per-layer parameters), so chosen layers' draws can be read at the end."""
+
+  @nn.compact
+  def __call__(self, activations, masks, deterministic):
+    msa, pair = activations
+    a = self.param("a", nn.initializers.ones, ())
+    b = self.param("b", nn.initializers.zeros, ())
+    draw = jax.random.normal(self.make_rng("dropout"), msa.shape)
+    return draw, pair.at[:4].set(a * pair[:4] + b * msa[..., :8])
+
+
+class _DrawStack(nn.Module):
+  config: Any
+
+  @nn.compact
+  def __call__(self, activations, masks):
+    return layer_stack(_DrawBlock(name="draw"), activations, 4, self.config.global_config,
+                       masks, True)
+
+
+def test_partly_offloaded_stack_draws_new_randomness_per_layer():
+  """The two scans of a partly offloaded stack (layers 0-1 and 2-3) draw different
+  randomness: the second scan does not replay the first's keys. Layer 2 copies layer 1's
+  draw into the pair (a=0, b=1), layer 3 keeps it; the MSA ends as layer 3's draw."""
+  activations, masks = _stack_inputs()
+  config = tiny_config(use_remat=True, remat_offload=True, remat_offload_fraction=0.5)
+  assert offloaded_layers(config.global_config, 4) == 2
+  stack = _DrawStack(config)
+  params = stack.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                      activations, masks)
+  params = {"params": {"draw": {"a": jnp.array([1.0, 1.0, 0.0, 1.0]),
+                                "b": jnp.array([0.0, 0.0, 1.0, 0.0])}}}
+  msa, pair = stack.apply(params, activations, masks, rngs={"dropout": jax.random.PRNGKey(2)})
+  layer1, layer3 = np.asarray(pair[:4]), np.asarray(msa[..., :8])  # index 1 of each scan
+  assert np.std(layer1) > 0.5 and np.std(layer3) > 0.5
+  assert np.abs(layer1 - layer3).max() > 0.1
 
 
 def test_offloaded_block_inputs_refuse_groups_and_other_policies():

@@ -143,6 +143,8 @@ def test_result_table_marks_offloaded_block_inputs():
   line = bench._format([row]).splitlines()[1]  # pylint: disable=protected-access
   assert line.split()[3] == "nothing,host"
   assert line.endswith("init 30.0 s, host memory 1.52 GiB")
+  partly = {**row, "remat_offload_fraction": 0.875}
+  assert bench._format([partly]).splitlines()[1].split()[3] == "nothing,host88%"  # pylint: disable=protected-access
 
 
 def test_examples_vmapped_or_one_at_a_time(monkeypatch):
