@@ -62,7 +62,7 @@ def _bf16_with_flags(xla_flags: str, attention_impl: str = "cudnn") -> dict:
 # were measured before it.
 _PALLAS512 = {"dtype": "bfloat16", "attention_impl": "auto",
               "pallas_attention_max_queries": 512, "extra_msa_attention_impl": ""}
-# The fine-tuning preset's attention settings (`bf16-pallas512-extracudnn`), which the
+# The fine-tuning preset's attention settings (since 2026-12-03's sixth session), which the
 # fine-tuning variants below start from.
 _FINETUNE_OURS = {**_PALLAS512, "extra_msa_attention_impl": "cudnn"}
 # The fine-tuning preset's checkpointing until 2026-12-04's eleventh session (12 groups of 4
@@ -191,6 +191,7 @@ VARIANTS = {
     # blocks offloaded and one on the GPU in a loop of its own (0.625 and 0.55 before
     # `offloaded_layers` stopped splitting off single layers): 20.5-22.6 GiB.
     "bf16-pallas512-extracudnn-offload88": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.875},
+    # (`…-offload55` is the fine-tuning preset's own setting, spelled out.)
     "bf16-pallas512-extracudnn-offload55": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.55},
     "bf16-pallas512-extracudnn-offload50": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.5},
     # With the block inputs off the GPU, the extra MSA's row attention back on our kernels

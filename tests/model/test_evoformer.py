@@ -340,8 +340,9 @@ def test_partly_offloaded_stack_draws_new_randomness_per_layer():
   config = tiny_config(use_remat=True, remat_offload=True, remat_offload_fraction=0.5)
   assert offloaded_layers(config.global_config, 4) == 2
   stack = _DrawStack(config)
-  params = stack.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-                      activations, masks)
+  initial = stack.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                       activations, masks)
+  assert jax.tree.map(jnp.shape, initial) == {"params": {"draw": {"a": (4,), "b": (4,)}}}
   params = {"params": {"draw": {"a": jnp.array([1.0, 1.0, 0.0, 1.0]),
                                 "b": jnp.array([0.0, 0.0, 1.0, 0.0])}}}
   msa, pair = stack.apply(params, activations, masks, rngs={"dropout": jax.random.PRNGKey(2)})
