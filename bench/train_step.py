@@ -69,8 +69,10 @@ _FINETUNE_OURS = {**_PALLAS512, "extra_msa_attention_impl": "cudnn"}
 # blocks, everything on the GPU), pinned in the variants measured with it. Without it a
 # fine-tuning variant checkpoints as the preset does now (`remat_offload`, 55% offloaded).
 _GROUP4 = {"remat_group_size": 4, "remat_offload": False}
+# One checkpoint per block, every block's saved input on the GPU.
+_GROUP1 = {"remat_group_size": 1, "remat_offload": False}
 # ... with one checkpoint per block, every block's saved input in the host's pinned memory.
-_FINETUNE_OFFLOAD = {**_FINETUNE_OURS, "remat_group_size": 1, "remat_offload": True,
+_FINETUNE_OFFLOAD = {**_FINETUNE_OURS, **_GROUP1, "remat_offload": True,
                      "remat_offload_fraction": 1.0}
 # CUDA-graph command buffers for kernels and library calls only (no loops or conditionals).
 _CB_NO_LOOPS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
@@ -136,7 +138,7 @@ VARIANTS = {
     "bf16-pallas512": {**_PALLAS512, **_GROUP4},
     # Fine-tuning with our kernels up to 512 queries and without two-level checkpointing
     # (H200, 2026-12-03: 2.07 s, 17.6 GiB, against the preset's 2.37 s, 15.2 GiB).
-    "bf16-pallas512-group1": {**_PALLAS512, "remat_group_size": 1, "remat_offload": False},
+    "bf16-pallas512-group1": {**_PALLAS512, **_GROUP1},
     # The presets with our kernels reading q, k and v in place from the self-attentions'
     # fused projection (no slices copied, q scaled on loading). H200, 2026-12-03 (fifth
     # session): gradient pass 0.549 s against 0.525 s, so not kept.
@@ -179,8 +181,7 @@ VARIANTS = {
     # 13.88 GiB on the GPU and 7.30 GiB on the host, against the preset's 2.162 s and 15.29
     # GiB of the ninth session). Its profile: the copies to and from the host take 288 ms per
     # step (3.65 GiB each way, ~27 GB/s), under 7% of it beside compute.
-    "bf16-pallas512-extracudnn-group1": {**_FINETUNE_OURS, "remat_group_size": 1,
-                                         "remat_offload": False},
+    "bf16-pallas512-extracudnn-group1": {**_FINETUNE_OURS, **_GROUP1},
     "bf16-pallas512-extracudnn-offload": _FINETUNE_OFFLOAD,
     # Only the first share of each stack's blocks offloaded (`remat_offload_fraction`; the
     # last blocks keep their inputs on the GPU, trading GPU memory for the copies' time).
@@ -196,8 +197,7 @@ VARIANTS = {
     "bf16-pallas512-extracudnn-offload50": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.5},
     # With the block inputs off the GPU, the extra MSA's row attention back on our kernels
     # (padded to 16 channels). H200, 2026-12-04, beside the next one: 2.078 s, 15.18 GiB.
-    "bf16-pallas512-offload": {**_PALLAS512, "remat_group_size": 1, "remat_offload": True,
-                               "remat_offload_fraction": 1.0},
+    "bf16-pallas512-offload": {**_FINETUNE_OFFLOAD, "extra_msa_attention_impl": ""},
     # Attempts to overlap those copies with compute (H200, 2026-12-04; none did, the copies
     # stay 1-14% beside compute): XLA's latency-hiding scheduler (2.106 s); the loops of blocks
     # kept out of CUDA-graph command buffers, which moves the copies from the compute stream

@@ -363,15 +363,16 @@ def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: An
   offloaded = offloaded_layers(global_config, num_layers) if offload_policy else 0
   if not offloaded:
     offload_policy = None
+  split = 0 < offloaded < num_layers   # offloaded layers first, then layers on the device
 
-  def body(module, layer_carry, _):
-    if offload_policy is not None:
-      layer_carry = jax.tree.map(lambda x: checkpoint_name(x, BLOCK_INPUT), layer_carry)
-    return module(layer_carry, *args), None
+  def layer_body(tag_input: bool):
+    def body(module, layer_carry, _):
+      if tag_input:
+        layer_carry = jax.tree.map(lambda x: checkpoint_name(x, BLOCK_INPUT), layer_carry)
+      return module(layer_carry, *args), None
+    return body
 
-  def on_device_body(module, layer_carry, _):
-    return module(layer_carry, *args), None
-
+  body = layer_body(offload_policy is not None)
   unroll = 1 if global_config.get("use_scan", True) else num_layers
 
   def checkpointed(fn, policy, length):
@@ -384,7 +385,6 @@ def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: An
 
   if use_remat:
     policy = offload_policy or remat_policy(global_config.get("remat_policy"))
-    split = 0 < offloaded < num_layers
     body = checkpointed(body, policy, offloaded if split else num_layers)
   group = int(global_config.get("remat_group_size", 1) or 1)
   if use_remat and 1 < group < num_layers:
@@ -395,8 +395,8 @@ def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: An
       raise ValueError(f"global_config.remat_group_size={group} does not divide the "
                        f"{num_layers} layers of {block.name}")
     return _grouped_layer_stack(block, body, carry, num_layers, group, policy)
-  if 0 < offloaded < num_layers and not block.is_initializing():
-    on_device = checkpointed(on_device_body, remat_policy(global_config.get("remat_policy")),
+  if split and not block.is_initializing():
+    on_device = checkpointed(layer_body(False), remat_policy(global_config.get("remat_policy")),
                              num_layers - offloaded)
     carry = _layer_slice(block, body, carry, 0, offloaded, unroll)
     return _layer_slice(block, on_device, carry, offloaded, num_layers, unroll)
