@@ -39,6 +39,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,7 @@ _FINETUNE_OFFLOAD = {**_FINETUNE_OURS, **_GROUP1, "remat_offload": True,
 # CUDA-graph command buffers for kernels and library calls only (no loops or conditionals).
 _CB_NO_LOOPS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
 _LHS = "--xla_gpu_enable_latency_hiding_scheduler=true"
+_PIPELINED_OFFLOAD = "--xla_gpu_enable_pipelined_host_offloading=true"
 
 # name -> model global_config overrides ('xla_flags': added to XLA_FLAGS of its worker)
 VARIANTS = {
@@ -212,6 +214,13 @@ VARIANTS = {
                                                        "xla_flags": f"{_CB_NO_LOOPS} {_LHS}"},
     "bf16-pallas512-extracudnn-offload-nocb": {**_FINETUNE_OFFLOAD,
                                                "xla_flags": "--xla_gpu_enable_command_buffer="},
+    # XLA's pipelining of host offloading (off by default): its collective pipeliner moves
+    # each loop iteration's copy to the host into the next iteration and the copy back one
+    # iteration ahead, so that they can run beside the block's compute. Every block offloaded,
+    # and the fine-tuning preset's 55%.
+    "bf16-pallas512-extracudnn-offload-pipe": {**_FINETUNE_OFFLOAD, "xla_flags": _PIPELINED_OFFLOAD},
+    "bf16-pallas512-extracudnn-offload55-pipe": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.55,
+                                                 "xla_flags": _PIPELINED_OFFLOAD},
     "bf16-auto-offload": {"dtype": "bfloat16", "attention_impl": "auto", "remat_offload": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
@@ -248,6 +257,14 @@ VARIANTS = {
     # 118.6 s against the presets' 135.2 s, expected step 0.636 against 0.625 s.
     "bf16-auto-nocb": _bf16_with_flags("--xla_gpu_enable_command_buffer=", "auto"),
     "bf16-auto-cbnoloop": _bf16_with_flags(_CB_NO_LOOPS, "auto"),
+    # Triton's matrix products with warp specialization (producer and consumer warps), and
+    # XLA's priority fusion allowed to form Triton fusions without a "hero" reduction or
+    # product: flags aimed at the matrix products (28% of the presets' step) and the
+    # memory-bound fusions around them.
+    "bf16-auto-warpspec": _bf16_with_flags(
+        "--xla_gpu_experimental_enable_triton_warp_specialization=true", "auto"),
+    "bf16-auto-heroless": _bf16_with_flags(
+        "--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true", "auto"),
 }
 RECYCLES = (0, 1, 2, 3)
 
@@ -348,12 +365,22 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   xla_compile_s = time.perf_counter() - start
 
   temp_gib, host_gib = _scratch_gib(compiled)
-  _wait_for_compilations()
+  _progress(f"{variant},{shape_name}: compiled (trace+lower {trace_s + lower_s:.1f} s, "
+            f"XLA {xla_compile_s:.1f} s)")
+  beside_compilation = not _wait_for_compilations()
   with _timing_lock():
+    _progress(f"{variant},{shape_name}: timing steps")
     step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
-  return _row(variant, shape_name, config, shapes, recycles, step_times, losses,
-              init_s=init_s, init_parts=init_parts, trace_s=trace_s, lower_s=lower_s,
-              xla_compile_s=xla_compile_s, temp_gib=temp_gib, host_gib=host_gib)
+  row = _row(variant, shape_name, config, shapes, recycles, step_times, losses,
+             init_s=init_s, init_parts=init_parts, trace_s=trace_s, lower_s=lower_s,
+             xla_compile_s=xla_compile_s, temp_gib=temp_gib, host_gib=host_gib)
+  row["timed_beside_compilation"] = beside_compilation
+  return row
+
+
+def _progress(message: str) -> None:
+  """A progress line on stderr (a worker's: in its `--log_dir` file, read while it runs)."""
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
@@ -387,29 +414,41 @@ def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
   return step_times, losses
 
 
-def _wait_for_compilations(poll_s: float = 1.0, limit_s: float = 1800.0) -> None:
+def _wait_for_compilations(poll_s: float = 1.0, limit_s: float | None = None) -> bool:
   """With `--parallel`, a worker that has compiled waits until every other worker started so
   far has compiled too (or exited) before it times steps: XLA's autotuner runs candidate
   kernels on the GPU while it compiles, so a compilation beside a timed step slows it
   (H200, 2026-12-03, eighth session: a side-by-side run read 0.683 s per expected step for
   the presets that took 0.622 s alone). Workers mark themselves in the AF2FLAX_BENCH_BARRIER
   directory: `started-ID` and `exited-ID` by the parent, `compiled-ID` here. A job started
-  after others passed the barrier (more jobs than --parallel) still compiles beside them."""
+  after others passed the barrier (more jobs than --parallel) still compiles beside them.
+
+  The wait ends after `limit_s` (default: `--compile_wait`, passed in
+  AF2FLAX_BENCH_COMPILE_WAIT) all the same, so that one slow compilation cannot hold every
+  other worker's row past the run's time limit (H200, 2026-12-04, twelfth session: three
+  variants at initial shapes, one of them under an XLA flag, gave no row in 470 s). Returns
+  False when it ended so, with another worker still compiling: that row was timed beside a
+  compilation and says so."""
   barrier = os.environ.get("AF2FLAX_BENCH_BARRIER")
   worker = os.environ.get("AF2FLAX_BENCH_WORKER_ID")
   if not barrier or not worker:
-    return
+    return True
+  if limit_s is None:
+    limit_s = float(os.environ.get("AF2FLAX_BENCH_COMPILE_WAIT", "1800"))
   directory = pathlib.Path(barrier)
   (directory / f"compiled-{worker}").touch()
   deadline = time.monotonic() + limit_s
-  while time.monotonic() < deadline:
+  while True:
     names = {path.name for path in directory.iterdir()}
     started = {name[len("started-"):] for name in names if name.startswith("started-")}
     if all(f"compiled-{other}" in names or f"exited-{other}" in names for other in started):
-      return
+      return True
+    if time.monotonic() >= deadline:
+      break
     time.sleep(poll_s)
-  print(f"worker {worker}: other workers still compiling after {limit_s:.0f} s; timing anyway",
-        file=sys.stderr)
+  _progress(f"worker {worker}: other workers still compiling after {limit_s:.0f} s; "
+            "timing beside them")
+  return False
 
 
 @contextlib.contextmanager
@@ -650,7 +689,9 @@ def _format(rows: list[dict]) -> str:
                                              row["init_parts"].items()))
                     if row.get("init_parts") else "")
                  + (f", host memory {row['host_gib']:.2f} GiB" if row.get("host_gib") else "")
-                 + (", compilation cache on" if row.get("compilation_cache") else ""))
+                 + (", compilation cache on" if row.get("compilation_cache") else "")
+                 + (", TIMED BESIDE ANOTHER COMPILATION" if row.get("timed_beside_compilation")
+                    else ""))
   return "\n".join(lines)
 
 
@@ -668,17 +709,54 @@ def _run_worker(variant: str, shape_name: str, args, env: dict):
   flags = VARIANTS[variant].get("xla_flags", "")
   if flags:
     worker_env["XLA_FLAGS"] = (worker_env.get("XLA_FLAGS", "") + " " + flags).strip()
+  # The worker's stderr (its progress lines, XLA's messages) goes to a file: under --log_dir
+  # it stays there, to be read while the run goes on or after it was cut short.
+  if args.log_dir:
+    os.makedirs(args.log_dir, exist_ok=True)
+    log_path = os.path.join(args.log_dir, f"{variant}-{shape_name}.log")
+  else:
+    handle, log_path = tempfile.mkstemp(prefix=f"train_step_{variant}_", suffix=".log")
+    os.close(handle)
   try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                          env=worker_env, check=False)
-  except subprocess.TimeoutExpired:
-    return {"variant": variant, "shapes": shape_name, "ok": False,
-            "error": f"timeout after {args.timeout} s"}
-  results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    return _worker_result(command, worker_env, variant, shape_name, log_path, args.timeout)
+  finally:
+    if not args.log_dir:
+      os.remove(log_path)
+
+
+def _worker_result(command, worker_env, variant, shape_name, log_path, timeout):
+  """Runs one worker with its stderr in `log_path`: its RESULT row, or a failed row."""
+  with open(log_path, "w", encoding="utf-8") as log:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                               env=worker_env)
+    _WORKERS.add(process)
+    try:
+      stdout, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.communicate()
+      return {"variant": variant, "shapes": shape_name, "ok": False,
+              "error": f"timeout after {timeout} s"}
+    finally:
+      _WORKERS.discard(process)
+  results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
   if results:
     return json.loads(results[-1][len("RESULT "):])
-  tail = done.stderr.strip().splitlines()[-3:] or ["no output"]
-  return {"variant": variant, "shapes": shape_name, "ok": False, "error": " | ".join(tail)}
+  tail = pathlib.Path(log_path).read_text(encoding="utf-8").strip().splitlines()[-3:]
+  return {"variant": variant, "shapes": shape_name, "ok": False,
+          "error": " | ".join(tail or ["no output"])}
+
+
+# The workers' processes still running (killed if the run itself is stopped).
+_WORKERS: set = set()
+
+
+class _Stopped(Exception):
+  """The run got SIGTERM (e.g. from `timeout`): report what finished, then stop."""
+
+
+def _stop(signum, frame):  # pylint: disable=unused-argument
+  raise _Stopped()
 
 
 def _print_breakdown(variant: str, result: list[dict]) -> None:
@@ -724,6 +802,11 @@ def main(argv=None) -> int:
   parser.add_argument("--one_at_a_time", action="store_true",
                       help="with --examples N: the N examples one after another in the loop "
                       "over the device's examples (vmap_batch_size 1), not vmapped")
+  parser.add_argument("--compile_wait", type=float, default=1800.0,
+                      help="with --parallel: seconds a compiled worker waits for the others' "
+                      "compilations before timing its steps beside them (its row says so)")
+  parser.add_argument("--log_dir", help="keep each worker's stderr (progress lines, XLA's "
+                      "messages) in LOG_DIR/VARIANT-SHAPES.log")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -743,6 +826,7 @@ def main(argv=None) -> int:
   os.environ["AF2FLAX_BENCH_EXAMPLES"] = str(args.examples)
   if args.one_at_a_time:
     os.environ["AF2FLAX_BENCH_ONE_AT_A_TIME"] = "1"
+  os.environ["AF2FLAX_BENCH_COMPILE_WAIT"] = str(args.compile_wait)
 
   if args.lower_only:
     print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}"
@@ -806,25 +890,47 @@ def main(argv=None) -> int:
     finally:
       pathlib.Path(barrier, f"exited-{worker}").touch()
 
-  rows: list = []
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-    for (variant, shape_name), result in zip(jobs, pool.map(job, enumerate(jobs))):
+  # Rows are printed, and the --json file rewritten, as each job finishes (not in job order),
+  # so that a run cut short keeps what finished; SIGTERM stops the workers and reports.
+  finished: dict[int, object] = {}
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.parallel))
+  futures = {pool.submit(job, numbered): numbered[0] for numbered in enumerate(jobs)}
+  previous_handler = signal.signal(signal.SIGTERM, _stop)
+  stopped = False
+  try:
+    for future in concurrent.futures.as_completed(futures):
+      number = futures[future]
+      variant, shape_name = jobs[number]
+      result = future.result()
       if shape_name == "breakdown" and isinstance(result, list):
         _print_breakdown(variant, result)
-        rows.append({"breakdown": result, "variant": variant})
-        continue
-      rows.append(result)
-      print(_format([result]).splitlines()[-1], flush=True)
+        finished[number] = {"breakdown": result, "variant": variant}
+      else:
+        finished[number] = result
+        print(_format([result]).splitlines()[-1], flush=True)
+      if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(
+            [finished[n] for n in sorted(finished)], indent=1))
+  except (_Stopped, KeyboardInterrupt):
+    stopped = True
+    for process in list(_WORKERS):
+      process.kill()
+    unfinished = [",".join(jobs[n]) for n in range(len(jobs)) if n not in finished]
+    print(f"\nstopped: {len(finished)} of {len(jobs)} jobs finished; unfinished: "
+          f"{' '.join(unfinished)}" + (f" (their logs: {args.log_dir})" if args.log_dir else ""),
+          flush=True)
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    pool.shutdown(wait=not stopped, cancel_futures=True)
   if own_barrier:
     shutil.rmtree(own_barrier, ignore_errors=True)
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+  rows = [finished[n] for n in sorted(finished)]
   table_rows = [r for r in rows if "breakdown" not in r]
   if table_rows:
     print(f"\nmedian of {args.steps} steps per recycling count after a warm-up step; expected = "
           "mean over recycles 0..3")
     print(_format(table_rows))
-  return 0 if all(r.get("ok", True) for r in table_rows) else 1
+  return 0 if not stopped and all(r.get("ok", True) for r in table_rows) else 1
 
 
 if __name__ == "__main__":

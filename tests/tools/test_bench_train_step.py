@@ -98,7 +98,88 @@ def test_workers_time_steps_only_once_no_other_worker_compiles(tmp_path, monkeyp
   assert not done and (tmp_path / "compiled-1-0").exists()  # 1-1 still compiling
   (tmp_path / "compiled-1-1").touch()
   waiter.join(timeout=5)
-  assert done == [None]
+  assert done == [True]
+
+
+def test_the_wait_for_other_compilations_has_a_limit(tmp_path, monkeypatch):
+  """--compile_wait: past it a compiled worker times its steps all the same, and says that
+  another worker was still compiling (its row is marked)."""
+  bench = _bench_module()
+  monkeypatch.setenv("AF2FLAX_BENCH_BARRIER", str(tmp_path))
+  monkeypatch.setenv("AF2FLAX_BENCH_WORKER_ID", "1-0")
+  monkeypatch.setenv("AF2FLAX_BENCH_COMPILE_WAIT", "0.2")
+  for worker in ("1-0", "1-1"):
+    (tmp_path / f"started-{worker}").touch()
+  assert bench._wait_for_compilations(poll_s=0.01) is False  # pylint: disable=protected-access
+  (tmp_path / "compiled-1-1").touch()
+  assert bench._wait_for_compilations(poll_s=0.01) is True  # pylint: disable=protected-access
+  row = {"variant": "bf16-auto", "shapes": "initial", "ok": True, "step_s": {"0": 0.5},
+         "expected_s": None, "tflops": 100.0, "peak_gib": 6.0, "compile_s": 150.0,
+         "device": "H200", "jax": "0.11.2", "trace_s": 10.0, "lower_s": 3.0, "init_s": 30.0,
+         "dtype": "bfloat16", "timed_beside_compilation": True}
+  assert "TIMED BESIDE ANOTHER COMPILATION" in bench._format([row])  # pylint: disable=protected-access
+
+
+def test_a_worker_keeps_its_log_and_returns_its_row(tmp_path):
+  """A worker's stderr goes to its log file (read while a run goes on); its RESULT line is
+  the row, and without one the row is a failure quoting the log's last lines."""
+  bench = _bench_module()
+  log = tmp_path / "w.log"
+  ok = [sys.executable, "-c", "import sys; print('progress 1', file=sys.stderr); "
+        "print('RESULT {\"variant\": \"v\", \"ok\": true}')"]
+  assert bench._worker_result(ok, dict(os.environ), "v", "s", str(log), 60) == {  # pylint: disable=protected-access
+      "variant": "v", "ok": True}
+  assert "progress 1" in log.read_text()
+  failing = [sys.executable, "-c", "import sys; sys.exit('no memory left')"]
+  row = bench._worker_result(failing, dict(os.environ), "v", "s", str(log), 60)  # pylint: disable=protected-access
+  assert row["ok"] is False and "no memory left" in row["error"]
+  slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+  row = bench._worker_result(slow, dict(os.environ), "v", "s", str(log), 0.5)  # pylint: disable=protected-access
+  assert row["ok"] is False and "timeout" in row["error"]
+
+
+_STOPPABLE_RUN = """
+import sys, time
+sys.path.insert(0, {bench!r})
+import importlib.util
+spec = importlib.util.spec_from_file_location("bench_train_step", {path!r})
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+def fake_worker(variant, shape_name, args, env):
+  if variant == "bf16-xla":  # a worker process that would outlast the run: killed on SIGTERM
+    return bench._worker_result([sys.executable, "-c", "import time; time.sleep(120)"], env,
+                                variant, shape_name, {log!r}, 300)
+  return {{"variant": variant, "shapes": shape_name, "ok": False, "error": "fake row"}}
+bench._run_worker = fake_worker
+sys.exit(bench.main(["--variants", "bf16-auto,bf16-xla", "--parallel", "2",
+                     "--json", {json_path!r}]))
+"""
+
+
+def test_a_stopped_run_reports_the_rows_that_finished(tmp_path):
+  """SIGTERM (`timeout`'s) stops the run: the rows that finished are printed and in the
+  --json file, the unfinished jobs are named, and the exit status says it stopped."""
+  import json
+  import signal
+  import time
+
+  json_path = tmp_path / "rows.json"
+  script = _STOPPABLE_RUN.format(bench=str(REPO_ROOT / "bench"),
+                                 path=str(REPO_ROOT / "bench" / "train_step.py"),
+                                 json_path=str(json_path), log=str(tmp_path / "slow.log"))
+  process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.monotonic() + 60
+  while not json_path.exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert json_path.exists(), "the finished row was not written before the run ended"
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=60)
+  assert process.returncode == 1, stderr[-2000:]
+  assert "bf16-auto" in stdout and "fake row" in stdout
+  assert "1 of 2 jobs finished; unfinished: bf16-xla,initial" in stdout
+  assert [row["variant"] for row in json.loads(json_path.read_text())] == ["bf16-auto"]
+  assert time.monotonic() < deadline  # the slow worker was killed, not waited for
 
 
 def test_unknown_variant_is_named():
