@@ -5,6 +5,7 @@
     python bench/train_step.py --breakdown             # time per module (forward+backward)
     python bench/train_step.py --smoke                 # tiny model on the CPU (checks the script)
     python bench/train_step.py --lower_only            # tracing + lowering only (any device)
+    python bench/train_step.py --lower_only --compile_only --memory_report DIR  # peak's buffers
 
 The step is the product's own (`af2flax.train.step.make_train_step` with
 `alphafold_objective`): the model with random recycling (`num_iter_recycling` no-gradient
@@ -526,12 +527,15 @@ def _trace_and_lower(step_fn, state, batch):
 
 
 def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool = False,
-                   profile_dir: str | None = None) -> dict:
+                   profile_dir: str | None = None, memory_report: str | None = None) -> dict:
   """Traces and lowers the train step on abstract parameters (no initialisation, no XLA
   compilation): the device-independent part of the compile time, and the program's size.
   `compile_too`: also compiles it for this backend and reports XLA's scratch estimate
   (`memory_analysis().temp_size_in_bytes`), with nothing run; with `profile_dir`, XLA's
-  compilation is traced there (host events: `bench/profile_summary.py DIR --host`)."""
+  compilation is traced there (host events: `bench/profile_summary.py DIR --host`); with
+  `memory_report`, what is live at the program's memory peak (`memory_peak.py`) is written to
+  MEMORY_REPORT/VARIANT-SHAPES.peak.txt (XLA dumps into MEMORY_REPORT/dump: `main` sets
+  the flag before JAX starts)."""
   import jax
 
   from af2flax.train import state as state_lib
@@ -549,6 +553,10 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
          "stablehlo_lines": text.count("\n"), "device": jax.devices()[0].device_kind,
          "jax": jax.__version__}
   if compile_too:
+    if memory_report:  # this compilation's dump alone (several variants share the directory)
+      for old in pathlib.Path(memory_report, "dump").glob("*"):
+        if old.is_file():
+          old.unlink()
     tracing = (jax.profiler.trace(profile_dir, create_perfetto_trace=True) if profile_dir
                else contextlib.nullcontext())
     with tracing:
@@ -556,6 +564,12 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
       compiled = lowered.compile()
       row["xla_compile_s"] = time.perf_counter() - start
     row["temp_gib"] = _scratch_gib(compiled)[0]
+    if memory_report:
+      import memory_peak  # pylint: disable=g-import-not-at-top
+      text = memory_peak.report(os.path.join(memory_report, "dump"), "train_step")
+      path = os.path.join(memory_report, f"{variant}-{shape_name}.peak.txt")
+      pathlib.Path(path).write_text(text + "\n", encoding="utf-8")
+      row["memory_report"] = path
   return row
 
 
@@ -807,6 +821,9 @@ def main(argv=None) -> int:
                       "compilations before timing its steps beside them (its row says so)")
   parser.add_argument("--log_dir", help="keep each worker's stderr (progress lines, XLA's "
                       "messages) in LOG_DIR/VARIANT-SHAPES.log")
+  parser.add_argument("--memory_report", help="with --lower_only --compile_only: XLA dumps "
+                      "into MEMORY_REPORT/dump and what is live at the step's memory peak is "
+                      "written to MEMORY_REPORT/VARIANT-SHAPES.peak.txt and printed")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -828,18 +845,29 @@ def main(argv=None) -> int:
     os.environ["AF2FLAX_BENCH_ONE_AT_A_TIME"] = "1"
   os.environ["AF2FLAX_BENCH_COMPILE_WAIT"] = str(args.compile_wait)
 
+  if args.memory_report:
+    if not (args.lower_only and args.compile_only):
+      parser.error("--memory_report needs --lower_only --compile_only")
+    dump = os.path.join(os.path.abspath(args.memory_report), "dump")
+    os.makedirs(dump, exist_ok=True)
+    # Before JAX starts its backend (nothing above imports jax): XLA reads XLA_FLAGS once.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_dump_to={dump} --xla_dump_hlo_pass_re=^$").strip()
   if args.lower_only:
     print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}"
           + (f" {'compile s':>9s} {'scratch GiB':>11s}" if args.compile_only else ""))
     for shape_name in args.shapes.split(","):
       for variant in args.variants.split(","):
         row = run_lower_only(variant, "smoke" if args.smoke else shape_name, args.smoke,
-                             args.compile_only, args.profile_dir)
+                             args.compile_only, args.profile_dir,
+                             os.path.abspath(args.memory_report) if args.memory_report else None)
         extra = (f" {row['xla_compile_s']:9.1f} {row['temp_gib']:11.2f}" if args.compile_only
                  else "")
         print(f"{variant:20s} {row['shapes']:8s} {row['trace_s']:8.1f} {row['lower_s']:8.1f} "
               f"{row['stablehlo_lines']:16d}{extra}  {row['device']}, jax {row['jax']}"
               + (f", set {overrides}" if overrides else ""), flush=True)
+        if row.get("memory_report"):
+          print(pathlib.Path(row["memory_report"]).read_text(encoding="utf-8"), flush=True)
     return 0
 
   if args.one:
