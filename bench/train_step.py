@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
@@ -741,9 +742,12 @@ def _run_worker(variant: str, shape_name: str, args, env: dict):
 def _worker_result(command, worker_env, variant, shape_name, log_path, timeout):
   """Runs one worker with its stderr in `log_path`: its RESULT row, or a failed row."""
   with open(log_path, "w", encoding="utf-8") as log:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                               env=worker_env)
-    _WORKERS.add(process)
+    with _WORKERS_LOCK:  # a run being stopped starts no worker (`_stop_workers`)
+      if _STOPPING.is_set():
+        return {"variant": variant, "shapes": shape_name, "ok": False, "error": "stopped"}
+      process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                                 env=worker_env)
+      _WORKERS.add(process)
     try:
       stdout, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -761,8 +765,19 @@ def _worker_result(command, worker_env, variant, shape_name, log_path, timeout):
           "error": " | ".join(tail or ["no output"])}
 
 
-# The workers' processes still running (killed if the run itself is stopped).
+# The workers' processes still running (killed if the run itself is stopped), and whether
+# it is being stopped; the lock orders a worker's start against the stop.
 _WORKERS: set = set()
+_WORKERS_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _stop_workers() -> None:
+  """Kills every worker process and keeps new ones from starting."""
+  with _WORKERS_LOCK:
+    _STOPPING.set()
+    for process in list(_WORKERS):
+      process.kill()
 
 
 class _Stopped(Exception):
@@ -941,8 +956,7 @@ def main(argv=None) -> int:
             [finished[n] for n in sorted(finished)], indent=1))
   except (_Stopped, KeyboardInterrupt):
     stopped = True
-    for process in list(_WORKERS):
-      process.kill()
+    _stop_workers()
     unfinished = [",".join(jobs[n]) for n in range(len(jobs)) if n not in finished]
     print(f"\nstopped: {len(finished)} of {len(jobs)} jobs finished; unfinished: "
           f"{' '.join(unfinished)}" + (f" (their logs: {args.log_dir})" if args.log_dir else ""),

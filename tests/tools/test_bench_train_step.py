@@ -147,6 +147,7 @@ bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 def fake_worker(variant, shape_name, args, env):
   if variant == "bf16-xla":  # a worker process that would outlast the run: killed on SIGTERM
+    time.sleep({delay})  # > 0: the stop comes before this worker's process starts
     return bench._worker_result([sys.executable, "-c", "import time; time.sleep(120)"], env,
                                 variant, shape_name, {log!r}, 300)
   return {{"variant": variant, "shapes": shape_name, "ok": False, "error": "fake row"}}
@@ -156,7 +157,8 @@ sys.exit(bench.main(["--variants", "bf16-auto,bf16-xla", "--parallel", "2",
 """
 
 
-def test_a_stopped_run_reports_the_rows_that_finished(tmp_path):
+@pytest.mark.parametrize("delay", [0.0, 1.0])
+def test_a_stopped_run_reports_the_rows_that_finished(tmp_path, delay):
   """SIGTERM (`timeout`'s) stops the run: the rows that finished are printed and in the
   --json file, the unfinished jobs are named, and the exit status says it stopped."""
   import json
@@ -166,7 +168,8 @@ def test_a_stopped_run_reports_the_rows_that_finished(tmp_path):
   json_path = tmp_path / "rows.json"
   script = _STOPPABLE_RUN.format(bench=str(REPO_ROOT / "bench"),
                                  path=str(REPO_ROOT / "bench" / "train_step.py"),
-                                 json_path=str(json_path), log=str(tmp_path / "slow.log"))
+                                 json_path=str(json_path), log=str(tmp_path / "slow.log"),
+                                 delay=delay)
   process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.monotonic() + 60
