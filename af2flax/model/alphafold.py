@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from af2flax.common import residue_constants as rc
 from af2flax.model.heads import (DistogramHead, ExperimentallyResolvedHead, MaskedMsaHead,
                                  PredictedAlignedErrorHead, PredictedLDDTHead)
+from af2flax.model.primitives import layer_norm_recompute
 from af2flax.model.structure import StructureModule
 from af2flax.model.trunk import EmbeddingsAndEvoformer
 
@@ -124,6 +125,10 @@ class AlphaFold(nn.Module):
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array],
                deterministic: bool = True) -> dict[str, Any]:
+    with layer_norm_recompute(self.config.global_config.get("layer_norm_recompute", True)):
+      return self._recycle(batch, deterministic)
+
+  def _recycle(self, batch: Mapping[str, jax.Array], deterministic: bool) -> dict[str, Any]:
     c = self.config
     if batch["aatype"].ndim != 2:
       raise ValueError(f"batch['aatype'] has shape {batch['aatype'].shape}; expected "

@@ -98,6 +98,13 @@ af2flax adds, under `global_config`:
                  `low_memory`, as the other chunking). Same values. Presets: 'low_memory' (3%
                  faster expected step on an H200; the unchunked intermediate is
                  [N, c, c, N], 67 MB in bf16 at crop 256).
+  layer_norm_recompute  layer norms keep only their input and two statistics per row for
+                 the backward pass, which recomputes the normalised input
+                 (`primitives.layer_norm`), instead of JAX's autodiff keeping the float32
+                 normalised input (`primitives.layer_norm_autodiff`: full-size float32
+                 arrays, e.g. 480 MiB per extra-MSA layer norm at fine-tuning shapes). Same
+                 values; gradients equal up to float rounding. Presets: True (not yet timed
+                 on a GPU; docs/benchmarks.md, 2026-12-04 twelfth session).
 and turns `use_remat` on in the presets (AlphaFold's file has it off: its inference does not
 need it; training at crop 256 does). Everything else equals AlphaFold's values.
 `from_alphafold_dict(d)` builds this tree from an AlphaFold `model_config` dict, e.g. the
@@ -137,6 +144,7 @@ OUR_GLOBAL_DEFAULTS = {
     "examples_vmapped": False,
     "triangle_channels_first": True,
     "outer_product_mean_chunking": "low_memory",
+    "layer_norm_recompute": True,
 }
 
 

@@ -11,7 +11,10 @@ activations loses too much precision.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -140,7 +143,8 @@ class LayerNorm(nn.Module):
   """Layer normalisation over the last axis with `scale` and `offset` vectors.
 
   Statistics in float32 whatever the input dtype; the output has `dtype` (default: the
-  input's dtype).
+  input's dtype). The gradient is `layer_norm`'s (see there): only the input and two
+  statistics per row are kept for the backward pass.
   """
 
   eps: float = LAYER_NORM_EPSILON
@@ -152,21 +156,97 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    out_dtype = self.dtype or inputs.dtype
-    x = inputs.astype(jnp.float32)
-    mean = jnp.mean(x, axis=self.axis, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=self.axis, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
     channels = inputs.shape[self.axis]
-    along = [1] * inputs.ndim
-    along[self.axis] = channels
-    if self.use_scale:
-      y = y * self.param("scale", nn.initializers.ones, (channels,),
-                         self.param_dtype).reshape(along)
-    if self.use_offset:
-      y = y + self.param("offset", nn.initializers.zeros, (channels,),
-                         self.param_dtype).reshape(along)
-    return y.astype(out_dtype)
+    scale = (self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+             if self.use_scale else None)
+    offset = (self.param("offset", nn.initializers.zeros, (channels,), self.param_dtype)
+              if self.use_offset else None)
+    norm = layer_norm if _RECOMPUTE_LAYER_NORM.get() else layer_norm_autodiff
+    return norm(inputs, scale, offset, self.axis % inputs.ndim, self.eps,
+                jnp.dtype(self.dtype or inputs.dtype))
+
+
+def _normalised(x: jax.Array, axis: int, eps: float):
+  """(x - mean) / sqrt(var + eps) over `axis` in float32, with mean and 1/sqrt(var + eps)
+  (kept dims)."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=axis, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=axis, keepdims=True) + eps)
+  return (x - mean) * rstd, mean, rstd
+
+
+def _along(vector: jax.Array, ndim: int, axis: int) -> jax.Array:
+  """A [C] vector shaped to broadcast along `axis` of an `ndim`-axis array."""
+  shape = [1] * ndim
+  shape[axis] = vector.shape[0]
+  return vector.reshape(shape)
+
+
+def layer_norm_autodiff(x, scale, offset, axis: int, eps: float, out_dtype) -> jax.Array:
+  """Layer norm differentiated by JAX (the model until 2026-12-04): its backward pass keeps
+  the float32 normalised input, a full-size float32 array per layer norm (e.g. 480 MiB for
+  the extra MSA at fine-tuning shapes, seen in the H200's compiled step)."""
+  y, _, _ = _normalised(x, axis, eps)
+  if scale is not None:
+    y = y * _along(scale, x.ndim, axis)
+  if offset is not None:
+    y = y + _along(offset, x.ndim, axis)
+  return y.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def layer_norm(x, scale, offset, axis: int, eps: float, out_dtype) -> jax.Array:
+  """Layer normalisation over `axis` (statistics in float32), `scale` and `offset` [C] or None,
+  output in `out_dtype`. The same values as `layer_norm_autodiff`; its backward pass keeps
+  only x (in its own dtype) and the per-row mean and 1/std, and recomputes the normalised
+  input from them, so no float32 copy of the activations is written for the backward pass
+  (or kept across it, where the layer norm is not rematerialised). The gradient, with
+  x̂ = (x - mean) / std and g = dy * scale: dx = (g - mean(g) - x̂ mean(g x̂)) / std,
+  dscale = sum(dy x̂), doffset = sum(dy), sums over every axis but `axis`."""
+  return layer_norm_autodiff(x, scale, offset, axis, eps, out_dtype)
+
+
+def _layer_norm_forward(x, scale, offset, axis, eps, out_dtype):
+  y, mean, rstd = _normalised(x, axis, eps)
+  if scale is not None:
+    y = y * _along(scale, x.ndim, axis)
+  if offset is not None:
+    y = y + _along(offset, x.ndim, axis)
+  return y.astype(out_dtype), (x, mean, rstd, scale, offset)
+
+
+def _layer_norm_backward(axis, eps, out_dtype, residuals, dy):
+  del eps, out_dtype
+  x, mean, rstd, scale, offset = residuals
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  dy = dy.astype(jnp.float32)
+  others = tuple(i for i in range(x.ndim) if i != axis)
+  g = dy * _along(scale.astype(jnp.float32), x.ndim, axis) if scale is not None else dy
+  dx = rstd * (g - jnp.mean(g, axis=axis, keepdims=True)
+               - xhat * jnp.mean(g * xhat, axis=axis, keepdims=True))
+  dscale = (jnp.sum(dy * xhat, axis=others).astype(scale.dtype) if scale is not None
+            else None)
+  doffset = jnp.sum(dy, axis=others).astype(offset.dtype) if offset is not None else None
+  return dx.astype(x.dtype), dscale, doffset
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+# Whether `LayerNorm` uses `layer_norm` (True, the default) or `layer_norm_autodiff`: set for
+# a model by `global_config.layer_norm_recompute` through `layer_norm_recompute(...)`.
+_RECOMPUTE_LAYER_NORM: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "af2flax_recompute_layer_norm", default=True)
+
+
+@contextlib.contextmanager
+def layer_norm_recompute(enabled: bool):
+  """Within this context, `LayerNorm`s traced use `layer_norm` (enabled) or
+  `layer_norm_autodiff` (for A/B measurements: `global_config.layer_norm_recompute`)."""
+  token = _RECOMPUTE_LAYER_NORM.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _RECOMPUTE_LAYER_NORM.reset(token)
 
 
 # --- Shared helpers -------------------------------------------------------------------------

@@ -210,3 +210,81 @@ def test_vmapped_examples_keep_biased_attention_off_cudnn(monkeypatch):
       "pallas")
   gc = ml_collections.ConfigDict({"attention_impl": "auto", "examples_vmapped": True})
   assert primitives.attention_settings(gc)["examples_vmapped"] is True
+
+
+def _layer_norm_case(dtype, axis, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(loc=0.5, scale=2.0, size=(6, 5, 8)), dtype)
+  channels = x.shape[axis]
+  scale = jnp.asarray(rng.normal(1.0, 0.3, size=channels), jnp.float32)
+  offset = jnp.asarray(rng.normal(0.0, 0.3, size=channels), jnp.float32)
+  dy = jnp.asarray(rng.normal(size=x.shape), dtype)
+  return x, scale, offset, dy
+
+
+@pytest.mark.parametrize("dtype,axis,with_params", [
+    (jnp.float32, 2, True), (jnp.float32, 0, True), (jnp.float32, 2, False),
+    (jnp.bfloat16, 2, True), (jnp.bfloat16, 0, True)])
+def test_layer_norm_gradient_equals_autodiff(dtype, axis, with_params):
+  """`layer_norm` (its own backward pass, recomputing the normalised input) gives the
+  values and the gradients of JAX's autodiff of the same function."""
+  x, scale, offset, dy = _layer_norm_case(dtype, axis)
+  if not with_params:
+    scale = offset = None
+
+  def vjp(norm):
+    y, pullback = jax.vjp(lambda *a: norm(*a, axis, 1e-5, jnp.dtype(dtype)), x, scale, offset)
+    return (y,) + pullback(dy)
+
+  ours, reference = vjp(primitives.layer_norm), vjp(primitives.layer_norm_autodiff)
+  assert jax.tree.structure(ours) == jax.tree.structure(reference)
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tolerance, atol=tolerance)
+
+
+def test_layer_norm_under_vmap_and_checkpoint():
+  x, scale, offset, _ = _layer_norm_case(jnp.float32, 2)
+
+  def loss(norm, x, scale, offset):
+    f = jax.checkpoint(lambda x: norm(x, scale, offset, 1, 1e-5, jnp.dtype(jnp.float32)))
+    return jnp.sum(jnp.sin(jax.vmap(f)(x)))
+
+  ours = jax.grad(lambda *a: loss(primitives.layer_norm, *a), argnums=(0, 1, 2))(
+      x, scale, offset)
+  reference = jax.grad(lambda *a: loss(primitives.layer_norm_autodiff, *a), argnums=(0, 1, 2))(
+      x, scale, offset)
+  chex.assert_trees_all_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_keeps_no_float32_copy_of_a_bf16_input():
+  """What the backward pass keeps: x in bf16 and per-row statistics, not the float32
+  normalised input that autodiff keeps (a full-size float32 array)."""
+  x, scale, offset, _ = _layer_norm_case(jnp.bfloat16, 2)
+
+  def float32_full_size(norm):
+    # The pullback's leaves are the residuals the backward pass reads.
+    _, pullback = jax.vjp(lambda x: norm(x, scale, offset, 2, 1e-5, jnp.dtype(jnp.bfloat16)),
+                          x)
+    return [leaf for leaf in jax.tree.leaves(pullback)
+            if leaf.shape == x.shape and leaf.dtype == jnp.float32]
+
+  assert float32_full_size(primitives.layer_norm_autodiff)  # the check can fail
+  assert not float32_full_size(primitives.layer_norm)
+
+
+def test_layer_norm_module_uses_recompute_unless_told():
+  x, _, _, _ = _layer_norm_case(jnp.float32, 2)
+  module = primitives.LayerNorm()
+  params = module.init(jax.random.PRNGKey(0), x)
+
+  def primitive_names():
+    jaxpr = jax.make_jaxpr(lambda p: module.apply(p, x))(params)
+    return {str(eqn.primitive) for eqn in jaxpr.jaxpr.eqns}
+
+  assert any("custom_vjp" in name for name in primitive_names())
+  with primitives.layer_norm_recompute(False):
+    assert not any("custom_vjp" in name for name in primitive_names())
+  assert jax.tree.map(jnp.shape, params["params"]) == {"scale": (8,), "offset": (8,)}
