@@ -267,6 +267,15 @@ VARIANTS = {
         "--xla_gpu_experimental_enable_triton_warp_specialization=true", "auto"),
     "bf16-auto-heroless": _bf16_with_flags(
         "--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true", "auto"),
+    # Layer norms differentiated by JAX (the model until 2026-12-04's twelfth session), against
+    # the presets' own backward pass that keeps no float32 copy of the input
+    # (`layer_norm_recompute`): the presets and the fine-tuning preset. On this repository's
+    # CPU, one bf16 Evoformer block's checkpointed gradient at initial shapes needed 6,374 MiB of
+    # scratch with the new backward and 6,767 MiB with autodiff; on a GPU: not yet timed.
+    "bf16-auto-lnautodiff": {"dtype": "bfloat16", "attention_impl": "auto",
+                             "layer_norm_recompute": False},
+    "bf16-pallas512-extracudnn-offload55-lnautodiff": {
+        **_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.55, "layer_norm_recompute": False},
 }
 RECYCLES = (0, 1, 2, 3)
 
