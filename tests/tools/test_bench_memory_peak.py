@@ -1,6 +1,5 @@
 """bench/memory_peak.py: what is live at a compiled program's memory peak, from XLA's dump."""
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -8,15 +7,13 @@ import sys
 
 import pytest
 
+from tests.tools.helpers import bench_module
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("memory_peak",
-                                                REPO_ROOT / "bench" / "memory_peak.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return bench_module("memory_peak")
 
 
 _LIVE_RANGE = """HloLiveRange (max 4):

@@ -1,20 +1,18 @@
 """bench/predict.py: its workers keep the caller's PYTHONPATH, and a smoke run gives valid rows."""
 
-import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+from tests.tools.helpers import bench_module
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _load_bench():
-  spec = importlib.util.spec_from_file_location("bench_predict", REPO_ROOT / "bench/predict.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return bench_module("predict")
 
 
 def test_worker_keeps_the_callers_pythonpath(monkeypatch):

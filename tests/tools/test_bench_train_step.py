@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.tools.helpers import bench_module
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -45,12 +47,7 @@ def test_set_needs_key_and_value():
 
 
 def _bench_module():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bench_train_step",
-                                                REPO_ROOT / "bench" / "train_step.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return bench_module("train_step")
 
 
 def test_parallel_workers_time_their_steps_one_at_a_time(tmp_path, monkeypatch):
@@ -140,11 +137,8 @@ def test_a_worker_keeps_its_log_and_returns_its_row(tmp_path):
 
 _STOPPABLE_RUN = """
 import sys, time
-sys.path.insert(0, {bench!r})
-import importlib.util
-spec = importlib.util.spec_from_file_location("bench_train_step", {path!r})
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from tests.tools.helpers import bench_module
+bench = bench_module("train_step")
 def fake_worker(variant, shape_name, args, env):
   if variant == "bf16-xla":  # a worker process that would outlast the run: killed on SIGTERM
     time.sleep({delay})  # > 0: the stop comes before this worker's process starts
@@ -166,9 +160,7 @@ def test_a_stopped_run_reports_the_rows_that_finished(tmp_path, delay):
   import time
 
   json_path = tmp_path / "rows.json"
-  script = _STOPPABLE_RUN.format(bench=str(REPO_ROOT / "bench"),
-                                 path=str(REPO_ROOT / "bench" / "train_step.py"),
-                                 json_path=str(json_path), log=str(tmp_path / "slow.log"),
+  script = _STOPPABLE_RUN.format(json_path=str(json_path), log=str(tmp_path / "slow.log"),
                                  delay=delay)
   process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
