@@ -140,7 +140,7 @@ def fused_linear(inputs: jax.Array, layers: Sequence[LinearParams], dtype: Dtype
 
 
 class LayerNorm(nn.Module):
-  """Layer normalisation over the last axis with `scale` and `offset` vectors.
+  """Layer normalisation over `axis` (the last by default) with `scale` and `offset` vectors.
 
   Statistics in float32 whatever the input dtype; the output has `dtype` (default: the
   input's dtype). The gradient is `layer_norm`'s (see there): only the input and two
@@ -182,16 +182,20 @@ def _along(vector: jax.Array, ndim: int, axis: int) -> jax.Array:
   return vector.reshape(shape)
 
 
+def _scale_and_offset(y: jax.Array, scale, offset, axis: int, out_dtype) -> jax.Array:
+  """y * scale + offset (each None: left out) along `axis`, in `out_dtype`."""
+  if scale is not None:
+    y = y * _along(scale, y.ndim, axis)
+  if offset is not None:
+    y = y + _along(offset, y.ndim, axis)
+  return y.astype(out_dtype)
+
+
 def layer_norm_autodiff(x, scale, offset, axis: int, eps: float, out_dtype) -> jax.Array:
   """Layer norm differentiated by JAX (the model until 2026-12-04): its backward pass keeps
   the float32 normalised input, a full-size float32 array per layer norm (e.g. 480 MiB for
   the extra MSA at fine-tuning shapes, seen in the H200's compiled step)."""
-  y, _, _ = _normalised(x, axis, eps)
-  if scale is not None:
-    y = y * _along(scale, x.ndim, axis)
-  if offset is not None:
-    y = y + _along(offset, x.ndim, axis)
-  return y.astype(out_dtype)
+  return _scale_and_offset(_normalised(x, axis, eps)[0], scale, offset, axis, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -207,15 +211,14 @@ def layer_norm(x, scale, offset, axis: int, eps: float, out_dtype) -> jax.Array:
 
 
 def _layer_norm_forward(x, scale, offset, axis, eps, out_dtype):
-  y, mean, rstd = _normalised(x, axis, eps)
-  if scale is not None:
-    y = y * _along(scale, x.ndim, axis)
-  if offset is not None:
-    y = y + _along(offset, x.ndim, axis)
-  return y.astype(out_dtype), (x, mean, rstd, scale, offset)
+  """`layer_norm` and what its backward pass keeps: x, the mean and 1/std, the parameters."""
+  xhat, mean, rstd = _normalised(x, axis, eps)
+  return (_scale_and_offset(xhat, scale, offset, axis, out_dtype),
+          (x, mean, rstd, scale, offset))
 
 
 def _layer_norm_backward(axis, eps, out_dtype, residuals, dy):
+  """(dx, dscale, doffset) from the normalised input recomputed in float32."""
   del eps, out_dtype
   x, mean, rstd, scale, offset = residuals
   xhat = (x.astype(jnp.float32) - mean) * rstd
