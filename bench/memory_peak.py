@@ -23,6 +23,10 @@ import pathlib
 import re
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+# The same attribution of op_names to model modules and passes as the profile tables.
+from profile_summary import direction_of, module_of  # noqa: E402  pylint: disable=wrong-import-position
+
 _PEAK_HEADER = re.compile(r"^\s*Live ranges at (\d+) \(peak\):\s*$")
 _PEAK_BUFFER = re.compile(r"^\s*(\S+?)(\{[^}]*\})?: (\d+) bytes")
 _BREAKDOWN_HEADER = re.compile(r"^\s*Stack trace breakdown for peak usage: ([\d ]+) bytes")
@@ -118,25 +122,16 @@ def report(dump_dir: str | pathlib.Path, module: str = "", top: int = 30,
   return "\n".join(lines)
 
 
-# Components of a JAX op_name that name a transformation or a control-flow wrapper, not a
-# module of the model.
-_WRAPPERS = re.compile(r"\(|^(while|body|cond|eval_jaxpr|closed_call|checkpoint|remat|"
-                       r"branch_\d+_fun|pjit|scan)$")
-
-
-def group_of(name: str, op_name: str, depth: int = 4) -> str:
+def group_of(name: str, op_name: str) -> str:
   """A peak buffer's group: 'arguments: X' for the program's inputs (parameters, optimiser
   state, batch: an op_name that is an argument path), 'no JAX operation: X' for what XLA
-  added (copies, conversions), else the first `depth` module names of its op_name and the
-  pass ('forward', or 'backward' under a transpose)."""
+  added (copies, conversions), else 'PASS: STACK/MODULE' as `bench/profile_summary.py`
+  attributes kernels (`direction_of`: forward, recompute or backward; `module_of`)."""
   if not op_name:  # copies and conversions XLA added
     return "no JAX operation: " + re.sub(r"[._]\d+$", "", name)
   if "[" in op_name.split("/")[0]:
     return "arguments: " + op_name.split("[")[0]
-  parts = [part for part in op_name.split("/") if part and not _WRAPPERS.search(part)]
-  modules = [part for part in parts if not part.startswith("jit")][:depth]
-  phase = "backward" if "transpose(" in op_name else "forward"
-  return f"{phase}: {'/'.join(modules) or '(outside the model)'}"
+  return f"{direction_of(op_name)}: {module_of(op_name)}"
 
 
 def _percent(line: str) -> float:

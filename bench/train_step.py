@@ -77,10 +77,14 @@ _GROUP1 = {"remat_group_size": 1, "remat_offload": False}
 # ... with one checkpoint per block, every block's saved input in the host's pinned memory.
 _FINETUNE_OFFLOAD = {**_FINETUNE_OURS, **_GROUP1, "remat_offload": True,
                      "remat_offload_fraction": 1.0}
+# ... and the fine-tuning preset's own setting (since the eleventh session): 55% offloaded.
+_FINETUNE_PRESET = {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.55}
 # CUDA-graph command buffers for kernels and library calls only (no loops or conditionals).
 _CB_NO_LOOPS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
 _LHS = "--xla_gpu_enable_latency_hiding_scheduler=true"
 _PIPELINED_OFFLOAD = "--xla_gpu_enable_pipelined_host_offloading=true"
+# Seconds a compiled worker waits for the other workers' compilations (`--compile_wait`).
+_COMPILE_WAIT_S = 1800.0
 
 # name -> model global_config overrides ('xla_flags': added to XLA_FLAGS of its worker)
 VARIANTS = {
@@ -197,7 +201,7 @@ VARIANTS = {
     # `offloaded_layers` stopped splitting off single layers): 20.5-22.6 GiB.
     "bf16-pallas512-extracudnn-offload88": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.875},
     # (`…-offload55` is the fine-tuning preset's own setting, spelled out.)
-    "bf16-pallas512-extracudnn-offload55": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.55},
+    "bf16-pallas512-extracudnn-offload55": _FINETUNE_PRESET,
     "bf16-pallas512-extracudnn-offload50": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.5},
     # With the block inputs off the GPU, the extra MSA's row attention back on our kernels
     # (padded to 16 channels). H200, 2026-12-04, beside the next one: 2.078 s, 15.18 GiB.
@@ -221,7 +225,7 @@ VARIANTS = {
     # iteration ahead, so that they can run beside the block's compute. Every block offloaded,
     # and the fine-tuning preset's 55%.
     "bf16-pallas512-extracudnn-offload-pipe": {**_FINETUNE_OFFLOAD, "xla_flags": _PIPELINED_OFFLOAD},
-    "bf16-pallas512-extracudnn-offload55-pipe": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.55,
+    "bf16-pallas512-extracudnn-offload55-pipe": {**_FINETUNE_PRESET,
                                                  "xla_flags": _PIPELINED_OFFLOAD},
     "bf16-auto-offload": {"dtype": "bfloat16", "attention_impl": "auto", "remat_offload": True},
     # XLA's GPU compiler settings (compile time against step time).
@@ -274,8 +278,8 @@ VARIANTS = {
     # scratch with the new backward and 6,767 MiB with autodiff; on a GPU: not yet timed.
     "bf16-auto-lnautodiff": {"dtype": "bfloat16", "attention_impl": "auto",
                              "layer_norm_recompute": False},
-    "bf16-pallas512-extracudnn-offload55-lnautodiff": {
-        **_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.55, "layer_norm_recompute": False},
+    "bf16-pallas512-extracudnn-offload55-lnautodiff": {**_FINETUNE_PRESET,
+                                                       "layer_norm_recompute": False},
 }
 RECYCLES = (0, 1, 2, 3)
 
@@ -445,7 +449,7 @@ def _wait_for_compilations(poll_s: float = 1.0, limit_s: float | None = None) ->
   if not barrier or not worker:
     return True
   if limit_s is None:
-    limit_s = float(os.environ.get("AF2FLAX_BENCH_COMPILE_WAIT", "1800"))
+    limit_s = float(os.environ.get("AF2FLAX_BENCH_COMPILE_WAIT", _COMPILE_WAIT_S))
   directory = pathlib.Path(barrier)
   (directory / f"compiled-{worker}").touch()
   deadline = time.monotonic() + limit_s
@@ -765,7 +769,8 @@ def _worker_result(command, worker_env, variant, shape_name, log_path, timeout):
       return {"variant": variant, "shapes": shape_name, "ok": False,
               "error": f"timeout after {timeout} s"}
     finally:
-      _WORKERS.discard(process)
+      with _WORKERS_LOCK:
+        _WORKERS.discard(process)
   results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
   if results:
     return json.loads(results[-1][len("RESULT "):])
@@ -840,7 +845,7 @@ def main(argv=None) -> int:
   parser.add_argument("--one_at_a_time", action="store_true",
                       help="with --examples N: the N examples one after another in the loop "
                       "over the device's examples (vmap_batch_size 1), not vmapped")
-  parser.add_argument("--compile_wait", type=float, default=1800.0,
+  parser.add_argument("--compile_wait", type=float, default=_COMPILE_WAIT_S,
                       help="with --parallel: seconds a compiled worker waits for the others' "
                       "compilations before timing its steps beside them (its row says so)")
   parser.add_argument("--log_dir", help="keep each worker's stderr (progress lines, XLA's "
@@ -945,6 +950,10 @@ def main(argv=None) -> int:
   # Rows are printed, and the --json file rewritten, as each job finishes (not in job order),
   # so that a run cut short keeps what finished; SIGTERM stops the workers and reports.
   finished: dict[int, object] = {}
+
+  def in_job_order() -> list:
+    return [finished[n] for n in sorted(finished)]
+
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.parallel))
   futures = {pool.submit(job, numbered): numbered[0] for numbered in enumerate(jobs)}
   previous_handler = signal.signal(signal.SIGTERM, _stop)
@@ -961,8 +970,7 @@ def main(argv=None) -> int:
         finished[number] = result
         print(_format([result]).splitlines()[-1], flush=True)
       if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(
-            [finished[n] for n in sorted(finished)], indent=1))
+        pathlib.Path(args.json).write_text(json.dumps(in_job_order(), indent=1))
   except (_Stopped, KeyboardInterrupt):
     stopped = True
     _stop_workers()
@@ -975,8 +983,7 @@ def main(argv=None) -> int:
     pool.shutdown(wait=not stopped, cancel_futures=True)
   if own_barrier:
     shutil.rmtree(own_barrier, ignore_errors=True)
-  rows = [finished[n] for n in sorted(finished)]
-  table_rows = [r for r in rows if "breakdown" not in r]
+  table_rows = [r for r in in_job_order() if "breakdown" not in r]
   if table_rows:
     print(f"\nmedian of {args.steps} steps per recycling count after a warm-up step; expected = "
           "mean over recycles 0..3")
