@@ -359,6 +359,7 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   def lap() -> float:
     clock.append(time.perf_counter())
     return clock[-1] - clock[-2]
+  _progress(f"{variant},{shape_name}: initialising")
   init_lowered = jax.jit(lambda k: model.init(k, init_batch)["params"]).lower(
       jax.random.PRNGKey(0))
   init_parts = {"trace_lower": lap()}
@@ -374,7 +375,10 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   init_s = clock[-1] - clock[0]
 
   step_fn = jax.jit(train_step, donate_argnums=0)
+  _progress(f"{variant},{shape_name}: initialised ({init_s:.1f} s); tracing the step")
   trace_s, lower_s, lowered = _trace_and_lower(step_fn, state, first)
+  _progress(f"{variant},{shape_name}: traced and lowered ({trace_s + lower_s:.1f} s); "
+            "XLA compiling")
   start = time.perf_counter()
   compiled = lowered.compile()
   xla_compile_s = time.perf_counter() - start
@@ -799,6 +803,9 @@ class _Stopped(Exception):
 
 
 def _stop(signum, frame):  # pylint: disable=unused-argument
+  # Once: `timeout` signals the run twice (the process, then its process group), and a second
+  # _Stopped raised inside the first one's handling would end the run without its report.
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   raise _Stopped()
 
 
@@ -979,7 +986,8 @@ def main(argv=None) -> int:
           f"{' '.join(unfinished)}" + (f" (their logs: {args.log_dir})" if args.log_dir else ""),
           flush=True)
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    if not stopped:  # once stopped, a late second SIGTERM is ignored to the end
+      signal.signal(signal.SIGTERM, previous_handler)
     pool.shutdown(wait=not stopped, cancel_futures=True)
   if own_barrier:
     shutil.rmtree(own_barrier, ignore_errors=True)

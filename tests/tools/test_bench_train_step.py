@@ -146,22 +146,34 @@ def fake_worker(variant, shape_name, args, env):
                                 variant, shape_name, {log!r}, 300)
   return {{"variant": variant, "shapes": shape_name, "ok": False, "error": "fake row"}}
 bench._run_worker = fake_worker
-sys.exit(bench.main(["--variants", "bf16-auto,bf16-xla", "--parallel", "2",
-                     "--json", {json_path!r}]))
+if {signals} == 2:  # `timeout`'s second SIGTERM (to the process group) during the stop, and after
+  import os, signal
+  stop_workers = bench._stop_workers
+  def stop_workers_signalled():
+    os.kill(os.getpid(), signal.SIGTERM)
+    stop_workers()
+  bench._stop_workers = stop_workers_signalled
+status = bench.main(["--variants", "bf16-auto,bf16-xla", "--parallel", "2",
+                     "--json", {json_path!r}])
+if {signals} == 2:
+  os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(status)
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 1.0])
-def test_a_stopped_run_reports_the_rows_that_finished(tmp_path, delay):
+@pytest.mark.parametrize("delay,signals", [(0.0, 1), (1.0, 1), (0.0, 2)])
+def test_a_stopped_run_reports_the_rows_that_finished(tmp_path, delay, signals):
   """SIGTERM (`timeout`'s) stops the run: the rows that finished are printed and in the
-  --json file, the unfinished jobs are named, and the exit status says it stopped."""
+  --json file, the unfinished jobs are named, and the exit status says it stopped. `timeout`
+  signals twice (the process, then its process group): a second, during the stop or after
+  it, changes nothing."""
   import json
   import signal
   import time
 
   json_path = tmp_path / "rows.json"
   script = _STOPPABLE_RUN.format(json_path=str(json_path), log=str(tmp_path / "slow.log"),
-                                 delay=delay)
+                                 delay=delay, signals=signals)
   process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.monotonic() + 60
