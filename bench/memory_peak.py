@@ -14,6 +14,12 @@ value that ever uses each, not what is live together; the eleventh session's que
 which buffers set the fine-tuning step's ~15 GiB, needs this file.)
 Loops are single instructions of the top-level sequence: a buffer a loop holds through its
 iterations counts at the peak as the loop's output or operand.
+
+XLA's peak counts every buffer, those in host memory too (layout memory space `S(5)`: block
+inputs offloaded by `remat_offload`). When the program has any, the device's own peak is
+recomputed from the file's live ranges (`BufferLiveRange`, instruction indices inclusive) and
+the buffers' sizes read from their shapes in the optimised HLO, host buffers left out; it
+can lie at another instruction than XLA's.
 """
 
 from __future__ import annotations
@@ -30,8 +36,15 @@ from profile_summary import direction_of, module_of  # noqa: E402  pylint: disab
 _PEAK_HEADER = re.compile(r"^\s*Live ranges at (\d+) \(peak\):\s*$")
 _PEAK_BUFFER = re.compile(r"^\s*(\S+?)(\{[^}]*\})?: (\d+) bytes")
 _BREAKDOWN_HEADER = re.compile(r"^\s*Stack trace breakdown for peak usage: ([\d ]+) bytes")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?(?:\{[^}]*\})?) ")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+_LIVE_RANGE = re.compile(r"^\s*(\S+?)(\{[^}]*\}):(\d+)-(\d+)\s*$")
+_ARRAY = re.compile(r"^([a-z]\w*)\[([\d,]*)\](\{[^}]*\})?$")
+_HOST_MEMORY_SPACE = "S(5)"  # XLA's memory space of host memory (offloaded buffers)
+_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16,
+         "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
+         "c64": 64, "c128": 128, "token": 0}
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_COMMENT = re.compile(r"/\*.*?\*/")
 
 
 def live_range_file(dump_dir: str | pathlib.Path, module: str = "") -> pathlib.Path:
@@ -74,16 +87,134 @@ def parse_peak(text: str) -> dict:
           "buffers": sorted(buffers, key=lambda item: -item[2]), "breakdown": breakdown}
 
 
-def instruction_info(hlo_path: str | pathlib.Path, names: set[str]) -> dict[str, tuple]:
-  """(shape, op_name) of the named instructions in an optimised-HLO text file."""
-  info = {}
+def instruction_info(hlo_path: str | pathlib.Path,
+                     names: set[str] | None = None) -> dict[str, tuple]:
+  """(shape, op_name) of the named instructions (None: all) in an optimised-HLO text file."""
   with open(hlo_path, encoding="utf-8", errors="replace") as handle:
-    for line in handle:
-      match = _INSTRUCTION.match(line)
-      if match and match.group(1) in names and match.group(1) not in info:
-        op_name = _OP_NAME.search(line)
-        info[match.group(1)] = (match.group(2), op_name.group(1) if op_name else "")
+    return instruction_info_text(handle, names)
+
+
+def instruction_info_text(lines, names: set[str] | None = None) -> dict[str, tuple]:
+  """`instruction_info` of optimised HLO given as text or an iterable of lines."""
+  info = {}
+  for line in lines.splitlines() if isinstance(lines, str) else lines:
+    match = _INSTRUCTION.match(line)
+    if match and (names is None or match.group(1) in names) and match.group(1) not in info:
+      op_name = _OP_NAME.search(line)
+      info[match.group(1)] = (_shape_at(line, match.end()), op_name.group(1) if op_name else "")
   return info
+
+
+def _shape_at(line: str, start: int) -> str:
+  """The shape that starts at `start` in an HLO instruction line: an array shape up to the
+  next space, or a (possibly nested) tuple shape up to its closing parenthesis, without the
+  printer's comments ('/*index=5*/')."""
+  if not line.startswith("(", start):
+    end = line.find(" ", start)
+    return line[start:end if end >= 0 else len(line)]
+  depth, end = 0, len(line)
+  for position in range(start, len(line)):
+    depth += {"(": 1, ")": -1}.get(line[position], 0)
+    if depth == 0:
+      end = position + 1
+      break
+  return _COMMENT.sub("", line[start:end])
+
+
+def tuple_elements(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape '(a, (b, c), d)'."""
+  elements, depth, current = [], 0, []
+  for char in shape[1:-1]:
+    if char in "({[":
+      depth += 1
+    elif char in ")}]":
+      depth -= 1
+    if char == "," and depth == 0:
+      elements.append("".join(current).strip())
+      current = []
+    else:
+      current.append(char)
+  if "".join(current).strip():
+    elements.append("".join(current).strip())
+  return elements
+
+
+def subshape(shape: str, tuple_index: str) -> str:
+  """The shape at a buffer's tuple index ('{}', '{1}', '{1,0}') within `shape`."""
+  for position in filter(None, tuple_index.strip("{}").split(",")):
+    shape = tuple_elements(shape)[int(position)]
+  return shape
+
+
+def shape_bytes(shape: str) -> int:
+  """A buffer's bytes: an array's elements times its type's size; a tuple's own buffer is its
+  table of pointers (8 bytes an element). Raises ValueError on a shape it cannot read."""
+  if shape.startswith("("):
+    return 8 * len(tuple_elements(shape))
+  match = _ARRAY.match(shape)
+  if not match:
+    raise ValueError(f"unreadable shape {shape!r}")
+  dtype, dims = match.group(1), match.group(2)
+  bits = _BITS.get(dtype)
+  if bits is None:
+    if not re.match(r"^f[48]", dtype):
+      raise ValueError(f"unknown element type in {shape!r}")
+    bits = int(dtype[1])
+  elements = 1
+  for dim in filter(None, dims.split(",")):
+    elements *= int(dim)
+  return (elements * bits + 7) // 8
+
+
+def in_host_memory(shape: str) -> bool:
+  """Whether an array shape's layout puts it in host memory ('{...:S(5)}')."""
+  return not shape.startswith("(") and _HOST_MEMORY_SPACE in (shape.rpartition("{")[2])
+
+
+def parse_live_ranges(text: str) -> list[tuple[str, str, int, int]]:
+  """The file's `BufferLiveRange` section: (name, tuple index, first, last instruction)."""
+  ranges, inside = [], False
+  for line in text.splitlines():
+    if line.strip() == "BufferLiveRange:":
+      inside = True
+      continue
+    if inside:
+      match = _LIVE_RANGE.match(line)
+      if not match:
+        break
+      ranges.append((match.group(1), match.group(2), int(match.group(3)), int(match.group(4))))
+  return ranges
+
+
+def device_peak(ranges: list[tuple[str, str, int, int]], shapes: dict[str, str]) -> dict:
+  """XLA's peak computation (`HloLiveRange::ComputePeakMemoryMoment`) over the values in
+  device memory only: the moment is found by a sweep over the values' live ranges, each
+  weighed by its defining instruction's whole shape, a range's start counted before the ends
+  at the same instruction; the live set is then, as XLA prints it, every value whose range
+  holds the moment, at its own size. {'index', 'bytes', 'buffers': [(name, tuple index,
+  bytes)] largest first, 'host_bytes': the host-memory values left out, 'unsized': values
+  whose instruction was not found}."""
+  values, host_bytes, unsized = [], 0, 0
+  for name, tuple_index, first, last in ranges:
+    if name not in shapes:
+      unsized += 1
+      continue
+    own = subshape(shapes[name], tuple_index)
+    if in_host_memory(own):
+      host_bytes += shape_bytes(own)
+      continue
+    values.append((name, tuple_index, first, last, shape_bytes(shapes[name]), shape_bytes(own)))
+  events = sorted([(first, 0, weight) for _, _, first, _, weight, _ in values]
+                  + [(last + 1, 1, -weight) for _, _, _, last, weight, _ in values])
+  usage, best, moment = 0, 0, 0
+  for time, _, change in events:
+    usage += change
+    if usage > best:
+      best, moment = usage, time
+  buffers = sorted(((name, tuple_index, size) for name, tuple_index, first, last, _, size
+                    in values if first <= moment <= last), key=lambda item: -item[2])
+  return {"index": moment, "bytes": sum(size for _, _, size in buffers), "buffers": buffers,
+          "host_bytes": host_bytes, "unsized": unsized}
 
 
 def report(dump_dir: str | pathlib.Path, module: str = "", top: int = 30,
@@ -92,13 +223,28 @@ def report(dump_dir: str | pathlib.Path, module: str = "", top: int = 30,
   buffers, and XLA's breakdown by JAX operation cut to the entries of at least
   `min_percent` of the peak."""
   path = live_range_file(dump_dir, module)
-  peak = parse_peak(path.read_text(encoding="utf-8", errors="replace"))
+  text = path.read_text(encoding="utf-8", errors="replace")
+  peak = parse_peak(text)
   stem = path.name[:-len("-live-range.txt")]
   hlo = path.with_name(stem + ".txt")
-  info = instruction_info(hlo, {name for name, _, _ in peak["buffers"]}) if hlo.exists() else {}
-  mib = 2 ** 20
-  lines = [f"{path.name}: peak at instruction {peak['index']}, {peak['bytes'] / 2 ** 30:.2f} "
+  info = instruction_info(hlo) if hlo.exists() else {}
+  gib, mib = 2 ** 30, 2 ** 20
+  lines = [f"{path.name}: peak at instruction {peak['index']}, {peak['bytes'] / gib:.2f} "
            f"GiB in {len(peak['buffers'])} buffers"]
+  host_at_xla_peak = sum(size for name, index, size in peak["buffers"]
+                         if name in info and in_host_memory(subshape(info[name][0], index)))
+  if host_at_xla_peak:
+    device = device_peak(parse_live_ranges(text), {name: shape for name, (shape, _) in
+                                                   info.items()})
+    lines = [f"{path.name}: XLA's peak, at instruction {peak['index']}, "
+             f"{peak['bytes'] / gib:.2f} GiB, counts {host_at_xla_peak / gib:.2f} GiB of "
+             "buffers in host memory (S(5)).",
+             f"The device's peak: instruction {device['index']}, {device['bytes'] / gib:.2f} GiB "
+             f"in {len(device['buffers'])} buffers (host buffers left out: "
+             f"{device['host_bytes'] / gib:.2f} GiB over the program"
+             + (f"; {device['unsized']} buffers of unknown shape left out" if device["unsized"]
+                else "") + "):"]
+    peak = dict(peak, bytes=device["bytes"], buffers=device["buffers"])
   groups: dict[str, list[int]] = {}
   for name, _, size in peak["buffers"]:
     entry = groups.setdefault(group_of(name, info.get(name, ("", ""))[1]), [0, 0])
@@ -116,8 +262,9 @@ def report(dump_dir: str | pathlib.Path, module: str = "", top: int = 30,
     shape, op_name = info.get(name, ("", ""))
     lines.append(f"  {size / mib:9.1f}  {name}{tuple_index}  {shape}  {_short(op_name)}")
   if peak["breakdown"]:
-    lines.append(f"by JAX operation (XLA's stack trace breakdown, entries of at least "
-                 f"{min_percent:g}%):")
+    lines.append(f"by JAX operation (XLA's stack trace breakdown"
+                 + (" at XLA's peak" if host_at_xla_peak else "")
+                 + f", entries of at least {min_percent:g}%):")
     lines += ["  " + line for line in peak["breakdown"] if _percent(line) >= min_percent]
   return "\n".join(lines)
 

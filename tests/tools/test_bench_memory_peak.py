@@ -65,17 +65,108 @@ def test_a_compiled_gradient_reports_its_peak(tmp_path):
   """End to end on the CPU: a jitted gradient compiled with XLA's dump; the report names the
   peak, groups its buffers by pass and shows the largest with their JAX operations."""
   program = ("import jax, jax.numpy as jnp\n"
+             "def layer(h, w):\n"
+             "  return jnp.tanh(h @ w), None\n"
              "def f(x):\n"
              "  y = jnp.tanh(x @ x.T)\n"
-             "  return jnp.sum(jax.nn.relu(y @ x) ** 2)\n"
+             "  h, _ = jax.lax.scan(jax.checkpoint(layer), y @ x, jnp.stack([x[:128]] * 3))\n"
+             "  return jnp.sum(jax.nn.relu(h) ** 2)\n"
              "jax.jit(jax.grad(f))(jnp.ones((256, 128))).block_until_ready()\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_dump_hlo_pass_re=^$")
   subprocess.run([sys.executable, "-c", program], env=env, check=True, timeout=300)
   text = _module().report(tmp_path, "jit_f", top=5, min_percent=1.0)
+  # Without host memory the device's peak is XLA's own: moment, bytes and buffers.
+  module = _module()
+  path = module.live_range_file(tmp_path, "jit_f")
+  live_ranges = path.read_text()
+  xla = module.parse_peak(live_ranges)
+  shapes = {name: shape for name, (shape, _) in module.instruction_info(
+      path.with_name(path.name[:-len("-live-range.txt")] + ".txt")).items()}
+  ours = module.device_peak(module.parse_live_ranges(live_ranges), shapes)
+  assert (ours["index"], ours["bytes"], sorted(ours["buffers"])) == (
+      xla["index"], xla["bytes"], sorted(xla["buffers"]))
+  assert ours["unsized"] == 0 and ours["host_bytes"] == 0
   assert "peak at instruction" in text and "GiB in" in text
   assert "backward: " in text and "forward: optimizer, clipping, EMA and other" in text
   assert "f32[256,256]" in text  # the largest buffers' shapes, from the optimised HLO
+
+
+def test_shapes_are_read_and_sized():
+  module = _module()
+  line = ("  %custom-call.240 = (bf16[1966080,80]{1,0}, (f32[4]{0}, s32[]), /*index=2*/u8[1024]{0}) "
+          "custom-call(%a), metadata={op_name=\"x\"}")
+  shape = module._shape_at(line, line.index("= ") + 2)  # pylint: disable=protected-access
+  assert shape == "(bf16[1966080,80]{1,0}, (f32[4]{0}, s32[]), u8[1024]{0})"
+  assert module.tuple_elements(shape) == ["bf16[1966080,80]{1,0}", "(f32[4]{0}, s32[])",
+                                          "u8[1024]{0}"]
+  assert module.subshape(shape, "{}") == shape
+  assert module.subshape(shape, "{1,0}") == "f32[4]{0}"
+  assert module.shape_bytes(shape) == 24  # a tuple's own buffer: its table of pointers
+  assert module.shape_bytes("bf16[1966080,80]{1,0}") == 1966080 * 80 * 2
+  assert module.shape_bytes("pred[]") == 1 and module.shape_bytes("f8e4m3fn[3,5]{1,0}") == 15
+  assert module.in_host_memory("bf16[27,516,384,256]{3,2,1,0:S(5)}")
+  assert not module.in_host_memory("bf16[27,516,384,256]{3,2,1,0}")
+  with pytest.raises(ValueError, match="q17"):
+    module.shape_bytes("q17[3]{0}")
+
+
+# A program whose largest buffer, `h`, is in host memory (S(5)): XLA's peak (instruction 1)
+# counts it; the device's own peak is at instruction 3.
+_HOST_DUMP_HLO = """HloModule jit_train_step
+ENTRY %main {
+  %p = f32[256]{0} parameter(0), metadata={op_name="state.params['w']"}
+  %h = f32[4096]{0:S(5)} custom-call(%p), custom_call_target="MoveToHost"
+  %a = f32[512]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/jvp(AlphaFold)/evoformer/evoformer_iteration/pair_transition/mul"}
+  %t = (f32[512]{0}, f32[768]{0}) fusion(%a), kind=kLoop, metadata={op_name="jit(train_step)/transpose(jvp(AlphaFold))/evoformer/evoformer_iteration/outer_product_mean/dot_general"}
+}
+"""
+_HOST_DUMP_LIVE_RANGE = """HloLiveRange (max 4):
+  InstructionSequence:
+    0:p
+    1:h
+    2:a
+    3:t
+  BufferLiveRange:
+    p{}:0-4
+    h{}:1-2
+    a{}:2-3
+    t{}:3-4
+    t{0}:3-4
+    t{1}:3-4
+  Live ranges at 1 (peak):
+    h{}: 16384 bytes (cumulative: 16384 bytes)
+    p{}: 1024 bytes (cumulative: 17408 bytes)
+  Stack trace breakdown for peak usage: 17 408 bytes
+    main (100.0%, total: 17 408 bytes, current: 0 bytes, remaining: 17 408 bytes)
+"""
+
+
+def test_the_device_peak_leaves_host_memory_out():
+  module = _module()
+  shapes = {name: shape for name, (shape, _) in module.instruction_info_text(
+      _HOST_DUMP_HLO).items()}
+  ranges = module.parse_live_ranges(_HOST_DUMP_LIVE_RANGE)
+  assert ranges[1] == ("h", "{}", 1, 2) and len(ranges) == 6
+  peak = module.device_peak(ranges, shapes)
+  assert peak["index"] == 3 and peak["host_bytes"] == 16384 and peak["unsized"] == 0
+  assert peak["buffers"] == [("t", "{1}", 3072), ("a", "{}", 2048), ("t", "{0}", 2048),
+                             ("p", "{}", 1024), ("t", "{}", 16)]
+  assert peak["bytes"] == 3072 + 2048 + 2048 + 1024 + 16
+
+
+def test_the_report_gives_the_device_peak_when_xla_counts_host_memory(tmp_path):
+  stem = "module_0001.jit_train_step.sm_9.0a_gpu_after_optimizations"
+  (tmp_path / f"{stem}.txt").write_text(_HOST_DUMP_HLO)
+  (tmp_path / f"{stem}-live-range.txt").write_text(_HOST_DUMP_LIVE_RANGE)
+  text = _module().report(tmp_path, "train_step", top=3, min_percent=1.0)
+  assert "XLA's peak, at instruction 1, 0.00 GiB, counts 0.00 GiB of buffers in host" in text
+  assert "The device's peak: instruction 3" in text and "in 5 buffers" in text
+  assert "backward: evoformer_iteration/outer_product_mean" in text
+  assert "forward: evoformer_iteration/pair_transition" in text
+  assert "arguments: state.params" in text
+  assert "f32[768]{0}" in text and "S(5)" not in text.split("the largest")[1].split("by JAX")[0]
+  assert "breakdown at XLA's peak" in text
 
 
 def test_a_directory_without_a_dump_is_named(tmp_path):
