@@ -15,11 +15,14 @@ which buffers set the fine-tuning step's ~15 GiB, needs this file.)
 Loops are single instructions of the top-level sequence: a buffer a loop holds through its
 iterations counts at the peak as the loop's output or operand.
 
-XLA's peak counts every buffer, those in host memory too (layout memory space `S(5)`: block
-inputs offloaded by `remat_offload`). When the program has any, the device's own peak is
-recomputed from the file's live ranges (`BufferLiveRange`, instruction indices inclusive) and
-the buffers' sizes read from their shapes in the optimised HLO, host buffers left out; it
-can lie at another instruction than XLA's.
+XLA's peak is not the device's: it counts the buffers in host memory too (layout memory
+space `S(5)`: block inputs offloaded by `remat_offload`), and it weighs a tuple's values, a
+loop's carried state among them, as the tuple's table of pointers when it picks the moment
+(the chunked extra-MSA loops' stacked residuals counted as nothing). So the report recomputes
+the peak from the file's live ranges (`BufferLiveRange`) and the values' sizes read from
+their shapes in the optimised HLO: device memory only, every value at its own size
+(`device_peak`; weighed as XLA does, it reproduces XLA's moment and list exactly), and groups
+and lists that peak's buffers.
 """
 
 from __future__ import annotations
@@ -186,14 +189,23 @@ def parse_live_ranges(text: str) -> list[tuple[str, str, int, int]]:
   return ranges
 
 
-def device_peak(ranges: list[tuple[str, str, int, int]], shapes: dict[str, str]) -> dict:
-  """XLA's peak computation (`HloLiveRange::ComputePeakMemoryMoment`) over the values in
-  device memory only: the moment is found by a sweep over the values' live ranges, each
-  weighed by its defining instruction's whole shape, a range's start counted before the ends
-  at the same instruction; the live set is then, as XLA prints it, every value whose range
-  holds the moment, at its own size. {'index', 'bytes', 'buffers': [(name, tuple index,
-  bytes)] largest first, 'host_bytes': the host-memory values left out, 'unsized': values
-  whose instruction was not found}."""
+def device_peak(ranges: list[tuple[str, str, int, int]], shapes: dict[str, str],
+                weigh: str = "own") -> dict:
+  """The peak of the values in device memory (host memory, `S(5)`, left out).
+
+  weigh='own': every value at its own size, live from its first instruction up to, not
+  including, its last (a value used only where it is made: at that one instruction), so that
+  where one value hands its buffer over to the next (a loop's state to its body's parameter)
+  the two are not counted together. weigh='xla': XLA's own computation
+  (`HloLiveRange::ComputePeakMemoryMoment`): the moment found with each value weighed by its
+  defining instruction's whole shape (a tuple's values, a loop's carried state among them, by
+  the tuple's table of pointers), a start counted before the ends at the same instruction,
+  and the live set then listed as XLA prints it, every value whose range holds the moment at
+  its own size. {'index', 'bytes', 'buffers': [(name, tuple index, bytes)] largest first,
+  'host_bytes': the host-memory values left out, 'unsized': values whose instruction was not
+  found}."""
+  if weigh not in ("own", "xla"):
+    raise ValueError(f"weigh must be 'own' or 'xla', not {weigh!r}")
   values, host_bytes, unsized = [], 0, 0
   for name, tuple_index, first, last in ranges:
     if name not in shapes:
@@ -203,16 +215,23 @@ def device_peak(ranges: list[tuple[str, str, int, int]], shapes: dict[str, str])
     if in_host_memory(own):
       host_bytes += shape_bytes(own)
       continue
-    values.append((name, tuple_index, first, last, shape_bytes(shapes[name]), shape_bytes(own)))
-  events = sorted([(first, 0, weight) for _, _, first, _, weight, _ in values]
-                  + [(last + 1, 1, -weight) for _, _, _, last, weight, _ in values])
+    size = shape_bytes(own)
+    if weigh == "own":
+      values.append((name, tuple_index, first, max(last, first + 1), size, size))
+    else:
+      values.append((name, tuple_index, first, last + 1, shape_bytes(shapes[name]), size))
+  # Each value is live over [start, stop). At one instruction XLA counts the starts before
+  # the ends (so the moment's sum can hold values already gone); by own sizes, the ends first.
+  start_rank, stop_rank = (0, 1) if weigh == "xla" else (1, 0)
+  events = sorted([(start, start_rank, weight) for _, _, start, _, weight, _ in values]
+                  + [(stop, stop_rank, -weight) for _, _, _, stop, weight, _ in values])
   usage, best, moment = 0, 0, 0
   for time, _, change in events:
     usage += change
     if usage > best:
       best, moment = usage, time
-  buffers = sorted(((name, tuple_index, size) for name, tuple_index, first, last, _, size
-                    in values if first <= moment <= last), key=lambda item: -item[2])
+  buffers = sorted(((name, tuple_index, size) for name, tuple_index, start, stop, _, size
+                    in values if start <= moment < stop), key=lambda item: -item[2])
   return {"index": moment, "bytes": sum(size for _, _, size in buffers), "buffers": buffers,
           "host_bytes": host_bytes, "unsized": unsized}
 
@@ -229,21 +248,23 @@ def report(dump_dir: str | pathlib.Path, module: str = "", top: int = 30,
   hlo = path.with_name(stem + ".txt")
   info = instruction_info(hlo) if hlo.exists() else {}
   gib, mib = 2 ** 30, 2 ** 20
-  lines = [f"{path.name}: peak at instruction {peak['index']}, {peak['bytes'] / gib:.2f} "
-           f"GiB in {len(peak['buffers'])} buffers"]
+  lines = [f"{path.name}: XLA's peak at instruction {peak['index']}, "
+           f"{peak['bytes'] / gib:.2f} GiB in {len(peak['buffers'])} buffers"]
   host_at_xla_peak = sum(size for name, index, size in peak["buffers"]
                          if name in info and in_host_memory(subshape(info[name][0], index)))
   if host_at_xla_peak:
+    lines[0] += f", of which {host_at_xla_peak / gib:.2f} GiB in host memory (S(5))"
+  if info:
     device = device_peak(parse_live_ranges(text), {name: shape for name, (shape, _) in
                                                    info.items()})
-    lines = [f"{path.name}: XLA's peak, at instruction {peak['index']}, "
-             f"{peak['bytes'] / gib:.2f} GiB, counts {host_at_xla_peak / gib:.2f} GiB of "
-             "buffers in host memory (S(5)).",
-             f"The device's peak: instruction {device['index']}, {device['bytes'] / gib:.2f} GiB "
-             f"in {len(device['buffers'])} buffers (host buffers left out: "
-             f"{device['host_bytes'] / gib:.2f} GiB over the program"
-             + (f"; {device['unsized']} buffers of unknown shape left out" if device["unsized"]
-                else "") + "):"]
+    lines.append(
+        f"the device's peak, every value at its own size: instruction {device['index']}, "
+        f"{device['bytes'] / gib:.2f} GiB in {len(device['buffers'])} buffers"
+        + (" (values in host memory left out)" if device["host_bytes"] else "")
+        + (f" ({device['unsized']} values of unknown shape left out)" if device["unsized"]
+           else "")
+        + ". (XLA's moment counts host memory, and weighs a tuple's values, a loop's state "
+        "among them, as the tuple's table of pointers.)")
     peak = dict(peak, bytes=device["bytes"], buffers=device["buffers"])
   groups: dict[str, list[int]] = {}
   for name, _, size in peak["buffers"]:
@@ -260,10 +281,11 @@ def report(dump_dir: str | pathlib.Path, module: str = "", top: int = 30,
   lines.append(f"the largest {len(shown)} buffers (MiB):")
   for name, tuple_index, size in shown:
     shape, op_name = info.get(name, ("", ""))
+    shape = subshape(shape, tuple_index) if shape else ""
     lines.append(f"  {size / mib:9.1f}  {name}{tuple_index}  {shape}  {_short(op_name)}")
   if peak["breakdown"]:
     lines.append(f"by JAX operation (XLA's stack trace breakdown"
-                 + (" at XLA's peak" if host_at_xla_peak else "")
+                 + (" at XLA's peak" if info else "")
                  + f", entries of at least {min_percent:g}%):")
     lines += ["  " + line for line in peak["breakdown"] if _percent(line) >= min_percent]
   return "\n".join(lines)

@@ -76,14 +76,15 @@ def test_a_compiled_gradient_reports_its_peak(tmp_path):
              XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_dump_hlo_pass_re=^$")
   subprocess.run([sys.executable, "-c", program], env=env, check=True, timeout=300)
   text = _module().report(tmp_path, "jit_f", top=5, min_percent=1.0)
-  # Without host memory the device's peak is XLA's own: moment, bytes and buffers.
+  # Weighed as XLA weighs, without host memory, the device's peak is XLA's own: moment, bytes
+  # and buffers (a loop, a checkpointed scan, among them).
   module = _module()
   path = module.live_range_file(tmp_path, "jit_f")
   live_ranges = path.read_text()
   xla = module.parse_peak(live_ranges)
   shapes = {name: shape for name, (shape, _) in module.instruction_info(
       path.with_name(path.name[:-len("-live-range.txt")] + ".txt")).items()}
-  ours = module.device_peak(module.parse_live_ranges(live_ranges), shapes)
+  ours = module.device_peak(module.parse_live_ranges(live_ranges), shapes, weigh="xla")
   assert (ours["index"], ours["bytes"], sorted(ours["buffers"])) == (
       xla["index"], xla["bytes"], sorted(xla["buffers"]))
   assert ours["unsized"] == 0 and ours["host_bytes"] == 0
@@ -111,61 +112,73 @@ def test_shapes_are_read_and_sized():
     module.shape_bytes("q17[3]{0}")
 
 
-# A program whose largest buffer, `h`, is in host memory (S(5)): XLA's peak (instruction 1)
-# counts it; the device's own peak is at instruction 3.
-_HOST_DUMP_HLO = """HloModule jit_train_step
+# A program with a value in host memory (`h`, S(5)) and a tuple-shaped instruction (`t`, as a
+# loop's state) whose element t{1} is the largest device value. XLA's peak (instruction 2)
+# counts `h`; weighed as XLA weighs (t's values as its table of pointers) the device's peak
+# falls at 4, on `b`; every value at its own size, at 3, on t{1}.
+_DUMP_HLO = """HloModule jit_train_step
 ENTRY %main {
   %p = f32[256]{0} parameter(0), metadata={op_name="state.params['w']"}
   %h = f32[4096]{0:S(5)} custom-call(%p), custom_call_target="MoveToHost"
   %a = f32[512]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/jvp(AlphaFold)/evoformer/evoformer_iteration/pair_transition/mul"}
-  %t = (f32[512]{0}, f32[768]{0}) fusion(%a), kind=kLoop, metadata={op_name="jit(train_step)/transpose(jvp(AlphaFold))/evoformer/evoformer_iteration/outer_product_mean/dot_general"}
+  %t = (f32[512]{0}, /*index=1*/f32[4096]{0}) fusion(%a), kind=kLoop, metadata={op_name="jit(train_step)/transpose(jvp(AlphaFold))/evoformer/evoformer_iteration/outer_product_mean/dot_general"}
+  %b = f32[2048]{0} fusion(%t), kind=kLoop, metadata={op_name="jit(train_step)/transpose(jvp(AlphaFold))/evoformer/evoformer_iteration/msa_transition/dot_general"}
 }
 """
-_HOST_DUMP_LIVE_RANGE = """HloLiveRange (max 4):
+_DUMP_LIVE_RANGE = """HloLiveRange (max 5):
   InstructionSequence:
     0:p
     1:h
     2:a
     3:t
+    4:b
   BufferLiveRange:
-    p{}:0-4
+    p{}:0-5
     h{}:1-2
     a{}:2-3
-    t{}:3-4
-    t{0}:3-4
-    t{1}:3-4
-  Live ranges at 1 (peak):
+    t{}:3-3
+    t{0}:3-3
+    t{1}:3-3
+    b{}:4-4
+  Live ranges at 2 (peak):
     h{}: 16384 bytes (cumulative: 16384 bytes)
-    p{}: 1024 bytes (cumulative: 17408 bytes)
-  Stack trace breakdown for peak usage: 17 408 bytes
-    main (100.0%, total: 17 408 bytes, current: 0 bytes, remaining: 17 408 bytes)
+    a{}: 2048 bytes (cumulative: 18432 bytes)
+    p{}: 1024 bytes (cumulative: 19456 bytes)
+  Stack trace breakdown for peak usage: 19 456 bytes
+    main (100.0%, total: 19 456 bytes, current: 0 bytes, remaining: 19 456 bytes)
 """
 
 
-def test_the_device_peak_leaves_host_memory_out():
+def test_the_device_peak_weighs_every_value_and_leaves_host_memory_out():
   module = _module()
   shapes = {name: shape for name, (shape, _) in module.instruction_info_text(
-      _HOST_DUMP_HLO).items()}
-  ranges = module.parse_live_ranges(_HOST_DUMP_LIVE_RANGE)
-  assert ranges[1] == ("h", "{}", 1, 2) and len(ranges) == 6
-  peak = module.device_peak(ranges, shapes)
-  assert peak["index"] == 3 and peak["host_bytes"] == 16384 and peak["unsized"] == 0
-  assert peak["buffers"] == [("t", "{1}", 3072), ("a", "{}", 2048), ("t", "{0}", 2048),
-                             ("p", "{}", 1024), ("t", "{}", 16)]
-  assert peak["bytes"] == 3072 + 2048 + 2048 + 1024 + 16
+      _DUMP_HLO).items()}
+  ranges = module.parse_live_ranges(_DUMP_LIVE_RANGE)
+  assert ranges[1] == ("h", "{}", 1, 2) and len(ranges) == 7
+  own = module.device_peak(ranges, shapes)
+  assert own["index"] == 3 and own["host_bytes"] == 16384 and own["unsized"] == 0
+  assert own["buffers"] == [("t", "{1}", 16384), ("t", "{0}", 2048), ("p", "{}", 1024),
+                            ("t", "{}", 16)]  # `a` handed over at 3: counted at 2 only
+  assert own["bytes"] == 16384 + 2048 + 1024 + 16
+  xla = module.device_peak(ranges, shapes, weigh="xla")
+  assert (xla["index"], xla["bytes"], xla["buffers"]) == (
+      4, 1024 + 8192, [("b", "{}", 8192), ("p", "{}", 1024)])
+  with pytest.raises(ValueError, match="weigh"):
+    module.device_peak(ranges, shapes, weigh="mean")
 
 
-def test_the_report_gives_the_device_peak_when_xla_counts_host_memory(tmp_path):
+def test_the_report_gives_the_device_peak(tmp_path):
   stem = "module_0001.jit_train_step.sm_9.0a_gpu_after_optimizations"
-  (tmp_path / f"{stem}.txt").write_text(_HOST_DUMP_HLO)
-  (tmp_path / f"{stem}-live-range.txt").write_text(_HOST_DUMP_LIVE_RANGE)
+  (tmp_path / f"{stem}.txt").write_text(_DUMP_HLO)
+  (tmp_path / f"{stem}-live-range.txt").write_text(_DUMP_LIVE_RANGE)
   text = _module().report(tmp_path, "train_step", top=3, min_percent=1.0)
-  assert "XLA's peak, at instruction 1, 0.00 GiB, counts 0.00 GiB of buffers in host" in text
-  assert "The device's peak: instruction 3" in text and "in 5 buffers" in text
+  assert "XLA's peak at instruction 2, 0.00 GiB in 3 buffers, of which 0.00 GiB in host" in text
+  assert "the device's peak, every value at its own size: instruction 3," in text
+  assert "in 4 buffers (values in host memory left out)" in text
   assert "backward: evoformer_iteration/outer_product_mean" in text
-  assert "forward: evoformer_iteration/pair_transition" in text
   assert "arguments: state.params" in text
-  assert "f32[768]{0}" in text and "S(5)" not in text.split("the largest")[1].split("by JAX")[0]
+  largest = text.split("the largest")[1].split("by JAX")[0]
+  assert "t{1}  f32[4096]{0}" in largest and "S(5)" not in largest
   assert "breakdown at XLA's peak" in text
 
 
