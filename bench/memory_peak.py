@@ -12,8 +12,8 @@ shape and JAX operation read from the optimised HLO (`*after_optimizations.txt`)
 breakdown. (XLA's memory-usage report, beside it, lists the allocation's slots and every
 value that ever uses each, not what is live together; the eleventh session's question,
 which buffers set the fine-tuning step's ~15 GiB, needs this file.)
-Loops are single instructions of the top-level sequence: a buffer a loop holds through its
-iterations counts at the peak as the loop's output or operand.
+The sequence is flattened: a loop body's instructions have indices of their own, between
+those of the instructions around the loop.
 
 XLA's peak is not the device's: it counts the buffers in host memory too (layout memory
 space `S(5)`: block inputs offloaded by `remat_offload`), and it weighs a tuple's values, a
@@ -22,7 +22,9 @@ loop's carried state among them, as the tuple's table of pointers when it picks 
 the peak from the file's live ranges (`BufferLiveRange`) and the values' sizes read from
 their shapes in the optimised HLO: device memory only, every value at its own size
 (`device_peak`; weighed as XLA does, it reproduces XLA's moment and list exactly), and groups
-and lists that peak's buffers.
+and lists that peak's buffers. The live ranges do not say which values share a buffer (a
+loop's state and its body's parameter do), so the peak is given as a lower and an upper
+estimate (below).
 """
 
 from __future__ import annotations
@@ -193,17 +195,20 @@ def device_peak(ranges: list[tuple[str, str, int, int]], shapes: dict[str, str],
                 weigh: str = "own") -> dict:
   """The peak of the values in device memory (host memory, `S(5)`, left out).
 
-  weigh='own': every value at its own size, live from its first instruction up to, not
-  including, its last (a value used only where it is made: at that one instruction), so that
-  where one value hands its buffer over to the next (a loop's state to its body's parameter)
-  the two are not counted together. weigh='xla': XLA's own computation
+  weigh='own': every value at its own size. The moment and its `buffers` count a value from
+  the instruction that makes it up to, not including, its last use (a value never used after
+  the instruction that makes it: at that instruction), a lower estimate: at an instruction,
+  the operands it reads for the last time are left out, which is right where a loop's state
+  passes its buffer to its body's parameter (counted twice otherwise) and too little
+  elsewhere. 'upper_bytes' adds them at the same moment, an upper estimate. weigh='xla':
+  XLA's own computation
   (`HloLiveRange::ComputePeakMemoryMoment`): the moment found with each value weighed by its
   defining instruction's whole shape (a tuple's values, a loop's carried state among them, by
   the tuple's table of pointers), a start counted before the ends at the same instruction,
   and the live set then listed as XLA prints it, every value whose range holds the moment at
   its own size. {'index', 'bytes', 'buffers': [(name, tuple index, bytes)] largest first,
-  'host_bytes': the host-memory values left out, 'unsized': values whose instruction was not
-  found}."""
+  'upper_bytes', 'host_bytes': the summed sizes of the host-memory values left out,
+  'unsized': values whose instruction was not found}."""
   if weigh not in ("own", "xla"):
     raise ValueError(f"weigh must be 'own' or 'xla', not {weigh!r}")
   values, host_bytes, unsized = [], 0, 0
@@ -217,23 +222,24 @@ def device_peak(ranges: list[tuple[str, str, int, int]], shapes: dict[str, str],
       continue
     size = shape_bytes(own)
     if weigh == "own":
-      values.append((name, tuple_index, first, max(last, first + 1), size, size))
+      values.append((name, tuple_index, first, max(last, first + 1), size, size, last))
     else:
-      values.append((name, tuple_index, first, last + 1, shape_bytes(shapes[name]), size))
+      values.append((name, tuple_index, first, last + 1, shape_bytes(shapes[name]), size, last))
   # Each value is live over [start, stop). At one instruction XLA counts the starts before
   # the ends (so the moment's sum can hold values already gone); by own sizes, the ends first.
   start_rank, stop_rank = (0, 1) if weigh == "xla" else (1, 0)
-  events = sorted([(start, start_rank, weight) for _, _, start, _, weight, _ in values]
-                  + [(stop, stop_rank, -weight) for _, _, _, stop, weight, _ in values])
+  events = sorted([(start, start_rank, weight) for _, _, start, _, weight, _, _ in values]
+                  + [(stop, stop_rank, -weight) for _, _, _, stop, weight, _, _ in values])
   usage, best, moment = 0, 0, 0
   for time, _, change in events:
     usage += change
     if usage > best:
       best, moment = usage, time
-  buffers = sorted(((name, tuple_index, size) for name, tuple_index, start, stop, _, size
+  buffers = sorted(((name, tuple_index, size) for name, tuple_index, start, stop, _, size, _
                     in values if start <= moment < stop), key=lambda item: -item[2])
+  upper = sum(size for _, _, start, _, _, size, last in values if start <= moment <= last)
   return {"index": moment, "bytes": sum(size for _, _, size in buffers), "buffers": buffers,
-          "host_bytes": host_bytes, "unsized": unsized}
+          "upper_bytes": upper, "host_bytes": host_bytes, "unsized": unsized}
 
 
 def report(dump_dir: str | pathlib.Path, module: str = "", top: int = 30,
@@ -259,7 +265,8 @@ def report(dump_dir: str | pathlib.Path, module: str = "", top: int = 30,
                                                    info.items()})
     lines.append(
         f"the device's peak, every value at its own size: instruction {device['index']}, "
-        f"{device['bytes'] / gib:.2f} GiB in {len(device['buffers'])} buffers"
+        f"{device['bytes'] / gib:.2f} GiB in {len(device['buffers'])} buffers, "
+        f"{device['upper_bytes'] / gib:.2f} GiB with the operands it reads for the last time"
         + (" (values in host memory left out)" if device["host_bytes"] else "")
         + (f" ({device['unsized']} values of unknown shape left out)" if device["unsized"]
            else "")

@@ -160,6 +160,7 @@ def test_the_device_peak_weighs_every_value_and_leaves_host_memory_out():
   assert own["buffers"] == [("t", "{1}", 16384), ("t", "{0}", 2048), ("p", "{}", 1024),
                             ("t", "{}", 16)]  # `a` handed over at 3: counted at 2 only
   assert own["bytes"] == 16384 + 2048 + 1024 + 16
+  assert own["upper_bytes"] == own["bytes"] + 2048  # with `a`, read for the last time at 3
   xla = module.device_peak(ranges, shapes, weigh="xla")
   assert (xla["index"], xla["bytes"], xla["buffers"]) == (
       4, 1024 + 8192, [("b", "{}", 8192), ("p", "{}", 1024)])
@@ -174,7 +175,8 @@ def test_the_report_gives_the_device_peak(tmp_path):
   text = _module().report(tmp_path, "train_step", top=3, min_percent=1.0)
   assert "XLA's peak at instruction 2, 0.00 GiB in 3 buffers, of which 0.00 GiB in host" in text
   assert "the device's peak, every value at its own size: instruction 3," in text
-  assert "in 4 buffers (values in host memory left out)" in text
+  assert "in 4 buffers, 0.00 GiB with the operands it reads for the last time (values in " \
+      "host memory left out)" in text
   assert "backward: evoformer_iteration/outer_product_mean" in text
   assert "arguments: state.params" in text
   largest = text.split("the largest")[1].split("by JAX")[0]
