@@ -7,9 +7,9 @@
 For every module it compiles, XLA writes `*-live-range.txt`: the program's instruction
 sequence, each buffer's live range, the buffers live at the peak ("Live ranges at N
 (peak)") and the peak's bytes by the JAX operations that made them ("Stack trace breakdown
-for peak usage"). This prints the buffers live at the peak, largest first, each with its
-shape and JAX operation read from the optimised HLO (`*after_optimizations.txt`), then that
-breakdown. (XLA's memory-usage report, beside it, lists the allocation's slots and every
+for peak usage"). This prints the buffers live at the device's peak (below), grouped and
+largest first, each with its shape and JAX operation read from the optimised HLO
+(`*after_optimizations.txt`), then XLA's breakdown. (XLA's memory-usage report, beside it, lists the allocation's slots and every
 value that ever uses each, not what is live together; the eleventh session's question,
 which buffers set the fine-tuning step's ~15 GiB, needs this file.)
 The sequence is flattened: a loop body's instructions have indices of their own, between
@@ -92,19 +92,18 @@ def parse_peak(text: str) -> dict:
           "buffers": sorted(buffers, key=lambda item: -item[2]), "breakdown": breakdown}
 
 
-def instruction_info(hlo_path: str | pathlib.Path,
-                     names: set[str] | None = None) -> dict[str, tuple]:
-  """(shape, op_name) of the named instructions (None: all) in an optimised-HLO text file."""
+def instruction_info(hlo_path: str | pathlib.Path) -> dict[str, tuple]:
+  """(shape, op_name) of every instruction in an optimised-HLO text file."""
   with open(hlo_path, encoding="utf-8", errors="replace") as handle:
-    return instruction_info_text(handle, names)
+    return instruction_info_lines(handle)
 
 
-def instruction_info_text(lines, names: set[str] | None = None) -> dict[str, tuple]:
-  """`instruction_info` of optimised HLO given as text or an iterable of lines."""
+def instruction_info_lines(lines) -> dict[str, tuple]:
+  """`instruction_info` of optimised HLO given as its lines."""
   info = {}
-  for line in lines.splitlines() if isinstance(lines, str) else lines:
+  for line in lines:
     match = _INSTRUCTION.match(line)
-    if match and (names is None or match.group(1) in names) and match.group(1) not in info:
+    if match and match.group(1) not in info:
       op_name = _OP_NAME.search(line)
       info[match.group(1)] = (_shape_at(line, match.end()), op_name.group(1) if op_name else "")
   return info

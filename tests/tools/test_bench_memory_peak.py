@@ -151,8 +151,8 @@ _DUMP_LIVE_RANGE = """HloLiveRange (max 5):
 
 def test_the_device_peak_weighs_every_value_and_leaves_host_memory_out():
   module = _module()
-  shapes = {name: shape for name, (shape, _) in module.instruction_info_text(
-      _DUMP_HLO).items()}
+  shapes = {name: shape for name, (shape, _) in module.instruction_info_lines(
+      _DUMP_HLO.splitlines()).items()}
   ranges = module.parse_live_ranges(_DUMP_LIVE_RANGE)
   assert ranges[1] == ("h", "{}", 1, 2) and len(ranges) == 7
   own = module.device_peak(ranges, shapes)
