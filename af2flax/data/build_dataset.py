@@ -216,7 +216,7 @@ class _ShardWriter:
   def __init__(self, options: BuildOptions, shard: int, num_shards: int,
                tmp_suffix: str = ".tmp"):
     self.path = shard_path(options.out, shard, num_shards)
-    self.tmp = f"{self.path}{tmp_suffix}"
+    self.tmp = self.temporary_path(options, shard, num_shards, tmp_suffix)
     self.writer = tfrecord.TFRecordWriter(self.tmp, options.compression)
     self.rows: list[dict[str, Any]] = []
     self.failures: list[tuple[str, str]] = []
@@ -235,10 +235,20 @@ class _ShardWriter:
     _write_atomically(f"{self.path}.index.tsv",
                       _tsv([[row[c] for c in INDEX_COLUMNS] for row in self.rows]))
 
+  @staticmethod
+  def temporary_path(options: BuildOptions, shard: int, num_shards: int,
+                     tmp_suffix: str = ".tmp") -> str:
+    """Where a shard is written until it is complete."""
+    return f"{shard_path(options.out, shard, num_shards)}{tmp_suffix}"
+
   def abort(self) -> None:
     self.writer.close()
-    if os.path.exists(self.tmp):
-      os.remove(self.tmp)
+    _remove_if_present(self.tmp)
+
+
+def _remove_if_present(path: str) -> None:
+  if os.path.exists(path):
+    os.remove(path)
 
 
 def prepare_build(options: BuildOptions) -> tuple[int, set[int], list[tuple[int, str]]]:
@@ -297,6 +307,11 @@ def build(options: BuildOptions) -> BuildSummary:
   except BaseException:
     for writer in writers.values():
       writer.abort()
+    # An interrupt can also land while a writer is being made (its temporary file created,
+    # the writer not yet registered) or closed (taken out, not yet renamed into place): no
+    # unfinished shard of this run keeps a temporary file.
+    for shard in remaining:
+      _remove_if_present(_ShardWriter.temporary_path(options, shard, num_shards))
     raise
   finally:
     results.close()

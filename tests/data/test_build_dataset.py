@@ -146,6 +146,39 @@ def _run_until_shards(command, out, num_done, sig):
   return process.returncode
 
 
+@pytest.mark.parametrize("where", ["opening", "closing"])
+def test_an_interrupt_while_a_shard_opens_or_closes_leaves_no_temporary_file(
+    inputs, tmp_path, monkeypatch, where):
+  """Ctrl-C can land between a shard's temporary file being created and its writer being
+  registered, or between the writer being taken out to close and the file's rename (seen
+  in CI: a `.tmp` left behind): the build still removes every unfinished shard's file."""
+  real_writer, real_replace = tfrecord.TFRecordWriter, os.replace
+  opened, interrupted = [], []
+
+  def writer_then_interrupt(path, *args):
+    writer = real_writer(path, *args)
+    opened.append(path)
+    if len(opened) == 2:  # the second shard's file exists, its writer is not yet returned
+      interrupted.append(path)
+      raise KeyboardInterrupt
+    return writer
+
+  def interrupt_before_rename(source, target):
+    if ".tfrecord-" in source and source.endswith(".tmp"):  # the first shard's rename
+      interrupted.append(source)
+      raise KeyboardInterrupt
+    real_replace(source, target)
+
+  if where == "opening":
+    monkeypatch.setattr(tfrecord, "TFRecordWriter", writer_then_interrupt)
+  else:
+    monkeypatch.setattr(build_dataset.os, "replace", interrupt_before_rename)
+  with pytest.raises(KeyboardInterrupt):
+    build_dataset.build(options(inputs, tmp_path, workers=1, shards=4))
+  assert len(interrupted) == 1 and interrupted[0].endswith(".tmp")
+  assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_interrupted_build_resumes_to_identical_output(inputs, tmp_path):
   structures, alignments = inputs
   subset = tmp_path / "structures"
