@@ -98,6 +98,13 @@ af2flax adds, under `global_config`:
                  `low_memory`, as the other chunking). Same values. Presets: 'low_memory' (3%
                  faster expected step on an H200; the unchunked intermediate is
                  [N, c, c, N], 67 MB in bf16 at crop 256).
+  outer_product_mean_layout  'alphafold' (AlphaFold's einsums: the product over sequences
+                 laid out [N_res, c, c', rows], a transpose of the matrix product's output, and
+                 two more in the backward pass) | 'rows_first' (laid out [rows, c, c', N_res]:
+                 the matrix product writes it as it is and the projection reads it so). Same
+                 values up to float rounding. Presets: 'rows_first' (H200: expected initial
+                 step 0.604 against 0.616 s, every recycling count faster; docs/benchmarks.md,
+                 2026-12-04 fourteenth session).
   layer_norm_recompute  layer norms keep only their input and two statistics per row for
                  the backward pass, which recomputes the normalised input
                  (`primitives.layer_norm`), instead of JAX's autodiff keeping the float32
@@ -145,6 +152,7 @@ OUR_GLOBAL_DEFAULTS = {
     "examples_vmapped": False,
     "triangle_channels_first": True,
     "outer_product_mean_chunking": "low_memory",
+    "outer_product_mean_layout": "rows_first",
     "layer_norm_recompute": True,
 }
 

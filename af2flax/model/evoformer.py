@@ -147,12 +147,25 @@ class OuterProductMean(nn.Module):
     output_b = self.param("output_b", nn.initializers.zeros, (self.num_output_channel,),
                           jnp.float32).astype(dtype)
 
-    def outer_rows(left_rows: jax.Array) -> jax.Array:
-      # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]; the sum over sequences runs first.
-      left_rows = jnp.transpose(left_rows, [0, 2, 1])
-      outer = jnp.einsum("acb,ade->dceb", left_rows, right_act)
-      outer = jnp.einsum("dceb,cef->dbf", outer, output_w) + output_b
-      return jnp.transpose(outer, [1, 0, 2])
+    if outer_product_mean_layout(gc) == "rows_first":
+      # The product laid out [rows, c, c', N_res]: one matrix product over sequences writes
+      # it as it is (rows and c from the left, c' and N_res from the right, whose layout
+      # [N_seq, c', N_res] is a small transpose), the projection reads its two channels
+      # side by side and writes [rows, N_res, c_z]: no transpose of the large intermediate.
+      right_t = jnp.swapaxes(right_act, 1, 2)
+
+      def outer_rows(left_rows: jax.Array) -> jax.Array:
+        # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]
+        outer = jnp.einsum("aic,aed->iced", left_rows, right_t)
+        return jnp.einsum("iced,cef->idf", outer, output_w) + output_b
+    else:
+      def outer_rows(left_rows: jax.Array) -> jax.Array:
+        # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]; AlphaFold's arithmetic: the
+        # product laid out [N_res, c, c', rows], a transpose of the matrix product's output.
+        left_rows = jnp.transpose(left_rows, [0, 2, 1])
+        outer = jnp.einsum("acb,ade->dceb", left_rows, right_act)
+        outer = jnp.einsum("dceb,cef->dbf", outer, output_w) + output_b
+        return jnp.transpose(outer, [1, 0, 2])
 
     num_res = left_act.shape[1]
     chunk = c.get("chunk_size") if outer_product_mean_chunked(gc) else None
@@ -170,6 +183,19 @@ class OuterProductMean(nn.Module):
 
 
 OUTER_PRODUCT_MEAN_CHUNKING = ("always", "low_memory")
+
+
+OUTER_PRODUCT_MEAN_LAYOUTS = ("alphafold", "rows_first")
+
+
+def outer_product_mean_layout(global_config: Any) -> str:
+  """`global_config.outer_product_mean_layout`: 'alphafold' (AlphaFold's einsums, the product
+  [N_res, c, c', rows]) or 'rows_first' (the product [rows, c, c', N_res]); same values."""
+  layout = global_config.get("outer_product_mean_layout", "alphafold") or "alphafold"
+  if layout not in OUTER_PRODUCT_MEAN_LAYOUTS:
+    raise ValueError(f"global_config.outer_product_mean_layout={layout!r}; expected one of "
+                     f"{', '.join(OUTER_PRODUCT_MEAN_LAYOUTS)}")
+  return layout
 
 
 def outer_product_mean_chunked(global_config: Any) -> bool:
