@@ -21,7 +21,8 @@ after a warm-up (so the host's dispatch does not count). Prints one table; with 
 also writes the rows.
 
 `--ab KEY=V1,V2,...` runs every module once per value (one row each); `--set` applies to
-all rows. Needs only jax, flax, numpy and ml_collections.
+all rows; `--profile_dir` also traces each row's gradient pass (its kernels, by
+`bench/profile_summary.py`). Needs only jax, flax, numpy and ml_collections.
 """
 
 from __future__ import annotations
@@ -124,8 +125,10 @@ def build(module_name: str, stack: str, overrides: dict):
 
 
 def time_module(module_name: str, stack: str, shapes: dict, overrides: dict, steps: int,
-                repeats: int = 5, seed: int = 0) -> dict:
-  """One row: forward and gradient-pass medians (ms) and compile seconds."""
+                repeats: int = 5, seed: int = 0, profile_dir: str | None = None) -> dict:
+  """One row: forward and gradient-pass medians (ms) and compile seconds; with
+  `profile_dir`, also a trace of 3 gradient passes there (perfetto JSON) beside the
+  optimised HLO (`gradient.hlo.txt.gz`), for `bench/profile_summary.py`."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -178,6 +181,15 @@ def time_module(module_name: str, stack: str, shapes: dict, overrides: dict, ste
       jax.block_until_ready(result)
       times.append((time.perf_counter() - start) / steps)
     row[name] = round(1e3 * statistics.median(times), 3)
+  if profile_dir:
+    import gzip  # pylint: disable=g-import-not-at-top
+    os.makedirs(profile_dir, exist_ok=True)
+    with gzip.open(os.path.join(profile_dir, "gradient.hlo.txt.gz"), "wt") as handle:
+      handle.write(compiled.as_text())
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(3):
+        result = compiled(params, args)
+      jax.block_until_ready(result)
   return row
 
 
@@ -194,6 +206,10 @@ def main(argv=None) -> int:
   parser.add_argument("--ab", metavar="KEY=V1,V2", help="one row per value of this key")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
   parser.add_argument("--json", help="also write the rows to this file")
+  parser.add_argument("--profile_dir", help="also trace 3 gradient passes of each row into "
+                      "DIR/<module>-<row number>/ with the optimised HLO: then "
+                      "bench/profile_summary.py DIR/<...> --hlo DIR/<...>/gradient.hlo.txt.gz "
+                      "--steps 3 lists its kernels")
   args = parser.parse_args(argv)
   if args.smoke:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -215,8 +231,10 @@ def main(argv=None) -> int:
   print(header)
   for name in modules:
     for variant in variants:
+      profile_dir = (os.path.join(args.profile_dir, f"{name}-{len(rows)}") if args.profile_dir
+                     else None)
       row = time_module(name, args.stack, SHAPES[args.shapes], {**base, **variant}, args.steps,
-                        repeats=2 if args.smoke else 5)
+                        repeats=2 if args.smoke else 5, profile_dir=profile_dir)
       rows.append(row)
       label = ",".join(f"{k}={v}" for k, v in variant.items()) or "-"
       print(f"{name:36s} {label:40s} {row['forward_ms']:10.3f} {row['gradient_ms']:11.3f} "

@@ -1,5 +1,6 @@
 """bench/module_step.py --smoke: one module's forward and gradient-pass times on the CPU."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -16,7 +17,8 @@ def test_smoke_rows_one_per_module_and_value(tmp_path):
   out = tmp_path / "rows.json"
   command = [sys.executable, "bench/module_step.py", "--smoke", "--stack", "extra_msa",
              "--modules", "outer_product_mean,msa_column_attention",
-             "--ab", "outer_product_mean_layout=alphafold,rows_first", "--json", str(out)]
+             "--ab", "outer_product_mean_layout=alphafold,rows_first", "--json", str(out),
+             "--profile_dir", str(tmp_path / "prof")]
   done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                         timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -32,6 +34,11 @@ def test_smoke_rows_one_per_module_and_value(tmp_path):
   for row in written["rows"]:
     assert row["forward_ms"] > 0 and row["gradient_ms"] > 0, row
     assert row["outer_product_mean_layout"] in ("alphafold", "rows_first")
+  # One trace and the optimised HLO per row, where bench/profile_summary.py reads them.
+  for number, name in enumerate(["outer_product_mean"] * 2 + ["msa_column_attention"] * 2):
+    traced = tmp_path / "prof" / f"{name}-{number}"
+    assert "dot" in gzip.open(traced / "gradient.hlo.txt.gz", "rt").read()
+    assert list(traced.rglob("perfetto_trace.json.gz")), traced
 
 
 def test_arguments_are_checked():
