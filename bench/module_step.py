@@ -9,7 +9,8 @@ pass as a rematerialised training block runs it (forward, recomputation, backwar
 A full train step compiles in minutes; one module compiles in seconds, so a change to a
 module's arithmetic or layout can be timed side by side against the old one in a few seconds
 of device time before the full step is timed (`bench/train_step.py`). Each module is built
-from the presets' `model_1_ptm` config (bfloat16, `--set KEY=VALUE` over its global_config),
+from the presets' `model_1_ptm` config (bfloat16, `--set KEY=VALUE` over its global_config;
+the fine-tuning preset's own settings, e.g. `extra_msa_subbatch_size`, only through `--set`),
 with random inputs at the shapes of `--shapes` (initial: 256 residues, 128 MSA rows (+4
 template rows in the Evoformer), 1,024 extra sequences; finetune: 384, 512 (+4), 5,120) and
 the stack of `--stack`. The gradient pass differentiates sum(output * a random cotangent)
