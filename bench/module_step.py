@@ -228,8 +228,8 @@ def main(argv=None) -> int:
   device = jax.devices()[0].device_kind
   print(f"{device}, jax {jax.__version__}; shapes {args.shapes} {SHAPES[args.shapes]}, "
         f"stack {args.stack}, {args.steps} calls per repeat; set {base or '-'}")
-  header = f"{'module':36s} {'variant':40s} {'forward ms':>10s} {'gradient ms':>11s} {'compile s':>9s}"
-  print(header)
+  print(f"{'module':36s} {'variant':40s} {'forward ms':>10s} {'gradient ms':>11s} "
+        f"{'compile s':>9s}")
   for name in modules:
     for variant in variants:
       profile_dir = (os.path.join(args.profile_dir, f"{name}-{len(rows)}") if args.profile_dir
