@@ -115,7 +115,9 @@ class OuterProductMean(nn.Module):
   Jumper et al. (2021) Suppl. Alg. 10 "OuterProductMean". As in AlphaFold the output bias
   is added before dividing by (number of sequences covering both residues + 1e-3); the
   product runs in chunks of `config.chunk_size` residues as AlphaFold's does, or in one piece
-  (`outer_product_mean_chunked`: the presets' training; prediction keeps the chunks).
+  (`outer_product_mean_chunked`: the presets' training; prediction keeps the chunks). The
+  product over sequences is laid out as AlphaFold's einsums lay it out or rows first
+  (`outer_product_mean_layout`, the presets': no transpose of it in the forward pass).
   act [N_seq, N_res, c_m], mask [N_seq, N_res]; returns [N_res, N_res, num_output_channel].
   """
 
