@@ -185,29 +185,32 @@ class OuterProductMean(nn.Module):
 
 
 OUTER_PRODUCT_MEAN_CHUNKING = ("always", "low_memory")
-
-
 OUTER_PRODUCT_MEAN_LAYOUTS = ("alphafold", "rows_first")
+
+
+def global_choice(global_config: Any, key: str, choices: tuple[str, ...], default: str) -> str:
+  """`global_config.<key>` (`default` when unset or empty), one of `choices`; a ValueError
+  naming the key and the choices otherwise."""
+  value = global_config.get(key, default) or default
+  if value not in choices:
+    raise ValueError(f"global_config.{key}={value!r}; expected one of {', '.join(choices)}")
+  return value
 
 
 def outer_product_mean_layout(global_config: Any) -> str:
   """`global_config.outer_product_mean_layout`: 'alphafold' (AlphaFold's einsums, the product
-  [N_res, c, c', rows]) or 'rows_first' (the product [rows, c, c', N_res]); same values."""
-  layout = global_config.get("outer_product_mean_layout", "alphafold") or "alphafold"
-  if layout not in OUTER_PRODUCT_MEAN_LAYOUTS:
-    raise ValueError(f"global_config.outer_product_mean_layout={layout!r}; expected one of "
-                     f"{', '.join(OUTER_PRODUCT_MEAN_LAYOUTS)}")
-  return layout
+  [N_res, c, c', rows]; unset: this) or 'rows_first' (the product [rows, c, c', N_res]); same
+  values."""
+  return global_choice(global_config, "outer_product_mean_layout", OUTER_PRODUCT_MEAN_LAYOUTS,
+                       "alphafold")
 
 
 def outer_product_mean_chunked(global_config: Any) -> bool:
   """Whether the outer product mean runs in chunks of its `chunk_size` rows:
-  `global_config.outer_product_mean_chunking` 'always' (AlphaFold, training too) or
-  'low_memory' (only with `low_memory`, like the other chunking)."""
-  mode = global_config.get("outer_product_mean_chunking", "always") or "always"  # unset: AF2
-  if mode not in OUTER_PRODUCT_MEAN_CHUNKING:
-    raise ValueError(f"global_config.outer_product_mean_chunking={mode!r}; expected one of "
-                     f"{', '.join(OUTER_PRODUCT_MEAN_CHUNKING)}")
+  `global_config.outer_product_mean_chunking` 'always' (AlphaFold, training too; unset: this)
+  or 'low_memory' (only with `low_memory`, like the other chunking)."""
+  mode = global_choice(global_config, "outer_product_mean_chunking",
+                       OUTER_PRODUCT_MEAN_CHUNKING, "always")
   return mode == "always" or bool(global_config.get("low_memory", False))
 
 
@@ -314,10 +317,7 @@ def submodule_remat(global_config: Any, is_extra_msa: bool):
   (Measured at fine-tuning shapes on the extra-MSA blocks: no gain, the peak lies elsewhere;
   docs/benchmarks.md.)
   """
-  which = global_config.get("remat_submodules", "none") or "none"
-  if which not in REMAT_SUBMODULES:
-    raise ValueError(f"global_config.remat_submodules={which!r}; expected one of "
-                     f"{', '.join(REMAT_SUBMODULES)}")
+  which = global_choice(global_config, "remat_submodules", REMAT_SUBMODULES, "none")
   if which == "all" or (which == "extra_msa" and is_extra_msa):
     return lambda module_class: nn.remat(module_class, prevent_cse=True)
   return lambda module_class: module_class
