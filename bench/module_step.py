@@ -37,6 +37,9 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from train_step import parse_set, parse_value  # noqa: E402  pylint: disable=wrong-import-position
 
 SHAPES = {
     "initial": {"num_res": 256, "num_msa": 132, "num_extra_msa": 1024},
@@ -51,30 +54,6 @@ PAIR_MODULES = ("triangle_multiplication_outgoing", "triangle_multiplication_inc
 MODULES = MSA_MODULES + PAIR_MODULES + ("block",)
 
 
-def _parse_value(text: str):
-  """'1' -> 1, '0.5' -> 0.5, 'true' -> True, anything else the string."""
-  lowered = text.lower()
-  if lowered in ("true", "false"):
-    return lowered == "true"
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
-
-
-def parse_assignments(items: list[str]) -> dict:
-  """['a=1', 'b=x'] -> {'a': 1, 'b': 'x'}; a clear error for an item without '='."""
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-    out[key] = _parse_value(value)
-  return out
-
-
 def parse_ab(text: str | None) -> list[dict]:
   """'k=v1,v2' -> [{'k': v1}, {'k': v2}]; None -> [{}]."""
   if not text:
@@ -82,11 +61,11 @@ def parse_ab(text: str | None) -> list[dict]:
   key, sep, values = text.partition("=")
   if not sep or not key or not values:
     raise SystemExit(f"--ab {text!r}: expected KEY=V1,V2,...")
-  return [{key: _parse_value(v)} for v in values.split(",")]
+  return [{key: parse_value(v)} for v in values.split(",")]
 
 
 def build(module_name: str, stack: str, overrides: dict):
-  """(module, apply inputs as a function of (msa, pair, msa_mask, pair_mask))."""
+  """(module, apply inputs as a function of (msa, pair, msa_mask, pair_mask), the config)."""
   from af2flax.model import config as model_config_lib
   from af2flax.model import evoformer, triangle
 
@@ -104,25 +83,25 @@ def build(module_name: str, stack: str, overrides: dict):
   c_z = config.embeddings_and_evoformer.pair_channel
   if module_name == "block":
     module = evoformer.EvoformerIteration(stack_config, gc, is_extra_msa=extra)
-    return module, lambda m, p, mm, pm: ((m, p), (mm, pm))
+    return module, lambda m, p, mm, pm: ((m, p), (mm, pm)), config
   c = stack_config[module_name]
   chunk = triangle.subbatch_size(gc, extra_msa=extra)
   if module_name == "msa_row_attention_with_pair_bias":
     module = evoformer.MSARowAttentionWithPairBias(c, gc, extra)
-    return module, lambda m, p, mm, pm: (m, mm, p)
+    return module, lambda m, p, mm, pm: (m, mm, p), config
   if module_name == "msa_column_attention":
     module = (evoformer.MSAColumnGlobalAttention(c, gc) if extra
               else evoformer.MSAColumnAttention(c, gc))
-    return module, lambda m, p, mm, pm: (m, mm)
+    return module, lambda m, p, mm, pm: (m, mm), config
   if module_name == "msa_transition":
-    return evoformer.Transition(c, gc, chunk), lambda m, p, mm, pm: (m, mm)
+    return evoformer.Transition(c, gc, chunk), lambda m, p, mm, pm: (m, mm), config
   if module_name == "outer_product_mean":
-    return evoformer.OuterProductMean(c, gc, c_z), lambda m, p, mm, pm: (m, mm)
+    return evoformer.OuterProductMean(c, gc, c_z), lambda m, p, mm, pm: (m, mm), config
   if module_name.startswith("triangle_multiplication"):
-    return triangle.TriangleMultiplication(c, gc), lambda m, p, mm, pm: (p, pm)
+    return triangle.TriangleMultiplication(c, gc), lambda m, p, mm, pm: (p, pm), config
   if module_name.startswith("triangle_attention"):
-    return triangle.TriangleAttention(c, gc), lambda m, p, mm, pm: (p, pm)
-  return evoformer.Transition(c, gc, chunk), lambda m, p, mm, pm: (p, pm)  # pair_transition
+    return triangle.TriangleAttention(c, gc), lambda m, p, mm, pm: (p, pm), config
+  return evoformer.Transition(c, gc, chunk), lambda m, p, mm, pm: (p, pm), config  # pair
 
 
 def time_module(module_name: str, stack: str, shapes: dict, overrides: dict, steps: int,
@@ -134,14 +113,17 @@ def time_module(module_name: str, stack: str, shapes: dict, overrides: dict, ste
   import jax.numpy as jnp
   import numpy as np
 
-  module, inputs_of = build(module_name, stack, overrides)
-  dtype = jnp.bfloat16 if overrides.get("dtype", "bfloat16") == "bfloat16" else jnp.float32
+  from af2flax.model.primitives import compute_dtype  # pylint: disable=g-import-not-at-top
+
+  module, inputs_of, config = build(module_name, stack, overrides)
+  dtype = compute_dtype(config.global_config)
+  widths = config.embeddings_and_evoformer
   rng = np.random.default_rng(seed)
   num_res = shapes["num_res"]
-  num_seq = shapes["num_extra_msa"] if stack == "extra_msa" else shapes["num_msa"]
-  c_m = 64 if stack == "extra_msa" else 256
+  num_seq, c_m = ((shapes["num_extra_msa"], widths.extra_msa_channel) if stack == "extra_msa"
+                  else (shapes["num_msa"], widths.msa_channel))
   msa = jnp.asarray(rng.normal(size=(num_seq, num_res, c_m)), dtype)
-  pair = jnp.asarray(rng.normal(size=(num_res, num_res, 128)), dtype)
+  pair = jnp.asarray(rng.normal(size=(num_res, num_res, widths.pair_channel)), dtype)
   msa_mask = jnp.asarray(rng.random((num_seq, num_res)) > 0.1, jnp.float32)
   pair_mask = jnp.ones((num_res, num_res), jnp.float32)
   args = inputs_of(msa, pair, msa_mask, pair_mask)
@@ -168,7 +150,7 @@ def time_module(module_name: str, stack: str, shapes: dict, overrides: dict, ste
   def gradient(params, args):
     return jax.grad(loss, argnums=(0, 1), allow_int=True)(params, args)
 
-  row = {"module": module_name, "stack": stack, **{k: v for k, v in overrides.items()}}
+  row = {"module": module_name, "stack": stack, **overrides}
   for name, fn in (("forward_ms", forward), ("gradient_ms", gradient)):
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(params, args).compile()
@@ -222,7 +204,10 @@ def main(argv=None) -> int:
   for name in modules:
     if name not in MODULES:
       parser.error(f"--modules: unknown module {name!r}; known: {', '.join(MODULES)}")
-  base = parse_assignments(args.set)
+  try:
+    base = parse_set(args.set)
+  except ValueError as error:
+    parser.error(str(error))
   variants = parse_ab(args.ab)
   rows = []
   device = jax.devices()[0].device_kind

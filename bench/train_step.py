@@ -811,6 +811,26 @@ class _Stopped(Exception):
   """The run got SIGTERM (e.g. from `timeout`): report what finished, then stop."""
 
 
+def parse_value(text: str):
+  """A `--set` value: JSON where it parses ('1', '0.5', 'true', '"x"'), else the string."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def parse_set(items: list[str]) -> dict:
+  """`--set KEY=VALUE` items -> {KEY: parse_value(VALUE)}; ValueError for an item without a
+  key and '='."""
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+    overrides[key] = parse_value(value)
+  return overrides
+
+
 def _stop(signum, frame):  # pylint: disable=unused-argument
   # Once: `timeout` signals the run twice (the process, then its process group), and a second
   # _Stopped raised inside the first one's handling would end the run without its report.
@@ -872,15 +892,10 @@ def main(argv=None) -> int:
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
-  overrides = {}
-  for item in args.set:
-    key, sep, value = item.partition("=")
-    if not sep:
-      parser.error(f"--set {item!r}: expected KEY=VALUE")
-    try:
-      overrides[key] = json.loads(value)
-    except json.JSONDecodeError:
-      overrides[key] = value
+  try:
+    overrides = parse_set(args.set)
+  except ValueError as error:
+    parser.error(str(error))
   if overrides:
     os.environ["AF2FLAX_BENCH_SET"] = json.dumps(overrides)
   if args.examples < 1:

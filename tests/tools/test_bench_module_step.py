@@ -41,14 +41,19 @@ def test_smoke_rows_one_per_module_and_value(tmp_path):
     assert list(traced.rglob("perfetto_trace.json.gz")), traced
 
 
-def test_arguments_are_checked():
+def test_arguments_are_checked(capsys):
   module_step = bench_module("module_step")
-  assert module_step.parse_assignments(["a=1", "b=0.5", "c=true", "d=x"]) == {
+  # --set is read as bench/train_step.py reads it (one parser for both).
+  assert module_step.parse_set.__module__ == "train_step"
+  assert module_step.parse_set(["a=1", "b=0.5", "c=true", "d=x"]) == {
       "a": 1, "b": 0.5, "c": True, "d": "x"}
   assert module_step.parse_ab("k=1,x") == [{"k": 1}, {"k": "x"}]
   assert module_step.parse_ab(None) == [{}]
-  with pytest.raises(SystemExit, match="expected KEY=VALUE"):
-    module_step.parse_assignments(["nonsense"])
+  with pytest.raises(ValueError, match="expected KEY=VALUE"):
+    module_step.parse_set(["nonsense"])
+  with pytest.raises(SystemExit):
+    module_step.main(["--smoke", "--modules", "pair_transition", "--set", "nonsense"])
+  assert "--set 'nonsense': expected KEY=VALUE" in capsys.readouterr().err
   with pytest.raises(SystemExit, match="expected KEY=V1,V2"):
     module_step.parse_ab("k=")
   with pytest.raises(SystemExit, match="no_such_key: not a global_config key"):
