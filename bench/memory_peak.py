@@ -9,9 +9,10 @@ sequence, each buffer's live range, the buffers live at the peak ("Live ranges a
 (peak)") and the peak's bytes by the JAX operations that made them ("Stack trace breakdown
 for peak usage"). This prints the buffers live at the device's peak (below), grouped and
 largest first, each with its shape and JAX operation read from the optimised HLO
-(`*after_optimizations.txt`), then XLA's breakdown. (XLA's memory-usage report, beside it, lists the allocation's slots and every
-value that ever uses each, not what is live together; the eleventh session's question,
-which buffers set the fine-tuning step's ~15 GiB, needs this file.)
+(`*after_optimizations.txt`), then XLA's breakdown. (XLA's memory-usage report, beside it,
+lists the allocation's slots and every value that ever uses each, not what is live
+together; the eleventh session's question, which buffers set the fine-tuning step's
+~15 GiB, needs this file.)
 The sequence is flattened: a loop body's instructions have indices of their own, between
 those of the instructions around the loop.
 
@@ -200,8 +201,7 @@ def device_peak(ranges: list[tuple[str, str, int, int]], shapes: dict[str, str],
   the operands it reads for the last time are left out, which is right where a loop's state
   passes its buffer to its body's parameter (counted twice otherwise) and too little
   elsewhere. 'upper_bytes' adds them at the same moment, an upper estimate. weigh='xla':
-  XLA's own computation
-  (`HloLiveRange::ComputePeakMemoryMoment`): the moment found with each value weighed by its
+  XLA's own computation (`HloLiveRange::ComputePeakMemoryMoment`): the moment found with each value weighed by its
   defining instruction's whole shape (a tuple's values, a loop's carried state among them, by
   the tuple's table of pointers), a start counted before the ends at the same instruction,
   and the live set then listed as XLA prints it, every value whose range holds the moment at
