@@ -21,7 +21,8 @@ milliseconds per call: the median over 5 repeats of `--steps` calls queued back 
 after a warm-up (so the host's dispatch does not count). Prints one table; with `--json`
 also writes the rows.
 
-`--ab KEY=V1,V2,...` runs every module once per value (one row each); `--set` applies to
+`--ab KEY=V1,V2,...` runs every module once per value (one row each; `|` separates values
+that hold commas, e.g. `--ab "pallas_tiling=|lg_block_q=128,lg_warps=8"`); `--set` applies to
 all rows; `--profile_dir` also traces each row's gradient pass (its kernels, by
 `bench/profile_summary.py`). Needs only jax, flax, numpy and ml_collections.
 """
@@ -55,13 +56,15 @@ MODULES = MSA_MODULES + PAIR_MODULES + ("block",)
 
 
 def parse_ab(text: str | None) -> list[dict]:
-  """'k=v1,v2' -> [{'k': v1}, {'k': v2}]; None -> [{}]."""
+  """'k=v1,v2' -> [{'k': v1}, {'k': v2}]; None -> [{}]. Values that hold commas themselves
+  are separated by '|' instead ('pallas_tiling=a=1,b=2|a=2')."""
   if not text:
     return [{}]
   key, sep, values = text.partition("=")
   if not sep or not key or not values:
     raise SystemExit(f"--ab {text!r}: expected KEY=V1,V2,...")
-  return [{key: parse_value(v)} for v in values.split(",")]
+  separator = "|" if "|" in values else ","
+  return [{key: parse_value(v)} for v in values.split(separator)]
 
 
 def build(module_name: str, stack: str, overrides: dict):
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a global_config value for every row (repeatable)")
-  parser.add_argument("--ab", metavar="KEY=V1,V2", help="one row per value of this key")
+  parser.add_argument("--ab", metavar="KEY=V1,V2", help="one row per value of this key ('|' between values that hold commas)")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
   parser.add_argument("--json", help="also write the rows to this file")
   parser.add_argument("--profile_dir", help="also trace 3 gradient passes of each row into "

@@ -100,6 +100,12 @@ VARIANTS = {
     # 2026-12-04 (fourteenth session; H200: expected step 0.616 s against 0.604 s).
     "bf16-auto-opmaf2": {"dtype": "bfloat16", "attention_impl": "auto",
                          "outer_product_mean_layout": "alphafold"},
+    # Our kernels' backward pass walking the queries in blocks of 64 (the presets before
+    # 2026-12-04's fifteenth session; 128 since) and of 256.
+    "bf16-auto-lgq64": {"dtype": "bfloat16", "attention_impl": "auto",
+                        "pallas_tiling": "lg_block_q=64"},
+    "bf16-auto-lgq256": {"dtype": "bfloat16", "attention_impl": "auto",
+                         "pallas_tiling": "lg_block_q=256"},
     # Each module of the extra-MSA blocks (or of every block) rematerialised on its own.
     "bf16-cudnn-subremat": {"dtype": "bfloat16", "attention_impl": "cudnn",
                             "remat_submodules": "extra_msa"},
@@ -211,6 +217,10 @@ VARIANTS = {
     # bf16-auto-opmaf2).
     "bf16-pallas512-extracudnn-offload55-opmaf2": {**_FINETUNE_PRESET,
                                                    "outer_product_mean_layout": "alphafold"},
+    # The fine-tuning preset with our kernels' backward pass in blocks of 64 queries (see
+    # bf16-auto-lgq64).
+    "bf16-pallas512-extracudnn-offload55-lgq64": {**_FINETUNE_PRESET,
+                                                  "pallas_tiling": "lg_block_q=64"},
     "bf16-pallas512-extracudnn-offload50": {**_FINETUNE_OFFLOAD, "remat_offload_fraction": 0.5},
     # With the block inputs off the GPU, the extra MSA's row attention back on our kernels
     # (padded to 16 channels). H200, 2026-12-04, beside the next one: 2.078 s, 15.18 GiB.

@@ -82,7 +82,7 @@ af2flax adds, under `global_config`:
                  516 sequences padded to 528: 2.90 s against 2.16 s, 2026-12-04).
   pallas_tiling  block sizes, warps and pipeline stages of our kernels, as comma-separated
                  `pallas_attention.Tiling` fields over its defaults, e.g.
-                 'forward_stages=2,lg_block_q=128' ("": the defaults; the backward pass is
+                 'forward_stages=2,lg_block_q=64' ("": the defaults; the backward pass is
                  `pallas_backward`). The same values; only the speed changes
                  (`bench/pallas_attention.py --sweep` times choices). Presets: "".
   examples_vmapped  set by the train step (`step.model_config_for_step`) when it vmaps

@@ -97,7 +97,12 @@ class Tiling:
   # attention gradient against 'grouped''s 1.02 ms, and the column attention (no bias) 0.35
   # against 0.79 ms.
   backward: str = "logit_grads_xla_dq"
-  lg_block_q: int = 64
+  # Queries in blocks of 128 (64 before 2026-12-04's fifteenth session): on an H200, each
+  # module alone at initial shapes (`bench/module_step.py`, one call), gradient pass 6% faster
+  # for the triangle attention (0.682 against 0.726 ms) and the MSA row attention (0.783
+  # against 0.834 ms), 11% for the extra MSA's (3.138 against 3.544 ms); the forward pass
+  # does not use it (docs/benchmarks.md).
+  lg_block_q: int = 128
   lg_block_k: int = 64
   lg_warps: int = 4
   lg_stages: int = 3
@@ -116,7 +121,7 @@ BACKWARDS = ("grouped", "logit_grads", "logit_grads_xla_dq")
 
 def tiling_from_text(text: str, base: Tiling = DEFAULT_TILING) -> Tiling:
   """`base` with the integer fields that `text` sets, 'field=value' comma-separated
-  (`global_config.pallas_tiling`, e.g. 'forward_stages=2,lg_block_q=128'; "" is `base`).
+  (`global_config.pallas_tiling`, e.g. 'forward_stages=2,lg_block_q=64'; "" is `base`).
   Raises ValueError naming an unknown field, a value that is not a positive integer, or
   `backward` (chosen by `global_config.pallas_backward`)."""
   fields = {f.name for f in dataclasses.fields(Tiling) if f.name != "backward"}

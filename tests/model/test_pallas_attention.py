@@ -82,6 +82,16 @@ def test_values_and_gradients_match_xla(with_bias, dtype, tol):
   _assert_matches(results, _values_and_grads(_reference, q, k, v, bias, key_mask), tol)
 
 
+def test_default_tiling_walks_queries_in_blocks_of_128():
+  """The presets' tiling: the backward pass walks 256 queries as two blocks of 128
+  (`Tiling.lg_block_q`) and gives the materialised attention's gradients, bias included."""
+  assert pallas_attention.DEFAULT_TILING.lg_block_q == 128
+  q, k, v, bias, key_mask = _inputs(jnp.float32, batch=2, q_len=256, k_len=32, heads=1,
+                                    seed=13)
+  _assert_matches(_values_and_grads(_interpreted(), q, k, v, bias, key_mask),
+                  _values_and_grads(_reference, q, k, v, bias, key_mask), 1e-5)
+
+
 # Slow (CI skips it): tilings and the 'grouped' backward, which no preset uses; run with
 # `-m slow`.
 @pytest.mark.slow
@@ -531,8 +541,8 @@ def test_tiling_from_text():
   cannot take."""
   base = pallas_attention.DEFAULT_TILING
   assert pallas_attention.tiling_from_text("") is base
-  tiling = pallas_attention.tiling_from_text(" forward_stages=2, lg_block_q=128 ")
-  assert tiling == dataclasses.replace(base, forward_stages=2, lg_block_q=128)
+  tiling = pallas_attention.tiling_from_text(" forward_stages=2, lg_block_q=64 ")
+  assert tiling == dataclasses.replace(base, forward_stages=2, lg_block_q=64)
   for text, named in [("forward_stage=2", "forward_stage"), ("forward_stages", "forward_stages"),
                       ("lg_warps=0", "lg_warps"), ("kv_warps=x", "kv_warps"),
                       ("backward=grouped", "backward")]:

@@ -49,6 +49,7 @@ def test_arguments_are_checked(capsys):
       "a": 1, "b": 0.5, "c": True, "d": "x"}
   assert module_step.parse_ab("k=1,x") == [{"k": 1}, {"k": "x"}]
   assert module_step.parse_ab(None) == [{}]
+  assert module_step.parse_ab("t=|a=1,b=2|a=2") == [{"t": ""}, {"t": "a=1,b=2"}, {"t": "a=2"}]
   with pytest.raises(ValueError, match="expected KEY=VALUE"):
     module_step.parse_set(["nonsense"])
   with pytest.raises(SystemExit):
