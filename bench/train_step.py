@@ -100,6 +100,11 @@ VARIANTS = {
     # 2026-12-04 (fourteenth session; H200: expected step 0.616 s against 0.604 s).
     "bf16-auto-opmaf2": {"dtype": "bfloat16", "attention_impl": "auto",
                          "outer_product_mean_layout": "alphafold"},
+    # The outer product mean's projection as a matrix product batched over rows, reading the
+    # product [rows, c·c', N_res] in place (written 2026-12-04, fifteenth session; not yet
+    # timed on a GPU).
+    "bf16-auto-opmbatched": {"dtype": "bfloat16", "attention_impl": "auto",
+                             "outer_product_mean_layout": "rows_batched"},
     # Our kernels' backward pass walking the queries in blocks of 64 (the presets before
     # 2026-12-04's fifteenth session; 128 since) and of 256.
     "bf16-auto-lgq64": {"dtype": "bfloat16", "attention_impl": "auto",
@@ -217,6 +222,8 @@ VARIANTS = {
     # bf16-auto-opmaf2).
     "bf16-pallas512-extracudnn-offload55-opmaf2": {**_FINETUNE_PRESET,
                                                    "outer_product_mean_layout": "alphafold"},
+    "bf16-pallas512-extracudnn-offload55-opmbatched": {
+        **_FINETUNE_PRESET, "outer_product_mean_layout": "rows_batched"},
     # The fine-tuning preset with our kernels' backward pass in blocks of 64 queries (see
     # bf16-auto-lgq64).
     "bf16-pallas512-extracudnn-offload55-lgq64": {**_FINETUNE_PRESET,

@@ -101,7 +101,10 @@ af2flax adds, under `global_config`:
   outer_product_mean_layout  'alphafold' (AlphaFold's einsums: the product over sequences
                  laid out [N_res, c, c', rows], a transpose of the matrix product's output, and
                  two more in the backward pass) | 'rows_first' (laid out [rows, c, c', N_res]:
-                 the matrix product writes it as it is and the projection reads it so). Same
+                 the matrix product writes it as it is; XLA's GPU compiler still copies it
+                 for the projection) | 'rows_batched' (that layout, projected by a matrix
+                 product batched over rows with the weight broadcast along them, which reads
+                 each row's [c·c', N_res] slice in place; not yet timed on a GPU). Same
                  values up to float rounding. Presets: 'rows_first' (H200: expected initial
                  step 0.604 against 0.616 s, every recycling count faster; docs/benchmarks.md,
                  2026-12-04 fourteenth session).

@@ -523,12 +523,14 @@ def test_outer_product_mean_in_one_piece_agrees_with_chunks():
     scans(outer_product_mean_chunking="never")
 
 
+@pytest.mark.parametrize("layout", ["alphafold", "rows_batched"])
 @pytest.mark.parametrize("chunking", ["low_memory", "always"])
-def test_outer_product_mean_layouts_agree(chunking):
-  """`outer_product_mean_layout`: 'alphafold' (AlphaFold's einsums) and 'rows_first' (the
-  presets) give the same values and gradients, in one piece and in chunks."""
+def test_outer_product_mean_layouts_agree(chunking, layout):
+  """`outer_product_mean_layout`: 'alphafold' (AlphaFold's einsums) and 'rows_batched' (the
+  projection batched over rows) give the values and gradients of 'rows_first' (the
+  presets), in one piece and in chunks."""
   assert tiny_config().global_config.outer_product_mean_layout == "rows_first"
-  _check_stack_variant("evoformer", {"outer_product_mean_layout": "alphafold",
+  _check_stack_variant("evoformer", {"outer_product_mean_layout": layout,
                                      "outer_product_mean_chunking": chunking})
   from af2flax.model.evoformer import outer_product_mean_layout  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="outer_product_mean_layout='columns'"):

@@ -253,3 +253,15 @@ def test_examples_vmapped_or_one_at_a_time(monkeypatch):
   for vmapped, words in ((True, "(vmapped;"), (False, "(one at a time;")):
     line = bench._format([dict(row, vmapped=vmapped)]).splitlines()[1]  # pylint: disable=protected-access
     assert "2.000" in line.split() and f"2 examples per step {words} seconds per example" in line
+
+
+def test_every_variant_sets_existing_global_config_keys():
+  """A variant's overrides are model `global_config` keys of the presets (ConfigDict.update
+  would add a misspelt key silently, and the variant would time the preset)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  train_step = bench_module("train_step")
+  keys = set(importlib.import_module("configs.initial_training").get_config()
+             .model.global_config.keys())
+  for name, overrides in train_step.VARIANTS.items():
+    unknown = set(overrides) - keys - {"xla_flags"}
+    assert not unknown, f"{name}: {sorted(unknown)}"
