@@ -105,6 +105,10 @@ VARIANTS = {
     # timed on a GPU).
     "bf16-auto-opmbatched": {"dtype": "bfloat16", "attention_impl": "auto",
                              "outer_product_mean_layout": "rows_batched"},
+    # Each stack's parameters scanned as one [num_layers, P] array (`scan_flat_params`; written
+    # 2026-12-04, fifteenth session; not yet timed on a GPU).
+    "bf16-auto-flatparams": {"dtype": "bfloat16", "attention_impl": "auto",
+                             "scan_flat_params": True},
     # Our kernels' backward pass walking the queries in blocks of 64 (the presets before
     # 2026-12-04's fifteenth session; 128 since) and of 256.
     "bf16-auto-lgq64": {"dtype": "bfloat16", "attention_impl": "auto",
@@ -224,6 +228,8 @@ VARIANTS = {
                                                    "outer_product_mean_layout": "alphafold"},
     "bf16-pallas512-extracudnn-offload55-opmbatched": {
         **_FINETUNE_PRESET, "outer_product_mean_layout": "rows_batched"},
+    "bf16-pallas512-extracudnn-offload55-flatparams": {**_FINETUNE_PRESET,
+                                                       "scan_flat_params": True},
     # The fine-tuning preset with our kernels' backward pass in blocks of 64 queries (see
     # bf16-auto-lgq64).
     "bf16-pallas512-extracudnn-offload55-lgq64": {**_FINETUNE_PRESET,

@@ -430,25 +430,76 @@ def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: An
     # against ~15 for no such slice; `offloaded_layers` now avoids them.)
     return nn.remat(fn, policy=policy, prevent_cse=length <= unroll)
 
-  if use_remat:
-    policy = offload_policy or remat_policy(global_config.get("remat_policy"))
-    body = checkpointed(body, policy, offloaded if split else num_layers)
+  # `scan_flat_params`: the parameters scanned as one [num_layers, P] array (`_FlatParams`),
+  # each layer's row split back into arrays inside the checkpoint. Not while initialising
+  # (the parameters are created in their own layout, which checkpoints keep).
+  flat = (bool(global_config.get("scan_flat_params", False)) and not block.is_initializing())
+  flat_params = _FlatParams() if flat else None
+
+  def prepared(fn, policy, length):
+    if flat:
+      fn = nn.map_variables(fn, "params", trans_in_fn=flat_params.unflatten, mutable=False)
+    return checkpointed(fn, policy, length) if use_remat else fn
+
+  policy = (offload_policy or remat_policy(global_config.get("remat_policy"))) if use_remat \
+      else None
   group = int(global_config.get("remat_group_size", 1) or 1)
   if use_remat and 1 < group < num_layers:
     if offload_policy is not None:
       raise ValueError(f"global_config.remat_offload and remat_group_size={group} do not "
                        "combine: set remat_group_size=1")
+    if global_config.get("scan_flat_params", False):
+      raise ValueError(f"global_config.scan_flat_params and remat_group_size={group} do not "
+                       "combine: set remat_group_size=1")
     if num_layers % group:
       raise ValueError(f"global_config.remat_group_size={group} does not divide the "
                        f"{num_layers} layers of {block.name}")
+    body = checkpointed(body, policy, num_layers)
     return _grouped_layer_stack(block, body, carry, num_layers, group, policy)
+  body = prepared(body, policy, offloaded if split else num_layers)
   if split and not block.is_initializing():
-    on_device = checkpointed(layer_body(False), remat_policy(global_config.get("remat_policy")),
-                             num_layers - offloaded)
-    carry = _layer_slice(block, body, carry, 0, offloaded, unroll)
-    return _layer_slice(block, on_device, carry, offloaded, num_layers, unroll)
-  carry, _ = _scan_layers(body, num_layers, unroll)(block, carry, None)
-  return carry
+    on_device = prepared(layer_body(False), remat_policy(global_config.get("remat_policy")),
+                         num_layers - offloaded)
+    carry = _layer_slice(block, body, carry, 0, offloaded, unroll, flat_params)
+    return _layer_slice(block, on_device, carry, offloaded, num_layers, unroll, flat_params)
+  return _layer_slice(block, body, carry, 0, num_layers, unroll, flat_params, whole=True)
+
+
+class _FlatParams:
+  """A stack's parameters as one [num_layers, P] array while its scan runs
+  (`global_config.scan_flat_params`), and each layer's row split back into the block's
+  arrays inside the (rematerialised) body.
+
+  The same values. What changes is the scan's backward pass: it writes each layer's
+  parameter gradient into the stacked gradient once, one [P] row (the split's transpose
+  concatenates it), instead of once per parameter array: the Evoformer block has 75 arrays,
+  so 3,600 small dynamic-update-slice kernels per step at crop 256, 7 ms on an H200
+  (docs/benchmarks.md, 2026-12-04 fourteenth session). The flattening is `trans_in_fn` of
+  `nn.map_variables` (collections dict -> collections dict): `flatten` around the scan,
+  `unflatten` in the body, inside the checkpoint so that the split is recomputed rather
+  than each layer's arrays saved for the backward pass.
+  """
+
+  def __init__(self):
+    self._treedef = None
+    self._shapes: list[tuple[int, ...]] = []
+
+  def flatten(self, variables: dict) -> dict:
+    leaves, self._treedef = jax.tree.flatten(variables["params"])
+    dtypes = {leaf.dtype for leaf in leaves}
+    if len(dtypes) != 1:
+      raise ValueError(f"global_config.scan_flat_params: a stack's parameters have several "
+                       f"dtypes ({sorted(map(str, dtypes))}); it needs one")
+    self._shapes = [leaf.shape[1:] for leaf in leaves]
+    rows = [leaf.reshape(leaf.shape[0], -1) for leaf in leaves]
+    return {**variables, "params": {"flat": jnp.concatenate(rows, axis=1)}}
+
+  def unflatten(self, variables: dict) -> dict:
+    sizes = [math.prod(shape) for shape in self._shapes]
+    offsets = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+    parts = jnp.split(variables["params"]["flat"], offsets, axis=-1)
+    leaves = [part.reshape(part.shape[:-1] + shape) for part, shape in zip(parts, self._shapes)]
+    return {**variables, "params": jax.tree.unflatten(self._treedef, leaves)}
 
 
 def offloaded_layers(global_config: Any, num_layers: int) -> int:
@@ -468,15 +519,24 @@ def offloaded_layers(global_config: Any, num_layers: int) -> int:
   return offloaded
 
 
-def _layer_slice(block: nn.Module, body, carry: Any, start: int, stop: int, unroll: int) -> Any:
+def _layer_slice(block: nn.Module, body, carry: Any, start: int, stop: int, unroll: int,
+                 flat_params: _FlatParams | None = None, whole: bool = False) -> Any:
   """Layers start..stop-1 of a stack: `body` scanned over that slice of the stacked
-  [num_layers, ...] parameters. Only after initialisation (the parameters exist): the
-  gradient flows back into the slice of the whole."""
-  length = stop - start
-  scan = _scan_layers(body, length, min(unroll, length))
-  sliced = nn.map_variables(
-      lambda module, c: scan(module, c, None)[0], "params",
-      trans_in_fn=lambda tree: jax.tree.map(lambda x: x[start:stop], tree), mutable=False)
+  [num_layers, ...] parameters, or over all of them (`whole`: a plain scan, also while
+  initialising). A slice only after initialisation (the parameters exist): the gradient
+  flows back into the slice of the whole. `flat_params`: the parameters scanned as one
+  [stop - start, P] array (`_FlatParams`; `body` splits each row)."""
+  scan = _scan_layers(body, stop - start, min(unroll, stop - start))
+  if whole and flat_params is None:
+    return scan(block, carry, None)[0]
+
+  def trans_in(variables):
+    if not whole:
+      variables = jax.tree.map(lambda x: x[start:stop], variables)
+    return flat_params.flatten(variables) if flat_params is not None else variables
+
+  sliced = nn.map_variables(lambda module, c: scan(module, c, None)[0], "params",
+                            trans_in_fn=trans_in, mutable=False)
   return sliced(block, carry)
 
 

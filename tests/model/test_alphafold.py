@@ -142,3 +142,27 @@ def test_offloaded_block_inputs_of_the_full_model():
            for shape in re.findall(r"f32<host>\[([0-9,]+)\]", text)}
   # the stacked inputs [blocks, ...], and one block's inside the scans' bodies
   assert expected <= found <= expected | {shape[1:] for shape in expected}
+
+
+# Slow (100 s on the 2-core CI machine: two compilations of the tiny model's gradient); the
+# stack-level tests in tests/model/test_evoformer.py cover the mechanism in the default suite.
+@pytest.mark.slow
+def test_flat_parameter_scan_of_the_full_model():
+  """`scan_flat_params` through the whole model (Evoformer, extra MSA, the template stack
+  inside its loop over templates, recycling): the same outputs and parameter gradients."""
+  batch = batch_spec.random_features(0, num_slices=2, **TINY_SHAPES)
+  results = []
+  for flat in (False, True):
+    config = tiny_config(use_remat=True, scan_flat_params=flat)
+    model = AlphaFold(config)
+    params = model.init(jax.random.PRNGKey(0), batch)
+
+    def loss(params, model=model):
+      return jnp.sum(model.apply(params, batch)["representations"]["single"] ** 2)
+
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (plain_loss, plain_grads), (flat_loss, flat_grads) = results
+  np.testing.assert_allclose(flat_loss, plain_loss, rtol=1e-6)
+  assert jax.tree.structure(flat_grads) == jax.tree.structure(plain_grads)
+  for a, b in zip(jax.tree.leaves(flat_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b)) + 1e-30))

@@ -232,6 +232,49 @@ class _TwiceStacked(nn.Module):
     return stack(stack(activations, masks), masks)
 
 
+@pytest.mark.parametrize("block,overrides,num_layers", [
+    ("evoformer", {"use_remat": True}, 2),
+    ("transition", {}, 3),                                   # no remat
+    ("transition", {"use_remat": True, "use_scan": False}, 3),
+    ("transition", {"use_remat": True, "remat_offload": True,
+                    "remat_offload_fraction": 0.5}, 4)])   # two slices of the stack
+def test_flat_parameter_scan_agrees_with_scan(block, overrides, num_layers):
+  """`scan_flat_params`: the stack's parameters scanned as one [num_layers, P] array give the
+  same parameter layout, values and gradients, with or without remat, unrolled, and in the
+  two slices of a partly offloaded stack."""
+  _check_stack_variant(block, {**overrides, "scan_flat_params": True}, num_layers=num_layers)
+
+
+def test_flat_parameter_scan_writes_one_gradient_row_per_layer():
+  """The point of `scan_flat_params`: in the compiled gradient the scan's backward pass
+  updates the stacked parameter gradient once per layer (one [P] row) instead of once per
+  parameter array, and each layer's arrays are split inside the checkpoint (recomputed),
+  not saved for the backward pass."""
+  activations, masks = _stack_inputs()
+  params = random_params(_Stack(tiny_config(), "transition", 3).init, activations, masks)
+
+  def updates(**overrides):
+    module = _Stack(tiny_config(use_remat=True, **overrides), "transition", 3)
+    loss = lambda p: sum(jnp.sum(x) for x in module.apply(p, activations, masks))
+    text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    return re.findall(r"= f32\[3,([0-9,]+)\]\{[0-9,]+\} dynamic-update-slice\(", text)
+
+  arrays = len(jax.tree.leaves(params["params"]["evoformer_iteration"]))
+  size = sum(int(np.prod(x.shape[1:])) for x in
+             jax.tree.leaves(params["params"]["evoformer_iteration"]))
+  plain, flat = updates(), updates(scan_flat_params=True)
+  assert len(plain) >= arrays          # one per parameter array (and the carried inputs)
+  assert str(size) in flat and len(flat) == len(plain) - arrays + 1, (plain, flat)
+
+
+def test_flat_parameter_scan_refuses_groups():
+  activations, masks = _stack_inputs()
+  module = _Stack(tiny_config(use_remat=True, remat_group_size=2, scan_flat_params=True),
+                  "transition", 4)
+  with pytest.raises(ValueError, match="scan_flat_params and remat_group_size=2"):
+    module.init(jax.random.PRNGKey(0), activations, masks)
+
+
 def test_grouped_remat_stack_can_be_called_twice():
   activations, masks = _stack_inputs()
   grouped = _TwiceStacked(tiny_config(use_remat=True, remat_group_size=3))
