@@ -189,7 +189,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a global_config value for every row (repeatable)")
-  parser.add_argument("--ab", metavar="KEY=V1,V2", help="one row per value of this key ('|' between values that hold commas)")
+  parser.add_argument("--ab", metavar="KEY=V1,V2",
+                      help="one row per value of this key ('|' between values that hold commas)")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
   parser.add_argument("--json", help="also write the rows to this file")
   parser.add_argument("--profile_dir", help="also trace 3 gradient passes of each row into "

@@ -20,7 +20,7 @@ af2flax adds, under `global_config`:
   scan_flat_params  each stack's parameters scanned as one [num_layers, P] array, each
                  layer's row split back into its arrays inside the checkpoint: the scan's
                  backward pass writes a layer's parameter gradient once instead of once per
-                 array (75 per Evoformer block). Same values; not with `remat_group_size` > 1.
+                 array (93 per Evoformer block). Same values; not with `remat_group_size` > 1.
                  Presets: False (written 2026-12-04, fifteenth session; not yet timed on a
                  GPU: the per-array writes took 7 ms per step on an H200).
   remat_offload  with `use_remat` ('nothing_saveable', no groups): each block's input, all a

@@ -472,12 +472,12 @@ class _FlatParams:
 
   The same values. What changes is the scan's backward pass: it writes each layer's
   parameter gradient into the stacked gradient once, one [P] row (the split's transpose
-  concatenates it), instead of once per parameter array: the Evoformer block has 75 arrays,
-  so 3,600 small dynamic-update-slice kernels per step at crop 256, 7 ms on an H200
-  (docs/benchmarks.md, 2026-12-04 fourteenth session). The flattening is `trans_in_fn` of
-  `nn.map_variables` (collections dict -> collections dict): `flatten` around the scan,
-  `unflatten` in the body, inside the checkpoint so that the split is recomputed rather
-  than each layer's arrays saved for the backward pass.
+  concatenates it), instead of once per parameter array (an Evoformer block has 93): the
+  fourteenth session's profile at crop 256 counted 3,588 small dynamic-update-slice kernels
+  per step, 7 ms on an H200 (docs/benchmarks.md, 2026-12-04). The flattening is
+  `trans_in_fn` of `nn.map_variables` (collections dict -> collections dict): `flatten`
+  around the scan, `unflatten` in the body, inside the checkpoint so that the split is
+  recomputed rather than each layer's arrays saved for the backward pass.
   """
 
   def __init__(self):
