@@ -143,9 +143,10 @@ class OuterProductMean(nn.Module):
 
     output_init = (nn.initializers.zeros if gc.zero_init
                    else nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal"))
-    output_w = self.param("output_w", output_init,
-                          (c.num_outer_channel, c.num_outer_channel, self.num_output_channel),
-                          jnp.float32).astype(dtype)
+    output_w32 = self.param("output_w", output_init,
+                            (c.num_outer_channel, c.num_outer_channel, self.num_output_channel),
+                            jnp.float32)
+    output_w = output_w32.astype(dtype)
     output_b = self.param("output_b", nn.initializers.zeros, (self.num_output_channel,),
                           jnp.float32).astype(dtype)
 
@@ -155,14 +156,16 @@ class OuterProductMean(nn.Module):
       # rows with the weight broadcast along them: each row's [c·c', N_res] slice is a
       # (transposed) operand as it lies, so no layout change of the product is needed in
       # the forward pass, and the product's gradient comes out in the same layout.
+      # The weight is broadcast in float32 and converted after, so that its gradient, the
+      # sum over rows of each row's product, is summed in float32.
       right_t = jnp.swapaxes(right_act, 1, 2)
-      weights = output_w.reshape(-1, output_w.shape[-1])            # [c·c', c_z]
+      weights = output_w32.reshape(-1, output_w32.shape[-1])        # [c·c', c_z]
 
       def outer_rows(left_rows: jax.Array) -> jax.Array:
         # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]
         outer = jnp.einsum("aic,aed->iced", left_rows, right_t)
         outer = outer.reshape(outer.shape[0], -1, outer.shape[-1])  # [rows, c·c', N_res]
-        batched = jnp.broadcast_to(weights, (outer.shape[0],) + weights.shape)
+        batched = jnp.broadcast_to(weights, (outer.shape[0],) + weights.shape).astype(dtype)
         out = jax.lax.dot_general(outer, batched, (((1,), (1,)), ((0,), (0,))))
         return out + output_b
     elif layout == "rows_first":
