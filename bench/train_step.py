@@ -54,6 +54,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
 
+# The initial-training presets' model settings, which the "bf16-auto-..." variants change.
+_BF16_AUTO = {"dtype": "bfloat16", "attention_impl": "auto"}
+
+
 def _bf16_with_flags(xla_flags: str, attention_impl: str = "cudnn") -> dict:
   """A bf16 variant (cuDNN attention, the default until 2026-12-03; or 'auto', the presets
   since) under these XLA flags."""
@@ -63,8 +67,7 @@ def _bf16_with_flags(xla_flags: str, attention_impl: str = "cudnn") -> dict:
 # Our kernels up to 512 queries, the extra MSA's row attention included: "" overrides the
 # fine-tuning preset's 'auto_cudnn' (since 2026-12-03's sixth session), as these variants
 # were measured before it.
-_PALLAS512 = {"dtype": "bfloat16", "attention_impl": "auto",
-              "pallas_attention_max_queries": 512, "extra_msa_attention_impl": ""}
+_PALLAS512 = {**_BF16_AUTO, "pallas_attention_max_queries": 512, "extra_msa_attention_impl": ""}
 # The fine-tuning preset's attention settings (since 2026-12-03's sixth session), which the
 # fine-tuning variants below start from.
 _FINETUNE_OURS = {**_PALLAS512, "extra_msa_attention_impl": "cudnn"}
@@ -98,23 +101,18 @@ VARIANTS = {
     # The outer product mean's product in AlphaFold's layout [N_res, c, c', rows] (a transpose
     # of the matrix product's output), not [rows, c, c', N_res] as the presets since
     # 2026-12-04 (fourteenth session; H200: expected step 0.616 s against 0.604 s).
-    "bf16-auto-opmaf2": {"dtype": "bfloat16", "attention_impl": "auto",
-                         "outer_product_mean_layout": "alphafold"},
+    "bf16-auto-opmaf2": {**_BF16_AUTO, "outer_product_mean_layout": "alphafold"},
     # The outer product mean's projection as a matrix product batched over rows, reading the
     # product [rows, c·c', N_res] in place (written 2026-12-04, fifteenth session; not yet
     # timed on a GPU).
-    "bf16-auto-opmbatched": {"dtype": "bfloat16", "attention_impl": "auto",
-                             "outer_product_mean_layout": "rows_batched"},
+    "bf16-auto-opmbatched": {**_BF16_AUTO, "outer_product_mean_layout": "rows_batched"},
     # Each stack's parameters scanned as one [num_layers, P] array (`scan_flat_params`; written
     # 2026-12-04, fifteenth session; not yet timed on a GPU).
-    "bf16-auto-flatparams": {"dtype": "bfloat16", "attention_impl": "auto",
-                             "scan_flat_params": True},
+    "bf16-auto-flatparams": {**_BF16_AUTO, "scan_flat_params": True},
     # Our kernels' backward pass walking the queries in blocks of 64 (the presets before
     # 2026-12-04's fifteenth session; 128 since) and of 256.
-    "bf16-auto-lgq64": {"dtype": "bfloat16", "attention_impl": "auto",
-                        "pallas_tiling": "lg_block_q=64"},
-    "bf16-auto-lgq256": {"dtype": "bfloat16", "attention_impl": "auto",
-                         "pallas_tiling": "lg_block_q=256"},
+    "bf16-auto-lgq64": {**_BF16_AUTO, "pallas_tiling": "lg_block_q=64"},
+    "bf16-auto-lgq256": {**_BF16_AUTO, "pallas_tiling": "lg_block_q=256"},
     # Each module of the extra-MSA blocks (or of every block) rematerialised on its own.
     "bf16-cudnn-subremat": {"dtype": "bfloat16", "attention_impl": "cudnn",
                             "remat_submodules": "extra_msa"},
@@ -158,8 +156,7 @@ VARIANTS = {
     "bf16-pallas": {"dtype": "bfloat16", "attention_impl": "pallas"},
     # The presets with the extra MSA's row attention (8-channel heads) on cuDNN, as before
     # our kernels took it padded to 16 channels.
-    "bf16-auto-extracudnn": {"dtype": "bfloat16", "attention_impl": "auto",
-                             "extra_msa_attention_impl": "cudnn"},
+    "bf16-auto-extracudnn": {**_BF16_AUTO, "extra_msa_attention_impl": "cudnn"},
     # The presets with our kernels differentiated up to 512 queries (fine-tuning: crop 384,
     # 512 MSA rows), not only 256. H200, 2026-12-03 (fifth session, the 'logit_grads_xla_dq'
     # backward): 2.16 s, 16.17 GiB against the preset's 2.36 s, 14.87 GiB.
@@ -170,21 +167,17 @@ VARIANTS = {
     # The presets with our kernels reading q, k and v in place from the self-attentions'
     # fused projection (no slices copied, q scaled on loading). H200, 2026-12-03 (fifth
     # session): gradient pass 0.549 s against 0.525 s, so not kept.
-    "bf16-auto-readsproj": {"dtype": "bfloat16", "attention_impl": "auto",
-                            "pallas_reads_projection": True},
+    "bf16-auto-readsproj": {**_BF16_AUTO, "pallas_reads_projection": True},
     # The presets with another backward pass of our kernels (`global_config.pallas_backward`;
     # the presets: 'logit_grads_xla_dq'): 'grouped' (the presets before 2026-12-03's fifth
     # session: the bias gradient summed in registers) and 'logit_grads' (dQ from our query
     # kernel, not from XLA's product of the written logits' gradient with k).
-    "bf16-auto-grouped": {"dtype": "bfloat16", "attention_impl": "auto",
-                          "pallas_backward": "grouped"},
-    "bf16-auto-lg": {"dtype": "bfloat16", "attention_impl": "auto",
-                     "pallas_backward": "logit_grads"},
+    "bf16-auto-grouped": {**_BF16_AUTO, "pallas_backward": "grouped"},
+    "bf16-auto-lg": {**_BF16_AUTO, "pallas_backward": "logit_grads"},
     # The presets with our kernels taking lengths that are not multiples of 16, padded (the
     # MSA column attention's 132 keys, cuDNN otherwise; `global_config.pallas_pad_lengths`).
     # H200, 2026-12-03 (sixth session): expected step 0.654 s against the presets' 0.635 s.
-    "bf16-auto-padlengths": {"dtype": "bfloat16", "attention_impl": "auto",
-                             "pallas_pad_lengths": True},
+    "bf16-auto-padlengths": {**_BF16_AUTO, "pallas_pad_lengths": True},
     # Fine-tuning with our kernels up to 512 queries, the extra MSA's row attention on cuDNN
     # (not padded from 8 to 16 channels). H200, 2026-12-03 (sixth session): 2.204 s, 14.69
     # GiB; the fine-tuning preset since, with groups of 4 blocks until 2026-12-04's eleventh
@@ -196,8 +189,7 @@ VARIANTS = {
     # with the MSA column attention's 516 queries and keys padded to 528 for our kernels
     # (H200, 2026-12-04, alone: 2.898 s, 14.92 GiB against the preset's 2.162 s: 528 is
     # 33 blocks of 16).
-    "bf16-auto-stages2": {"dtype": "bfloat16", "attention_impl": "auto",
-                          "pallas_tiling": "forward_stages=2,lg_stages=2"},
+    "bf16-auto-stages2": {**_BF16_AUTO, "pallas_tiling": "forward_stages=2,lg_stages=2"},
     "bf16-pallas512-extracudnn-stages2": {**_FINETUNE_OURS, **_GROUP4,
                                           "pallas_tiling": "forward_stages=2,lg_stages=2"},
     "bf16-pallas528-extracudnn-pad": {**_FINETUNE_OURS, **_GROUP4,
@@ -259,7 +251,7 @@ VARIANTS = {
     "bf16-pallas512-extracudnn-offload-pipe": {**_FINETUNE_OFFLOAD, "xla_flags": _PIPELINED_OFFLOAD},
     "bf16-pallas512-extracudnn-offload55-pipe": {**_FINETUNE_PRESET,
                                                  "xla_flags": _PIPELINED_OFFLOAD},
-    "bf16-auto-offload": {"dtype": "bfloat16", "attention_impl": "auto", "remat_offload": True},
+    "bf16-auto-offload": {**_BF16_AUTO, "remat_offload": True},
     # XLA's GPU compiler settings (compile time against step time).
     "bf16-cudnn-notriton": _bf16_with_flags("--xla_gpu_enable_triton_gemm=false"),
     "bf16-cudnn-autotune1": _bf16_with_flags("--xla_gpu_autotune_level=1"),
@@ -308,8 +300,7 @@ VARIANTS = {
     # (`layer_norm_recompute`): the presets and the fine-tuning preset. H200, 2026-12-04,
     # thirteenth session, side by side: expected step 0.625 against the presets' 0.612 s;
     # fine-tuning 2.013 s, 15.21 GiB against 2.006 s, 14.92 GiB.
-    "bf16-auto-lnautodiff": {"dtype": "bfloat16", "attention_impl": "auto",
-                             "layer_norm_recompute": False},
+    "bf16-auto-lnautodiff": {**_BF16_AUTO, "layer_norm_recompute": False},
     "bf16-pallas512-extracudnn-offload55-lnautodiff": {**_FINETUNE_PRESET,
                                                        "layer_norm_recompute": False},
 }
