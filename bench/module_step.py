@@ -1,5 +1,5 @@
 """Time one Evoformer module (or one whole block) alone: its forward pass, and its gradient
-pass as a rematerialised training block runs it (forward, recomputation, backward).
+pass under `jax.checkpoint` (the recomputed forward pass and the backward pass).
 
     python bench/module_step.py --modules outer_product_mean \\
         --ab outer_product_mean_layout=alphafold,rows_first
@@ -15,8 +15,11 @@ with random inputs at the shapes of `--shapes` (initial: 256 residues, 128 MSA r
 template rows in the Evoformer), 1,024 extra sequences; finetune: 384, 512 (+4), 5,120) and
 the stack of `--stack`. The gradient pass differentiates sum(output * a random cotangent)
 with respect to the parameters and the inputs, the module under `jax.checkpoint` (the
-presets' `nothing_saveable`), so its time is what the module costs inside a training step's
-gradient pass; the forward time is what it costs in a recycling iteration. Times are in
+presets' `nothing_saveable`). Only the gradient is returned, so XLA drops the first forward
+pass as unused: the gradient time is the recomputation and the backward pass, and a training
+step's gradient pass costs the module about forward + gradient (its forward pass runs once
+more before, for the next block's input); the forward time alone is what it costs in a
+recycling iteration. Times are in
 milliseconds per call: the median over 5 repeats of `--steps` calls queued back to back
 after a warm-up (so the host's dispatch does not count). Prints one table; with `--json`
 also writes the rows.
