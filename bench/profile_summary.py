@@ -74,7 +74,9 @@ def module_of(op_name: str) -> str:
   stack = next((s for s in STACKS if s in op_name), "")
   module = next((m for m in MODULES if m in op_name), "")
   if not module:
-    if "alphafold_loss" in op_name or "loss" in op_name.split("/")[-1]:
+    if "ResidualDropout" in op_name:
+      module = "residual updates (with dropout)"
+    elif "alphafold_loss" in op_name or "loss" in op_name.split("/")[-1]:
       module = "losses"
     elif "AlphaFold" in op_name or "alphafold_iteration" in op_name:
       module = "other model ops"
@@ -91,33 +93,46 @@ def direction_of(op_name: str) -> str:
   return "backward" if "transpose(" in op_name else "forward"
 
 
-def hlo_op_names(path: pathlib.Path) -> dict[str, str]:
-  """Instruction name (with '.' as the trace writes '_') -> op_name metadata."""
+def hlo_instructions(path: pathlib.Path) -> dict[str, tuple[str, str]]:
+  """Instruction name (with '.' as the trace writes '_') -> (its shape, its op_name metadata),
+  for the instructions that have an op_name."""
   opener = gzip.open if path.suffix == ".gz" else open
-  pattern = re.compile(r"^\s*%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"")
-  names = {}
+  pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?op_name=\"([^\"]*)\"")
+  found = {}
   with opener(path, "rt") as handle:
     for line in handle:
       match = pattern.match(line)
       if match:
-        names[match.group(1).replace(".", "_")] = match.group(2)
-  return names
+        found.setdefault(match.group(1).replace(".", "_"), (match.group(2), match.group(3)))
+  return found
+
+
+def hlo_op_names(path: pathlib.Path) -> dict[str, str]:
+  """Instruction name (with '.' as the trace writes '_') -> op_name metadata."""
+  return {name: op_name for name, (_, op_name) in hlo_instructions(path).items()}
+
+
+def _instruction_of(event: dict) -> str:
+  """The HLO instruction that launched a kernel, as the trace names it ('.' written '_')."""
+  return str(event.get("args", {}).get("hlo_op", "")).replace(".", "_")
 
 
 def _print_modules(kernels: list[dict], op_names: dict[str, str], args) -> None:
   """Time per model module and direction (per step), and the kernels of chosen modules.
 
-  A kernel is attributed through its fusion's name, or (cuBLAS/cuDNN custom calls) through
-  the HLO instruction the trace names; kernels inside CUDA-graph command buffers name only
-  the buffer, so trace with `--xla_gpu_enable_command_buffer=` for a complete attribution.
+  A kernel is attributed through the HLO instruction the trace names (`hlo_op`), else
+  through its kernel's name. The instruction first: XLA compiles identical fusions once and
+  names the kernel after the first of them, so by kernel name every later copy (another
+  module's, another stack's) would count for the first. Kernels inside CUDA-graph command
+  buffers name only the buffer, so trace with `--xla_gpu_enable_command_buffer=` for a
+  complete attribution.
   """
   directions = ("forward", "recompute", "backward")
   table = collections.defaultdict(lambda: dict.fromkeys(directions, 0.0))
   per_kernel = collections.defaultdict(collections.Counter)
   unattributed = collections.Counter()
   for e in kernels:
-    hlo_op = str(e.get("args", {}).get("hlo_op", "")).replace(".", "_")
-    op_name = op_names.get(e["name"]) or op_names.get(hlo_op, "")
+    op_name = op_names.get(_instruction_of(e)) or op_names.get(e["name"], "")
     if not op_name:
       unattributed[re.sub(r"_\d+$", "", e["name"])[:60]] += e["dur"]
       continue
@@ -145,6 +160,23 @@ def _print_modules(kernels: list[dict], op_names: dict[str, str], args) -> None:
       print(f"\nkernels of {module} (ms per step)")
       for name, dur in per_kernel[module].most_common(15):
         print(f"  {dur / scale:8.2f}  {name}")
+
+
+def _print_instructions(kernels: list[dict], instructions: dict[str, tuple[str, str]],
+                        args) -> None:
+  """The top `args.kernels` HLO instructions by device time per step: kernels per step,
+  the instruction's shape and the tail of its op_name (what ran, on what, for which line of
+  the model)."""
+  time, count = collections.Counter(), collections.Counter()
+  for e in kernels:
+    key = _instruction_of(e) if _instruction_of(e) in instructions else e["name"]
+    time[key] += e["dur"]
+    count[key] += 1
+  print(f"\ntop {args.kernels} HLO instructions, µs per step ({args.steps} steps traced)")
+  for key, dur in time.most_common(args.kernels):
+    shape, op_name = instructions.get(key, ("?", ""))
+    print(f"  {dur / args.steps:9.1f}  x{count[key] / args.steps:<4.0f} {key[:38]:38s} "
+          f"{shape[:44]:44s} {op_name[-90:]}")
 
 
 def host_summary(events: list[dict], device_pids: set, names: dict, top: int) -> None:
@@ -251,6 +283,9 @@ def main(argv=None) -> int:
   parser.add_argument("--kernels_of", action="append", default=[], metavar="MODULE",
                       help="with --hlo: also list the top kernels of modules whose name "
                       "contains MODULE (repeatable)")
+  parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                      help="with --hlo: also list the top N HLO instructions by time, with "
+                      "their shapes and op_names")
   parser.add_argument("--streams", action="store_true",
                       help="also print busy time per device stream and how much of the copies' "
                       "time (host offloading) overlaps compute on other streams")
@@ -301,7 +336,10 @@ def main(argv=None) -> int:
   if args.streams:
     stream_summary(kernels, names, args.steps)
   if args.hlo:
-    _print_modules(kernels, hlo_op_names(pathlib.Path(args.hlo)), args)
+    instructions = hlo_instructions(pathlib.Path(args.hlo))
+    _print_modules(kernels, {k: v[1] for k, v in instructions.items()}, args)
+    if args.kernels:
+      _print_instructions(kernels, instructions, args)
   sample = next((e for e in kernels if e.get("args")), kernels[0])
   print("\nexample event:", json.dumps(sample)[:600])
   return 0

@@ -45,6 +45,36 @@ def test_time_per_module_and_direction(tmp_path):
       "other fusions", "cuDNN", "cuBLAS GEMMs"]
 
 
+def test_a_shared_kernel_counts_for_the_instruction_that_ran_it(tmp_path):
+  """XLA compiles identical fusions once and names the kernel after the first: a kernel is
+  attributed through the instruction the trace names (`hlo_op`), not its kernel's name.
+  `--kernels N` lists the top instructions with shapes and op_names; residual updates are
+  a row of their own."""
+  hlo = _HLO + ('  ROOT %fusion.3 = bf16[4,8]{1,0} fusion(), metadata={op_name="jit(f)/'
+                'checkpoint/EvoformerIteration/ResidualDropout_2/add"}\n')
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
+  for ts, dur, name, hlo_op in ((0, 100, "fusion_1", "fusion.1"),
+                                (100, 40, "fusion_1", "fusion.2"),   # fusion.1's kernel
+                                (140, 10, "fusion_3", "fusion.3")):
+    events.append({"ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": dur, "name": name,
+                   "args": {"hlo_op": hlo_op}})
+  with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as handle:
+    json.dump({"traceEvents": events}, handle)
+  (tmp_path / "hlo.txt").write_text(hlo)
+  out = subprocess.run([sys.executable, "bench/profile_summary.py", str(tmp_path), "--hlo",
+                        str(tmp_path / "hlo.txt"), "--steps", "1", "--kernels", "2"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+  table = out[out.index("time per module"):]
+  lines = {line.split("  ")[1].strip(): line.split()[-5:] for line in table.splitlines()[2:5]}
+  assert lines["evoformer_iteration/outer_product_mean"][:4] == ["0.00", "0.00", "0.10", "0.10"]
+  assert lines["extra_msa_stack/msa_transition"][:4] == ["0.04", "0.00", "0.00", "0.04"]
+  assert lines["residual updates (with dropout)"][:4] == ["0.01", "0.00", "0.00", "0.01"]
+  listing = out[out.index("top 2 HLO instructions"):].splitlines()[1:3]
+  assert listing[0].split()[:4] == ["100.0", "x1", "fusion_1", "f32[2]"]
+  assert listing[1].split()[:4] == ["40.0", "x1", "fusion_2", "f32[2]"]
+  assert listing[1].endswith("extra_msa_stack/msa_transition/add")
+
+
 def test_host_summary_of_a_traced_compilation(tmp_path):
   """--host: host events grouped by name (XLA's '#key=value#' stripped), nested events counted
   once in a thread's busy time."""
