@@ -14,20 +14,27 @@ _HLO = """\
 """
 
 
-def test_time_per_module_and_direction(tmp_path):
+def _summary(tmp_path, kernels, hlo, *flags):
+  """bench/profile_summary.py's output for one traced step of `kernels` (ts, dur, kernel
+  name, HLO instruction) on one GPU, with `hlo` as the program's HLO text."""
   events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
-  for ts, dur, name, hlo_op in ((0, 100, "fusion_1", "fusion.1"),
-                                (100, 50, "cudnn_fprop", "custom-call.7"),
-                                (150, 30, "fusion_2", "command_buffer_1"),
-                                (180, 20, "nvjet_gemm", "command_buffer_1")):
+  for ts, dur, name, hlo_op in kernels:
     events.append({"ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": dur, "name": name,
                    "args": {"hlo_op": hlo_op}})
   with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as handle:
     json.dump({"traceEvents": events}, handle)
-  (tmp_path / "hlo.txt").write_text(_HLO)
-  out = subprocess.run([sys.executable, "bench/profile_summary.py", str(tmp_path), "--hlo",
-                        str(tmp_path / "hlo.txt"), "--steps", "1", "--kernels_of", "outer"],
-                       cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+  (tmp_path / "hlo.txt").write_text(hlo)
+  return subprocess.run([sys.executable, "bench/profile_summary.py", str(tmp_path), "--hlo",
+                         str(tmp_path / "hlo.txt"), "--steps", "1", *flags],
+                        cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def test_time_per_module_and_direction(tmp_path):
+  out = _summary(tmp_path, ((0, 100, "fusion_1", "fusion.1"),
+                            (100, 50, "cudnn_fprop", "custom-call.7"),
+                            (150, 30, "fusion_2", "command_buffer_1"),
+                            (180, 20, "nvjet_gemm", "command_buffer_1")),
+                 _HLO, "--kernels_of", "outer")
   table = out[out.index("time per module"):]
   lines = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:6]}
   # forward, recompute, backward, total (ms per step), share
@@ -52,18 +59,10 @@ def test_a_shared_kernel_counts_for_the_instruction_that_ran_it(tmp_path):
   a row of their own."""
   hlo = _HLO + ('  ROOT %fusion.3 = bf16[4,8]{1,0} fusion(), metadata={op_name="jit(f)/'
                 'checkpoint/EvoformerIteration/ResidualDropout_2/add"}\n')
-  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
-  for ts, dur, name, hlo_op in ((0, 100, "fusion_1", "fusion.1"),
-                                (100, 40, "fusion_1", "fusion.2"),   # fusion.1's kernel
-                                (140, 10, "fusion_3", "fusion.3")):
-    events.append({"ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": dur, "name": name,
-                   "args": {"hlo_op": hlo_op}})
-  with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as handle:
-    json.dump({"traceEvents": events}, handle)
-  (tmp_path / "hlo.txt").write_text(hlo)
-  out = subprocess.run([sys.executable, "bench/profile_summary.py", str(tmp_path), "--hlo",
-                        str(tmp_path / "hlo.txt"), "--steps", "1", "--kernels", "2"],
-                       cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+  out = _summary(tmp_path, ((0, 100, "fusion_1", "fusion.1"),
+                            (100, 40, "fusion_1", "fusion.2"),   # fusion.1's kernel
+                            (140, 10, "fusion_3", "fusion.3")),
+                 hlo, "--kernels", "2")
   table = out[out.index("time per module"):]
   lines = {line.split("  ")[1].strip(): line.split()[-5:] for line in table.splitlines()[2:5]}
   assert lines["evoformer_iteration/outer_product_mean"][:4] == ["0.00", "0.00", "0.10", "0.10"]
