@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
-                                      LinearParams, ResidualDropout, Transition,
+                                      LinearParams, ResidualDropout, Transition, add_bias,
                                       attention_settings, chunked_apply, compute_dtype,
                                       fused_linear)
 from af2flax.model.triangle import TriangleAttention, TriangleMultiplication, subbatch_size
@@ -148,7 +148,7 @@ class OuterProductMean(nn.Module):
                             jnp.float32)
     output_w = output_w32.astype(dtype)
     output_b = self.param("output_b", nn.initializers.zeros, (self.num_output_channel,),
-                          jnp.float32).astype(dtype)
+                          jnp.float32)
 
     layout = outer_product_mean_layout(gc)
     if layout == "rows_batched":
@@ -167,7 +167,7 @@ class OuterProductMean(nn.Module):
         outer = outer.reshape(outer.shape[0], -1, outer.shape[-1])  # [rows, c·c', N_res]
         batched = jnp.broadcast_to(weights, (outer.shape[0],) + weights.shape).astype(dtype)
         out = jax.lax.dot_general(outer, batched, (((1,), (1,)), ((0,), (0,))))
-        return out + output_b
+        return add_bias(out, output_b)
     elif layout == "rows_first":
       # The product laid out [rows, c, c', N_res]: one matrix product over sequences writes
       # it as it is (rows and c from the left, c' and N_res from the right, whose layout
@@ -180,14 +180,14 @@ class OuterProductMean(nn.Module):
       def outer_rows(left_rows: jax.Array) -> jax.Array:
         # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]
         outer = jnp.einsum("aic,aed->iced", left_rows, right_t)
-        return jnp.einsum("iced,cef->idf", outer, output_w) + output_b
+        return add_bias(jnp.einsum("iced,cef->idf", outer, output_w), output_b)
     else:
       def outer_rows(left_rows: jax.Array) -> jax.Array:
         # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]; AlphaFold's arithmetic: the
         # product laid out [N_res, c, c', rows], a transpose of the matrix product's output.
         left_rows = jnp.transpose(left_rows, [0, 2, 1])
         outer = jnp.einsum("acb,ade->dceb", left_rows, right_act)
-        outer = jnp.einsum("dceb,cef->dbf", outer, output_w) + output_b
+        outer = add_bias(jnp.einsum("dceb,cef->dbf", outer, output_w), output_b)
         return jnp.transpose(outer, [1, 0, 2])
 
     num_res = left_act.shape[1]

@@ -64,6 +64,33 @@ def linear_params(module: nn.Module, in_shape: tuple[int, ...], output_shape: tu
   return weights, bias
 
 
+@jax.custom_vjp
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """`x + bias.astype(x.dtype)`, `bias` broadcast along x's axes (numpy rules), whose
+  gradient for `bias` is summed in float32 and returned in bias's own dtype.
+
+  The same values as the expression. Differentiated by JAX, a 16-bit x's bias gradient is
+  a `reduce_sum` in 16 bits over every broadcast axis (the transpose of the broadcast): in
+  bfloat16, over the 33,792 MSA positions of crop 256 on the CPU, 52% off the float32 sum
+  (2026-12-04). Here the sum runs in float32 and a float32 parameter gets it unrounded."""
+  return x + bias.astype(x.dtype)
+
+
+def _add_bias_forward(x, bias):
+  return add_bias(x, bias), bias
+
+
+def _add_bias_backward(bias, d_out):
+  lead = d_out.ndim - bias.ndim
+  axes = tuple(range(lead)) + tuple(
+      lead + i for i, size in enumerate(bias.shape) if size == 1 and d_out.shape[lead + i] != 1)
+  d_bias = jnp.sum(d_out.astype(jnp.float32), axis=axes).reshape(bias.shape)
+  return d_out, d_bias.astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_forward, _add_bias_backward)
+
+
 class Linear(nn.Module):
   """Linear layer over the last `num_input_dims` axes to an output of shape `num_output`.
 
@@ -93,7 +120,7 @@ class Linear(nn.Module):
                         inputs.astype(self.dtype), weights.astype(self.dtype),
                         precision=self.precision)
     if bias is not None:
-      output = output + bias.astype(self.dtype)
+      output = add_bias(output, bias)
     return output
 
 
@@ -133,9 +160,9 @@ def fused_linear(inputs: jax.Array, layers: Sequence[LinearParams], dtype: Dtype
   if any(b is not None for b in biases):
     if any(b is None for b in biases):
       raise ValueError("fused_linear: every layer needs a bias, or none does")
-    bias = jnp.concatenate(biases).astype(dtype)
-    output = output + (bias.reshape(bias.shape + (1,) * (output.ndim - 1)) if channels_first
-                       else bias)
+    bias = jnp.concatenate(biases)
+    output = add_bias(output, bias.reshape(bias.shape + (1,) * (output.ndim - 1))
+                      if channels_first else bias)
   return jnp.split(output, np.cumsum(sizes)[:-1].tolist(), axis=axis)
 
 
@@ -594,13 +621,13 @@ class Attention(nn.Module):
       weighted_avg = self._core(q, k, v, mask, nonbatched_bias)
 
     if gate_values is not None:
-      gating_b = param("gating_b", nn.initializers.ones, (heads, value_dim))
-      weighted_avg = weighted_avg * jax.nn.sigmoid(gate_values + gating_b)
+      gating_b = self._bias("gating_b", nn.initializers.ones, (heads, value_dim))
+      weighted_avg = weighted_avg * jax.nn.sigmoid(add_bias(gate_values, gating_b))
 
     output_init = nn.initializers.zeros if self.zero_init else glorot_uniform()
     output_w = param("output_w", output_init, (heads, value_dim, self.output_dim))
-    output_b = param("output_b", nn.initializers.zeros, (self.output_dim,))
-    return jnp.einsum("bqhc,hco->bqo", weighted_avg, output_w) + output_b
+    output_b = self._bias("output_b", nn.initializers.zeros, (self.output_dim,))
+    return add_bias(jnp.einsum("bqhc,hco->bqo", weighted_avg, output_w), output_b)
 
   def _core(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
             bias: jax.Array | None) -> jax.Array:
@@ -650,6 +677,10 @@ class Attention(nn.Module):
   def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
     return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
 
+  def _bias(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
+    """A bias in its parameter dtype: `add_bias` casts it and sums its gradient in float32."""
+    return self.param(name, init, shape, self.param_dtype)
+
 
 class GlobalAttention(nn.Module):
   """Global (mean-query) gated attention, the core of MSAColumnGlobalAttention.
@@ -698,18 +729,23 @@ class GlobalAttention(nn.Module):
 
     output_init = nn.initializers.zeros if self.zero_init else glorot_uniform()
     output_w = param("output_w", output_init, (heads, value_dim, self.output_dim))
-    output_b = param("output_b", nn.initializers.zeros, (self.output_dim,))
+    output_b = self._bias("output_b", nn.initializers.zeros, (self.output_dim,))
     if self.gating:
       gating_w = param("gating_w", nn.initializers.zeros, (q_ch, heads, value_dim))
-      gating_b = param("gating_b", nn.initializers.ones, (heads, value_dim))
-      gate_values = jax.nn.sigmoid(jnp.einsum("bqc,chv->bqhv", q_data, gating_w) + gating_b)
+      gating_b = self._bias("gating_b", nn.initializers.ones, (heads, value_dim))
+      gate_values = jax.nn.sigmoid(add_bias(jnp.einsum("bqc,chv->bqhv", q_data, gating_w),
+                                            gating_b))
       weighted_avg = weighted_avg[:, None] * gate_values
-      return jnp.einsum("bqhc,hco->bqo", weighted_avg, output_w) + output_b
-    output = jnp.einsum("bhc,hco->bo", weighted_avg, output_w) + output_b
+      return add_bias(jnp.einsum("bqhc,hco->bqo", weighted_avg, output_w), output_b)
+    output = add_bias(jnp.einsum("bhc,hco->bo", weighted_avg, output_w), output_b)
     return jnp.broadcast_to(output[:, None], q_data.shape[:2] + (self.output_dim,))
 
   def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
     return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+
+  def _bias(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
+    """A bias in its parameter dtype: `add_bias` casts it and sums its gradient in float32."""
+    return self.param(name, init, shape, self.param_dtype)
 
 
 # --- Transition (Suppl. Alg. 9, 15) -----------------------------------------------------------

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from af2flax.model.primitives import (Attention, LayerNorm, Linear, LinearParams,
-                                      attention_settings, chunked_apply, compute_dtype,
-                                      final_init, fused_linear)
+                                      add_bias, attention_settings, chunked_apply,
+                                      compute_dtype, final_init, fused_linear)
 
 
 def subbatch_size(global_config: Any, extra_msa: bool = False) -> int | None:
@@ -109,7 +109,7 @@ class TriangleMultiplication(nn.Module):
     act = LayerNorm(axis=0, name="center_layer_norm")(act)
     weights, bias = LinearParams(output_channel, initializer=gate_init,
                                  name="output_projection")(act.shape[0])
-    act = jnp.einsum("cij,cd->ijd", act, weights.astype(dtype)) + bias.astype(dtype)
+    act = add_bias(jnp.einsum("cij,cd->ijd", act, weights.astype(dtype)), bias)
     return act * jax.nn.sigmoid(gate)
 
 

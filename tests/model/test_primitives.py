@@ -288,3 +288,37 @@ def test_layer_norm_module_uses_recompute_unless_told():
   with primitives.layer_norm_recompute(False):
     assert not any("custom_vjp" in name for name in primitive_names())
   assert jax.tree.map(jnp.shape, params["params"]) == {"scale": (8,), "offset": (8,)}
+
+
+def test_add_bias_sums_its_gradient_in_float32():
+  """`add_bias`: the same values as `x + bias.astype(x.dtype)`; the bias gradient of a
+  bfloat16 x is the float32 sum of the cotangent over every broadcast axis (leading axes and
+  size-1 axes), in the bias's dtype, unrounded (JAX's own transpose sums in bfloat16: on the
+  CPU 52% off over 33,792 rows)."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(4000, 3, 6)), jnp.bfloat16)
+  cotangent = jnp.asarray(rng.normal(size=x.shape) + 0.5, jnp.bfloat16)
+  for bias in (jnp.asarray(rng.normal(size=(6,)), jnp.float32),
+               jnp.asarray(rng.normal(size=(3, 1)), jnp.float32)):
+    out, vjp = jax.vjp(primitives.add_bias, x, bias)
+    np.testing.assert_array_equal(out, x + bias.astype(x.dtype))
+    d_x, d_bias = vjp(cotangent)
+    np.testing.assert_array_equal(d_x, cotangent)
+    assert d_bias.shape == bias.shape and d_bias.dtype == jnp.float32
+    axes = (0, 2) if bias.shape == (3, 1) else (0, 1)
+    expected = np.sum(np.asarray(cotangent, np.float64), axis=axes).reshape(bias.shape)
+    np.testing.assert_allclose(d_bias, expected, rtol=1e-5)
+
+
+def test_linear_bias_gradient_in_bf16_is_the_float32_sum():
+  """A bfloat16 `Linear`'s bias gradient over many rows is the float32 sum of its output's
+  cotangent (rounded to bfloat16 as the activations are)."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(20000, 8)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(20000, 4)) + 0.5, jnp.float32)
+  module = primitives.Linear(4, dtype=jnp.bfloat16)
+  params = module.init(jax.random.PRNGKey(0), x)
+  grad = jax.grad(lambda p: jnp.sum(module.apply(p, x).astype(jnp.float32) * cotangent))(
+      params)["params"]["bias"]
+  expected = np.sum(np.asarray(cotangent.astype(jnp.bfloat16), np.float64), axis=0)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5)
