@@ -1,12 +1,14 @@
 """bf16 against float32 on AlphaFold's reference batch: every loss term, relative difference.
 
-    python bench/bf16_numerics.py --reference ../shared/reference/af2_tiny
+    python bench/bf16_numerics.py --reference ../shared/reference/af2_tiny [--gradients]
 
 Runs the parity tool's setup (DeepMind's parameters imported, the reference batch with its
 recycling, deterministic) twice: activations in float32 and in bfloat16 (parameters float32;
 softmax, layer-norm statistics and structure geometry in float32, as the model does in bf16),
 and prints each loss term of both and their relative difference. The performance issue's
-criterion: every term within 1e-2 of float32. Needs jax, flax, numpy, ml_collections.
+criterion: every term within 1e-2 of float32. With `--gradients`, also the total loss's
+gradient in both dtypes: the relative L2 difference of bfloat16's from float32's, biases and
+the other parameters apart. Needs jax, flax, numpy, ml_collections.
 """
 
 from __future__ import annotations
@@ -38,12 +40,42 @@ def losses(params_haiku, batch, alphafold_config, dtype: str) -> dict[str, float
   return {k: float(v) for k, v in jax.device_get(values).items()}
 
 
+def gradients(params_haiku, batch, alphafold_config, dtype: str) -> dict[str, jax.Array]:
+  """The total loss's gradient, {parameter path: array} (float32 parameters either way)."""
+  params, loss_fn = parity.imported_loss_fn(params_haiku, batch, alphafold_config, dtype)
+  with jax.default_matmul_precision("float32" if dtype == "float32" else "default"):
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch)[0]))(params)
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(grads))[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+
+
+def print_gradient_differences(fp32: dict, bf16: dict) -> None:
+  """Relative L2 difference of the bfloat16 gradient from float32's, biases (names ending in
+  'bias' or '_b') and the other parameters apart."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  groups = {"biases": [], "other parameters": []}
+  for name, g32 in fp32.items():
+    is_bias = name.endswith("bias") or name.endswith("_b")
+    groups["biases" if is_bias else "other parameters"].append(
+        (np.asarray(g32, np.float64), np.asarray(bf16[name], np.float64)))
+  print(f"\n{'gradient':20s} {'arrays':>7s} {'relative L2 difference':>24s}")
+  for label, pairs in groups.items():
+    diff = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in pairs))
+    norm = np.sqrt(sum(np.sum(a ** 2) for a, _ in pairs))
+    print(f"{label:20s} {len(pairs):7d} {diff / norm:24.2e}")
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--reference", required=True)
   parser.add_argument("--tolerance", type=float, default=1e-2)
+  parser.add_argument("--gradients", action="store_true",
+                      help="also compare the total loss's gradient in both dtypes")
   args = parser.parse_args()
   params_haiku, batch, _, config = parity.load_reference(args.reference)
+  if args.gradients:
+    print_gradient_differences(gradients(params_haiku, batch, config, "float32"),
+                               gradients(params_haiku, batch, config, "bfloat16"))
   fp32 = losses(params_haiku, batch, config, "float32")
   bf16 = losses(params_haiku, batch, config, "bfloat16")
   print(f"{'loss term':60s} {'float32':>12s} {'bfloat16':>12s} {'rel diff':>10s}")
