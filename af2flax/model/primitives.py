@@ -643,8 +643,8 @@ class Attention(nn.Module):
     if path == "fused":
       return fused_attention(q, k, v, mask, bias)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
-    if bias is not None:
-      logits = logits + bias.astype(self.dtype)[None]
+    if bias is not None:  # shared over the batch: its gradient summed over rows in float32
+      logits = add_bias(logits, bias)
     logits = jnp.where(mask != 0, logits.astype(jnp.float32), SOFTMAX_MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     return jnp.einsum("bhqk,bkhc->bqhc", weights, v)
