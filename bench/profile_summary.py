@@ -107,17 +107,15 @@ def hlo_instructions(path: pathlib.Path) -> dict[str, tuple[str, str]]:
   return found
 
 
-def hlo_op_names(path: pathlib.Path) -> dict[str, str]:
-  """Instruction name (with '.' as the trace writes '_') -> op_name metadata."""
-  return {name: op_name for name, (_, op_name) in hlo_instructions(path).items()}
+def _instruction_of(event: dict, instructions: dict[str, tuple[str, str]]) -> str:
+  """The key of `instructions` for a kernel: the HLO instruction that launched it, as the
+  trace names it (`hlo_op`, '.' written '_'), when the HLO has it, else the kernel's name."""
+  launched = str(event.get("args", {}).get("hlo_op", "")).replace(".", "_")
+  return launched if launched in instructions else event["name"]
 
 
-def _instruction_of(event: dict) -> str:
-  """The HLO instruction that launched a kernel, as the trace names it ('.' written '_')."""
-  return str(event.get("args", {}).get("hlo_op", "")).replace(".", "_")
-
-
-def _print_modules(kernels: list[dict], op_names: dict[str, str], args) -> None:
+def _print_modules(kernels: list[dict], instructions: dict[str, tuple[str, str]],
+                   args) -> None:
   """Time per model module and direction (per step), and the kernels of chosen modules.
 
   A kernel is attributed through the HLO instruction the trace names (`hlo_op`), else
@@ -132,7 +130,7 @@ def _print_modules(kernels: list[dict], op_names: dict[str, str], args) -> None:
   per_kernel = collections.defaultdict(collections.Counter)
   unattributed = collections.Counter()
   for e in kernels:
-    op_name = op_names.get(_instruction_of(e)) or op_names.get(e["name"], "")
+    op_name = instructions.get(_instruction_of(e, instructions), ("", ""))[1]
     if not op_name:
       unattributed[re.sub(r"_\d+$", "", e["name"])[:60]] += e["dur"]
       continue
@@ -169,7 +167,7 @@ def _print_instructions(kernels: list[dict], instructions: dict[str, tuple[str, 
   the model)."""
   time, count = collections.Counter(), collections.Counter()
   for e in kernels:
-    key = _instruction_of(e) if _instruction_of(e) in instructions else e["name"]
+    key = _instruction_of(e, instructions)
     time[key] += e["dur"]
     count[key] += 1
   print(f"\ntop {args.kernels} HLO instructions, µs per step ({args.steps} steps traced)")
@@ -337,7 +335,7 @@ def main(argv=None) -> int:
     stream_summary(kernels, names, args.steps)
   if args.hlo:
     instructions = hlo_instructions(pathlib.Path(args.hlo))
-    _print_modules(kernels, {k: v[1] for k, v in instructions.items()}, args)
+    _print_modules(kernels, instructions, args)
     if args.kernels:
       _print_instructions(kernels, instructions, args)
   sample = next((e for e in kernels if e.get("args")), kernels[0])
