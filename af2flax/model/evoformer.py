@@ -151,36 +151,39 @@ class OuterProductMean(nn.Module):
                           jnp.float32)
 
     layout = outer_product_mean_layout(gc)
+    # 'rows_first' and 'rows_batched' lay the product out [rows, c, c', N_res]: one matrix
+    # product over sequences writes it as it is (rows and c from the left, c' and N_res from
+    # the right, whose layout [N_seq, c', N_res] is a small transpose).
+    right_t = jnp.swapaxes(right_act, 1, 2)
+
+    def product_rows_first(left_rows: jax.Array) -> jax.Array:
+      return jnp.einsum("aic,aed->iced", left_rows, right_t)
+
     if layout == "rows_batched":
-      # The same product [rows, c, c', N_res], projected as a matrix product batched over
-      # rows with the weight broadcast along them: each row's [c·c', N_res] slice is a
-      # (transposed) operand as it lies, so no layout change of the product is needed in
-      # the forward pass, and the product's gradient comes out in the same layout.
-      # The weight is broadcast in float32 and converted after, so that its gradient, the
-      # sum over rows of each row's product, is summed in float32.
-      right_t = jnp.swapaxes(right_act, 1, 2)
+      # Projected as a matrix product batched over rows with the weight broadcast along
+      # them: each row's [c·c', N_res] slice is a (transposed) operand as it lies, so no
+      # layout change of the product is needed in the forward pass, and the product's
+      # gradient comes out in the same layout. The weight is broadcast in float32 and
+      # converted after, so that its gradient, the sum over rows of each row's product, is
+      # summed in float32.
       weights = output_w32.reshape(-1, output_w32.shape[-1])        # [c·c', c_z]
 
       def outer_rows(left_rows: jax.Array) -> jax.Array:
         # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]
-        outer = jnp.einsum("aic,aed->iced", left_rows, right_t)
+        outer = product_rows_first(left_rows)
         outer = outer.reshape(outer.shape[0], -1, outer.shape[-1])  # [rows, c·c', N_res]
         batched = jnp.broadcast_to(weights, (outer.shape[0],) + weights.shape).astype(dtype)
         out = jax.lax.dot_general(outer, batched, (((1,), (1,)), ((0,), (0,))))
         return add_bias(out, output_b)
     elif layout == "rows_first":
-      # The product laid out [rows, c, c', N_res]: one matrix product over sequences writes
-      # it as it is (rows and c from the left, c' and N_res from the right, whose layout
-      # [N_seq, c', N_res] is a small transpose); the projection contracts c and c' side
-      # by side into [rows, N_res, c_z]. (XLA's GPU compiler still copies the product to
-      # [rows, N_res, c, c'] for that projection: 67 µs per block at crop 256 on an H200,
-      # 2026-12-04 fifteenth session; 'rows_batched' is the formulation that may not.)
-      right_t = jnp.swapaxes(right_act, 1, 2)
-
+      # The projection contracts c and c' side by side into [rows, N_res, c_z]. (XLA's GPU
+      # compiler still copies the product to [rows, N_res, c, c'] for it: 67 µs per block at
+      # crop 256 on an H200, 2026-12-04 fifteenth session; 'rows_batched' is the formulation
+      # that may not.)
       def outer_rows(left_rows: jax.Array) -> jax.Array:
         # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]
-        outer = jnp.einsum("aic,aed->iced", left_rows, right_t)
-        return add_bias(jnp.einsum("iced,cef->idf", outer, output_w), output_b)
+        return add_bias(jnp.einsum("iced,cef->idf", product_rows_first(left_rows), output_w),
+                        output_b)
     else:
       def outer_rows(left_rows: jax.Array) -> jax.Array:
         # left_rows [N_seq, rows, c] -> [rows, N_res, c_z]; AlphaFold's arithmetic: the
