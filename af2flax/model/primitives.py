@@ -536,7 +536,20 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 # --- Attention (Suppl. Alg. 7, 8, 13, 14, 17, 19) ---------------------------------------------
 
-class Attention(nn.Module):
+class _AttentionParams:
+  """Parameter access shared by `Attention` and `GlobalAttention` (modules with `dtype` and
+  `param_dtype` fields)."""
+
+  def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
+    """A weight, cast to the activations' dtype."""
+    return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+
+  def _bias(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
+    """A bias in its parameter dtype: `add_bias` casts it and sums its gradient in float32."""
+    return self.param(name, init, shape, self.param_dtype)
+
+
+class Attention(_AttentionParams, nn.Module):
   """Gated multi-head attention with an optional bias shared over the batch axis.
 
   Jumper et al. (2021) Suppl. Alg. 7 lines 2-7 / Alg. 8 / Alg. 13-14 / Alg. 17 (the attention
@@ -674,15 +687,8 @@ class Attention(nn.Module):
       return tiling
     return dataclasses.replace(tiling, backward=self.pallas_backward)
 
-  def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
-    return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
 
-  def _bias(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
-    """A bias in its parameter dtype: `add_bias` casts it and sums its gradient in float32."""
-    return self.param(name, init, shape, self.param_dtype)
-
-
-class GlobalAttention(nn.Module):
+class GlobalAttention(_AttentionParams, nn.Module):
   """Global (mean-query) gated attention, the core of MSAColumnGlobalAttention.
 
   Jumper et al. (2021) Suppl. Alg. 19 lines 2-7. One query per row: the masked mean of the
@@ -739,13 +745,6 @@ class GlobalAttention(nn.Module):
       return add_bias(jnp.einsum("bqhc,hco->bqo", weighted_avg, output_w), output_b)
     output = add_bias(jnp.einsum("bhc,hco->bo", weighted_avg, output_w), output_b)
     return jnp.broadcast_to(output[:, None], q_data.shape[:2] + (self.output_dim,))
-
-  def _param(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
-    return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
-
-  def _bias(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]):
-    """A bias in its parameter dtype: `add_bias` casts it and sums its gradient in float32."""
-    return self.param(name, init, shape, self.param_dtype)
 
 
 # --- Transition (Suppl. Alg. 9, 15) -----------------------------------------------------------
