@@ -89,7 +89,11 @@ _PIPELINED_OFFLOAD = "--xla_gpu_enable_pipelined_host_offloading=true"
 # Seconds a compiled worker waits for the other workers' compilations (`--compile_wait`).
 _COMPILE_WAIT_S = 1800.0
 
-# name -> model global_config overrides ('xla_flags': added to XLA_FLAGS of its worker)
+# name -> model global_config overrides, except the step's own keys (`STEP_KEYS`):
+# 'xla_flags' (added to XLA_FLAGS of its worker) and 'step_programs' (the train config's:
+# 'split' runs `af2flax.train.programs.SplitTrainStep`, the step as separately compiled
+# programs compiled at the same time).
+STEP_KEYS = ("xla_flags", "step_programs")
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -304,6 +308,13 @@ VARIANTS = {
     "bf16-pallas512-extracudnn-offload55-lnautodiff": {**_FINETUNE_PRESET,
                                                        "layer_norm_recompute": False},
 }
+# The step as separately compiled programs, compiled at the same time
+# (`af2flax.train.programs`), on the initial-training and fine-tuning presets: for the
+# compile time; the step should run as fast.
+VARIANTS.update({
+    "bf16-auto-split": {**_BF16_AUTO, "step_programs": "split"},
+    "bf16-pallas512-extracudnn-offload55-split": {**_FINETUNE_PRESET, "step_programs": "split"},
+})
 RECYCLES = (0, 1, 2, 3)
 
 
@@ -314,7 +325,8 @@ def _train_config(variant: str, smoke: bool, stage: str):
 
   config = importlib.import_module(f"configs.{stage}").get_config()
   config.model.global_config.update(
-      {k: v for k, v in VARIANTS[variant].items() if k != "xla_flags"})
+      {k: v for k, v in VARIANTS[variant].items() if k not in STEP_KEYS})
+  config.step_programs = VARIANTS[variant].get("step_programs", config.step_programs)
   config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))
   if smoke:
     evo = config.model.embeddings_and_evoformer
@@ -357,9 +369,25 @@ def _step_parts(variant: str, shape_name: str, smoke: bool):
   model = AlphaFold(step_lib.model_config_for_step(config))  # marked when examples vmap
   optimizer = optimizer_lib.make_optimizer(config.optimizer)
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-  train_step = step_lib.make_train_step(
-      step_lib.alphafold_objective(model, config.model), optimizer, config, mesh)
+  objective = step_lib.alphafold_objective(model, config.model)
+  if config.step_programs == "split":
+    from af2flax.train import programs  # pylint: disable=g-import-not-at-top
+    return config, model, optimizer, programs.SplitTrainStep(
+        objective, optimizer, config, mesh, sharding_lib.replicated(mesh))
+  train_step = step_lib.make_train_step(objective, optimizer, config, mesh)
   return config, model, optimizer, train_step
+
+
+def _compile_split(split_step, state, batch):
+  """(trace+lower s, XLA s, the step, scratch GiB, per-program seconds) of a
+  `SplitTrainStep`: its programs traced one after another, then compiled at the same time
+  (XLA s: from the end of tracing to the last program compiled)."""
+  seconds = split_step.compile(state, batch)
+  temps = [_scratch_gib(c)[0] for c in split_step.compiled.values()]
+  temp_gib = max(t for t in temps if t is not None) if any(
+      t is not None for t in temps) else None
+  return (seconds["trace_lower"], seconds["wall"] - seconds["trace_lower"], split_step,
+          temp_gib, seconds)
 
 
 def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
@@ -397,16 +425,21 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   init_parts["train_state"] = lap()
   init_s = clock[-1] - clock[0]
 
-  step_fn = jax.jit(train_step, donate_argnums=0)
   _progress(f"{variant},{shape_name}: initialised ({init_s:.1f} s); tracing the step")
-  trace_s, lower_s, lowered = _trace_and_lower(step_fn, state, first)
-  _progress(f"{variant},{shape_name}: traced and lowered ({trace_s + lower_s:.1f} s); "
-            "XLA compiling")
-  start = time.perf_counter()
-  compiled = lowered.compile()
-  xla_compile_s = time.perf_counter() - start
-
-  temp_gib, host_gib = _scratch_gib(compiled)
+  program_s = None
+  if config.step_programs == "split":
+    trace_s, xla_compile_s, compiled, temp_gib, program_s = _compile_split(
+        train_step, state, first)
+    lower_s, host_gib = 0.0, None
+  else:
+    step_fn = jax.jit(train_step, donate_argnums=0)
+    trace_s, lower_s, lowered = _trace_and_lower(step_fn, state, first)
+    _progress(f"{variant},{shape_name}: traced and lowered ({trace_s + lower_s:.1f} s); "
+              "XLA compiling")
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    xla_compile_s = time.perf_counter() - start
+    temp_gib, host_gib = _scratch_gib(compiled)
   _progress(f"{variant},{shape_name}: compiled (trace+lower {trace_s + lower_s:.1f} s, "
             f"XLA {xla_compile_s:.1f} s)")
   beside_compilation = not _wait_for_compilations()
@@ -417,6 +450,8 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
              init_s=init_s, init_parts=init_parts, trace_s=trace_s, lower_s=lower_s,
              xla_compile_s=xla_compile_s, temp_gib=temp_gib, host_gib=host_gib)
   row["timed_beside_compilation"] = beside_compilation
+  if program_s is not None:  # split: trace_s is tracing and lowering of all the programs
+    row["program_compile_s"] = program_s
   return row
 
 
@@ -446,8 +481,11 @@ def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
   if profile_dir:  # A trace of two steps (perfetto JSON, readable by bench/profile_summary.py).
     import gzip  # pylint: disable=g-import-not-at-top
     os.makedirs(profile_dir, exist_ok=True)
-    with gzip.open(os.path.join(profile_dir, "train_step.hlo.txt.gz"), "wt") as handle:
-      handle.write(compiled.as_text())
+    programs = getattr(compiled, "compiled", None) or {"train_step": compiled}
+    for name, program in programs.items():  # the split step: one file per program
+      stem = "train_step" if name == "train_step" else f"train_step.{name}"
+      with gzip.open(os.path.join(profile_dir, f"{stem}.hlo.txt.gz"), "wt") as handle:
+        handle.write(program.as_text())
     batch = jax.device_put(_batch_of(examples[recycles[0]]))
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       for _ in range(2):
@@ -588,6 +626,8 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
   params = jax.eval_shape(lambda k: model.init(k, example)["params"], jax.random.PRNGKey(0))
   state = jax.eval_shape(
       lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
+  if config.step_programs == "split":
+    return _lower_split(variant, shape_name, train_step, state, first, compile_too)
   trace_s, lower_s, lowered = _trace_and_lower(jax.jit(train_step), state, first)
   text = lowered.as_text()
   row = {"variant": variant, "shapes": shape_name, "trace_s": trace_s, "lower_s": lower_s,
@@ -611,6 +651,33 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
       path = os.path.join(memory_report, f"{variant}-{shape_name}.peak.txt")
       pathlib.Path(path).write_text(text + "\n", encoding="utf-8")
       row["memory_report"] = path
+  return row
+
+
+def _lower_split(variant, shape_name, split_step, state, batch, compile_too) -> dict:
+  """`run_lower_only` for the split step: its programs traced and lowered (lines summed);
+  with `compile_too`, compiled at the same time, as training does (`xla_compile_s`), then
+  again one after another (each program's XLA seconds alone, `program_compile_s`: the longest
+  bounds the concurrent compile on enough cores; on a GPU these reuse the first compile's
+  GEMM autotuning, which XLA caches in the process)."""
+  import jax
+
+  start = time.perf_counter()
+  lowered = split_step.lower(state, batch)
+  row = {"variant": variant, "shapes": shape_name, "trace_s": time.perf_counter() - start,
+         "lower_s": 0.0, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "stablehlo_lines": sum(low.as_text().count("\n") for low in lowered.values()),
+         "program_lines": {name: low.as_text().count("\n") for name, low in lowered.items()}}
+  if compile_too:
+    together = split_step.compile(state, batch)
+    row["xla_compile_s"] = together["wall"] - together["trace_lower"]
+    alone = split_step.compile(state, batch, concurrent=False)
+    row["program_compile_s"] = {k: v for k, v in alone.items()
+                                if k not in ("trace_lower", "wall")}
+    row["program_temp_gib"] = {name: _scratch_gib(c)[0]
+                               for name, c in split_step.compiled.items()}
+    row["temp_gib"] = max((t for t in row["program_temp_gib"].values() if t is not None),
+                          default=float("nan"))
   return row
 
 
@@ -928,6 +995,7 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_dump_to={dump} --xla_dump_hlo_pass_re=^$").strip()
   if args.lower_only:
+    rows = []
     print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}"
           + (f" {'compile s':>9s} {'scratch GiB':>11s}" if args.compile_only else ""))
     for shape_name in args.shapes.split(","):
@@ -940,8 +1008,18 @@ def main(argv=None) -> int:
         print(f"{variant:20s} {row['shapes']:8s} {row['trace_s']:8.1f} {row['lower_s']:8.1f} "
               f"{row['stablehlo_lines']:16d}{extra}  {row['device']}, jax {row['jax']}"
               + (f", set {overrides}" if overrides else ""), flush=True)
+        if row.get("program_lines"):  # the split step: each program's size (and compile)
+          for name, lines in row["program_lines"].items():
+            alone = row.get("program_compile_s", {}).get(name)
+            temp = row.get("program_temp_gib", {}).get(name)
+            print(f"  {name:10s} {lines:8d} lines"
+                  + (f", XLA {alone:.1f} s alone, scratch {temp:.2f} GiB"
+                     if alone is not None and temp is not None else ""), flush=True)
         if row.get("memory_report"):
           print(pathlib.Path(row["memory_report"]).read_text(encoding="utf-8"), flush=True)
+        rows.append(row)
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 0
 
   if args.one:

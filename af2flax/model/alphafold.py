@@ -106,6 +106,17 @@ def _prev_from_outputs(outputs: Mapping[str, Any], prev: Mapping[str, jax.Array]
   return {key: jax.lax.stop_gradient(sources[key]().astype(jnp.float32)) for key in prev}
 
 
+def _check_prev(given: Mapping[str, jax.Array], expected: Mapping[str, jax.Array]) -> None:
+  """`prev=` must hold exactly the recycled inputs this config recycles, at their shapes."""
+  if set(given) != set(expected):
+    raise ValueError(f"AlphaFold(prev=...) has keys {sorted(given)}; this config recycles "
+                     f"{sorted(expected)}")
+  for key, value in expected.items():
+    if tuple(given[key].shape) != tuple(value.shape):
+      raise ValueError(f"AlphaFold(prev=...)[{key!r}] has shape {tuple(given[key].shape)}; "
+                       f"expected {tuple(value.shape)}")
+
+
 def slice_recycle(batch: Mapping[str, jax.Array], index: jax.Array | int) -> dict[str, jax.Array]:
   """Slice `index` of the leading recycle axis of every feature."""
   return {key: jax.lax.dynamic_index_in_dim(value, index, axis=0, keepdims=False)
@@ -123,12 +134,26 @@ class AlphaFold(nn.Module):
   config: Any   # the model config
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, jax.Array],
-               deterministic: bool = True) -> dict[str, Any]:
-    with layer_norm_recompute(self.config.global_config.get("layer_norm_recompute", True)):
-      return self._recycle(batch, deterministic)
+  def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True, *,
+               prev: Mapping[str, jax.Array] | None = None,
+               recycle_only: bool = False) -> dict[str, Any]:
+    """The final iteration's outputs, after the no-gradient recycling iterations.
 
-  def _recycle(self, batch: Mapping[str, jax.Array], deterministic: bool) -> dict[str, Any]:
+    The two halves can also run apart (the train step's separately compiled programs):
+    `recycle_only=True` runs only the no-gradient iterations and returns the recycled inputs
+    of the final one (`prev_pos`, `prev_msa_first_row`, `prev_pair`, float32, without
+    gradient; zeros when no iteration runs); `prev=` those inputs runs only the final
+    iteration. `apply(recycle_only=True)` then `apply(prev=...)` computes what one call does.
+    """
+    if recycle_only and prev is not None:
+      raise ValueError("AlphaFold: recycle_only=True returns the recycled inputs; it does not "
+                       "take them (prev=...)")
+    with layer_norm_recompute(self.config.global_config.get("layer_norm_recompute", True)):
+      return self._recycle(batch, deterministic, prev, recycle_only)
+
+  def _recycle(self, batch: Mapping[str, jax.Array], deterministic: bool,
+               given_prev: Mapping[str, jax.Array] | None, recycle_only: bool
+               ) -> dict[str, Any]:
     c = self.config
     if batch["aatype"].ndim != 2:
       raise ValueError(f"batch['aatype'] has shape {batch['aatype'].shape}; expected "
@@ -140,6 +165,8 @@ class AlphaFold(nn.Module):
       return slice_recycle(batch, index if c.resample_msa_in_recycling else 0)
 
     prev = _initial_prev(num_res, c)
+    if given_prev is not None:
+      _check_prev(given_prev, prev)
     if c.num_recycle:
       if "num_iter_recycling" in batch:
         num_iter = jnp.minimum(batch["num_iter_recycling"][0], c.num_recycle)
@@ -155,10 +182,16 @@ class AlphaFold(nn.Module):
       if self.is_initializing():
         # Parameters are created by one plain call; the loop needs them to exist.
         body(iteration, (jnp.asarray(0, jnp.int32), prev))
+      elif given_prev is not None:
+        prev = dict(given_prev)
       else:
         _, prev = nn.while_loop(lambda module, carry: carry[0] < num_iter, body, iteration,
                                 (jnp.asarray(0, jnp.int32), prev),
                                 broadcast_variables="params", split_rngs={"dropout": True})
     else:
       num_iter = jnp.asarray(0, jnp.int32)
+      if given_prev is not None:
+        prev = dict(given_prev)
+    if recycle_only:
+      return prev
     return iteration(features(num_iter), prev, deterministic)

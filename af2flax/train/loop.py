@@ -23,6 +23,7 @@ from af2flax.common import residue_constants
 from af2flax.train import checkpoint as checkpoint_lib
 from af2flax.train import metrics as metrics_lib
 from af2flax.train import optimizer as optimizer_lib
+from af2flax.train import programs as programs_lib
 from af2flax.train import sharding as sharding_lib
 from af2flax.train import state as state_lib
 from af2flax.train import step as step_lib
@@ -117,6 +118,21 @@ def _evaluate(eval_step, params, eval_batches, batch_sharding,
   if not sums or count == 0:
     return {}
   return {f"{prefix}/{k}": float(v) / count for k, v in sums.items()}
+
+
+def make_step(objective: Any, optimizer: Any, config: ml_collections.ConfigDict, mesh: Any,
+              state_shardings: Any, param_specs: Any) -> Any:
+  """The train step over the mesh as `config.step_programs` says: 'one' XLA program, or
+  'split' into programs compiled at the same time (`programs.SplitTrainStep`)."""
+  kind = config.get("step_programs", "one")
+  if kind == "split":
+    return programs_lib.SplitTrainStep(objective, optimizer, config, mesh, state_shardings,
+                                       param_specs)
+  if kind != "one":
+    raise ValueError(f"config.step_programs={kind!r}; expected 'one' or 'split'")
+  return sharding_lib.jit_train_step(
+      step_lib.make_train_step(objective, optimizer, config, mesh, param_specs),
+      state_shardings, mesh)
 
 
 def _check_skips(consecutive_skips: jax.Array | None, max_skips: int, step: int,
@@ -231,9 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # The step, jitted over the mesh; validation with the EMA parameters.
   param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
-  train_step = sharding_lib.jit_train_step(
-      step_lib.make_train_step(model.objective, optimizer, config, mesh, param_specs),
-      state_shardings, mesh)
+  train_step = make_step(model.objective, optimizer, config, mesh, state_shardings,
+                         param_specs)
 
   def masked_metrics(params, example):
     mask = example[EVAL_MASK_KEY]

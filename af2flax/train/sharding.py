@@ -166,13 +166,21 @@ def jit_train_step(train_step: Any, state_shardings: PyTree, mesh: Mesh) -> Any:
                  donate_argnums=0)
 
 
-def _reduce_over_devices(x: jax.Array, spec: P) -> jax.Array:
+def reduce_over_devices(x: jax.Array, spec: P) -> jax.Array:
   """Inside `shard_map`: the sum over all devices, split as `spec` says (fsdp: reduce-scatter)."""
   fsdp_axes = [i for i, name in enumerate(spec) if name == FSDP_AXIS]
   if not fsdp_axes:
     return jax.lax.psum(x, BATCH_AXES)
   x = jax.lax.psum(x, DATA_AXIS)
   return jax.lax.psum_scatter(x, FSDP_AXIS, scatter_dimension=fsdp_axes[0], tiled=True)
+
+
+def reduce_tree_over_devices(tree: PyTree, specs: PyTree) -> PyTree:
+  """Inside `shard_map`: `reduce_over_devices` of every leaf of `tree`, with the
+  `PartitionSpec` that `specs` (a prefix tree of them) gives it."""
+  def reduce_subtree(spec, subtree):
+    return jax.tree.map(lambda x: reduce_over_devices(x, spec), subtree)
+  return jax.tree.map(reduce_subtree, specs, tree, is_leaf=lambda x: isinstance(x, P))
 
 
 def sum_over_examples(fn: Any, mesh: Mesh, out_specs: PyTree, vmap_size: int = 1) -> Any:
@@ -212,9 +220,7 @@ def sum_over_examples(fn: Any, mesh: Mesh, out_specs: PyTree, vmap_size: int = 1
       return jax.tree.map(jnp.add, total, chunk_value(shared, chunk)), None
 
     total, _ = jax.lax.scan(add_chunk, zeros, chunks)
-    return jax.tree.map(lambda spec, sub: jax.tree.map(
-        lambda x: _reduce_over_devices(x, spec), sub), out_specs, total,
-                        is_leaf=lambda x: isinstance(x, P))
+    return reduce_tree_over_devices(total, out_specs)
 
   return jax.shard_map(local_sum, mesh=mesh, in_specs=(P(), P(BATCH_AXES)),
                        out_specs=out_specs, check_vma=False)

@@ -76,6 +76,69 @@ def model_config_for_step(config: ml_collections.ConfigDict) -> ml_collections.C
   return model_config
 
 
+def example_scalars(loss: jax.Array, aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """The loss and the objective's scalar aux values of one example, float32."""
+  scalars = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if jnp.ndim(v) == 0}
+  scalars["loss"] = jnp.asarray(loss, jnp.float32)
+  return scalars
+
+
+def clip_example_gradient(grads: PyTree, scalars: Mapping[str, jax.Array], clip_norm: float
+                          ) -> tuple[PyTree, dict[str, jax.Array]]:
+  """One example's gradient clipped to `clip_norm` (Suppl. 1.11.3), with its scalars plus
+  `grad_norm` (before clipping) and `clipped_fraction`."""
+  grads, norm = clip_by_global_norm(grads, clip_norm)
+  scalars = dict(scalars)
+  scalars["grad_norm"] = norm
+  scalars["clipped_fraction"] = (norm > clip_norm).astype(jnp.float32)
+  return grads, scalars
+
+
+def example_rngs(rng: jax.Array, step: jax.Array, batch_size: int) -> jax.Array:
+  """One dropout key per example of this step's batch (from the state's key and step)."""
+  return jax.random.split(jax.random.fold_in(rng, step), batch_size)
+
+
+def apply_summed_gradients(state: state_lib.TrainState, grad_sum: PyTree,
+                           scalar_sum: Mapping[str, jax.Array], batch_size: int,
+                           optimizer: optax.GradientTransformation, ema_decay: float
+                           ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  """The step's end: the clipped per-example gradients and scalars, summed over the batch,
+  averaged; Adam and the EMA applied if everything is finite, else the update skipped
+  (`make_train_step` says which metrics come out)."""
+  grads = jax.tree.map(lambda g: g / batch_size, grad_sum)
+  metrics = jax.tree.map(lambda s: s / batch_size, dict(scalar_sum))
+
+  def apply_update(operands):
+    params, opt_state, ema_params, grads = operands
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, state_lib.ema_update(ema_params, params, ema_decay)
+
+  # A conditional, not a select per array: one predicate feeding a select in every one of
+  # hundreds of parameter arrays made XLA:CPU compile the step 4x slower (measured, tiny
+  # AlphaFold, 188 s -> 820 s).
+  finite = jnp.isfinite(metrics["loss"]) & _tree_all_finite(grads)
+  params, opt_state, ema_params = jax.lax.cond(
+      finite, apply_update, lambda operands: operands[:3],
+      (state.params, state.opt_state, state.ema_params, grads))
+  skipped = (~finite).astype(jnp.int32)
+  new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
+      skipped_steps=state.skipped_steps + skipped,
+      consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
+  )
+
+  metrics["update_grad_norm"] = optax.global_norm(grads)
+  metrics["param_norm"] = optax.global_norm(new_state.params)
+  metrics["learning_rate"] = jnp.asarray(
+      optimizer_lib.current_learning_rate(new_state.opt_state), jnp.float32)
+  metrics["skipped"] = skipped.astype(jnp.float32)
+  metrics["skipped_steps"] = new_state.skipped_steps
+  metrics["consecutive_skips"] = new_state.consecutive_skips
+  return new_state, metrics
+
+
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     param_specs: PyTree = jax.sharding.PartitionSpec()) -> TrainStep:
@@ -103,12 +166,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
   def example_grads(params, example_and_rng):
     example, rng = example_and_rng
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, example, rng)
-    grads, norm = clip_by_global_norm(grads, clip_norm)
-    scalars = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if jnp.ndim(v) == 0}
-    scalars["loss"] = jnp.asarray(loss, jnp.float32)
-    scalars["grad_norm"] = norm
-    scalars["clipped_fraction"] = (norm > clip_norm).astype(jnp.float32)
-    return grads, scalars
+    return clip_example_gradient(grads, example_scalars(loss, aux), clip_norm)
 
   summed_grads = sharding_lib.sum_over_examples(
       example_grads, mesh, out_specs=(param_specs, jax.sharding.PartitionSpec()),
@@ -116,40 +174,9 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
 
   def train_step(state: state_lib.TrainState, batch: Batch):
     batch_size = jax.tree.leaves(batch)[0].shape[0]
-    step_rng = jax.random.fold_in(state.rng, state.step)
-    rngs = jax.random.split(step_rng, batch_size)  # one dropout key per example
+    rngs = example_rngs(state.rng, state.step, batch_size)
     grad_sum, scalar_sum = summed_grads(state.params, (batch, rngs))
-    grads = jax.tree.map(lambda g: g / batch_size, grad_sum)
-    metrics = jax.tree.map(lambda s: s / batch_size, scalar_sum)
-
-    def apply_update(operands):
-      params, opt_state, ema_params, grads = operands
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return params, opt_state, state_lib.ema_update(ema_params, params, ema_decay)
-
-    # A conditional, not a select per array: one predicate feeding a select in every one of
-    # hundreds of parameter arrays made XLA:CPU compile the step 4x slower (measured, tiny
-    # AlphaFold, 188 s -> 820 s).
-    finite = jnp.isfinite(metrics["loss"]) & _tree_all_finite(grads)
-    params, opt_state, ema_params = jax.lax.cond(
-        finite, apply_update, lambda operands: operands[:3],
-        (state.params, state.opt_state, state.ema_params, grads))
-    skipped = (~finite).astype(jnp.int32)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
-        skipped_steps=state.skipped_steps + skipped,
-        consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
-    )
-
-    metrics["update_grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(new_state.params)
-    metrics["learning_rate"] = jnp.asarray(
-        optimizer_lib.current_learning_rate(new_state.opt_state), jnp.float32)
-    metrics["skipped"] = skipped.astype(jnp.float32)
-    metrics["skipped_steps"] = new_state.skipped_steps
-    metrics["consecutive_skips"] = new_state.consecutive_skips
-    return new_state, metrics
+    return apply_summed_gradients(state, grad_sum, scalar_sum, batch_size, optimizer, ema_decay)
 
   return train_step
 
@@ -171,22 +198,79 @@ def final_iteration_features(example: Batch) -> dict[str, jax.Array]:
           for k, v in example.items()}
 
 
-def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> Objective:
+class StagedObjective:
+  """An objective in two halves: `recycle(params, example, rng) -> prev`, the no-gradient
+  recycling iterations (Suppl. 1.10), and `final(params, example, prev, rng) -> (loss, aux)`,
+  the final iteration and the losses, which alone carry the gradient.
+
+  Calling it is the whole objective (an `Objective`): the example's key is split in two, the
+  first for the recycling iterations' dropout, the second for the final iteration's. The
+  separately compiled step (`af2flax.train.programs`) runs the halves as programs of their
+  own with the same two keys, so both steps compute the same values.
+  """
+
+  def __init__(self, recycle: Callable[[PyTree, Batch, jax.Array], PyTree],
+               final: Callable[[PyTree, Batch, PyTree, jax.Array],
+                               tuple[jax.Array, Mapping[str, jax.Array]]]):
+    self.recycle = recycle
+    self.final = final
+
+  def __call__(self, params: PyTree, example: Batch, rng: jax.Array
+               ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
+    recycle_rng, final_rng = self.keys(rng)
+    return self.final(params, example, self.recycle(params, example, recycle_rng), final_rng)
+
+  def keys(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The example's key for the recycling iterations and for the final iteration."""
+    recycle_rng, final_rng = jax.random.split(rng)
+    return recycle_rng, final_rng
+
+  @classmethod
+  def of(cls, objective: Objective) -> "StagedObjective":
+    """`objective` itself if staged, else one with nothing to recycle (`prev` = {}) whose
+    final half is `objective` with the example's whole key."""
+    if isinstance(objective, cls):
+      return objective
+    return _Unstaged(objective)
+
+
+class _Unstaged(StagedObjective):
+  """A plain objective seen as staged: no recycled inputs, the key unsplit."""
+
+  def __init__(self, objective: Objective):
+    super().__init__(lambda params, example, rng: {},
+                     lambda params, example, prev, rng: objective(params, example, rng))
+    self._objective = objective
+
+  def __call__(self, params, example, rng):
+    return self._objective(params, example, rng)
+
+  def keys(self, rng):
+    return rng, rng
+
+
+def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> StagedObjective:
   """The per-example training objective of AlphaFold: model with dropout, then all losses.
 
   `model` is `af2flax.model.alphafold.AlphaFold(model_config)`; the loss is
   `af2flax.losses.total.alphafold_loss` on the final iteration's features (Suppl. 1.9,
-  eq. 7), computed in float32 whatever the model's compute dtype.
+  eq. 7), computed in float32 whatever the model's compute dtype. Staged: the no-gradient
+  recycling iterations (`AlphaFold(recycle_only=True)`) and the final iteration with the
+  losses (`AlphaFold(prev=...)`) are its two halves.
   """
   from af2flax.losses.total import alphafold_loss  # pylint: disable=g-import-not-at-top
 
   heads_config = model_config.heads
 
-  def objective(params, example, dropout_rng):
-    outputs = model.apply({"params": params}, example, deterministic=False,
+  def recycle(params, example, dropout_rng):
+    return model.apply({"params": params}, example, deterministic=False, recycle_only=True,
+                       rngs={"dropout": dropout_rng})
+
+  def final(params, example, prev, dropout_rng):
+    outputs = model.apply({"params": params}, example, deterministic=False, prev=prev,
                           rngs={"dropout": dropout_rng})
     outputs = to_float32(outputs)
     loss, aux = alphafold_loss(final_iteration_features(example), outputs, heads_config)
     return loss, aux
 
-  return objective
+  return StagedObjective(recycle, final)

@@ -1,7 +1,8 @@
 """Runs `loop.train_and_evaluate` on the MLP in its own process (kill, preemption, multi-host).
 
 argv: workdir [--kill_before_batch N] [--sigterm_before_batch N] [--steps N]
-      [--process_id I --num_processes P --coordinator ADDR] [--config.key=value ...] .
+      [--nan_batches I,J] [--step_programs one|split]
+      [--process_id I --num_processes P --coordinator ADDR] .
 Prints a JSON line with the final step, the checkpointed steps and a parameter digest.
 """
 
@@ -23,6 +24,7 @@ def main() -> None:
   parser.add_argument("--sigterm_before_batch", type=int, default=None)
   parser.add_argument("--steps", type=int, default=12)
   parser.add_argument("--nan_batches", type=str, default="")
+  parser.add_argument("--step_programs", type=str, default="one")
   parser.add_argument("--process_id", type=int, default=None)
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--coordinator", type=str, default=None)
@@ -45,9 +47,12 @@ def main() -> None:
     if index == args.sigterm_before_batch:
       os.kill(os.getpid(), signal.SIGTERM)
 
+  if args.step_programs != "one":  # the loop logs the split step's compile (tests read it)
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.set_verbosity(logging.INFO)
   nan_batches = tuple(int(b) for b in args.nan_batches.split(",") if b)
   mlp.patch_loop(loop, on_batch=on_batch, nan_batches=nan_batches)
-  config = mlp.loop_config(num_train_steps=args.steps)
+  config = mlp.loop_config(num_train_steps=args.steps, step_programs=args.step_programs)
   try:
     metrics = loop.train_and_evaluate(config, args.workdir)
   except loop.NonFiniteTrainingError as e:

@@ -1,9 +1,10 @@
 """Runs two train steps on given meshes and prints losses and parameters as JSON.
 
 Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 by
-test_sharding.py; argv: [--alphafold] meshes as data,fsdp pairs (1,1 = a single device), e.g.
-1,1 8,1 4,2. The model is the test MLP, or with --alphafold the af2_tiny AlphaFold with its
-reference parameters on 8 perturbed copies of its reference batch.
+test_sharding.py; argv: [--alphafold] [--split] meshes as data,fsdp pairs (1,1 = a single
+device), e.g. 1,1 8,1 4,2. The model is the test MLP, or with --alphafold the af2_tiny AlphaFold
+with its reference parameters on 8 perturbed copies of its reference batch. --split: the step
+as separately compiled programs (`programs.SplitTrainStep`) instead of one.
 Prints one JSON object {"data,fsdp": result}.
 """
 
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from af2flax.train import optimizer as optimizer_lib
+from af2flax.train import programs
 from af2flax.train import sharding as sharding_lib
 from af2flax.train import state as state_lib
 from af2flax.train import step as step_lib
@@ -57,7 +59,7 @@ def alphafold_setup():
   return objective, params, batch, ALPHAFOLD_RULES, train_config
 
 
-def run(setup, data: int, fsdp: int) -> dict:
+def run(setup, data: int, fsdp: int, split: bool = False) -> dict:
   objective, params, make_batch, rules, config = setup
   devices = jax.devices()[:data * fsdp]
   mesh = sharding_lib.make_mesh({"data": data, "fsdp": fsdp}, devices=devices)
@@ -69,8 +71,11 @@ def run(setup, data: int, fsdp: int) -> dict:
   state, shardings = sharding_lib.init_sharded(init, jax.random.PRNGKey(1), mesh=mesh,
                                                rules=rules)
   param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
-  train_step = sharding_lib.jit_train_step(
-      step_lib.make_train_step(objective, tx, config, mesh, param_specs), shardings, mesh)
+  if split:
+    train_step = programs.SplitTrainStep(objective, tx, config, mesh, shardings, param_specs)
+  else:
+    train_step = sharding_lib.jit_train_step(
+        step_lib.make_train_step(objective, tx, config, mesh, param_specs), shardings, mesh)
   losses = []
   for i in range(2):
     batch = sharding_lib.global_batch(make_batch(i), sharding_lib.batch_sharding(mesh))
@@ -88,6 +93,7 @@ def run(setup, data: int, fsdp: int) -> dict:
 
 if __name__ == "__main__":
   args = sys.argv[1:]
-  setup = alphafold_setup() if args[0] == "--alphafold" else mlp_setup()
-  meshes = [a for a in args if a != "--alphafold"]
-  print(json.dumps({shape: run(setup, *map(int, shape.split(","))) for shape in meshes}))
+  setup = alphafold_setup() if "--alphafold" in args else mlp_setup()
+  meshes = [a for a in args if not a.startswith("--")]
+  print(json.dumps({shape: run(setup, *map(int, shape.split(",")), split="--split" in args)
+                    for shape in meshes}))

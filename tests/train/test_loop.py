@@ -71,6 +71,21 @@ def test_preempted_and_killed_run_resumes_to_same_parameters(uninterrupted, tmp_
   assert not list(workdir.glob("checkpoints/*tmp*"))  # partial saves were cleaned up
 
 
+def test_split_step_programs_train_to_the_same_parameters(uninterrupted, tmp_path):
+  """`step_programs='split'` (the step as separately compiled programs) runs the same
+  training: 12 steps with the non-finite batch skipped end at the one-program run's
+  parameters, up to XLA's rounding."""
+  _, reference = uninterrupted
+  final, stderr = _worker(tmp_path / "split", "--nan_batches", NAN_BATCH,
+                          "--step_programs", "split")
+  assert "split train step compiled" in stderr
+  assert final["latest"] == reference["latest"] == 12 and final["steps"] == reference["steps"]
+  np.testing.assert_allclose(final["loss"], reference["loss"], rtol=1e-5)
+  assert len(final["params"]) == len(reference["params"])
+  for ours, theirs in zip(final["params"], reference["params"]):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_checkpoint_retention_keeps_last_and_best(uninterrupted):
   _, reference = uninterrupted
   # every 2 steps, keep the last 3, plus the best by val/neg_mse among evaluated steps 6, 12.

@@ -1,0 +1,195 @@
+"""The train step as separately compiled programs (`programs.SplitTrainStep`) computes the
+one-program step's values; AlphaFold's two halves (recycling iterations, final iteration)
+compose to the whole network."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from af2flax.model import config as model_config_lib
+from af2flax.model import import_af2
+from af2flax.model.alphafold import AlphaFold
+from af2flax.train import optimizer as optimizer_lib
+from af2flax.train import programs
+from af2flax.train import sharding as sharding_lib
+from af2flax.train import state as state_lib
+from af2flax.train import step as step_lib
+from tests.conftest import REFERENCE, REPO_ROOT
+from tests.train import mlp
+
+
+def _mlp_steps(batch_size=4, steps=3):
+  config = mlp.train_config()
+  model = mlp.MLP()
+  tx = optimizer_lib.make_optimizer(config.optimizer)
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  shardings = sharding_lib.replicated(mesh)
+  state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
+  one = sharding_lib.jit_train_step(
+      step_lib.make_train_step(mlp.objective(model), tx, config, mesh),
+      jax.tree.map(lambda _: shardings, state), mesh)
+  split = programs.SplitTrainStep(mlp.objective(model), tx, config, mesh, shardings)
+  states = [jax.tree.map(jnp.copy, state), jax.tree.map(jnp.copy, state)]
+  metrics = [None, None]
+  for i in range(steps):
+    batch = jax.device_put(mlp.make_batch(i, batch_size), sharding_lib.batch_sharding(mesh))
+    for k, train_step in enumerate((one, split)):
+      states[k], metrics[k] = train_step(states[k], batch)
+  return states, metrics, split
+
+
+def test_split_step_equals_one_program_step():
+  """Three steps of 4 examples (a loop of 4 per step over the one device): same parameters,
+  EMA, optimizer state and metrics, up to XLA's rounding."""
+  (one, split), (one_metrics, split_metrics), split_step = _mlp_steps()
+  assert int(split.step) == 3
+  for a, b in zip(jax.tree.leaves((one.params, one.ema_params, one.opt_state)),
+                  jax.tree.leaves((split.params, split.ema_params, split.opt_state))):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  assert set(split_metrics) == set(one_metrics)
+  for key, value in one_metrics.items():
+    np.testing.assert_allclose(split_metrics[key], value, rtol=1e-5, err_msg=key)
+  assert float(split_metrics["clipped_fraction"]) == 1.0  # clipping is exercised
+  # Compiled once for the three steps; each program timed.
+  assert set(split_step.compile_seconds) == {"trace_lower", "recycle", "forward", "backward",
+                                             "update", "zeros", "wall"}
+
+
+def test_residuals_leave_out_the_parameters():
+  """The backward program takes the parameters again: the forward program's residuals do not
+  copy the weights that the backward pass reads (here the second layer's kernel, [16, 1])."""
+  _, _, split_step = _mlp_steps(steps=1)
+  # pylint: disable=protected-access
+  _, layout, _ = split_step._vjp_layout
+  assert [where for where in layout if where is not None] == [3]  # Dense_1/kernel, read again
+  shapes = [tuple(x.shape) for x in jax.tree.leaves(split_step._residuals)]
+  assert (1, 16, 1) not in shapes and (1, 4, 16) in shapes  # [device, ...]: activations only
+  assert split_step.residual_bytes() > 0
+
+
+def test_split_step_recompiles_only_for_new_shapes():
+  config = mlp.train_config()
+  model = mlp.MLP()
+  tx = optimizer_lib.make_optimizer(config.optimizer)
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  split = programs.SplitTrainStep(mlp.objective(model), tx, config, mesh,
+                                  sharding_lib.replicated(mesh))
+  state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
+  state, _ = split(state, mlp.make_batch(0, 2))
+  first = split.compiled["backward"]
+  state, _ = split(state, mlp.make_batch(1, 2))
+  assert split.compiled["backward"] is first
+  state, metrics = split(state, mlp.make_batch(2, 3))  # another batch size: compiled again
+  assert split.compiled["backward"] is not first and int(state.step) == 3
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_split_step_refuses_vmapped_examples():
+  config = mlp.train_config(vmap_batch_size=2)
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  with pytest.raises(ValueError, match="vmap_batch_size=2"):
+    programs.SplitTrainStep(mlp.objective(mlp.MLP()), optimizer_lib.make_optimizer(
+        config.optimizer), config, mesh, sharding_lib.replicated(mesh))
+
+
+def test_step_programs_config_is_checked():
+  from af2flax.train import loop  # pylint: disable=g-import-not-at-top
+  config = mlp.loop_config(step_programs="three")
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  with pytest.raises(ValueError, match="step_programs='three'"):
+    loop.make_step(mlp.objective(mlp.MLP()), optimizer_lib.make_optimizer(config.optimizer),
+                   config, mesh, sharding_lib.replicated(mesh), jax.sharding.PartitionSpec())
+
+
+def test_split_step_on_meshes_equals_one_device():
+  """Data-parallel (8 devices) and FSDP (4 x 2) meshes: the split step gives the one-program
+  step's losses, parameters and EMA on one device (CPU devices in a subprocess)."""
+  def run(*args):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "tests.train.mesh_worker", *args],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+  reference = run("1,1")["1,1"]
+  for mesh, result in run("--split", "1,1", "8,1", "4,2").items():
+    np.testing.assert_allclose(result["losses"], reference["losses"], rtol=1e-5, err_msg=mesh)
+    for tree in ("params", "ema"):
+      for name, value in reference[tree].items():
+        np.testing.assert_allclose(result[tree][name], value, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{tree} {name} on mesh {mesh}")
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_dir):
+  del shared_dir
+  directory = REFERENCE / "af2_tiny"
+  config = model_config_lib.from_alphafold_dict(
+      json.loads((directory / "config.json").read_text())["model_config"])
+  params = import_af2.haiku_to_flax(dict(np.load(directory / "params.npz")))
+  return config, params, dict(np.load(directory / "batch.npz"))
+
+
+def test_alphafold_halves_compose_to_the_whole_network(tiny):
+  """`apply(recycle_only=True)` then `apply(prev=...)` is one `apply`, and the recycled
+  inputs are what the recycling iterations made (not the zeros of the first iteration)."""
+  config, params, batch = tiny
+  assert config.num_recycle > 0 and int(batch["num_iter_recycling"][0]) > 0
+  model = AlphaFold(config)
+  variables = {"params": params}
+  whole = jax.jit(lambda b: model.apply(variables, b))(batch)
+  prev = jax.jit(lambda b: model.apply(variables, b, recycle_only=True))(batch)
+  assert set(prev) == {"prev_pos", "prev_msa_first_row", "prev_pair"}
+  assert float(jnp.abs(prev["prev_pair"]).max()) > 0
+  halves = jax.jit(lambda b, p: model.apply(variables, b, prev=p))(batch, prev)
+  for key in ("final_atom_positions",):
+    np.testing.assert_allclose(halves["structure_module"][key],
+                               whole["structure_module"][key], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(halves["representations"]["pair"],
+                             whole["representations"]["pair"], rtol=1e-4, atol=1e-4)
+
+
+def test_alphafold_prev_is_checked(tiny):
+  config, params, batch = tiny
+  model = AlphaFold(config)
+  variables = {"params": params}
+  prev = jax.eval_shape(lambda b: model.apply(variables, b, recycle_only=True), batch)
+  wrong = dict(prev, prev_pair=jax.ShapeDtypeStruct((3, 3, 1), jnp.float32))
+  with pytest.raises(ValueError, match=r"prev=...\)\['prev_pair'\] has shape \(3, 3, 1\)"):
+    jax.eval_shape(lambda b, p: model.apply(variables, b, prev=p), batch, wrong)
+  with pytest.raises(ValueError, match="has keys"):
+    jax.eval_shape(lambda b, p: model.apply(variables, b, prev=p), batch,
+                   {"prev_pos": prev["prev_pos"]})
+  with pytest.raises(ValueError, match="recycle_only=True returns"):
+    model.apply(variables, batch, prev=prev, recycle_only=True)
+
+
+@pytest.mark.slow
+def test_alphafold_split_step_equals_one_program_step(tiny):
+  """af2_tiny with its reference parameters and batch, dropout on: one step of the split
+  step and of the one-program step give the same loss, metrics and parameters."""
+  config, params, batch = tiny
+  objective = step_lib.alphafold_objective(AlphaFold(config), config)
+  train_config = mlp.train_config()
+  train_config.optimizer.learning_rate = 1e-3
+  tx = optimizer_lib.make_optimizer(train_config.optimizer)
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(1))
+  shardings = sharding_lib.replicated(mesh)
+  one = sharding_lib.jit_train_step(step_lib.make_train_step(objective, tx, train_config, mesh),
+                                    jax.tree.map(lambda _: shardings, state), mesh)
+  split = programs.SplitTrainStep(objective, tx, train_config, mesh, shardings)
+  batch = {k: v[None] for k, v in batch.items()}
+  one_state, one_metrics = one(jax.tree.map(jnp.copy, state), batch)
+  split_state, split_metrics = split(jax.tree.map(jnp.copy, state), batch)
+  for key in ("loss", "grad_norm", "update_grad_norm", "param_norm"):
+    np.testing.assert_allclose(split_metrics[key], one_metrics[key], rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(split_state.params)):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
