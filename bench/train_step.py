@@ -90,10 +90,10 @@ _PIPELINED_OFFLOAD = "--xla_gpu_enable_pipelined_host_offloading=true"
 _COMPILE_WAIT_S = 1800.0
 
 # name -> model global_config overrides, except the step's own keys (`STEP_KEYS`):
-# 'xla_flags' (added to XLA_FLAGS of its worker) and 'step_programs' (the train config's:
+# 'xla_flags' (added to XLA_FLAGS of its worker), 'step_programs' (the train config's:
 # 'split' runs `af2flax.train.programs.SplitTrainStep`, the step as separately compiled
-# programs compiled at the same time).
-STEP_KEYS = ("xla_flags", "step_programs")
+# programs compiled at the same time) and 'flat_update' (`config.optimizer.flat_update`).
+STEP_KEYS = ("xla_flags", "step_programs", "flat_update")
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -314,6 +314,9 @@ VARIANTS = {
 VARIANTS.update({
     "bf16-auto-split": {**_BF16_AUTO, "step_programs": "split"},
     "bf16-pallas512-extracudnn-offload55-split": {**_FINETUNE_PRESET, "step_programs": "split"},
+    # The update per parameter array, as before the sixteenth session (flat_update off).
+    "bf16-auto-perarray": {**_BF16_AUTO, "flat_update": False},
+    "bf16-auto-split-perarray": {**_BF16_AUTO, "step_programs": "split", "flat_update": False},
 })
 RECYCLES = (0, 1, 2, 3)
 
@@ -327,6 +330,8 @@ def _train_config(variant: str, smoke: bool, stage: str):
   config.model.global_config.update(
       {k: v for k, v in VARIANTS[variant].items() if k not in STEP_KEYS})
   config.step_programs = VARIANTS[variant].get("step_programs", config.step_programs)
+  config.optimizer.flat_update = VARIANTS[variant].get("flat_update",
+                                                       config.optimizer.flat_update)
   config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))
   if smoke:
     evo = config.model.embeddings_and_evoformer

@@ -96,6 +96,7 @@ class SplitTrainStep:
     self._mesh = mesh
     self._state_shardings = state_shardings
     self._param_specs = param_specs
+    self._flat = step_lib.flat_update(config, param_specs)
     self._replicated = sharding_lib.replicated(mesh)
     self._per_device = NamedSharding(mesh, _PER_DEVICE)
     self._devices = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
@@ -166,7 +167,7 @@ class SplitTrainStep:
 
     grad_sum, scalar_sum = self._shard_map(reduce, (_PER_DEVICE,), (param_specs, P()))(sums)
     return step_lib.apply_summed_gradients(state, grad_sum, scalar_sum, batch_size,
-                                           self._optimizer, self._ema_decay)
+                                           self._optimizer, self._ema_decay, self._flat)
 
   # Compilation.
 

@@ -16,9 +16,10 @@ from tests.train import mlp
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(vmap_batch_size=1):
+def _setup(vmap_batch_size=1, flat_update=True):
   """One compiled step per setting, shared by the tests (compiling dominates their time)."""
   config = mlp.train_config(vmap_batch_size=vmap_batch_size)
+  config.optimizer.flat_update = flat_update
   model = mlp.MLP()
   tx = optimizer_lib.make_optimizer(config.optimizer)
   state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
@@ -146,3 +147,60 @@ def test_final_iteration_features_slices_recycle_axis():
   final = step_lib.final_iteration_features(example)
   np.testing.assert_array_equal(final["aatype"], [6, 7, 8])
   assert int(final["num_iter_recycling"]) == 2
+
+
+def test_flat_update_equals_update_per_array():
+  """Adam, the EMA and the metrics on the concatenated parameters (`flat_update`, the
+  default) give the per-array update's values, and the state keeps its structure (the
+  checkpoints' layout); a non-finite step is skipped the same way."""
+  _, _, _, state, flat = _setup()
+  _, _, _, _, per_array = _setup(flat_update=False)
+  states = {"flat": state, "per_array": state}
+  steps = {"flat": flat, "per_array": per_array}
+  for i in range(3):
+    batch = mlp.make_batch(i, 4)
+    if i == 1:
+      batch["y"][0, 0] = np.nan
+    results = {name: steps[name](states[name], batch) for name in steps}
+    states = {name: result[0] for name, result in results.items()}
+    for key, value in results["per_array"][1].items():
+      np.testing.assert_allclose(results["flat"][1][key], value, rtol=1e-6, err_msg=key)
+  assert int(states["flat"].skipped_steps) == 1
+  # Adam's square root: once for the concatenation against once per array (4 arrays); the
+  # per-example and metric norms add the same count to both.
+  sqrts = {name: steps[name].lower(state, mlp.make_batch(0, 4)).as_text().count("sqrt")
+           for name in steps}
+  assert sqrts["per_array"] - sqrts["flat"] == 3, sqrts
+  flat_state, per_array_state = states["flat"], states["per_array"]
+  assert jax.tree.structure(flat_state) == jax.tree.structure(per_array_state)
+  for a, b in zip(jax.tree.leaves(flat_state), jax.tree.leaves(per_array_state)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_flat_view_round_trip_and_parameter_shaped_subtrees():
+  params = {"a": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3, jnp.bfloat16)},
+            "c": jnp.full((1,), 7.0)}
+  view = step_lib.FlatView(params)
+  vector = view.ravel(params)
+  assert vector.shape == (10,) and vector.dtype == jnp.float32
+  back = view.unravel(vector)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  # Adam's state: the moments are parameter-shaped, the count is not.
+  opt_state = optax.adam(1e-3).init(params)
+  flat = view.ravel_within(opt_state)
+  assert [x.shape for x in jax.tree.leaves(flat)] == [(), (10,), (10,)]
+  restored = view.unravel_within(flat, opt_state)
+  assert jax.tree.structure(restored) == jax.tree.structure(opt_state)
+
+
+def test_flat_update_is_off_for_parameters_split_over_devices():
+  config = mlp.train_config()
+  P = jax.sharding.PartitionSpec
+  assert step_lib.flat_update(config, {"w": P(), "b": P(None)})
+  assert not step_lib.flat_update(config, {"w": P(None, "fsdp"), "b": P()})
+  config.optimizer.flat_update = False
+  assert not step_lib.flat_update(config, P())
