@@ -1,9 +1,11 @@
 """The train step as separately compiled programs, compiled concurrently.
 
 The step of `step.make_train_step` is one XLA program. On an H200 its first compile takes
-141-173 s (docs/benchmarks.md), most of it in XLA passes that run on one thread per program
-(fusion alone 39 s) while the machine has 16 cores. This step computes the same thing as
-five programs that XLA compiles at the same time, one thread each:
+141-173 s (docs/benchmarks.md, 2026-12-02 night): GEMM autotuning on 16 threads (45 s), but
+fusion (39 s) and most other passes on one thread per program. This step computes the same
+thing as
+five programs that XLA compiles at the same time (four threads: the recycling program
+follows the forward one, see `_COMPILE_CHAINS`):
 
   recycle   (params, rng, step, batch, k) -> prev
             the no-gradient recycling iterations of each device's k-th example
@@ -51,6 +53,14 @@ from af2flax.train import step as step_lib
 
 PyTree = Any
 _PER_DEVICE = P(sharding_lib.BATCH_AXES)
+
+
+# Programs compiled one after another in one thread; the chains run at the same time. The
+# recycling program follows the forward program: its matrix products are the forward
+# program's, whose GPU autotuning XLA has cached in the process by then (compiled at the same
+# time, both would tune them), and the two together take about as long as the backward
+# program alone (XLA:CPU, initial shapes: 16.7 + 10.4 s against 27.5 s).
+_COMPILE_CHAINS = (("forward", "recycle"), ("backward",), ("update",), ("zeros",))
 
 
 def _example(local_batch: Mapping[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
@@ -221,22 +231,25 @@ class SplitTrainStep:
   def compile(self, state: state_lib.TrainState, batch: Mapping[str, Any],
               concurrent: bool = True) -> dict[str, float]:
     """Traces and lowers the five programs (`lower`), then has XLA compile them at the same
-    time (`concurrent=False`: one after another, to time each alone). Returns (and keeps in
+    time, the recycling program after the forward one (`_COMPILE_CHAINS`;
+    `concurrent=False`: one after another, to time each alone). Returns (and keeps in
     `compile_seconds`) each program's XLA seconds, `trace_lower` and `wall` (all of it)."""
     start = time.perf_counter()
     lowered = self.lower(state, batch)
     seconds = {"trace_lower": time.perf_counter() - start}
 
-    def compile_one(name):
-      begin = time.perf_counter()
-      compiled = lowered[name].compile()
-      return name, compiled, time.perf_counter() - begin
+    def compile_chain(names):
+      results = []
+      for name in names:
+        begin = time.perf_counter()
+        results.append((name, lowered[name].compile(), time.perf_counter() - begin))
+      return results
 
     if concurrent:
-      with concurrent_futures.ThreadPoolExecutor(max_workers=len(lowered)) as pool:
-        results = list(pool.map(compile_one, lowered))
+      with concurrent_futures.ThreadPoolExecutor(max_workers=len(_COMPILE_CHAINS)) as pool:
+        results = [r for chain in pool.map(compile_chain, _COMPILE_CHAINS) for r in chain]
     else:
-      results = [compile_one(name) for name in lowered]
+      results = compile_chain(lowered)
     self.compiled = {name: compiled for name, compiled, _ in results}
     seconds.update({name: s for name, _, s in results})
     seconds["wall"] = time.perf_counter() - start
