@@ -314,9 +314,9 @@ VARIANTS = {
 VARIANTS.update({
     "bf16-auto-split": {**_BF16_AUTO, "step_programs": "split"},
     "bf16-pallas512-extracudnn-offload55-split": {**_FINETUNE_PRESET, "step_programs": "split"},
-    # The update per parameter array, as before the sixteenth session (flat_update off).
-    "bf16-auto-perarray": {**_BF16_AUTO, "flat_update": False},
-    "bf16-auto-split-perarray": {**_BF16_AUTO, "step_programs": "split", "flat_update": False},
+    # The update on the parameters concatenated (`optimizer.flat_update`): for the compile.
+    "bf16-auto-flatupdate": {**_BF16_AUTO, "flat_update": True},
+    "bf16-auto-split-flatupdate": {**_BF16_AUTO, "step_programs": "split", "flat_update": True},
 })
 RECYCLES = (0, 1, 2, 3)
 

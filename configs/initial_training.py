@@ -70,9 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
       "clip_norm": 0.1,  # per example, before averaging
       "ema_decay": 0.999,
       "global_clip_norm": 0.0,  # off; >0 also clips the averaged gradient
-      # Adam and the EMA on all parameters concatenated (one fused loop, not one per array;
-      # the same values); off by itself when FSDP splits parameters (step.flat_update).
-      "flat_update": True,
+      # True: Adam and the EMA on all parameters concatenated (the same values; off by itself
+      # when FSDP splits parameters, step.flat_update). Compiles faster on the CPU; not yet
+      # measured on a GPU, where an earlier flattening compiled slower (docs/benchmarks.md).
+      "flat_update": False,
       "weight_decay": 0.0,
   })
   config.max_consecutive_skips = 20  # non-finite steps in a row before the run stops

@@ -165,8 +165,7 @@ class AlphaFold(nn.Module):
       return slice_recycle(batch, index if c.resample_msa_in_recycling else 0)
 
     prev = _initial_prev(num_res, c)
-    if given_prev is not None:
-      _check_prev(given_prev, prev)
+    num_iter = jnp.asarray(0, jnp.int32)
     if c.num_recycle:
       if "num_iter_recycling" in batch:
         num_iter = jnp.minimum(batch["num_iter_recycling"][0], c.num_recycle)
@@ -174,6 +173,10 @@ class AlphaFold(nn.Module):
         num_iter = jnp.asarray(c.num_recycle)
       num_iter = num_iter.astype(jnp.int32)
 
+    if given_prev is not None:  # the recycling iterations ran elsewhere
+      _check_prev(given_prev, prev)
+      prev = dict(given_prev)
+    elif c.num_recycle:
       def body(module, carry):
         index, carry_prev = carry
         outputs = module(features(index), carry_prev, deterministic)
@@ -182,16 +185,10 @@ class AlphaFold(nn.Module):
       if self.is_initializing():
         # Parameters are created by one plain call; the loop needs them to exist.
         body(iteration, (jnp.asarray(0, jnp.int32), prev))
-      elif given_prev is not None:
-        prev = dict(given_prev)
       else:
         _, prev = nn.while_loop(lambda module, carry: carry[0] < num_iter, body, iteration,
                                 (jnp.asarray(0, jnp.int32), prev),
                                 broadcast_variables="params", split_rngs={"dropout": True})
-    else:
-      num_iter = jnp.asarray(0, jnp.int32)
-      if given_prev is not None:
-        prev = dict(given_prev)
     if recycle_only:
       return prev
     return iteration(features(num_iter), prev, deterministic)

@@ -105,8 +105,10 @@ class FlatView:
 
   The update's arithmetic (Adam, the EMA, the finiteness check, the norms) is the same on
   each parameter array as on their concatenation, but XLA compiles one fused loop instead of
-  one per array: the AlphaFold step's update was 22,325 lines of StableHLO and 16.8 s of
-  XLA:CPU compilation (docs/benchmarks.md, sixteenth session). `ravel_within` and
+  one per array. On XLA:CPU the AlphaFold step's update program went from 22,325 to 6,315
+  lines of StableHLO and from 16.8 to 6.5 s of compilation (docs/benchmarks.md, sixteenth
+  session); on a GPU an earlier flattening (`optax.flatten`, seventh session) compiled
+  slower, so `optimizer.flat_update` stays off until this one is measured there. `ravel_within` and
   `unravel_within` do the same for every parameter-shaped subtree of another tree (Adam's
   moments inside the optimizer state).
   """
@@ -196,11 +198,11 @@ def apply_summed_gradients(state: state_lib.TrainState, grad_sum: PyTree,
 
 def flat_update(config: ml_collections.ConfigDict, param_specs: PyTree) -> bool:
   """Whether the update runs on the concatenated parameters (`FlatView`):
-  `config.optimizer.flat_update` (default on), unless the parameters are split over devices
+  `config.optimizer.flat_update` (default off), unless the parameters are split over devices
   (FSDP), where a concatenation would gather them."""
   replicated = all(all(axis is None for axis in spec) for spec in jax.tree.leaves(
       param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
-  return bool(config.optimizer.get("flat_update", True)) and replicated
+  return bool(config.optimizer.get("flat_update", False)) and replicated
 
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation,

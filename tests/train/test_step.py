@@ -16,7 +16,7 @@ from tests.train import mlp
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(vmap_batch_size=1, flat_update=True):
+def _setup(vmap_batch_size=1, flat_update=False):
   """One compiled step per setting, shared by the tests (compiling dominates their time)."""
   config = mlp.train_config(vmap_batch_size=vmap_batch_size)
   config.optimizer.flat_update = flat_update
@@ -150,11 +150,11 @@ def test_final_iteration_features_slices_recycle_axis():
 
 
 def test_flat_update_equals_update_per_array():
-  """Adam, the EMA and the metrics on the concatenated parameters (`flat_update`, the
-  default) give the per-array update's values, and the state keeps its structure (the
+  """Adam, the EMA and the metrics on the concatenated parameters (`flat_update`) give the
+  per-array update's values, and the state keeps its structure (the
   checkpoints' layout); a non-finite step is skipped the same way."""
-  _, _, _, state, flat = _setup()
-  _, _, _, _, per_array = _setup(flat_update=False)
+  _, _, _, state, flat = _setup(flat_update=True)
+  _, _, _, _, per_array = _setup()
   states = {"flat": state, "per_array": state}
   steps = {"flat": flat, "per_array": per_array}
   for i in range(3):
@@ -200,7 +200,7 @@ def test_flat_view_round_trip_and_parameter_shaped_subtrees():
 def test_flat_update_is_off_for_parameters_split_over_devices():
   config = mlp.train_config()
   P = jax.sharding.PartitionSpec
+  assert not step_lib.flat_update(config, P())  # off unless asked for
+  config.optimizer.flat_update = True
   assert step_lib.flat_update(config, {"w": P(), "b": P(None)})
   assert not step_lib.flat_update(config, {"w": P(None, "fsdp"), "b": P()})
-  config.optimizer.flat_update = False
-  assert not step_lib.flat_update(config, P())
