@@ -60,9 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Each device runs its examples one after another; >1 vmaps that many together (faster on
   # small models, more memory and compile time).
   config.vmap_batch_size = 1
-  # 'one': the train step is one XLA program. 'split': five programs (recycling iterations,
-  # forward, backward, update, zeros) that XLA compiles at the same time; same values
-  # (af2flax/train/programs.py). Needs vmap_batch_size 1.
+  # 'one': the train step is one XLA program. 'split': seven programs (recycling iterations;
+  # forward and backward of the trunk and of the heads with the losses; update; zeros) that
+  # XLA compiles at the same time; same values (af2flax/train/programs.py). Needs
+  # vmap_batch_size 1.
   config.step_programs = "one"
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,

@@ -57,11 +57,20 @@ class AlphaFoldIteration(nn.Module):
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], prev: Mapping[str, jax.Array],
-               deterministic: bool = True) -> dict[str, Any]:
+               deterministic: bool = True, *,
+               representations: Mapping[str, jax.Array] | None = None,
+               trunk_only: bool = False) -> dict[str, Any]:
+    """The iteration's outputs; `trunk_only=True`: only the trunk's `representations`;
+    `representations=` those: only the heads (`prev` is then not read)."""
     c = self.config
     gc = c.global_config
-    representations = EmbeddingsAndEvoformer(c.embeddings_and_evoformer, gc, name="evoformer")(
-        batch, prev, deterministic)
+    if representations is None:
+      representations = EmbeddingsAndEvoformer(c.embeddings_and_evoformer, gc,
+                                               name="evoformer")(batch, prev, deterministic)
+    else:
+      representations = dict(representations)
+    if trunk_only:
+      return representations
     outputs: dict[str, Any] = {"representations": representations}
 
     def run_head(name: str) -> None:
@@ -135,24 +144,37 @@ class AlphaFold(nn.Module):
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True, *,
-               prev: Mapping[str, jax.Array] | None = None,
-               recycle_only: bool = False) -> dict[str, Any]:
+               prev: Mapping[str, jax.Array] | None = None, recycle_only: bool = False,
+               trunk_only: bool = False,
+               representations: Mapping[str, jax.Array] | None = None) -> dict[str, Any]:
     """The final iteration's outputs, after the no-gradient recycling iterations.
 
-    The two halves can also run apart (the train step's separately compiled programs):
-    `recycle_only=True` runs only the no-gradient iterations and returns the recycled inputs
-    of the final one (`prev_pos`, `prev_msa_first_row`, `prev_pair`, float32, without
-    gradient; zeros when no iteration runs); `prev=` those inputs runs only the final
-    iteration. `apply(recycle_only=True)` then `apply(prev=...)` computes what one call does.
+    The parts can also run apart (the train step's separately compiled programs):
+    - `recycle_only=True` runs only the no-gradient iterations and returns the recycled
+      inputs of the final one (`prev_pos`, `prev_msa_first_row`, `prev_pair`, float32,
+      without gradient; zeros when no iteration runs);
+    - `prev=` those inputs runs only the final iteration;
+    - with `trunk_only=True` as well, only its trunk (embeddings, Evoformer), returning its
+      `representations`;
+    - `representations=` those runs only the final iteration's heads.
+    `apply(recycle_only=True)`, `apply(prev=..., trunk_only=True)`, then
+    `apply(representations=...)` compute what one call does.
     """
-    if recycle_only and prev is not None:
-      raise ValueError("AlphaFold: recycle_only=True returns the recycled inputs; it does not "
-                       "take them (prev=...)")
+    parts = {"recycle_only": recycle_only, "prev": prev is not None,
+             "trunk_only": trunk_only, "representations": representations is not None}
+    allowed = ({}, {"recycle_only"}, {"prev"}, {"trunk_only"}, {"prev", "trunk_only"},
+               {"representations"})
+    if {name for name, given in parts.items() if given} not in [set(a) for a in allowed]:
+      raise ValueError(f"AlphaFold: {', '.join(n for n, g in parts.items() if g)} cannot be "
+                       "given together; the parts are recycle_only=True, prev=... with or "
+                       "without trunk_only=True, and representations=...")
     with layer_norm_recompute(self.config.global_config.get("layer_norm_recompute", True)):
-      return self._recycle(batch, deterministic, prev, recycle_only)
+      return self._recycle(batch, deterministic, prev, recycle_only, trunk_only,
+                           representations)
 
   def _recycle(self, batch: Mapping[str, jax.Array], deterministic: bool,
-               given_prev: Mapping[str, jax.Array] | None, recycle_only: bool
+               given_prev: Mapping[str, jax.Array] | None, recycle_only: bool,
+               trunk_only: bool, representations: Mapping[str, jax.Array] | None
                ) -> dict[str, Any]:
     c = self.config
     if batch["aatype"].ndim != 2:
@@ -173,6 +195,8 @@ class AlphaFold(nn.Module):
         num_iter = jnp.asarray(c.num_recycle)
       num_iter = num_iter.astype(jnp.int32)
 
+    if representations is not None:  # the trunk ran elsewhere: the heads only
+      return iteration(features(num_iter), {}, deterministic, representations=representations)
     if given_prev is not None:  # the recycling iterations ran elsewhere
       _check_prev(given_prev, prev)
       prev = dict(given_prev)
@@ -191,4 +215,4 @@ class AlphaFold(nn.Module):
                                 broadcast_variables="params", split_rngs={"dropout": True})
     if recycle_only:
       return prev
-    return iteration(features(num_iter), prev, deterministic)
+    return iteration(features(num_iter), prev, deterministic, trunk_only=trunk_only)

@@ -3,33 +3,37 @@
 The step of `step.make_train_step` is one XLA program. On an H200 its first compile takes
 141-173 s (docs/benchmarks.md, 2026-12-02 night): GEMM autotuning on 16 threads (45 s), but
 fusion (39 s) and most other passes on one thread per program. This step computes the same
-thing as
-five programs that XLA compiles at the same time (four threads: the recycling program
-follows the forward one, see `_COMPILE_CHAINS`):
+thing as programs that XLA compiles at the same time. For an objective of stages
+s_1..s_n (`step.StagedObjective`; AlphaFold's: the trunk, then the heads with the losses):
 
-  recycle   (params, rng, step, batch, k) -> prev
-            the no-gradient recycling iterations of each device's k-th example
-            (`StagedObjective.recycle`, Suppl. 1.10);
-  forward   (params, rng, step, batch, k, prev) -> (scalars, residuals)
-            the final iteration and the losses (`StagedObjective.final`), linearised with
-            `jax.vjp`: the loss and aux scalars, and what the backward pass needs;
-  backward  (params, residuals, scalars, sums) -> sums
-            the gradient from those residuals (under remat: the recomputation and the
-            backward pass), clipped per example (Suppl. 1.11.3) and added to the device's sums;
-  update    (state, sums) -> (state, metrics)
-            the sums added over devices, averaged, Adam and the EMA: `step.apply_summed_gradients`;
-  zeros     () -> sums.
+  recycle        (params, rng, step, batch, k) -> prev
+                 the no-gradient recycling iterations of each device's k-th example
+                 (Suppl. 1.10);
+  forward.s_i    (params, rng, step, batch, k, carry_i) -> (carry_i+1, residuals_i)
+                 stage i linearised with `jax.vjp` (carry_1 = prev; the last stage gives the
+                 loss and aux scalars instead of a carry);
+  backward.s_i   (params, {carry_i, carry_i+1, residuals_i, cotangent_i+1, gradient})
+                 -> {cotangent_i, gradient}
+                 stage i's backward pass (under remat: the recomputation and the backward
+                 pass) from its residuals, last stage first, the gradient added up;
+                 backward.s_1 clips the example's gradient (Suppl. 1.11.3) and adds it to
+                 the device's sums;
+  update         (state, sums) -> (state, metrics)
+                 the sums added over devices, averaged, Adam and the EMA
+                 (`step.apply_summed_gradients`);
+  zeros          () -> sums.
 
-Python runs recycle, forward and backward once per example slot of a device (AlphaFold's
-one example per device: once), then update. The values are those of the one-program step
-with the same objective: the same per-example keys, split the same way
-(`step.StagedObjective`); only XLA's fusion, hence rounding, differs.
+Python runs recycle, the forwards and the backwards once per example slot of a device
+(AlphaFold's one example per device: once), then update; a stage's residuals are let go
+as soon as its backward program has run. The values are those of the one-program step with
+the same objective: the same per-example keys, split the same way; only XLA's fusion, hence
+rounding, differs.
 
-The forward program's residuals are `jax.vjp`'s: the backward program is traced from the very
+A forward program's residuals are `jax.vjp`'s: its backward program is traced from the very
 function `jax.vjp` returned in the forward program's trace, so the two always agree, and both
 are compiled ahead of time from that one trace (a retrace could order residuals differently).
-Parameters that the backward pass reads are not copied into the residuals: the backward
-program takes the parameters again. Examples vmapped together (`vmap_batch_size` > 1) are not
+Residuals that are the parameters or the stage's carries are not copied: the backward
+program takes those again. Examples vmapped together (`vmap_batch_size` > 1) are not
 supported here.
 """
 
@@ -53,14 +57,8 @@ from af2flax.train import step as step_lib
 
 PyTree = Any
 _PER_DEVICE = P(sharding_lib.BATCH_AXES)
-
-
-# Programs compiled one after another in one thread; the chains run at the same time. The
-# recycling program follows the forward program: its matrix products are the forward
-# program's, whose GPU autotuning XLA has cached in the process by then (compiled at the same
-# time, both would tune them), and the two together take about as long as the backward
-# program alone (XLA:CPU, initial shapes: 16.7 + 10.4 s against 27.5 s).
-_COMPILE_CHAINS = (("forward", "recycle"), ("backward",), ("update",), ("zeros",))
+# Where a stage's vjp leaf comes from when it is not a residual of its own.
+_SOURCES = ("params", "carry_in", "carry_out")
 
 
 def _example(local_batch: Mapping[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
@@ -82,6 +80,12 @@ def _signature(tree: PyTree) -> tuple[Any, ...]:
   return (treedef,) + tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
 
 
+def _per_device(tree: PyTree, devices: int, dtype: Any = None) -> PyTree:
+  """Abstract per-device values of `tree`'s shapes: [devices, ...]."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((devices,) + tuple(x.shape),
+                                                     dtype or x.dtype), tree)
+
+
 class SplitTrainStep:
   """`train_step(state, batch) -> (state, metrics)` as separately compiled programs.
 
@@ -100,6 +104,7 @@ class SplitTrainStep:
       raise ValueError(f"step_programs='split' runs one example per device at a time; "
                        f"vmap_batch_size={config.vmap_batch_size} needs step_programs='one'")
     self._objective = step_lib.StagedObjective.of(objective)
+    self._stages = self._objective.stages
     self._optimizer = optimizer
     self._clip_norm = float(config.optimizer.clip_norm)
     self._ema_decay = float(config.optimizer.ema_decay)
@@ -112,9 +117,19 @@ class SplitTrainStep:
     self._devices = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
     self.compiled: dict[str, Any] = {}  # name -> XLA's compiled program, after compile()
     self._signature = None
-    self._vjp_layout = None  # set while tracing the forward program
-    self._residuals = None   # the forward program's residuals, abstract
+    self._vjp: dict[int, Any] = {}  # stage -> (treedef, layout, output aval), from tracing
+    self._residuals: dict[int, Any] = {}  # stage -> its residuals, abstract
     self.compile_seconds: dict[str, float] = {}
+
+  def _name(self, kind: str, stage: int) -> str:
+    return f"{kind}.{self._stages[stage][0]}"
+
+  @property
+  def program_names(self) -> list[str]:
+    """The programs, in the order they run."""
+    n = len(self._stages)
+    return (["recycle"] + [self._name("forward", i) for i in range(n)]
+            + [self._name("backward", i) for i in reversed(range(n))] + ["update", "zeros"])
 
   # Programs, as traced functions of global arrays.
 
@@ -132,42 +147,65 @@ class SplitTrainStep:
     return self._shard_map(local, (P(), _PER_DEVICE, _PER_DEVICE, P()), _PER_DEVICE)(
         params, batch, rngs, index)
 
-  def _forward(self, params, rng, step, batch, index, prev):
+  def _forward(self, stage, params, rng, step, batch, index, carry):
     rngs = step_lib.example_rngs(rng, step, jax.tree.leaves(batch)[0].shape[0])
+    last = stage == len(self._stages) - 1
+    stage_fn = self._stages[stage][1]
 
-    def local(params, local_batch, local_rngs, index, local_prev):
+    def local(params, local_batch, local_rngs, index, local_carry):
       _, final_rng = self._objective.keys(local_rngs[index])
-      example, prev = _example(local_batch, index), _unlead(local_prev)
-      loss, vjp_fn, aux = jax.vjp(
-          lambda p: self._objective.final(p, example, prev, final_rng), params, has_aux=True)
+      example, carry = _example(local_batch, index), _unlead(local_carry)
+      fn = lambda p, c: stage_fn(p, example, c, final_rng)
+      if stage == 0:  # the recycled inputs carry no gradient
+        primals, fn = (params,), lambda p, fn=fn: fn(p, carry)
+      else:
+        primals = (params, carry)
+      if last:
+        out, vjp_fn, aux = jax.vjp(fn, *primals, has_aux=True)
+      else:
+        out, vjp_fn = jax.vjp(fn, *primals)
       leaves, treedef = jax.tree.flatten(vjp_fn)
-      # Parameters the backward pass reads come back as they are; they are not outputs.
-      param_index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
-      layout = [param_index.get(id(leaf)) for leaf in leaves]
-      self._vjp_layout = (treedef, layout, jax.ShapeDtypeStruct(loss.shape, loss.dtype))
+      # Leaves that are the parameters or the carries come back as they are; not outputs.
+      known = {}
+      for source, tree in zip(_SOURCES, (params, carry, None if last else out)):
+        known.update({id(leaf): (source, i) for i, leaf in enumerate(jax.tree.leaves(tree))})
+      layout = [known.get(id(leaf)) for leaf in leaves]
+      self._vjp[stage] = (treedef, layout, jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), out))
       residuals = [leaf for leaf, where in zip(leaves, layout) if where is None]
-      return _lead(step_lib.example_scalars(loss, aux)), _lead(residuals)
+      result = step_lib.example_scalars(out, aux) if last else out
+      return _lead(result), _lead(residuals)
 
     return self._shard_map(local, (P(), _PER_DEVICE, _PER_DEVICE, P(), _PER_DEVICE),
-                           (_PER_DEVICE, _PER_DEVICE))(params, batch, rngs, index, prev)
+                           (_PER_DEVICE, _PER_DEVICE))(params, batch, rngs, index, carry)
 
-  def _backward(self, params, residuals, scalars, sums):
-    treedef, layout, loss_aval = self._vjp_layout
+  def _backward(self, stage, params, inputs):
+    treedef, layout, out_aval = self._vjp[stage]
+    last = stage == len(self._stages) - 1
 
-    def local(params, local_residuals, local_scalars, local_sums):
-      param_leaves = jax.tree.leaves(params)
-      remaining = iter(_unlead(local_residuals))
+    def local(params, local_inputs):
+      inputs = _unlead(local_inputs)
+      sources = {"params": jax.tree.leaves(params),
+                 "carry_in": jax.tree.leaves(inputs["carry_in"]),
+                 "carry_out": jax.tree.leaves(inputs.get("carry_out"))}
+      remaining = iter(inputs["residuals"])
       vjp_fn = jax.tree.unflatten(treedef, [
-          param_leaves[where] if where is not None else next(remaining) for where in layout])
-      (grads,) = vjp_fn(jnp.ones(loss_aval.shape, loss_aval.dtype))
-      grads, example = step_lib.clip_example_gradient(grads, _unlead(local_scalars),
+          sources[where[0]][where[1]] if where is not None else next(remaining)
+          for where in layout])
+      cotangent = (jnp.ones(out_aval.shape, out_aval.dtype) if last
+                   else inputs["cotangent"])
+      grads, *carry_cotangent = vjp_fn(cotangent)
+      if "gradient" in inputs:
+        grads = jax.tree.map(jnp.add, inputs["gradient"], grads)
+      if stage:
+        return _lead({"cotangent": carry_cotangent[0], "gradient": grads})
+      grads, example = step_lib.clip_example_gradient(grads, inputs["scalars"],
                                                       self._clip_norm)
-      grad_sums, scalar_sums = _unlead(local_sums)
+      grad_sums, scalar_sums = inputs["sums"]
       return _lead((jax.tree.map(jnp.add, grad_sums, grads),
                     {k: scalar_sums[k] + example[k] for k in scalar_sums}))
 
-    return self._shard_map(local, (P(), _PER_DEVICE, _PER_DEVICE, _PER_DEVICE), _PER_DEVICE)(
-        params, residuals, scalars, sums)
+    return self._shard_map(local, (P(), _PER_DEVICE), _PER_DEVICE)(params, inputs)
 
   def _update(self, state, sums, batch_size):
     param_specs = self._param_specs
@@ -183,8 +221,8 @@ class SplitTrainStep:
 
   def lower(self, state: state_lib.TrainState, batch: Mapping[str, Any]
             ) -> dict[str, jax.stages.Lowered]:
-    """The five programs for these shapes, traced and lowered one after another (Python).
-    `state` and `batch` may be abstract (`jax.ShapeDtypeStruct`s)."""
+    """The programs for these shapes, traced and lowered one after another (Python), by
+    name (`program_names`). `state` and `batch` may be abstract (`jax.ShapeDtypeStruct`s)."""
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     local_examples = batch_size // self._devices
     if local_examples * self._devices != batch_size:
@@ -196,28 +234,34 @@ class SplitTrainStep:
                                   for name in ("params", "rng", "step"))
     batch_sh = sharding_lib.batch_sharding(self._mesh)
     index = jax.ShapeDtypeStruct((), jnp.int32)
+    n = len(self._stages)
 
     lowered = {}
     lowered["recycle"] = jax.jit(
         self._recycle, in_shardings=(params_sh, rng_sh, step_sh, batch_sh, rep),
-        out_shardings=dev
-    ).lower(state.params, state.rng, state.step, batch, index)
-    prev = lowered["recycle"].out_info
-    lowered["forward"] = jax.jit(
-        self._forward, in_shardings=(params_sh, rng_sh, step_sh, batch_sh, rep, dev),
-        out_shardings=(dev, dev)
-    ).lower(state.params, state.rng, state.step, batch, index, prev)
-    scalars, residuals = lowered["forward"].out_info
-    self._residuals = residuals
-    grad_sums = jax.tree.map(
-        lambda p: jax.ShapeDtypeStruct((self._devices,) + tuple(p.shape), jnp.float32),
-        state.params)
-    scalar_sums = {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
-                   for k in list(scalars) + ["grad_norm", "clipped_fraction"]}
-    sums = (grad_sums, scalar_sums)
-    lowered["backward"] = jax.jit(
-        self._backward, in_shardings=(params_sh, dev, dev, dev), out_shardings=dev,
-        donate_argnums=3).lower(state.params, residuals, scalars, sums)
+        out_shardings=dev).lower(state.params, state.rng, state.step, batch, index)
+    carries = [lowered["recycle"].out_info]
+    for i in range(n):
+      name = self._name("forward", i)
+      lowered[name] = jax.jit(
+          lambda *args, i=i: self._forward(i, *args),
+          in_shardings=(params_sh, rng_sh, step_sh, batch_sh, rep, dev),
+          out_shardings=(dev, dev)
+      ).lower(state.params, state.rng, state.step, batch, index, carries[i])
+      out, self._residuals[i] = lowered[name].out_info
+      carries.append(out)  # the last: the example's scalars
+    scalars = carries[n]
+    gradient = _per_device(state.params, self._devices, jnp.float32)
+    sums = (gradient, {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
+                       for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
+    for i in reversed(range(n)):
+      inputs = self._backward_inputs(i, carries, self._residuals[i],
+                                     carries[i + 1] if i < n - 1 else None, gradient,
+                                     scalars, sums)
+      lowered[self._name("backward", i)] = jax.jit(
+          lambda params, inputs, i=i: self._backward(i, params, inputs),
+          in_shardings=(params_sh, dev), out_shardings=dev,
+      ).lower(state.params, inputs)
     lowered["update"] = jax.jit(
         lambda state, sums: self._update(state, sums, batch_size),
         in_shardings=(self._state_shardings, dev),
@@ -228,12 +272,24 @@ class SplitTrainStep:
     self._local_examples = local_examples
     return lowered
 
+  def _backward_inputs(self, stage, carries, residuals, cotangent, gradient, scalars, sums):
+    """What backward program `stage` takes besides the parameters (abstract or arrays):
+    `carries` are the stage inputs (carries[0] = prev) and the last stage's scalars."""
+    n = len(self._stages)
+    inputs = {"carry_in": carries[stage], "residuals": residuals}
+    if stage < n - 1:
+      inputs.update(carry_out=carries[stage + 1], cotangent=cotangent, gradient=gradient)
+    if stage == 0:
+      inputs.update(scalars=scalars, sums=sums)
+    return inputs
+
   def compile(self, state: state_lib.TrainState, batch: Mapping[str, Any],
               concurrent: bool = True) -> dict[str, float]:
-    """Traces and lowers the five programs (`lower`), then has XLA compile them at the same
-    time, the recycling program after the forward one (`_COMPILE_CHAINS`;
-    `concurrent=False`: one after another, to time each alone). Returns (and keeps in
-    `compile_seconds`) each program's XLA seconds, `trace_lower` and `wall` (all of it)."""
+    """Traces and lowers the programs (`lower`), then has XLA compile them at the same time,
+    the recycling program after the first forward program, whose matrix products it shares
+    (on a GPU their autotuning is cached in the process by then); `concurrent=False`: one
+    after another, to time each alone. Returns (and keeps in `compile_seconds`) each
+    program's XLA seconds, `trace_lower` and `wall` (all of it)."""
     start = time.perf_counter()
     lowered = self.lower(state, batch)
     seconds = {"trace_lower": time.perf_counter() - start}
@@ -245,11 +301,14 @@ class SplitTrainStep:
         results.append((name, lowered[name].compile(), time.perf_counter() - begin))
       return results
 
+    first_forward = self._name("forward", 0)
+    chains = [(first_forward, "recycle")] + [
+        (name,) for name in self.program_names if name not in (first_forward, "recycle")]
     if concurrent:
-      with concurrent_futures.ThreadPoolExecutor(max_workers=len(_COMPILE_CHAINS)) as pool:
-        results = [r for chain in pool.map(compile_chain, _COMPILE_CHAINS) for r in chain]
+      with concurrent_futures.ThreadPoolExecutor(max_workers=len(chains)) as pool:
+        results = [r for chain in pool.map(compile_chain, chains) for r in chain]
     else:
-      results = compile_chain(lowered)
+      results = compile_chain(self.program_names)
     self.compiled = {name: compiled for name, compiled, _ in results}
     seconds.update({name: s for name, _, s in results})
     seconds["wall"] = time.perf_counter() - start
@@ -265,18 +324,31 @@ class SplitTrainStep:
                ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     if not self.compiled or _signature((state, batch)) != self._signature:
       self.compile(state, batch)
-    run = self.compiled
+    run, n = self.compiled, len(self._stages)
     sums = run["zeros"]()
     for index in self._indices:
-      prev = run["recycle"](state.params, state.rng, state.step, batch, index)
-      scalars, residuals = run["forward"](state.params, state.rng, state.step, batch, index,
-                                          prev)
-      sums = run["backward"](state.params, residuals, scalars, sums)
+      carries = [run["recycle"](state.params, state.rng, state.step, batch, index)]
+      residuals = []
+      for i in range(n):
+        out, stage_residuals = run[self._name("forward", i)](
+            state.params, state.rng, state.step, batch, index, carries[i])
+        carries.append(out)
+        residuals.append(stage_residuals)
+      cotangent = gradient = None
+      for i in reversed(range(n)):
+        inputs = self._backward_inputs(i, carries, residuals[i], cotangent, gradient,
+                                       carries[n], sums)
+        residuals[i] = None  # freed once the backward program has read them
+        result = run[self._name("backward", i)](state.params, inputs)
+        del inputs
+        if i:
+          cotangent, gradient = result["cotangent"], result["gradient"]
+        else:
+          sums = result
     return run["update"](state, sums)
 
-  def residual_bytes(self) -> int | None:
-    """Bytes per device of the forward program's residuals (None before compiling)."""
-    if self._residuals is None:
-      return None
-    return sum(int(np.prod(x.shape[1:])) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(self._residuals))
+  def residual_bytes(self) -> dict[str, int]:
+    """Bytes per device of each stage's residuals, by forward program ({} before compiling)."""
+    return {self._name("forward", i): sum(
+        int(np.prod(x.shape[1:])) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(r))
+            for i, r in self._residuals.items()}

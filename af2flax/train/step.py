@@ -266,22 +266,35 @@ def final_iteration_features(example: Batch) -> dict[str, jax.Array]:
           for k, v in example.items()}
 
 
+Stage = Callable[[PyTree, Batch, PyTree, jax.Array], Any]
+
+
 class StagedObjective:
-  """An objective in two halves: `recycle(params, example, rng) -> prev`, the no-gradient
-  recycling iterations (Suppl. 1.10), and `final(params, example, prev, rng) -> (loss, aux)`,
-  the final iteration and the losses, which alone carry the gradient.
+  """An objective in stages: `recycle(params, example, rng) -> prev`, the no-gradient
+  recycling iterations (Suppl. 1.10), then the final iteration and the losses, which alone
+  carry the gradient, as a chain of named `stages`: each `(params, example, carry, rng) ->
+  carry`, the first taking `prev`, the last returning `(loss, aux)`.
 
   Calling it is the whole objective (an `Objective`): the example's key is split in two, the
-  first for the recycling iterations' dropout, the second for the final iteration's. The
-  separately compiled step (`af2flax.train.programs`) runs the halves as programs of their
-  own with the same two keys, so both steps compute the same values.
+  first for the recycling iterations' dropout, the second for every stage of the final
+  iteration. The separately compiled step (`af2flax.train.programs`) runs each part as
+  programs of their own with the same keys, so both steps compute the same values.
   """
 
   def __init__(self, recycle: Callable[[PyTree, Batch, jax.Array], PyTree],
-               final: Callable[[PyTree, Batch, PyTree, jax.Array],
-                               tuple[jax.Array, Mapping[str, jax.Array]]]):
+               stages: tuple[tuple[str, Stage], ...]):
+    if not stages:
+      raise ValueError("StagedObjective needs at least one stage")
     self.recycle = recycle
-    self.final = final
+    self.stages = tuple(stages)
+
+  def final(self, params: PyTree, example: Batch, prev: PyTree, rng: jax.Array
+            ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
+    """The final iteration and the losses: the stages one after another."""
+    carry = prev
+    for _, stage in self.stages:
+      carry = stage(params, example, carry, rng)
+    return carry
 
   def __call__(self, params: PyTree, example: Batch, rng: jax.Array
                ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
@@ -295,19 +308,20 @@ class StagedObjective:
 
   @classmethod
   def of(cls, objective: Objective) -> "StagedObjective":
-    """`objective` itself if staged, else one with nothing to recycle (`prev` = {}) whose
-    final half is `objective` with the example's whole key."""
+    """`objective` itself if staged, else one with nothing to recycle (`prev` = {}) and one
+    stage, `objective` with the example's whole key."""
     if isinstance(objective, cls):
       return objective
     return _Unstaged(objective)
 
 
 class _Unstaged(StagedObjective):
-  """A plain objective seen as staged: no recycled inputs, the key unsplit."""
+  """A plain objective seen as staged: no recycled inputs, one stage, the key unsplit."""
 
   def __init__(self, objective: Objective):
     super().__init__(lambda params, example, rng: {},
-                     lambda params, example, prev, rng: objective(params, example, rng))
+                     (("final", lambda params, example, prev, rng: objective(params, example,
+                                                                             rng)),))
     self._objective = objective
 
   def __call__(self, params, example, rng):
@@ -323,8 +337,9 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> 
   `model` is `af2flax.model.alphafold.AlphaFold(model_config)`; the loss is
   `af2flax.losses.total.alphafold_loss` on the final iteration's features (Suppl. 1.9,
   eq. 7), computed in float32 whatever the model's compute dtype. Staged: the no-gradient
-  recycling iterations (`AlphaFold(recycle_only=True)`) and the final iteration with the
-  losses (`AlphaFold(prev=...)`) are its two halves.
+  recycling iterations (`AlphaFold(recycle_only=True)`), then the final iteration in two
+  stages, the trunk (embeddings, Evoformer: `AlphaFold(prev=..., trunk_only=True)`) and the
+  heads with the losses (`AlphaFold(representations=...)`).
   """
   from af2flax.losses.total import alphafold_loss  # pylint: disable=g-import-not-at-top
 
@@ -334,11 +349,15 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> 
     return model.apply({"params": params}, example, deterministic=False, recycle_only=True,
                        rngs={"dropout": dropout_rng})
 
-  def final(params, example, prev, dropout_rng):
-    outputs = model.apply({"params": params}, example, deterministic=False, prev=prev,
-                          rngs={"dropout": dropout_rng})
+  def trunk(params, example, prev, dropout_rng):
+    return model.apply({"params": params}, example, deterministic=False, prev=prev,
+                       trunk_only=True, rngs={"dropout": dropout_rng})
+
+  def heads(params, example, representations, dropout_rng):
+    outputs = model.apply({"params": params}, example, deterministic=False,
+                          representations=representations, rngs={"dropout": dropout_rng})
     outputs = to_float32(outputs)
     loss, aux = alphafold_loss(final_iteration_features(example), outputs, heads_config)
     return loss, aux
 
-  return StagedObjective(recycle, final)
+  return StagedObjective(recycle, (("trunk", trunk), ("heads", heads)))

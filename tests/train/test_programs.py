@@ -56,8 +56,9 @@ def test_split_step_equals_one_program_step():
     np.testing.assert_allclose(split_metrics[key], value, rtol=1e-5, err_msg=key)
   assert float(split_metrics["clipped_fraction"]) == 1.0  # clipping is exercised
   # Compiled once for the three steps; each program timed.
-  assert set(split_step.compile_seconds) == {"trace_lower", "recycle", "forward", "backward",
-                                             "update", "zeros", "wall"}
+  assert split_step.program_names == ["recycle", "forward.final", "backward.final", "update",
+                                      "zeros"]
+  assert set(split_step.compile_seconds) == {"trace_lower", "wall", *split_step.program_names}
 
 
 def test_residuals_leave_out_the_parameters():
@@ -65,11 +66,12 @@ def test_residuals_leave_out_the_parameters():
   copy the weights that the backward pass reads (here the second layer's kernel, [16, 1])."""
   _, _, split_step = _mlp_steps(steps=1)
   # pylint: disable=protected-access
-  _, layout, _ = split_step._vjp_layout
-  assert [where for where in layout if where is not None] == [3]  # Dense_1/kernel, read again
-  shapes = [tuple(x.shape) for x in jax.tree.leaves(split_step._residuals)]
+  _, layout, _ = split_step._vjp[0]
+  # Dense_1/kernel, read again
+  assert [where for where in layout if where is not None] == [("params", 3)]
+  shapes = [tuple(x.shape) for x in jax.tree.leaves(split_step._residuals[0])]
   assert (1, 16, 1) not in shapes and (1, 4, 16) in shapes  # [device, ...]: activations only
-  assert split_step.residual_bytes() > 0
+  assert split_step.residual_bytes()["forward.final"] > 0
 
 
 def test_split_step_recompiles_only_for_new_shapes():
@@ -81,11 +83,11 @@ def test_split_step_recompiles_only_for_new_shapes():
                                   sharding_lib.replicated(mesh))
   state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
   state, _ = split(state, mlp.make_batch(0, 2))
-  first = split.compiled["backward"]
+  first = split.compiled["backward.final"]
   state, _ = split(state, mlp.make_batch(1, 2))
-  assert split.compiled["backward"] is first
+  assert split.compiled["backward.final"] is first
   state, metrics = split(state, mlp.make_batch(2, 3))  # another batch size: compiled again
-  assert split.compiled["backward"] is not first and int(state.step) == 3
+  assert split.compiled["backward.final"] is not first and int(state.step) == 3
   assert np.isfinite(float(metrics["loss"]))
 
 
@@ -137,9 +139,10 @@ def tiny(shared_dir):
   return config, params, dict(np.load(directory / "batch.npz"))
 
 
-def test_alphafold_halves_compose_to_the_whole_network(tiny):
-  """`apply(recycle_only=True)` then `apply(prev=...)` is one `apply`, and the recycled
-  inputs are what the recycling iterations made (not the zeros of the first iteration)."""
+def test_alphafold_parts_compose_to_the_whole_network(tiny):
+  """`apply(recycle_only=True)` then `apply(prev=...)` is one `apply`, and so is
+  `apply(prev=..., trunk_only=True)` then `apply(representations=...)`; the recycled inputs
+  are what the recycling iterations made (not the zeros of the first iteration)."""
   config, params, batch = tiny
   assert config.num_recycle > 0 and int(batch["num_iter_recycling"][0]) > 0
   model = AlphaFold(config)
@@ -149,11 +152,20 @@ def test_alphafold_halves_compose_to_the_whole_network(tiny):
   assert set(prev) == {"prev_pos", "prev_msa_first_row", "prev_pair"}
   assert float(jnp.abs(prev["prev_pair"]).max()) > 0
   halves = jax.jit(lambda b, p: model.apply(variables, b, prev=p))(batch, prev)
-  for key in ("final_atom_positions",):
-    np.testing.assert_allclose(halves["structure_module"][key],
-                               whole["structure_module"][key], rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(halves["representations"]["pair"],
-                             whole["representations"]["pair"], rtol=1e-4, atol=1e-4)
+  # The final iteration itself in two parts: the trunk, then the heads.
+  representations = jax.jit(lambda b, p: model.apply(variables, b, prev=p, trunk_only=True))(
+      batch, prev)
+  assert {"msa", "pair", "single", "msa_first_row"} <= set(representations)
+  parts = jax.jit(lambda b, r: model.apply(variables, b, representations=r))(
+      batch, representations)
+  for outputs in (halves, parts):
+    np.testing.assert_allclose(outputs["structure_module"]["final_atom_positions"],
+                               whole["structure_module"]["final_atom_positions"],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outputs["representations"]["pair"],
+                               whole["representations"]["pair"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outputs["distogram"]["logits"], whole["distogram"]["logits"],
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_alphafold_prev_is_checked(tiny):
@@ -167,8 +179,11 @@ def test_alphafold_prev_is_checked(tiny):
   with pytest.raises(ValueError, match="has keys"):
     jax.eval_shape(lambda b, p: model.apply(variables, b, prev=p), batch,
                    {"prev_pos": prev["prev_pos"]})
-  with pytest.raises(ValueError, match="recycle_only=True returns"):
-    model.apply(variables, batch, prev=prev, recycle_only=True)
+  for parts in ({"prev": prev, "recycle_only": True},
+                {"representations": {}, "trunk_only": True},
+                {"representations": {}, "prev": prev}):
+    with pytest.raises(ValueError, match="cannot be given together"):
+      model.apply(variables, batch, **parts)
 
 
 @pytest.mark.slow
