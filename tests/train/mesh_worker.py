@@ -33,15 +33,9 @@ def mlp_setup():
 
 
 def alphafold_setup():
-  from af2flax.model import config as model_config_lib  # pylint: disable=g-import-not-at-top
-  from af2flax.model import import_af2  # pylint: disable=g-import-not-at-top
   from af2flax.model.alphafold import AlphaFold  # pylint: disable=g-import-not-at-top
-  from tests.conftest import REFERENCE  # pylint: disable=g-import-not-at-top
-  directory = REFERENCE / "af2_tiny"
-  config = model_config_lib.from_alphafold_dict(
-      json.loads((directory / "config.json").read_text())["model_config"])
-  params = import_af2.haiku_to_flax(dict(np.load(directory / "params.npz")))
-  reference = dict(np.load(directory / "batch.npz"))
+  from tests.conftest import load_af2_tiny_training  # pylint: disable=g-import-not-at-top
+  config, params, reference, _ = load_af2_tiny_training()
 
   def batch(i):
     rs = np.random.RandomState(i)

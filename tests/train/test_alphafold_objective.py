@@ -5,29 +5,19 @@ iteration's features, in float32 (MODEL_CONTRACT sections 3-6). The reference wa
 DeepMind's code with every dropout rate 0, so dropout randomness does not change the value.
 """
 
-import json
-
 import jax
 import numpy as np
 import pytest
 
-from af2flax.model import config as model_config_lib
-from af2flax.model import import_af2
 from af2flax.model.alphafold import AlphaFold
 from af2flax.train import step as step_lib
-from tests.conftest import REFERENCE
+from tests.conftest import load_af2_tiny_training
 
 
 @pytest.fixture(scope="module")
 def reference(shared_dir):
   del shared_dir
-  directory = REFERENCE / "af2_tiny"
-  config = model_config_lib.from_alphafold_dict(
-      json.loads((directory / "config.json").read_text())["model_config"])
-  params = import_af2.haiku_to_flax(dict(np.load(directory / "params.npz")))
-  batch = dict(np.load(directory / "batch.npz"))
-  outputs = dict(np.load(directory / "outputs.npz"))
-  return config, params, batch, outputs
+  return load_af2_tiny_training()
 
 
 def test_objective_equals_alphafold_training_loss(reference):

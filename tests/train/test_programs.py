@@ -1,6 +1,6 @@
 """The train step as separately compiled programs (`programs.SplitTrainStep`) computes the
-one-program step's values; AlphaFold's two halves (recycling iterations, final iteration)
-compose to the whole network."""
+one-program step's values; AlphaFold's parts (recycling iterations, trunk, heads) compose to
+the whole network."""
 
 import json
 import subprocess
@@ -11,15 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from af2flax.model import config as model_config_lib
-from af2flax.model import import_af2
 from af2flax.model.alphafold import AlphaFold
 from af2flax.train import optimizer as optimizer_lib
 from af2flax.train import programs
 from af2flax.train import sharding as sharding_lib
 from af2flax.train import state as state_lib
 from af2flax.train import step as step_lib
-from tests.conftest import REFERENCE, REPO_ROOT
+from tests.conftest import REPO_ROOT, load_af2_tiny_training
 from tests.train import mlp
 
 
@@ -132,11 +130,7 @@ def test_split_step_on_meshes_equals_one_device():
 @pytest.fixture(scope="module")
 def tiny(shared_dir):
   del shared_dir
-  directory = REFERENCE / "af2_tiny"
-  config = model_config_lib.from_alphafold_dict(
-      json.loads((directory / "config.json").read_text())["model_config"])
-  params = import_af2.haiku_to_flax(dict(np.load(directory / "params.npz")))
-  return config, params, dict(np.load(directory / "batch.npz"))
+  return load_af2_tiny_training()[:3]
 
 
 def test_alphafold_parts_compose_to_the_whole_network(tiny):
