@@ -108,9 +108,9 @@ class FlatView:
   one per array. On XLA:CPU the AlphaFold step's update program went from 22,325 to 6,315
   lines of StableHLO and from 16.8 to 6.5 s of compilation (docs/benchmarks.md, sixteenth
   session); on a GPU an earlier flattening (`optax.flatten`, seventh session) compiled
-  slower, so `optimizer.flat_update` stays off until this one is measured there. `ravel_within` and
-  `unravel_within` do the same for every parameter-shaped subtree of another tree (Adam's
-  moments inside the optimizer state).
+  slower, so `optimizer.flat_update` stays off until this one is measured there.
+  `ravel_within` and `unravel_within` do the same for every parameter-shaped subtree of
+  another tree (Adam's moments inside the optimizer state).
   """
 
   def __init__(self, params: PyTree):
