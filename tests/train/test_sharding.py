@@ -48,11 +48,17 @@ def test_mesh_gives_same_loss_and_params_as_one_device(runs, shape):
 
 @pytest.mark.slow
 def test_alphafold_step_is_the_same_on_one_device_and_meshes(shared_dir):
-  """The af2_tiny AlphaFold: loss and updated parameters agree within 1e-5 on every mesh."""
+  """The af2_tiny AlphaFold: loss and updated parameters agree on every mesh.
+
+  Parameters within 5e-5 after two steps: Adam divides by sqrt(v) + eps (1e-6), so where an
+  averaged clipped gradient is below eps, a float32 rounding difference d between the
+  one-device and the sharded programs moves the update by lr * d / eps (lr 1e-3). Seen:
+  1.39e-5 on 4 of the 2,048 weights of the PAE head's logits on the 8-device mesh (the same
+  since at least commit 1b9cc00). A sharding error moves whole arrays by about lr per step."""
   del shared_dir
   runs = _run_meshes("--alphafold")
   for shape in [(8, 1), (4, 2)]:
-    _assert_same(runs, shape, atol=1e-5)
+    _assert_same(runs, shape, atol=5e-5)
   assert any("fsdp" in spec for spec in runs[(4, 2)]["specs"].values())
 
 
