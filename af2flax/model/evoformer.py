@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from af2flax.common.packing import Packing
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
                                       LinearParams, ResidualDropout, Transition, add_bias,
                                       attention_settings, chunked_apply, compute_dtype,
@@ -487,25 +488,18 @@ class _FlatParams:
   """
 
   def __init__(self):
-    self._treedef = None
-    self._shapes: list[tuple[int, ...]] = []
+    self._packing: Packing | None = None  # set by `flatten`, read by `unflatten`
 
   def flatten(self, variables: dict) -> dict:
-    leaves, self._treedef = jax.tree.flatten(variables["params"])
-    dtypes = {leaf.dtype for leaf in leaves}
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(variables["params"])}
     if len(dtypes) != 1:
       raise ValueError(f"global_config.scan_flat_params: a stack's parameters have several "
                        f"dtypes ({sorted(map(str, dtypes))}); it needs one")
-    self._shapes = [leaf.shape[1:] for leaf in leaves]
-    rows = [leaf.reshape(leaf.shape[0], -1) for leaf in leaves]
-    return {**variables, "params": {"flat": jnp.concatenate(rows, axis=1)}}
+    self._packing = Packing(variables["params"], batch_dims=1)
+    return {**variables, "params": {"flat": self._packing.pack(variables["params"])}}
 
   def unflatten(self, variables: dict) -> dict:
-    sizes = [math.prod(shape) for shape in self._shapes]
-    offsets = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
-    parts = jnp.split(variables["params"]["flat"], offsets, axis=-1)
-    leaves = [part.reshape(part.shape[:-1] + shape) for part, shape in zip(parts, self._shapes)]
-    return {**variables, "params": jax.tree.unflatten(self._treedef, leaves)}
+    return {**variables, "params": self._packing.unpack(variables["params"]["flat"])}
 
 
 def offloaded_layers(global_config: Any, num_layers: int) -> int:

@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
+from af2flax.common.packing import Packing
 from af2flax.train import optimizer as optimizer_lib
 from af2flax.train import sharding as sharding_lib
 from af2flax.train import state as state_lib
@@ -114,22 +114,16 @@ class FlatView:
   """
 
   def __init__(self, params: PyTree):
-    leaves, self.treedef = jax.tree.flatten(params)
-    self._shapes = [tuple(x.shape) for x in leaves]
-    self._dtypes = [x.dtype for x in leaves]
-    self._splits = np.cumsum([int(np.prod(shape)) for shape in self._shapes])[:-1].tolist()
+    self._packing = Packing(params)
 
   def is_param_shaped(self, node: Any) -> bool:
-    return jax.tree.structure(node) == self.treedef
+    return jax.tree.structure(node) == self._packing.treedef
 
   def ravel(self, tree: PyTree) -> jax.Array:
-    return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+    return self._packing.pack(tree, jnp.float32)
 
   def unravel(self, vector: jax.Array) -> PyTree:
-    parts = jnp.split(vector, self._splits)
-    return jax.tree.unflatten(self.treedef, [
-        part.reshape(shape).astype(dtype)
-        for part, shape, dtype in zip(parts, self._shapes, self._dtypes)])
+    return self._packing.unpack(vector)
 
   def ravel_within(self, tree: PyTree) -> PyTree:
     parts, treedef = jax.tree.flatten(tree, is_leaf=self.is_param_shaped)
