@@ -137,12 +137,17 @@ class SplitTrainStep:
     return jax.shard_map(fn, mesh=self._mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)
 
+  def _local_example(self, local_batch, local_rngs, index):
+    """Inside `shard_map`: this device's example `index` and its two keys (recycling
+    iterations, final iteration: `StagedObjective.keys`)."""
+    return (_example(local_batch, index), *self._objective.keys(local_rngs[index]))
+
   def _recycle(self, params, rng, step, batch, index):
     rngs = step_lib.example_rngs(rng, step, jax.tree.leaves(batch)[0].shape[0])
 
     def local(params, local_batch, local_rngs, index):
-      recycle_rng, _ = self._objective.keys(local_rngs[index])
-      return _lead(self._objective.recycle(params, _example(local_batch, index), recycle_rng))
+      example, recycle_rng, _ = self._local_example(local_batch, local_rngs, index)
+      return _lead(self._objective.recycle(params, example, recycle_rng))
 
     return self._shard_map(local, (P(), _PER_DEVICE, _PER_DEVICE, P()), _PER_DEVICE)(
         params, batch, rngs, index)
@@ -153,8 +158,8 @@ class SplitTrainStep:
     stage_fn = self._stages[stage][1]
 
     def local(params, local_batch, local_rngs, index, local_carry):
-      _, final_rng = self._objective.keys(local_rngs[index])
-      example, carry = _example(local_batch, index), _unlead(local_carry)
+      example, _, final_rng = self._local_example(local_batch, local_rngs, index)
+      carry = _unlead(local_carry)
       fn = lambda p, c: stage_fn(p, example, c, final_rng)
       if stage == 0:  # the recycled inputs carry no gradient
         primals, fn = (params,), lambda p, fn=fn: fn(p, carry)
@@ -284,14 +289,16 @@ class SplitTrainStep:
     return inputs
 
   def compile(self, state: state_lib.TrainState, batch: Mapping[str, Any],
-              concurrent: bool = True) -> dict[str, float]:
+              concurrent: bool = True,
+              lowered: dict[str, jax.stages.Lowered] | None = None) -> dict[str, float]:
     """Traces and lowers the programs (`lower`), then has XLA compile them at the same time,
     the recycling program after the first forward program, whose matrix products it shares
     (on a GPU their autotuning is cached in the process by then); `concurrent=False`: one
     after another, to time each alone. Returns (and keeps in `compile_seconds`) each
-    program's XLA seconds, `trace_lower` and `wall` (all of it)."""
+    program's XLA seconds, `trace_lower` and `wall` (all of it). `lowered`: what `lower`
+    returned for these shapes, not yet compiled (then `trace_lower` is 0)."""
     start = time.perf_counter()
-    lowered = self.lower(state, batch)
+    lowered = lowered or self.lower(state, batch)
     seconds = {"trace_lower": time.perf_counter() - start}
 
     def compile_chain(names):
