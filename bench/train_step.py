@@ -74,7 +74,9 @@ _FINETUNE_OURS = {**_PALLAS512, "extra_msa_attention_impl": "cudnn"}
 # The fine-tuning preset's checkpointing until 2026-12-04's eleventh session (12 groups of 4
 # blocks, everything on the GPU), pinned in the variants measured with it. Without it a
 # fine-tuning variant checkpoints as the preset does now (`remat_offload`, 55% offloaded).
-_GROUP4 = {"remat_group_size": 4, "remat_offload": False}
+# (Groups need the stacks' parameters scanned per array, which initial training's preset
+# flattens since 2026-12-05.)
+_GROUP4 = {"remat_group_size": 4, "remat_offload": False, "scan_flat_params": False}
 # One checkpoint per block, every block's saved input on the GPU.
 _GROUP1 = {"remat_group_size": 1, "remat_offload": False}
 # ... with one checkpoint per block, every block's saved input in the host's pinned memory.
@@ -107,14 +109,19 @@ VARIANTS = {
     # 2026-12-04 (fourteenth session; H200: expected step 0.616 s against 0.604 s).
     "bf16-auto-opmaf2": {**_BF16_AUTO, "outer_product_mean_layout": "alphafold"},
     # The outer product mean's projection as a matrix product batched over rows, reading the
-    # product [rows, c·c', N_res] in place (written 2026-12-04, fifteenth session; not yet
-    # timed on a GPU).
+    # product [rows, c·c', N_res] in place (written 2026-12-04, fifteenth session; H200,
+    # 2026-12-05, side by side: expected step 0.612 against the presets' 0.598 s, peak 6.26
+    # against 6.38 GiB; not kept).
     "bf16-auto-opmbatched": {**_BF16_AUTO, "outer_product_mean_layout": "rows_batched"},
     # Each stack's parameters scanned as one [num_layers, P] array (`scan_flat_params`; written
-    # 2026-12-04, fifteenth session; not yet timed on a GPU).
+    # 2026-12-04, fifteenth session), the initial-training preset since 2026-12-05's
+    # seventeenth session (H200, side by side: expected step 0.571 against 0.598 s, peak 6.67
+    # against 6.38 GiB): bf16-auto is the same now; noflatparams is the presets before.
     "bf16-auto-flatparams": {**_BF16_AUTO, "scan_flat_params": True},
+    "bf16-auto-noflatparams": {**_BF16_AUTO, "scan_flat_params": False},
     # Our kernels' backward pass walking the queries in blocks of 64 (the presets before
-    # 2026-12-04's fifteenth session; 128 since) and of 256.
+    # 2026-12-04's fifteenth session; 128 since: H200, 2026-12-05, side by side, expected step
+    # 0.595 against 0.604 s) and of 256.
     "bf16-auto-lgq64": {**_BF16_AUTO, "pallas_tiling": "lg_block_q=64"},
     "bf16-auto-lgq256": {**_BF16_AUTO, "pallas_tiling": "lg_block_q=256"},
     # Each module of the extra-MSA blocks (or of every block) rematerialised on its own.
@@ -310,11 +317,16 @@ VARIANTS = {
 }
 # The step as separately compiled programs, compiled at the same time
 # (`af2flax.train.programs`), on the initial-training and fine-tuning presets: for the
-# compile time; the step should run as fast.
+# compile time. H200, 2026-12-05, alone on the machine, with the presets of before that day's
+# flattened parameter scan: first compile 102.6 s against 158.8 s for one program (trace,
+# lowering and XLA), expected step 0.616 s against ~0.60, peak 8.80 against 6.36 GiB;
+# fine-tuning 1.977 s as one program, but 24.81 against 14.96 GiB. Not the presets.
 VARIANTS.update({
     "bf16-auto-split": {**_BF16_AUTO, "step_programs": "split"},
     "bf16-pallas512-extracudnn-offload55-split": {**_FINETUNE_PRESET, "step_programs": "split"},
     # The update on the parameters concatenated (`optimizer.flat_update`): for the compile.
+    # H200, 2026-12-05: XLA 131.9 against 141.7 s for one program; split, 103.3 against
+    # 102.6 s (the update is not the split step's longest program); its step as fast.
     "bf16-auto-flatupdate": {**_BF16_AUTO, "flat_update": True},
     "bf16-auto-split-flatupdate": {**_BF16_AUTO, "step_programs": "split", "flat_update": True},
 })

@@ -33,6 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model_config_lib.model_config("model_1")
   config.model.heads = total_loss_lib.apply_training_stage(config.model.heads,
                                                            "initial_training")
+  # Each stack's parameters scanned as one [num_layers, P] array, each layer's row split back
+  # into its arrays inside the block's checkpoint (same values): the scan's backward pass
+  # writes one gradient row per layer instead of one per parameter array (93 in an Evoformer
+  # block). H200, 2026-12-05, side by side with the presets before: expected step 0.571
+  # against 0.598 s, peak 6.67 against 6.38 GiB (docs/benchmarks.md). Does not combine with
+  # remat_group_size > 1; the fine-tuning preset leaves it off until measured there.
+  config.model.global_config.scan_flat_params = True
 
   # The input: AlphaFold's sampling and transforms at initial-training sizes.
   config.data = data_config_lib.get_config("initial_training")
@@ -63,7 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'one': the train step is one XLA program. 'split': seven programs (recycling iterations;
   # forward and backward of the trunk and of the heads with the losses; update; zeros) that
   # XLA compiles at the same time; same values (af2flax/train/programs.py). Needs
-  # vmap_batch_size 1.
+  # vmap_batch_size 1. H200, 2026-12-05: first compile 102.6 against 158.8 s, but the
+  # expected step 3% slower and the peak 8.80 against 6.36 GiB (fine-tuning shapes: 24.81
+  # against 14.96 GiB), since each stage's saved values stay alive through its whole
+  # backward program: for short runs and debugging, not the preset.
   config.step_programs = "one"
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
@@ -72,8 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
       "ema_decay": 0.999,
       "global_clip_norm": 0.0,  # off; >0 also clips the averaged gradient
       # True: Adam and the EMA on all parameters concatenated (the same values; off by itself
-      # when FSDP splits parameters, step.flat_update). Compiles faster on the CPU; not yet
-      # measured on a GPU, where an earlier flattening compiled slower (docs/benchmarks.md).
+      # when FSDP splits parameters, step.flat_update). Compiles faster: H200, 2026-12-05,
+      # XLA 131.9 against 141.7 s for the one-program step; its step time is measured only
+      # in the split step (0.621 against 0.616 s in two calls), so it stays off for now.
       "flat_update": False,
       "weight_decay": 0.0,
   })

@@ -457,7 +457,8 @@ def layer_stack(block: nn.Module, carry: Any, num_layers: int, global_config: An
                        "combine: set remat_group_size=1")
     if global_config.get("scan_flat_params", False):
       raise ValueError(f"global_config.scan_flat_params and remat_group_size={group} do not "
-                       "combine: set remat_group_size=1")
+                       "combine: set remat_group_size=1 or scan_flat_params=False (the "
+                       "initial-training preset turns it on)")
     if num_layers % group:
       raise ValueError(f"global_config.remat_group_size={group} does not divide the "
                        f"{num_layers} layers of {block.name}")
