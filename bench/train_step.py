@@ -916,6 +916,11 @@ class _Stopped(Exception):
   """The run got SIGTERM (e.g. from `timeout`): report what finished, then stop."""
 
 
+# Set by SIGTERM's handler (`_stop`), polled by `main`'s loop every `_STOP_POLL_S` seconds.
+_STOP_REQUESTED = {"signalled": False}
+_STOP_POLL_S = 0.1
+
+
 def parse_value(text: str):
   """A `--set` value: JSON where it parses ('1', '0.5', 'true', '"x"'), else the string."""
   try:
@@ -937,10 +942,12 @@ def parse_set(items: list[str]) -> dict:
 
 
 def _stop(signum, frame):  # pylint: disable=unused-argument
-  # Once: `timeout` signals the run twice (the process, then its process group), and a second
-  # _Stopped raised inside the first one's handling would end the run without its report.
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  raise _Stopped()
+  # Only a flag. A handler runs in the main thread between any two of its bytecodes, also
+  # while it holds a lock of concurrent.futures (a future's condition, which a worker thread
+  # then waits for at its end, and the interpreter's exit for that thread): an exception
+  # raised there, or a lock taken here, could hang the run. `timeout` signals twice (the
+  # process, then its process group); the second changes nothing.
+  _STOP_REQUESTED["signalled"] = True
 
 
 def _print_breakdown(variant: str, result: list[dict]) -> None:
@@ -1103,21 +1110,28 @@ def main(argv=None) -> int:
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.parallel))
   futures = {pool.submit(job, numbered): numbered[0] for numbered in enumerate(jobs)}
+  _STOP_REQUESTED["signalled"] = False
   previous_handler = signal.signal(signal.SIGTERM, _stop)
   stopped = False
   try:
-    for future in concurrent.futures.as_completed(futures):
-      number = futures[future]
-      variant, shape_name = jobs[number]
-      result = future.result()
-      if shape_name == "breakdown" and isinstance(result, list):
-        _print_breakdown(variant, result)
-        finished[number] = {"breakdown": result, "variant": variant}
-      else:
-        finished[number] = result
-        print(_format([result]).splitlines()[-1], flush=True)
-      if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(in_job_order(), indent=1))
+    pending = set(futures)
+    while pending:
+      if _STOP_REQUESTED["signalled"]:
+        raise _Stopped()
+      done, pending = concurrent.futures.wait(pending, timeout=_STOP_POLL_S,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in sorted(done, key=futures.get):
+        number = futures[future]
+        variant, shape_name = jobs[number]
+        result = future.result()
+        if shape_name == "breakdown" and isinstance(result, list):
+          _print_breakdown(variant, result)
+          finished[number] = {"breakdown": result, "variant": variant}
+        else:
+          finished[number] = result
+          print(_format([result]).splitlines()[-1], flush=True)
+        if args.json:
+          pathlib.Path(args.json).write_text(json.dumps(in_job_order(), indent=1))
   except (_Stopped, KeyboardInterrupt):
     stopped = True
     _stop_workers()
@@ -1126,7 +1140,7 @@ def main(argv=None) -> int:
           f"{' '.join(unfinished)}" + (f" (their logs: {args.log_dir})" if args.log_dir else ""),
           flush=True)
   finally:
-    if not stopped:  # once stopped, a late second SIGTERM is ignored to the end
+    if not stopped:  # once stopped, a late second SIGTERM only sets the flag again
       signal.signal(signal.SIGTERM, previous_handler)
     pool.shutdown(wait=not stopped, cancel_futures=True)
   if own_barrier:
