@@ -413,6 +413,12 @@ def _largest_scratch_gib(by_program: dict) -> float | None:
   return max((t for t in by_program.values() if t is not None), default=None)
 
 
+def _residual_gib(split_step) -> dict:
+  """GiB of all stages' residuals per device, in the accelerator's and the host's memory."""
+  return {where: sum(split_step.residual_bytes(host=where == "host").values()) / 2**30
+          for where in ("device", "host")}
+
+
 def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
             recycles: tuple[int, ...] = RECYCLES, profile_dir: str | None = None) -> dict:
   """Compiles the train step for one variant and times it at every recycling count."""
@@ -453,7 +459,8 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   if config.step_programs == "split":
     trace_s, xla_compile_s, compiled, temp_gib, program_s = _compile_split(
         train_step, state, first)
-    lower_s, host_gib = 0.0, None
+    # What the host's memory holds: the residuals left there (offloaded block inputs).
+    lower_s, host_gib = 0.0, _residual_gib(train_step)["host"] or None
   else:
     step_fn = jax.jit(train_step, donate_argnums=0)
     trace_s, lower_s, lowered = _trace_and_lower(step_fn, state, first)
@@ -475,6 +482,7 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   row["timed_beside_compilation"] = beside_compilation
   if program_s is not None:  # split: trace_s is tracing and lowering of all the programs
     row["program_compile_s"] = program_s
+    row["residual_gib"] = _residual_gib(train_step)
   return row
 
 
@@ -690,7 +698,8 @@ def _lower_split(variant, shape_name, split_step, state, batch, compile_too) -> 
   row = {"variant": variant, "shapes": shape_name, "trace_s": time.perf_counter() - start,
          "lower_s": 0.0, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
          "stablehlo_lines": sum(low.as_text().count("\n") for low in lowered.values()),
-         "program_lines": {name: low.as_text().count("\n") for name, low in lowered.items()}}
+         "program_lines": {name: low.as_text().count("\n") for name, low in lowered.items()},
+         "residual_gib": _residual_gib(split_step)}
   if compile_too:
     # The concurrent compile from these lowered programs; the one-at-a-time compile from a
     # fresh lowering (a lowered program keeps its executable once compiled).
@@ -1046,6 +1055,8 @@ def main(argv=None) -> int:
             print(f"  {name:10s} {lines:8d} lines"
                   + (f", XLA {alone:.1f} s alone, scratch {temp:.2f} GiB"
                      if alone is not None and temp is not None else ""), flush=True)
+          print(f"  residuals {row['residual_gib']['device']:.3f} GiB on the device, "
+                f"{row['residual_gib']['host']:.3f} GiB on the host", flush=True)
         if row.get("memory_report"):
           print(pathlib.Path(row["memory_report"]).read_text(encoding="utf-8"), flush=True)
         rows.append(row)
