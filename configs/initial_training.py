@@ -68,12 +68,14 @@ def get_config() -> ml_collections.ConfigDict:
   # small models, more memory and compile time).
   config.vmap_batch_size = 1
   # 'one': the train step is one XLA program. 'split': seven programs (recycling iterations;
-  # forward and backward of the trunk and of the heads with the losses; update; zeros) that
-  # XLA compiles at the same time; same values (af2flax/train/programs.py). Needs
-  # vmap_batch_size 1. H200, 2026-12-05: first compile 102.6 against 158.8 s, but the
+  # the trunk's forward and backward passes; the heads' losses and their gradient in one;
+  # the example's clipped gradient added up; update; zeros) that XLA compiles at the same
+  # time; same values (af2flax/train/programs.py). Needs vmap_batch_size 1. H200,
+  # 2026-12-05, heads then in two programs: first compile 102.6 against 158.8 s, but the
   # expected step 3% slower and the peak 8.80 against 6.36 GiB (fine-tuning shapes: 24.81
-  # against 14.96 GiB), since each stage's saved values stay alive through its whole
-  # backward program: for short runs and debugging, not the preset.
+  # against 14.96 GiB, partly the host-offloaded block inputs copied back, since mended),
+  # as the trunk's saved values stay alive through its whole backward program: for short
+  # runs and debugging, not the preset.
   config.step_programs = "one"
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,

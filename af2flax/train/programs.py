@@ -10,32 +10,39 @@ s_1..s_n (`step.StagedObjective`; AlphaFold's: the trunk, then the heads with th
                  the no-gradient recycling iterations of each device's k-th example
                  (Suppl. 1.10);
   forward.s_i    (params, rng, step, batch, k, carry_i) -> (carry_i+1, residuals_i)
-                 stage i linearised with `jax.vjp` (carry_1 = prev; the last stage gives the
-                 loss and aux scalars instead of a carry);
-  backward.s_i   (params, {carry_i, carry_i+1, residuals_i, cotangent_i+1, gradient})
+                 stage i < n linearised with `jax.vjp` (carry_1 = prev);
+  gradient.s_n   (params, rng, step, batch, k, carry_n)
+                 -> {scalars, gradient, cotangent_n}
+                 the last stage's loss and its gradient in one program (its forward and
+                 backward passes run back to back, so XLA fuses or frees its intermediates
+                 as in the one-program step instead of keeping them as residuals);
+  backward.s_i   (params, {carry_i, carry_i+1, residuals_i, cotangent_i+1}, gradient)
                  -> {cotangent_i, gradient}
                  stage i's backward pass (under remat: the recomputation and the backward
-                 pass) from its residuals, last stage first, the gradient added up;
-                 backward.s_1 clips the example's gradient (Suppl. 1.11.3) and adds it to
-                 the device's sums;
+                 pass) from its residuals, for i = n-1 down to 1, added to the gradient,
+                 whose buffer it takes over (donated);
+  accumulate     (gradient, scalars, sums) -> sums
+                 the example's gradient clipped (Suppl. 1.11.3) and added to the device's
+                 sums (donated);
   update         (state, sums) -> (state, metrics)
                  the sums added over devices, averaged, Adam and the EMA
                  (`step.apply_summed_gradients`);
   zeros          () -> sums.
 
-Python runs recycle, the forwards and the backwards once per example slot of a device
-(AlphaFold's one example per device: once), then update; a stage's residuals are let go
-as soon as its backward program has run. The values are those of the one-program step with
-the same objective: the same per-example keys, split the same way; only XLA's fusion, hence
-rounding, differs.
+Python runs recycle, the forwards, gradient, the backwards and accumulate once per example
+slot of a device (AlphaFold's one example per device: once), then update; a stage's
+residuals are let go as soon as its backward program has run. The values are those of the
+one-program step with the same objective: the same per-example keys, split the same way;
+only XLA's fusion, hence rounding, differs. A one-stage objective has no forward or backward
+program: recycle, gradient, accumulate.
 
 A forward program's residuals are `jax.vjp`'s: its backward program is traced from the very
 function `jax.vjp` returned in the forward program's trace, so the two always agree, and both
 are compiled ahead of time from that one trace (a retrace could order residuals differently).
 Residuals that are the parameters or the stage's carries are not copied: the backward
 program takes those again. Residuals that the model's offloading checkpoint keeps in the
-host's memory (`global_config.remat_offload`) stay there from one program to the next. Examples vmapped together (`vmap_batch_size` > 1) are not
-supported here.
+host's memory (`global_config.remat_offload`) stay there from one program to the next.
+Examples vmapped together (`vmap_batch_size` > 1) are not supported here.
 """
 
 from __future__ import annotations
@@ -124,7 +131,7 @@ class SplitTrainStep:
     self._devices = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
     self.compiled: dict[str, Any] = {}  # name -> XLA's compiled program, after compile()
     self._signature = None
-    self._vjp: dict[int, Any] = {}  # stage -> (treedef, layout, output aval), from tracing
+    self._vjp: dict[int, Any] = {}  # stage -> (treedef, layout) of its vjp, from tracing
     self._residuals: dict[int, Any] = {}  # stage -> its residuals, abstract
     self._host_residuals: dict[int, list[bool]] = {}  # stage -> which are in host memory
     self.compile_seconds: dict[str, float] = {}
@@ -136,8 +143,10 @@ class SplitTrainStep:
   def program_names(self) -> list[str]:
     """The programs, in the order they run."""
     n = len(self._stages)
-    return (["recycle"] + [self._name("forward", i) for i in range(n)]
-            + [self._name("backward", i) for i in reversed(range(n))] + ["update", "zeros"])
+    return (["recycle"] + [self._name("forward", i) for i in range(n - 1)]
+            + [self._name("gradient", n - 1)]
+            + [self._name("backward", i) for i in reversed(range(n - 1))]
+            + ["accumulate", "update", "zeros"])
 
   # Programs, as traced functions of global arrays.
 
@@ -160,66 +169,83 @@ class SplitTrainStep:
     return self._shard_map(local, (P(), _PER_DEVICE, _PER_DEVICE, P()), _PER_DEVICE)(
         params, batch, rngs, index)
 
-  def _forward(self, stage, params, rng, step, batch, index, carry):
+  def _stage_on_example(self, stage, params, rng, step, batch, index, carry, local):
+    """`local(primals, fn)` inside `shard_map` for this device's example `index`: `fn` is
+    stage `stage` of the final iteration as a function of `primals` (the parameters, and
+    the carry after the first stage: the recycled inputs carry no gradient)."""
     rngs = step_lib.example_rngs(rng, step, jax.tree.leaves(batch)[0].shape[0])
-    last = stage == len(self._stages) - 1
     stage_fn = self._stages[stage][1]
 
-    def local(params, local_batch, local_rngs, index, local_carry):
+    def on_example(params, local_batch, local_rngs, index, local_carry):
       example, _, final_rng = self._local_example(local_batch, local_rngs, index)
       carry = _unlead(local_carry)
       fn = lambda p, c: stage_fn(p, example, c, final_rng)
-      if stage == 0:  # the recycled inputs carry no gradient
-        primals, fn = (params,), lambda p, fn=fn: fn(p, carry)
-      else:
-        primals = (params, carry)
-      if last:
-        out, vjp_fn, aux = jax.vjp(fn, *primals, has_aux=True)
-      else:
-        out, vjp_fn = jax.vjp(fn, *primals)
+      if stage == 0:
+        return local((params,), lambda p: fn(p, carry), params, carry)
+      return local((params, carry), fn, params, carry)
+
+    return self._shard_map(on_example, (P(), _PER_DEVICE, _PER_DEVICE, P(), _PER_DEVICE),
+                           _PER_DEVICE)(params, batch, rngs, index, carry)
+
+  def _forward(self, stage, *args):
+    def local(primals, fn, params, carry):
+      out, vjp_fn = jax.vjp(fn, *primals)
       leaves, treedef = jax.tree.flatten(vjp_fn)
       # Leaves that are the parameters or the carries come back as they are; not outputs.
       known = {}
-      for source, tree in zip(_SOURCES, (params, carry, None if last else out)):
+      for source, tree in zip(_SOURCES, (params, carry, out)):
         known.update({id(leaf): (source, i) for i, leaf in enumerate(jax.tree.leaves(tree))})
       layout = [known.get(id(leaf)) for leaf in leaves]
-      self._vjp[stage] = (treedef, layout, jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), out))
+      self._vjp[stage] = (treedef, layout)
       residuals = [leaf for leaf, where in zip(leaves, layout) if where is None]
       self._host_residuals[stage] = [_in_host_memory(leaf) for leaf in residuals]
-      result = step_lib.example_scalars(out, aux) if last else out
-      return _lead(result), _lead(residuals)
+      return _lead((out, residuals))
 
-    return self._shard_map(local, (P(), _PER_DEVICE, _PER_DEVICE, P(), _PER_DEVICE),
-                           (_PER_DEVICE, _PER_DEVICE))(params, batch, rngs, index, carry)
+    return self._stage_on_example(stage, *args, local)
 
-  def _backward(self, stage, params, inputs):
-    treedef, layout, out_aval = self._vjp[stage]
-    last = stage == len(self._stages) - 1
+  def _gradient(self, *args):
+    stage = len(self._stages) - 1
 
-    def local(params, local_inputs):
+    def local(primals, fn, params, carry):  # pylint: disable=unused-argument
+      loss, vjp_fn, aux = jax.vjp(fn, *primals, has_aux=True)
+      grads, *carry_cotangent = vjp_fn(jnp.ones_like(loss))
+      result = {"scalars": step_lib.example_scalars(loss, aux), "gradient": grads}
+      if carry_cotangent:
+        result["cotangent"] = carry_cotangent[0]
+      return _lead(result)
+
+    return self._stage_on_example(stage, *args, local)
+
+  def _backward(self, stage, params, inputs, gradient):
+    treedef, layout = self._vjp[stage]
+
+    def local(params, local_inputs, local_gradient):
       inputs = _unlead(local_inputs)
       sources = {"params": jax.tree.leaves(params),
                  "carry_in": jax.tree.leaves(inputs["carry_in"]),
-                 "carry_out": jax.tree.leaves(inputs.get("carry_out"))}
+                 "carry_out": jax.tree.leaves(inputs["carry_out"])}
       remaining = iter(inputs["residuals"])
       vjp_fn = jax.tree.unflatten(treedef, [
           sources[where[0]][where[1]] if where is not None else next(remaining)
           for where in layout])
-      cotangent = (jnp.ones(out_aval.shape, out_aval.dtype) if last
-                   else inputs["cotangent"])
-      grads, *carry_cotangent = vjp_fn(cotangent)
-      if "gradient" in inputs:
-        grads = jax.tree.map(jnp.add, inputs["gradient"], grads)
-      if stage:
-        return _lead({"cotangent": carry_cotangent[0], "gradient": grads})
-      grads, example = step_lib.clip_example_gradient(grads, inputs["scalars"],
-                                                      self._clip_norm)
-      grad_sums, scalar_sums = inputs["sums"]
+      grads, *carry_cotangent = vjp_fn(inputs["cotangent"])
+      result = {"gradient": jax.tree.map(jnp.add, _unlead(local_gradient), grads)}
+      if carry_cotangent:
+        result["cotangent"] = carry_cotangent[0]
+      return _lead(result)
+
+    return self._shard_map(local, (P(), _PER_DEVICE, _PER_DEVICE), _PER_DEVICE)(
+        params, inputs, gradient)
+
+  def _accumulate(self, gradient, scalars, sums):
+    def local(local_gradient, local_scalars, local_sums):
+      grads, example = step_lib.clip_example_gradient(
+          _unlead(local_gradient), _unlead(local_scalars), self._clip_norm)
+      grad_sums, scalar_sums = _unlead(local_sums)
       return _lead((jax.tree.map(jnp.add, grad_sums, grads),
                     {k: scalar_sums[k] + example[k] for k in scalar_sums}))
 
-    return self._shard_map(local, (P(), _PER_DEVICE), _PER_DEVICE)(params, inputs)
+    return self._shard_map(local, (_PER_DEVICE,) * 3, _PER_DEVICE)(gradient, scalars, sums)
 
   def _update(self, state, sums, batch_size):
     param_specs = self._param_specs
@@ -249,13 +275,14 @@ class SplitTrainStep:
     batch_sh = sharding_lib.batch_sharding(self._mesh)
     index = jax.ShapeDtypeStruct((), jnp.int32)
     n = len(self._stages)
+    example_in = (params_sh, rng_sh, step_sh, batch_sh, rep, dev)
+    example_args = (state.params, state.rng, state.step, batch, index)
 
     lowered = {}
-    lowered["recycle"] = jax.jit(
-        self._recycle, in_shardings=(params_sh, rng_sh, step_sh, batch_sh, rep),
-        out_shardings=dev).lower(state.params, state.rng, state.step, batch, index)
+    lowered["recycle"] = jax.jit(self._recycle, in_shardings=example_in[:5],
+                                 out_shardings=dev).lower(*example_args)
     carries = [lowered["recycle"].out_info]
-    for i in range(n):
+    for i in range(n - 1):
       name = self._name("forward", i)
       # The residuals' shardings are left to the program (None): per device, as shard_map
       # gives them, in the memory where they were made. Residuals that the model's
@@ -263,27 +290,30 @@ class SplitTrainStep:
       # copy them back to the accelerator (H200, fine-tuning shapes, 2026-12-05: a peak of
       # 24.81 GiB against the one-program step's 14.96).
       lowered[name] = jax.jit(
-          lambda *args, i=i: self._forward(i, *args),
-          in_shardings=(params_sh, rng_sh, step_sh, batch_sh, rep, dev),
-          out_shardings=(dev, None)
-      ).lower(state.params, state.rng, state.step, batch, index, carries[i])
+          lambda *args, i=i: self._forward(i, *args), in_shardings=example_in,
+          out_shardings=(dev, None)).lower(*example_args, carries[i])
       out, self._residuals[i] = lowered[name].out_info
-      carries.append(out)  # the last: the example's scalars
-    scalars = carries[n]
-    gradient = _per_device(state.params, self._devices, jnp.float32)
-    sums = (gradient, {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
-                       for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
-    for i in reversed(range(n)):
-      inputs = self._backward_inputs(i, carries, self._residuals[i],
-                                     carries[i + 1] if i < n - 1 else None, gradient,
-                                     scalars, sums)
+      carries.append(out)
+    name = self._name("gradient", n - 1)
+    lowered[name] = jax.jit(self._gradient, in_shardings=example_in, out_shardings=dev).lower(
+        *example_args, carries[n - 1])
+    last = lowered[name].out_info
+    gradient = last["gradient"]
+    for i in reversed(range(n - 1)):
+      inputs = self._backward_inputs(i, carries, self._residuals[i], carries[i + 1])
       inputs_sh = {**jax.tree.map(lambda _: dev, inputs), "residuals": [
           dev.with_memory_kind("pinned_host") if host else dev
           for host in self._host_residuals[i]]}
       lowered[self._name("backward", i)] = jax.jit(
-          lambda params, inputs, i=i: self._backward(i, params, inputs),
-          in_shardings=(params_sh, inputs_sh), out_shardings=dev,
-      ).lower(state.params, inputs)
+          lambda params, inputs, gradient, i=i: self._backward(i, params, inputs, gradient),
+          in_shardings=(params_sh, inputs_sh, dev), out_shardings=dev, donate_argnums=2,
+      ).lower(state.params, inputs, gradient)
+    scalars = last["scalars"]
+    sums = (gradient, {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
+                       for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
+    lowered["accumulate"] = jax.jit(
+        self._accumulate, in_shardings=(dev, dev, dev), out_shardings=dev,
+        donate_argnums=2).lower(gradient, scalars, sums)
     lowered["update"] = jax.jit(
         lambda state, sums: self._update(state, sums, batch_size),
         in_shardings=(self._state_shardings, dev),
@@ -294,26 +324,23 @@ class SplitTrainStep:
     self._local_examples = local_examples
     return lowered
 
-  def _backward_inputs(self, stage, carries, residuals, cotangent, gradient, scalars, sums):
-    """What backward program `stage` takes besides the parameters (abstract or arrays):
-    `carries` are the stage inputs (carries[0] = prev) and the last stage's scalars."""
-    n = len(self._stages)
-    inputs = {"carry_in": carries[stage], "residuals": residuals}
-    if stage < n - 1:
-      inputs.update(carry_out=carries[stage + 1], cotangent=cotangent, gradient=gradient)
-    if stage == 0:
-      inputs.update(scalars=scalars, sums=sums)
-    return inputs
+  @staticmethod
+  def _backward_inputs(stage, carries, residuals, cotangent):
+    """What backward program `stage` takes besides the parameters and the gradient
+    (abstract or arrays): `carries` are the stage inputs (carries[0] = prev)."""
+    return {"carry_in": carries[stage], "carry_out": carries[stage + 1],
+            "residuals": residuals, "cotangent": cotangent}
 
   def compile(self, state: state_lib.TrainState, batch: Mapping[str, Any],
               concurrent: bool = True,
               lowered: dict[str, jax.stages.Lowered] | None = None) -> dict[str, float]:
     """Traces and lowers the programs (`lower`), then has XLA compile them at the same time,
-    the recycling program after the first forward program, whose matrix products it shares
-    (on a GPU their autotuning is cached in the process by then); `concurrent=False`: one
-    after another, to time each alone. Returns (and keeps in `compile_seconds`) each
-    program's XLA seconds, `trace_lower` and `wall` (all of it). `lowered`: what `lower`
-    returned for these shapes, not yet compiled (then `trace_lower` is 0)."""
+    the recycling program after the first program of the final iteration, whose matrix
+    products it shares (on a GPU their autotuning is cached in the process by then);
+    `concurrent=False`: one after another, to time each alone. Returns (and keeps in
+    `compile_seconds`) each program's XLA seconds, `trace_lower` and `wall` (all of it).
+    `lowered`: what `lower` returned for these shapes, not yet compiled (then `trace_lower`
+    is 0)."""
     start = time.perf_counter()
     lowered = lowered or self.lower(state, batch)
     seconds = {"trace_lower": time.perf_counter() - start}
@@ -325,9 +352,9 @@ class SplitTrainStep:
         results.append((name, lowered[name].compile(), time.perf_counter() - begin))
       return results
 
-    first_forward = self._name("forward", 0)
-    chains = [(first_forward, "recycle")] + [
-        (name,) for name in self.program_names if name not in (first_forward, "recycle")]
+    first = self.program_names[1]
+    chains = [(first, "recycle")] + [
+        (name,) for name in self.program_names if name not in (first, "recycle")]
     if concurrent:
       with concurrent_futures.ThreadPoolExecutor(max_workers=len(chains)) as pool:
         results = [r for chain in pool.map(compile_chain, chains) for r in chain]
@@ -349,26 +376,23 @@ class SplitTrainStep:
     if not self.compiled or _signature((state, batch)) != self._signature:
       self.compile(state, batch)
     run, n = self.compiled, len(self._stages)
+    example_args = (state.params, state.rng, state.step, batch)
     sums = run["zeros"]()
     for index in self._indices:
-      carries = [run["recycle"](state.params, state.rng, state.step, batch, index)]
+      carries = [run["recycle"](*example_args, index)]
       residuals = []
-      for i in range(n):
-        out, stage_residuals = run[self._name("forward", i)](
-            state.params, state.rng, state.step, batch, index, carries[i])
+      for i in range(n - 1):
+        out, stage_residuals = run[self._name("forward", i)](*example_args, index, carries[i])
         carries.append(out)
         residuals.append(stage_residuals)
-      cotangent = gradient = None
-      for i in reversed(range(n)):
-        inputs = self._backward_inputs(i, carries, residuals[i], cotangent, gradient,
-                                       carries[n], sums)
+      result = run[self._name("gradient", n - 1)](*example_args, index, carries[n - 1])
+      scalars = result["scalars"]
+      for i in reversed(range(n - 1)):
+        inputs = self._backward_inputs(i, carries, residuals[i], result["cotangent"])
         residuals[i] = None  # freed once the backward program has read them
-        result = run[self._name("backward", i)](state.params, inputs)
+        result = run[self._name("backward", i)](state.params, inputs, result["gradient"])
         del inputs
-        if i:
-          cotangent, gradient = result["cotangent"], result["gradient"]
-        else:
-          sums = result
+      sums = run["accumulate"](result["gradient"], scalars, sums)
     return run["update"](state, sums)
 
   def residual_bytes(self, host: bool = False) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -36,6 +37,40 @@ def objective(model: MLP):
     mse = jnp.mean((pred - example["y"]) ** 2)
     return mse, {"mse": mse, "per_point": (pred - example["y"]) ** 2}
   return fn
+
+
+def staged_objective(model: MLP, offload: bool = False):
+  """The MLP's network as two stages (`step.StagedObjective`, nothing to recycle): the hidden
+  layer and the output layer's product, then its bias and the loss. The first stage's
+  backward pass reads the output kernel again (a parameter, not a residual to copy).
+  `offload`: two more layers, scanned and checkpointed, whose inputs the checkpoint keeps in
+  the host's memory, as `remat_offload` does with block inputs."""
+  from af2flax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+      offload_src="device", offload_dst="pinned_host")
+
+  def layer(h, bias):
+    return jnp.tanh(checkpoint_name(h, "layer_input") + bias), None
+
+  def hidden(params, example, prev, rng):
+    del prev
+    h = example["x"] @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+    h = jnp.tanh(nn.Dropout(model.dropout_rate, deterministic=False).apply(
+        {}, h, rngs={"dropout": rng}))
+    if offload:
+      bias = params["Dense_0"]["bias"]
+      h, _ = jax.lax.scan(jax.checkpoint(layer, policy=policy), h, jnp.stack([bias, -bias]))
+    return h @ params["Dense_1"]["kernel"]
+
+  def output(params, example, z, rng):
+    del rng
+    pred = (z + params["Dense_1"]["bias"])[..., 0]
+    mse = jnp.mean((pred - example["y"]) ** 2)
+    return mse, {"mse": mse, "per_point": (pred - example["y"]) ** 2}
+
+  return step_lib.StagedObjective(lambda params, example, rng: {},
+                                  (("hidden", hidden), ("output", output)))
 
 
 def init_params(model: MLP, seed: int = 0):

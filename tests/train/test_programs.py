@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,55 +41,52 @@ def _mlp_steps(batch_size=4, steps=3, objective=mlp.objective):
   return states, metrics, split
 
 
-def test_split_step_equals_one_program_step():
-  """Three steps of 4 examples (a loop of 4 per step over the one device): same parameters,
-  EMA, optimizer state and metrics, up to XLA's rounding."""
-  (one, split), (one_metrics, split_metrics), split_step = _mlp_steps()
-  assert int(split.step) == 3
+def _assert_same_states(one, split):
   for a, b in zip(jax.tree.leaves((one.params, one.ema_params, one.opt_state)),
                   jax.tree.leaves((split.params, split.ema_params, split.opt_state))):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_split_step_equals_one_program_step():
+  """Three steps of 4 examples (a loop of 4 per step over the one device): same parameters,
+  EMA, optimizer state and metrics, up to XLA's rounding. A one-stage objective: recycle,
+  the loss and its gradient in one program, accumulate."""
+  (one, split), (one_metrics, split_metrics), split_step = _mlp_steps()
+  assert int(split.step) == 3
+  _assert_same_states(one, split)
   assert set(split_metrics) == set(one_metrics)
   for key, value in one_metrics.items():
     np.testing.assert_allclose(split_metrics[key], value, rtol=1e-5, err_msg=key)
   assert float(split_metrics["clipped_fraction"]) == 1.0  # clipping is exercised
   # Compiled once for the three steps; each program timed.
-  assert split_step.program_names == ["recycle", "forward.final", "backward.final", "update",
+  assert split_step.program_names == ["recycle", "gradient.final", "accumulate", "update",
                                       "zeros"]
   assert set(split_step.compile_seconds) == {"trace_lower", "wall", *split_step.program_names}
 
 
+def test_two_stages_equal_one_program_step():
+  """Two stages: the first's forward program, the second's loss and gradient, the first's
+  backward program; the same values as the one-program step of the same objective."""
+  (one, split), (one_metrics, split_metrics), split_step = _mlp_steps(
+      objective=mlp.staged_objective)
+  _assert_same_states(one, split)
+  for key, value in one_metrics.items():
+    np.testing.assert_allclose(split_metrics[key], value, rtol=1e-5, err_msg=key)
+  assert split_step.program_names == ["recycle", "forward.hidden", "gradient.output",
+                                      "backward.hidden", "accumulate", "update", "zeros"]
+
+
 def test_residuals_leave_out_the_parameters():
   """The backward program takes the parameters again: the forward program's residuals do not
-  copy the weights that the backward pass reads (here the second layer's kernel, [16, 1])."""
-  _, _, split_step = _mlp_steps(steps=1)
+  copy the weights that the backward pass reads (here the output layer's kernel, [16, 1])."""
+  _, _, split_step = _mlp_steps(steps=1, objective=mlp.staged_objective)
   # pylint: disable=protected-access
-  _, layout, _ = split_step._vjp[0]
+  _, layout = split_step._vjp[0]
   # Dense_1/kernel, read again
   assert [where for where in layout if where is not None] == [("params", 3)]
   shapes = [tuple(x.shape) for x in jax.tree.leaves(split_step._residuals[0])]
   assert (1, 16, 1) not in shapes and (1, 4, 16) in shapes  # [device, ...]: activations only
-  assert split_step.residual_bytes()["forward.final"] > 0
-
-
-def _offloading_objective(model):
-  """The MLP's objective plus a penalty on two checkpointed layers (a scan) whose inputs the
-  checkpoint keeps in the host's memory, as `remat_offload` does with block inputs."""
-  policy = jax.checkpoint_policies.save_and_offload_only_these_names(
-      names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
-      offload_src="device", offload_dst="pinned_host")
-
-  def layer(h, kernel):
-    h = checkpoint_name(h, "layer_input")
-    return jnp.tanh(h @ kernel), None
-
-  def fn(params, example, rng):
-    loss, aux = mlp.objective(model)(params, example, rng)
-    kernel = params["Dense_0"]["kernel"]  # [3, 16]
-    h, _ = jax.lax.scan(jax.checkpoint(layer, policy=policy), example["x"] @ kernel,
-                        jnp.stack([kernel.T @ kernel] * 2))
-    return loss + 0.1 * jnp.mean(h ** 2), aux
-  return fn
+  assert split_step.residual_bytes()["forward.hidden"] > 0
 
 
 def test_offloaded_residuals_stay_in_host_memory_between_programs():
@@ -98,20 +94,19 @@ def test_offloaded_residuals_stay_in_host_memory_between_programs():
   and enter the backward program there, not copied to the accelerator in between (on an
   H200 at fine-tuning shapes that copy made the split step peak at 24.81 GiB, against 14.96
   for one program); the values are the one-program step's."""
-  (one, split), _, split_step = _mlp_steps(steps=2, objective=_offloading_objective)
-  for a, b in zip(jax.tree.leaves((one.params, one.opt_state)),
-                  jax.tree.leaves((split.params, split.opt_state))):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  (one, split), _, split_step = _mlp_steps(
+      steps=2, objective=lambda model: mlp.staged_objective(model, offload=True))
+  _assert_same_states(one, split)
   # pylint: disable=protected-access
   host = split_step._host_residuals[0]
   assert host.count(True) == 1  # the stacked layer inputs, [2, 4, 16] per device
   kinds = lambda shardings: [s.memory_kind for s in jax.tree.leaves(shardings)]
-  _, residuals_out = split_step.compiled["forward.final"].output_shardings
+  _, residuals_out = split_step.compiled["forward.hidden"].output_shardings
   assert kinds(residuals_out) == ["pinned_host" if h else "device" for h in host]
-  _, inputs_in = split_step.compiled["backward.final"].input_shardings[0]
+  _, inputs_in, _ = split_step.compiled["backward.hidden"].input_shardings[0]
   # (residuals the backward pass does not read are pruned from its inputs)
   assert kinds(inputs_in["residuals"]).count("pinned_host") == 1
-  assert split_step.residual_bytes(host=True)["forward.final"] == 2 * 4 * 16 * 4
+  assert split_step.residual_bytes(host=True)["forward.hidden"] == 2 * 4 * 16 * 4
 
 
 def test_split_step_recompiles_only_for_new_shapes():
@@ -123,11 +118,11 @@ def test_split_step_recompiles_only_for_new_shapes():
                                   sharding_lib.replicated(mesh))
   state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
   state, _ = split(state, mlp.make_batch(0, 2))
-  first = split.compiled["backward.final"]
+  first = split.compiled["gradient.final"]
   state, _ = split(state, mlp.make_batch(1, 2))
-  assert split.compiled["backward.final"] is first
+  assert split.compiled["gradient.final"] is first
   state, metrics = split(state, mlp.make_batch(2, 3))  # another batch size: compiled again
-  assert split.compiled["backward.final"] is not first and int(state.step) == 3
+  assert split.compiled["gradient.final"] is not first and int(state.step) == 3
   assert np.isfinite(float(metrics["loss"]))
 
 
