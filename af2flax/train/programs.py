@@ -170,9 +170,10 @@ class SplitTrainStep:
         params, batch, rngs, index)
 
   def _stage_on_example(self, stage, params, rng, step, batch, index, carry, local):
-    """`local(primals, fn)` inside `shard_map` for this device's example `index`: `fn` is
-    stage `stage` of the final iteration as a function of `primals` (the parameters, and
-    the carry after the first stage: the recycled inputs carry no gradient)."""
+    """`local(primals, fn, params, carry)` inside `shard_map` for this device's example
+    `index`: `fn` is stage `stage` of the final iteration as a function of `primals` (the
+    parameters, and the carry after the first stage: the recycled inputs carry no
+    gradient); `params` and `carry` are this device's values (a vjp's leaves may be them)."""
     rngs = step_lib.example_rngs(rng, step, jax.tree.leaves(batch)[0].shape[0])
     stage_fn = self._stages[stage][1]
 
