@@ -320,13 +320,16 @@ VARIANTS = {
 # compile time. H200, 2026-12-05, alone on the machine, with the presets of before that day's
 # flattened parameter scan: first compile 102.6 s against 158.8 s for one program (trace,
 # lowering and XLA), expected step 0.616 s against ~0.60, peak 8.80 against 6.36 GiB;
-# fine-tuning 1.977 s as one program, but 24.81 against 14.96 GiB. Not the presets.
+# fine-tuning 1.977 s as one program, but 24.81 against 14.96 GiB. Not the presets. Since
+# then, not yet timed: host-offloaded residuals kept in host memory between programs, the
+# heads' loss and gradient in one program, the gradient's buffers donated.
 VARIANTS.update({
     "bf16-auto-split": {**_BF16_AUTO, "step_programs": "split"},
     "bf16-pallas512-extracudnn-offload55-split": {**_FINETUNE_PRESET, "step_programs": "split"},
     # The update on the parameters concatenated (`optimizer.flat_update`): for the compile.
     # H200, 2026-12-05: XLA 131.9 against 141.7 s for one program; split, 103.3 against
-    # 102.6 s (the update is not the split step's longest program); its step as fast.
+    # 102.6 s (the update is not the split step's longest program); the split step 0.621
+    # against 0.616 s (two calls, not side by side).
     "bf16-auto-flatupdate": {**_BF16_AUTO, "flat_update": True},
     "bf16-auto-split-flatupdate": {**_BF16_AUTO, "step_programs": "split", "flat_update": True},
 })
