@@ -847,6 +847,8 @@ def _format(rows: list[dict]) -> str:
                                              row["init_parts"].items()))
                     if row.get("init_parts") else "")
                  + (f", host memory {row['host_gib']:.2f} GiB" if row.get("host_gib") else "")
+                 + (f", split: residuals {row['residual_gib']['device']:.2f} GiB on the device"
+                    if row.get("residual_gib") else "")
                  + (", compilation cache on" if row.get("compilation_cache") else "")
                  + (", TIMED BESIDE ANOTHER COMPILATION" if row.get("timed_beside_compilation")
                     else ""))

@@ -233,6 +233,10 @@ def test_result_table_marks_offloaded_block_inputs():
   assert line.endswith("init 30.0 s, host memory 1.52 GiB")
   partly = {**row, "remat_offload_fraction": 0.875}
   assert bench._format([partly]).splitlines()[1].split()[3] == "nothing,host88%"  # pylint: disable=protected-access
+  # The split step: its residuals left on the device (those in host memory: host memory).
+  split = {**row, "residual_gib": {"device": 2.35, "host": 1.52}}
+  assert bench._format([split]).splitlines()[1].endswith(  # pylint: disable=protected-access
+      "host memory 1.52 GiB, split: residuals 2.35 GiB on the device")
 
 
 def test_examples_vmapped_or_one_at_a_time(monkeypatch):
