@@ -310,8 +310,9 @@ class SplitTrainStep:
           in_shardings=(params_sh, inputs_sh, dev), out_shardings=dev, donate_argnums=2,
       ).lower(state.params, inputs, gradient)
     scalars = last["scalars"]
-    sums = (gradient, {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
-                       for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
+    sums = (_per_device(state.params, self._devices, jnp.float32),
+            {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
+             for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
     lowered["accumulate"] = jax.jit(
         self._accumulate, in_shardings=(dev, dev, dev), out_shardings=dev,
         donate_argnums=2).lower(gradient, scalars, sums)
