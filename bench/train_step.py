@@ -458,12 +458,13 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   init_s = clock[-1] - clock[0]
 
   _progress(f"{variant},{shape_name}: initialised ({init_s:.1f} s); tracing the step")
-  program_s = None
+  program_s = residual_gib = None
   if config.step_programs == "split":
     trace_s, xla_compile_s, compiled, temp_gib, program_s = _compile_split(
         train_step, state, first)
+    residual_gib = _residual_gib(train_step)
     # What the host's memory holds: the residuals left there (offloaded block inputs).
-    lower_s, host_gib = 0.0, _residual_gib(train_step)["host"] or None
+    lower_s, host_gib = 0.0, residual_gib["host"] or None
   else:
     step_fn = jax.jit(train_step, donate_argnums=0)
     trace_s, lower_s, lowered = _trace_and_lower(step_fn, state, first)
@@ -485,7 +486,7 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   row["timed_beside_compilation"] = beside_compilation
   if program_s is not None:  # split: trace_s is tracing and lowering of all the programs
     row["program_compile_s"] = program_s
-    row["residual_gib"] = _residual_gib(train_step)
+    row["residual_gib"] = residual_gib
   return row
 
 
