@@ -162,9 +162,9 @@ class AlphaFold(nn.Module):
     """
     parts = {"recycle_only": recycle_only, "prev": prev is not None,
              "trunk_only": trunk_only, "representations": representations is not None}
-    allowed = ({}, {"recycle_only"}, {"prev"}, {"trunk_only"}, {"prev", "trunk_only"},
+    allowed = (set(), {"recycle_only"}, {"prev"}, {"trunk_only"}, {"prev", "trunk_only"},
                {"representations"})
-    if {name for name, given in parts.items() if given} not in [set(a) for a in allowed]:
+    if {name for name, given in parts.items() if given} not in allowed:
       raise ValueError(f"AlphaFold: {', '.join(n for n, g in parts.items() if g)} cannot be "
                        "given together; the parts are recycle_only=True, prev=... with or "
                        "without trunk_only=True, and representations=...")
