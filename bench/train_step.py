@@ -231,8 +231,13 @@ VARIANTS = {
                                                    "outer_product_mean_layout": "alphafold"},
     "bf16-pallas512-extracudnn-offload55-opmbatched": {
         **_FINETUNE_PRESET, "outer_product_mean_layout": "rows_batched"},
+    # The flattened parameter scan at fine-tuning shapes. H200, 2026-12-05 (eighteenth
+    # session), side by side: 1.903 s and 13.95 GiB against 1.945 s and 14.06 GiB scanned per
+    # array; now the fine-tuning preset (…-offload55 is the same), noflatparams the one before.
     "bf16-pallas512-extracudnn-offload55-flatparams": {**_FINETUNE_PRESET,
                                                        "scan_flat_params": True},
+    "bf16-pallas512-extracudnn-offload55-noflatparams": {**_FINETUNE_PRESET,
+                                                         "scan_flat_params": False},
     # The fine-tuning preset with our kernels' backward pass in blocks of 64 queries (see
     # bf16-auto-lgq64).
     "bf16-pallas512-extracudnn-offload55-lgq64": {**_FINETUNE_PRESET,
@@ -320,16 +325,19 @@ VARIANTS = {
 # compile time. H200, 2026-12-05, alone on the machine, with the presets of before that day's
 # flattened parameter scan: first compile 102.6 s against 158.8 s for one program (trace,
 # lowering and XLA), expected step 0.616 s against ~0.60, peak 8.80 against 6.36 GiB;
-# fine-tuning 1.977 s as one program, but 24.81 against 14.96 GiB. Not the presets. Since
-# then, not yet timed: host-offloaded residuals kept in host memory between programs, the
-# heads' loss and gradient in one program, the gradient's buffers donated.
+# fine-tuning 1.977 s as one program, but 24.81 against 14.96 GiB. With host-offloaded
+# residuals kept in host memory between programs, the heads' loss and gradient in one
+# program, the gradient's buffers donated and the flattened parameter scan (eighteenth
+# session): 102.6 s, 0.592 s against 0.571, 8.09 against 6.69 GiB; fine-tuning 1.947 s, 17.19
+# GiB against 1.903 s, 13.95 GiB. Not the presets.
 VARIANTS.update({
     "bf16-auto-split": {**_BF16_AUTO, "step_programs": "split"},
     "bf16-pallas512-extracudnn-offload55-split": {**_FINETUNE_PRESET, "step_programs": "split"},
     # The update on the parameters concatenated (`optimizer.flat_update`): for the compile.
     # H200, 2026-12-05: XLA 131.9 against 141.7 s for one program; split, 103.3 against
     # 102.6 s (the update is not the split step's longest program); the split step 0.621
-    # against 0.616 s (two calls, not side by side).
+    # against 0.616 s (two calls, not side by side). Side by side with the presets
+    # (2026-12-05, eighteenth session): 0.577 against 0.571 s per expected step.
     "bf16-auto-flatupdate": {**_BF16_AUTO, "flat_update": True},
     "bf16-auto-split-flatupdate": {**_BF16_AUTO, "step_programs": "split", "flat_update": True},
 })

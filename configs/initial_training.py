@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   # writes one gradient row per layer instead of one per parameter array (93 in an Evoformer
   # block). H200, 2026-12-05, side by side with the presets before: expected step 0.571
   # against 0.598 s, peak 6.67 against 6.38 GiB (docs/benchmarks.md). Does not combine with
-  # remat_group_size > 1; the fine-tuning preset leaves it off until measured there.
+  # remat_group_size > 1. The fine-tuning preset has it too (measured there the next day).
   config.model.global_config.scan_flat_params = True
 
   # The input: AlphaFold's sampling and transforms at initial-training sizes.
@@ -85,8 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
       "global_clip_norm": 0.0,  # off; >0 also clips the averaged gradient
       # True: Adam and the EMA on all parameters concatenated (the same values; off by itself
       # when FSDP splits parameters, step.flat_update). Compiles faster: H200, 2026-12-05,
-      # XLA 131.9 against 141.7 s for the one-program step; its step time is measured only
-      # in the split step (0.621 against 0.616 s in two calls), so it stays off for now.
+      # XLA 131.9 against 141.7 s for the one-program step; but the expected step is 0.577
+      # against 0.571 s side by side (eighteenth session), so it stays off.
       "flat_update": False,
       "weight_decay": 0.0,
   })
