@@ -94,8 +94,10 @@ _COMPILE_WAIT_S = 1800.0
 # name -> model global_config overrides, except the step's own keys (`STEP_KEYS`):
 # 'xla_flags' (added to XLA_FLAGS of its worker), 'step_programs' (the train config's:
 # 'split' runs `af2flax.train.programs.SplitTrainStep`, the step as separately compiled
-# programs compiled at the same time) and 'flat_update' (`config.optimizer.flat_update`).
-STEP_KEYS = ("xla_flags", "step_programs", "flat_update")
+# programs compiled at the same time), 'trunk_stages' (the train config's: the split step's
+# trunk cut into more stages, `step.trunk_stages`) and 'flat_update'
+# (`config.optimizer.flat_update`).
+STEP_KEYS = ("xla_flags", "step_programs", "trunk_stages", "flat_update")
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -340,6 +342,17 @@ VARIANTS.update({
     # (2026-12-05, eighteenth session): 0.577 against 0.571 s per expected step.
     "bf16-auto-flatupdate": {**_BF16_AUTO, "flat_update": True},
     "bf16-auto-split-flatupdate": {**_BF16_AUTO, "step_programs": "split", "flat_update": True},
+    # The split step with the trunk in more stages, each with its own forward and backward
+    # programs compiled beside the others: the trunk's backward program (82.4 s of XLA on an
+    # H200, 2026-12-05) and its forward program (45.6 s, then recycle 43.1 s on the same
+    # thread) are the split compile's two long chains.
+    "bf16-auto-split2": {**_BF16_AUTO, "step_programs": "split",
+                         "trunk_stages": "embeddings+extra_msa,evoformer"},
+    "bf16-auto-split3": {**_BF16_AUTO, "step_programs": "split",
+                         "trunk_stages": "embeddings,extra_msa,evoformer"},
+    "bf16-pallas512-extracudnn-offload55-split2": {
+        **_FINETUNE_PRESET, "step_programs": "split",
+        "trunk_stages": "embeddings+extra_msa,evoformer"},
 })
 RECYCLES = (0, 1, 2, 3)
 
@@ -353,6 +366,7 @@ def _train_config(variant: str, smoke: bool, stage: str):
   config.model.global_config.update(
       {k: v for k, v in VARIANTS[variant].items() if k not in STEP_KEYS})
   config.step_programs = VARIANTS[variant].get("step_programs", config.step_programs)
+  config.trunk_stages = VARIANTS[variant].get("trunk_stages", config.trunk_stages)
   config.optimizer.flat_update = VARIANTS[variant].get("flat_update",
                                                        config.optimizer.flat_update)
   config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))
@@ -397,7 +411,7 @@ def _step_parts(variant: str, shape_name: str, smoke: bool):
   model = AlphaFold(step_lib.model_config_for_step(config))  # marked when examples vmap
   optimizer = optimizer_lib.make_optimizer(config.optimizer)
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-  objective = step_lib.alphafold_objective(model, config.model)
+  objective = step_lib.alphafold_objective(model, config.model, config.trunk_stages)
   if config.step_programs == "split":
     from af2flax.train import programs  # pylint: disable=g-import-not-at-top
     return config, model, optimizer, programs.SplitTrainStep(

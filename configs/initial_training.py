@@ -71,12 +71,17 @@ def get_config() -> ml_collections.ConfigDict:
   # the trunk's forward and backward passes; the heads' losses and their gradient in one;
   # the example's clipped gradient added up; update; zeros) that XLA compiles at the same
   # time; same values (af2flax/train/programs.py). Needs vmap_batch_size 1. H200,
-  # 2026-12-05, heads then in two programs: first compile 102.6 against 158.8 s, but the
-  # expected step 3% slower and the peak 8.80 against 6.36 GiB (fine-tuning shapes: 24.81
-  # against 14.96 GiB, partly the host-offloaded block inputs copied back, since mended),
-  # as the trunk's saved values stay alive through its whole backward program: for short
-  # runs and debugging, not the preset.
+  # 2026-12-05 (eighteenth session): first compile 102.6 against 158.8 s, but the expected
+  # step 0.592 against 0.571 s and the peak 8.09 against 6.69 GiB (fine-tuning shapes: 17.19
+  # against 13.95 GiB), as the trunk's saved values stay alive through its whole backward
+  # program: for short runs and debugging, not the preset.
   config.step_programs = "one"
+  # With 'split': the trunk as one stage ('trunk'), or cut into more, each with its own
+  # forward and backward programs compiled beside the others, e.g.
+  # 'embeddings+extra_msa,evoformer' or 'embeddings,extra_msa,evoformer' (the parts of
+  # af2flax.model.trunk.TRUNK_PARTS, in order; step.trunk_stages). Same values. With 'one'
+  # the stages run one after another inside the one program.
+  config.trunk_stages = "trunk"
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
       "warmup_steps": 1000, "decay_steps": 50_000, "decay_factor": 0.95,

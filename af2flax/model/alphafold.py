@@ -16,7 +16,7 @@ iterations run first without gradient, then the final iteration reads slice
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,7 @@ from af2flax.model.heads import (DistogramHead, ExperimentallyResolvedHead, Mask
                                  PredictedAlignedErrorHead, PredictedLDDTHead)
 from af2flax.model.primitives import layer_norm_recompute
 from af2flax.model.structure import StructureModule
-from af2flax.model.trunk import EmbeddingsAndEvoformer
+from af2flax.model.trunk import TRUNK_PARTS, EmbeddingsAndEvoformer, check_trunk_parts
 
 # Head config name -> (module class, AlphaFold's Haiku module name).
 HEADS = {
@@ -59,14 +59,18 @@ class AlphaFoldIteration(nn.Module):
   def __call__(self, batch: Mapping[str, jax.Array], prev: Mapping[str, jax.Array],
                deterministic: bool = True, *,
                representations: Mapping[str, jax.Array] | None = None,
-               trunk_only: bool = False) -> dict[str, Any]:
-    """The iteration's outputs; `trunk_only=True`: only the trunk's `representations`;
-    `representations=` those: only the heads (`prev` is then not read)."""
+               trunk_only: bool = False, trunk_parts: Sequence[str] = TRUNK_PARTS,
+               trunk_activations: Mapping[str, jax.Array] | None = None) -> dict[str, Any]:
+    """The iteration's outputs; `trunk_only=True`: only the trunk's `representations` (with
+    `trunk_parts`, only those parts of it, after `trunk_activations`:
+    `EmbeddingsAndEvoformer`); `representations=` those: only the heads (`prev` is then not
+    read)."""
     c = self.config
     gc = c.global_config
     if representations is None:
       representations = EmbeddingsAndEvoformer(c.embeddings_and_evoformer, gc,
-                                               name="evoformer")(batch, prev, deterministic)
+                                               name="evoformer")(
+          batch, prev, deterministic, parts=trunk_parts, activations=trunk_activations)
     else:
       representations = dict(representations)
     if trunk_only:
@@ -146,7 +150,9 @@ class AlphaFold(nn.Module):
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True, *,
                prev: Mapping[str, jax.Array] | None = None, recycle_only: bool = False,
                trunk_only: bool = False,
-               representations: Mapping[str, jax.Array] | None = None) -> dict[str, Any]:
+               representations: Mapping[str, jax.Array] | None = None,
+               trunk_parts: Sequence[str] | None = None,
+               trunk_activations: Mapping[str, jax.Array] | None = None) -> dict[str, Any]:
     """The final iteration's outputs, after the no-gradient recycling iterations.
 
     The parts can also run apart (the train step's separately compiled programs):
@@ -156,26 +162,40 @@ class AlphaFold(nn.Module):
     - `prev=` those inputs runs only the final iteration;
     - with `trunk_only=True` as well, only its trunk (embeddings, Evoformer), returning its
       `representations`;
+    - `trunk_parts=` (with `trunk_only=True`) runs only those consecutive parts of the
+      trunk (`trunk.TRUNK_PARTS`: 'embeddings', 'extra_msa', 'evoformer'). Parts that stop
+      before 'evoformer' return the activations {'msa', 'pair'} that the next parts take as
+      `trunk_activations=` (then without `prev=`: the recycled inputs are read only by
+      'embeddings');
     - `representations=` those runs only the final iteration's heads.
     `apply(recycle_only=True)`, `apply(prev=..., trunk_only=True)`, then
-    `apply(representations=...)` compute what one call does.
+    `apply(representations=...)` compute what one call does, and so do the trunk's parts
+    one after another in place of the second.
     """
-    parts = {"recycle_only": recycle_only, "prev": prev is not None,
-             "trunk_only": trunk_only, "representations": representations is not None}
+    given = {"recycle_only": recycle_only, "prev": prev is not None,
+             "trunk_only": trunk_only, "representations": representations is not None,
+             "trunk_parts": trunk_parts is not None,
+             "trunk_activations": trunk_activations is not None}
     allowed = (set(), {"recycle_only"}, {"prev"}, {"trunk_only"}, {"prev", "trunk_only"},
-               {"representations"})
-    if {name for name, given in parts.items() if given} not in allowed:
-      raise ValueError(f"AlphaFold: {', '.join(n for n, g in parts.items() if g)} cannot be "
+               {"representations"}, {"trunk_only", "trunk_parts"},
+               {"prev", "trunk_only", "trunk_parts"},
+               {"trunk_only", "trunk_parts", "trunk_activations"})
+    if {name for name, g in given.items() if g} not in allowed:
+      raise ValueError(f"AlphaFold: {', '.join(n for n, g in given.items() if g)} cannot be "
                        "given together; the parts are recycle_only=True, prev=... with or "
-                       "without trunk_only=True, and representations=...")
+                       "without trunk_only=True (and trunk_parts=...), trunk_parts=... with "
+                       "trunk_activations=... and trunk_only=True, and representations=...")
+    trunk_parts = check_trunk_parts(TRUNK_PARTS if trunk_parts is None else trunk_parts,
+                                    trunk_activations is not None)
     with layer_norm_recompute(self.config.global_config.get("layer_norm_recompute", True)):
       return self._recycle(batch, deterministic, prev, recycle_only, trunk_only,
-                           representations)
+                           representations, trunk_parts, trunk_activations)
 
   def _recycle(self, batch: Mapping[str, jax.Array], deterministic: bool,
                given_prev: Mapping[str, jax.Array] | None, recycle_only: bool,
-               trunk_only: bool, representations: Mapping[str, jax.Array] | None
-               ) -> dict[str, Any]:
+               trunk_only: bool, representations: Mapping[str, jax.Array] | None,
+               trunk_parts: tuple[str, ...],
+               trunk_activations: Mapping[str, jax.Array] | None) -> dict[str, Any]:
     c = self.config
     if batch["aatype"].ndim != 2:
       raise ValueError(f"batch['aatype'] has shape {batch['aatype'].shape}; expected "
@@ -197,6 +217,9 @@ class AlphaFold(nn.Module):
 
     if representations is not None:  # the trunk ran elsewhere: the heads only
       return iteration(features(num_iter), {}, deterministic, representations=representations)
+    if trunk_activations is not None:  # the trunk's first parts ran elsewhere
+      return iteration(features(num_iter), {}, deterministic, trunk_only=True,
+                       trunk_parts=trunk_parts, trunk_activations=trunk_activations)
     if given_prev is not None:  # the recycling iterations ran elsewhere
       _check_prev(given_prev, prev)
       prev = dict(given_prev)
@@ -215,4 +238,5 @@ class AlphaFold(nn.Module):
                                 broadcast_variables="params", split_rngs={"dropout": True})
     if recycle_only:
       return prev
-    return iteration(features(num_iter), prev, deterministic, trunk_only=trunk_only)
+    return iteration(features(num_iter), prev, deterministic, trunk_only=trunk_only,
+                     trunk_parts=trunk_parts)

@@ -95,8 +95,9 @@ def create_model(config: ml_collections.ConfigDict) -> ModelFns:
     metrics["loss"], _ = total_loss_lib.alphafold_loss(final, outputs, config.model.heads)
     return metrics
 
-  return ModelFns(init=init, objective=step_lib.alphafold_objective(model, config.model),
-                  evaluate=evaluate)
+  objective = step_lib.alphafold_objective(model, config.model,
+                                           config.get("trunk_stages", "trunk"))
+  return ModelFns(init=init, objective=objective, evaluate=evaluate)
 
 
 def create_input(config: ml_collections.ConfigDict, workdir: epath.Path,

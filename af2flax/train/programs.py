@@ -4,7 +4,8 @@ The step of `step.make_train_step` is one XLA program. On an H200 its first comp
 141-173 s (docs/benchmarks.md, 2026-12-02 night): GEMM autotuning on 16 threads (45 s), but
 fusion (39 s) and most other passes on one thread per program. This step computes the same
 thing as programs that XLA compiles at the same time. For an objective of stages
-s_1..s_n (`step.StagedObjective`; AlphaFold's: the trunk, then the heads with the losses):
+s_1..s_n (`step.StagedObjective`; AlphaFold's: the trunk, or its parts in `trunk_stages`,
+then the heads with the losses):
 
   recycle        (params, rng, step, batch, k) -> prev
                  the no-gradient recycling iterations of each device's k-th example
@@ -337,9 +338,11 @@ class SplitTrainStep:
               concurrent: bool = True,
               lowered: dict[str, jax.stages.Lowered] | None = None) -> dict[str, float]:
     """Traces and lowers the programs (`lower`), then has XLA compile them at the same time,
-    the recycling program after the first program of the final iteration, whose matrix
-    products it shares (on a GPU their autotuning is cached in the process by then);
-    `concurrent=False`: one after another, to time each alone. Returns (and keeps in
+    each on a thread of its own; `concurrent=False`: one after another, to time each alone.
+    (The recycling program once waited for the first forward program, to find its matrix
+    products' autotuning cached: on an H200 it still took 43.1 s after forward.trunk's
+    45.6 s, and that chain is the longest once the trunk's backward pass is cut in
+    stages.) Returns (and keeps in
     `compile_seconds`) each program's XLA seconds, `trace_lower` and `wall` (all of it).
     `lowered`: what `lower` returned for these shapes, not yet compiled (then `trace_lower`
     is 0)."""
@@ -347,21 +350,16 @@ class SplitTrainStep:
     lowered = lowered or self.lower(state, batch)
     seconds = {"trace_lower": time.perf_counter() - start}
 
-    def compile_chain(names):
-      results = []
-      for name in names:
-        begin = time.perf_counter()
-        results.append((name, lowered[name].compile(), time.perf_counter() - begin))
-      return results
+    def compile_one(name):
+      begin = time.perf_counter()
+      return name, lowered[name].compile(), time.perf_counter() - begin
 
-    first = self.program_names[1]
-    chains = [(first, "recycle")] + [
-        (name,) for name in self.program_names if name not in (first, "recycle")]
+    names = self.program_names
     if concurrent:
-      with concurrent_futures.ThreadPoolExecutor(max_workers=len(chains)) as pool:
-        results = [r for chain in pool.map(compile_chain, chains) for r in chain]
+      with concurrent_futures.ThreadPoolExecutor(max_workers=len(names)) as pool:
+        results = list(pool.map(compile_one, names))
     else:
-      results = compile_chain(self.program_names)
+      results = [compile_one(name) for name in names]
     self.compiled = {name: compiled for name, compiled, _ in results}
     seconds.update({name: s for name, _, s in results})
     seconds["wall"] = time.perf_counter() - start

@@ -326,15 +326,35 @@ class _Unstaged(StagedObjective):
     return rng, rng
 
 
-def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> StagedObjective:
+def trunk_stages(spec: str) -> tuple[tuple[str, ...], ...]:
+  """The train config's `trunk_stages`: 'trunk' (the whole trunk as one stage), or stages
+  separated by ',' of the trunk's parts joined by '+', together each part once in order
+  (`af2flax.model.trunk.TRUNK_PARTS`), e.g. 'embeddings+extra_msa,evoformer'."""
+  from af2flax.model.trunk import TRUNK_PARTS  # pylint: disable=g-import-not-at-top
+
+  if spec.strip() == "trunk":
+    return (TRUNK_PARTS,)
+  stages = tuple(tuple(part.strip() for part in stage.split("+")) for stage in spec.split(","))
+  if tuple(part for stage in stages for part in stage) != TRUNK_PARTS:
+    raise ValueError(f"trunk_stages={spec!r}: expected 'trunk', or the parts "
+                     f"{', '.join(TRUNK_PARTS)} each once and in that order, stages separated "
+                     "by ',' and parts within a stage by '+' (e.g. "
+                     "'embeddings+extra_msa,evoformer')")
+  return stages
+
+
+def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
+                        trunk: str = "trunk") -> StagedObjective:
   """The per-example training objective of AlphaFold: model with dropout, then all losses.
 
   `model` is `af2flax.model.alphafold.AlphaFold(model_config)`; the loss is
   `af2flax.losses.total.alphafold_loss` on the final iteration's features (Suppl. 1.9,
   eq. 7), computed in float32 whatever the model's compute dtype. Staged: the no-gradient
-  recycling iterations (`AlphaFold(recycle_only=True)`), then the final iteration in two
-  stages, the trunk (embeddings, Evoformer: `AlphaFold(prev=..., trunk_only=True)`) and the
-  heads with the losses (`AlphaFold(representations=...)`).
+  recycling iterations (`AlphaFold(recycle_only=True)`), then the final iteration in
+  stages: the trunk (embeddings, Evoformer: `AlphaFold(prev=..., trunk_only=True)`) and the
+  heads with the losses (`AlphaFold(representations=...)`). `trunk` (`trunk_stages`) cuts
+  the trunk into more stages, each its own programs in the separately compiled step; the
+  values are the same.
   """
   from af2flax.losses.total import alphafold_loss  # pylint: disable=g-import-not-at-top
 
@@ -344,9 +364,18 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> 
     return model.apply({"params": params}, example, deterministic=False, recycle_only=True,
                        rngs={"dropout": dropout_rng})
 
-  def trunk(params, example, prev, dropout_rng):
-    return model.apply({"params": params}, example, deterministic=False, prev=prev,
-                       trunk_only=True, rngs={"dropout": dropout_rng})
+  def trunk_stage(parts, whole):
+    def first(params, example, prev, dropout_rng):
+      return model.apply({"params": params}, example, deterministic=False, prev=prev,
+                         trunk_only=True, trunk_parts=None if whole else parts,
+                         rngs={"dropout": dropout_rng})
+
+    def later(params, example, activations, dropout_rng):
+      return model.apply({"params": params}, example, deterministic=False, trunk_only=True,
+                         trunk_parts=parts, trunk_activations=activations,
+                         rngs={"dropout": dropout_rng})
+
+    return first if parts[0] == "embeddings" else later
 
   def heads(params, example, representations, dropout_rng):
     outputs = model.apply({"params": params}, example, deterministic=False,
@@ -355,4 +384,8 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict) -> 
     loss, aux = alphafold_loss(final_iteration_features(example), outputs, heads_config)
     return loss, aux
 
-  return StagedObjective(recycle, (("trunk", trunk), ("heads", heads)))
+  stages = trunk_stages(trunk)
+  whole = len(stages) == 1
+  return StagedObjective(recycle, tuple(
+      ("trunk" if whole else "+".join(parts), trunk_stage(parts, whole)) for parts in stages)
+      + (("heads", heads),))

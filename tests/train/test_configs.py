@@ -112,3 +112,16 @@ def test_vmapped_examples_never_reach_cudnn_attention():
   config.model.global_config.triangle_attention_impl = "cudnn"  # the override counts too
   with pytest.raises(ValueError, match="triangle_attention_impl='cudnn'"):
     step.model_config_for_step(config)
+
+
+def test_the_train_config_cuts_the_trunk_into_stages():
+  """`trunk_stages` reaches the objective that the train loop builds."""
+  from af2flax.train import loop  # pylint: disable=g-import-not-at-top
+  config = _load("tiny")
+  assert [name for name, _ in loop.create_model(config).objective.stages] == ["trunk", "heads"]
+  config.trunk_stages = "embeddings+extra_msa,evoformer"
+  assert [name for name, _ in loop.create_model(config).objective.stages] == [
+      "embeddings+extra_msa", "evoformer", "heads"]
+  config.trunk_stages = "evoformer"
+  with pytest.raises(ValueError, match="trunk_stages='evoformer'"):
+    loop.create_model(config)

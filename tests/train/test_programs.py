@@ -3,8 +3,10 @@ one-program step's values; AlphaFold's parts (recycling iterations, trunk, heads
 the whole network."""
 
 import json
+import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +201,108 @@ def test_alphafold_parts_compose_to_the_whole_network(tiny):
                                rtol=1e-4, atol=1e-4)
 
 
+def _with_dropout(config):
+  """af2_tiny's config (`deterministic`, dropout rates 0) with dropout on and AlphaFold's
+  training rate 0.15 in every Evoformer and extra-MSA module: then the dropout keys
+  matter."""
+  config = config.copy_and_resolve_references()
+  config.global_config.deterministic = False
+  for stack in (config.embeddings_and_evoformer.evoformer,):
+    for module in stack.values():
+      if hasattr(module, "get") and "dropout_rate" in module:
+        module.dropout_rate = 0.15
+  return config
+
+
+def test_alphafold_trunk_parts_compose_to_the_trunk(tiny):
+  """The trunk's parts one after another (`trunk_parts=`, `trunk_activations=`), with
+  dropout on and the same key, give the whole trunk's representations; so do two stages."""
+  config, params, batch = tiny
+  config = _with_dropout(config)
+  model = AlphaFold(config)
+  variables = {"params": params}
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+  prev = jax.jit(lambda b: model.apply(variables, b, recycle_only=True))(batch)
+
+  @jax.jit
+  def run(b, p):
+    whole = model.apply(variables, b, False, prev=p, trunk_only=True, rngs=rngs)
+    first = model.apply(variables, b, False, prev=p, trunk_only=True,
+                        trunk_parts=("embeddings",), rngs=rngs)
+    second = model.apply(variables, b, False, trunk_only=True, trunk_parts=("extra_msa",),
+                         trunk_activations=first, rngs=rngs)
+    three = model.apply(variables, b, False, trunk_only=True, trunk_parts=("evoformer",),
+                        trunk_activations=second, rngs=rngs)
+    pair = model.apply(variables, b, False, prev=p, trunk_only=True,
+                       trunk_parts=("embeddings", "extra_msa"), rngs=rngs)
+    two = model.apply(variables, b, False, trunk_only=True, trunk_parts=("evoformer",),
+                      trunk_activations=pair, rngs=rngs)
+    undropped = model.apply(variables, b, True, prev=p, trunk_only=True)
+    return whole, first, three, two, undropped
+
+  whole, first, three, two, undropped = run(batch, prev)
+  assert set(first) == {"msa", "pair"}
+  assert set(three) == set(whole)
+  for name in whole:
+    for staged in (three, two):
+      np.testing.assert_allclose(staged[name], whole[name], rtol=1e-5, atol=1e-5, err_msg=name)
+  # Dropout was on: the key matters (else the test could not tell the keys apart).
+  assert float(jnp.abs(whole["pair"] - undropped["pair"]).max()) > 1e-3
+
+
+def test_alphafold_trunk_parts_are_checked(tiny):
+  config, params, batch = tiny
+  model = AlphaFold(config)
+  variables = {"params": params}
+  prev = jax.eval_shape(lambda b: model.apply(variables, b, recycle_only=True), batch)
+  activations = jax.eval_shape(lambda b, p: model.apply(
+      variables, b, prev=p, trunk_only=True, trunk_parts=("embeddings",)), batch, prev)
+  with pytest.raises(ValueError, match=r"expected consecutive parts of embeddings, "
+                                       r"extra_msa, evoformer"):
+    jax.eval_shape(lambda b, p: model.apply(variables, b, prev=p, trunk_only=True,
+                                            trunk_parts=("embeddings", "evoformer")), batch, prev)
+  with pytest.raises(ValueError, match="the activations of the parts before them are needed"):
+    model.apply(variables, batch, trunk_only=True, trunk_parts=("evoformer",))
+  with pytest.raises(ValueError, match="activations are not taken"):
+    jax.eval_shape(lambda b, a: model.apply(variables, b, trunk_only=True,
+                                            trunk_parts=("embeddings",), trunk_activations=a),
+                   batch, activations)
+  for parts in ({"trunk_parts": ("evoformer",), "trunk_activations": activations},
+                {"prev": prev, "trunk_parts": ("evoformer",),
+                 "trunk_activations": activations, "trunk_only": True}):
+    with pytest.raises(ValueError, match="cannot be given together"):
+      model.apply(variables, batch, **parts)
+
+
+@pytest.mark.parametrize("spec,names", [
+    ("trunk", ["trunk", "heads"]),
+    (" trunk ", ["trunk", "heads"]),
+    ("embeddings+extra_msa,evoformer", ["embeddings+extra_msa", "evoformer", "heads"]),
+    ("embeddings,extra_msa,evoformer", ["embeddings", "extra_msa", "evoformer", "heads"]),
+    ("embeddings, extra_msa + evoformer", ["embeddings", "extra_msa+evoformer", "heads"])])
+def test_trunk_stages_name_the_objective_stages(spec, names):
+  objective = step_lib.alphafold_objective(None, types.SimpleNamespace(heads=None), spec)
+  assert [name for name, _ in objective.stages] == names
+
+
+@pytest.mark.parametrize("spec", ["evoformer,embeddings+extra_msa", "embeddings,evoformer",
+                                  "embeddings,extra_msa,evoformer,evoformer", "", "trunk,heads"])
+def test_trunk_stages_out_of_order_are_refused(spec):
+  with pytest.raises(ValueError, match=re.escape(f"trunk_stages={spec!r}: expected 'trunk'")):
+    step_lib.trunk_stages(spec)
+
+
+def test_alphafold_objective_in_three_trunk_stages_is_the_objective(tiny):
+  """The staged objective's loss with the trunk in three stages is the one-stage loss, for
+  the same example key (dropout on)."""
+  config, params, batch = tiny
+  model = AlphaFold(_with_dropout(config))
+  key = jax.random.PRNGKey(5)
+  losses = [jax.jit(lambda p, b, spec=spec: step_lib.alphafold_objective(model, config, spec)(
+      p, b, key)[0])(params, batch) for spec in ("trunk", "embeddings,extra_msa,evoformer")]
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
 def test_alphafold_prev_is_checked(tiny):
   config, params, batch = tiny
   model = AlphaFold(config)
@@ -218,11 +322,14 @@ def test_alphafold_prev_is_checked(tiny):
 
 
 @pytest.mark.slow
-def test_alphafold_split_step_equals_one_program_step(tiny):
+@pytest.mark.parametrize("trunk", ["trunk", "embeddings+extra_msa,evoformer"])
+def test_alphafold_split_step_equals_one_program_step(tiny, trunk):
   """af2_tiny with its reference parameters and batch, dropout on: one step of the split
-  step and of the one-program step give the same loss, metrics and parameters."""
+  step and of the one-program step give the same loss, metrics and parameters, with the
+  trunk in one stage or two."""
   config, params, batch = tiny
-  objective = step_lib.alphafold_objective(AlphaFold(config), config)
+  config = _with_dropout(config)
+  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk)
   train_config = mlp.train_config()
   train_config.optimizer.learning_rate = 1e-3
   tx = optimizer_lib.make_optimizer(train_config.optimizer)
