@@ -350,6 +350,14 @@ VARIANTS.update({
                          "trunk_stages": "embeddings+extra_msa,evoformer"},
     "bf16-auto-split3": {**_BF16_AUTO, "step_programs": "split",
                          "trunk_stages": "embeddings,extra_msa,evoformer"},
+    # and the update on one vector (the update program: 40.9 s of XLA on an H200, one of
+    # the longest once the trunk's backward pass is cut).
+    "bf16-auto-split3-flatupdate": {**_BF16_AUTO, "step_programs": "split",
+                                    "trunk_stages": "embeddings,extra_msa,evoformer",
+                                    "flat_update": True},
+    "bf16-pallas512-extracudnn-offload55-split3": {
+        **_FINETUNE_PRESET, "step_programs": "split",
+        "trunk_stages": "embeddings,extra_msa,evoformer"},
     "bf16-pallas512-extracudnn-offload55-split2": {
         **_FINETUNE_PRESET, "step_programs": "split",
         "trunk_stages": "embeddings+extra_msa,evoformer"},

@@ -265,6 +265,13 @@ class SplitTrainStep:
             ) -> dict[str, jax.stages.Lowered]:
     """The programs for these shapes, traced and lowered one after another (Python), by
     name (`program_names`). `state` and `batch` may be abstract (`jax.ShapeDtypeStruct`s)."""
+    return dict(self._lower_each(state, batch))
+
+  def _lower_each(self, state, batch):
+    """`lower`'s programs as (name, lowered) pairs, each as soon as it is lowered: the
+    order in which they run, except that accumulate and update come right after the
+    gradient program (they need its outputs' shapes only, and the update is one of the
+    longest compiles: 40.9 s on an H200, 2026-12-05), before the backward programs."""
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     local_examples = batch_size // self._devices
     if local_examples * self._devices != batch_size:
@@ -280,10 +287,10 @@ class SplitTrainStep:
     example_in = (params_sh, rng_sh, step_sh, batch_sh, rep, dev)
     example_args = (state.params, state.rng, state.step, batch, index)
 
-    lowered = {}
-    lowered["recycle"] = jax.jit(self._recycle, in_shardings=example_in[:5],
-                                 out_shardings=dev).lower(*example_args)
-    carries = [lowered["recycle"].out_info]
+    recycle = jax.jit(self._recycle, in_shardings=example_in[:5],
+                      out_shardings=dev).lower(*example_args)
+    yield "recycle", recycle
+    carries = [recycle.out_info]
     for i in range(n - 1):
       name = self._name("forward", i)
       # The residuals' shardings are left to the program (None): per device, as shard_map
@@ -291,41 +298,41 @@ class SplitTrainStep:
       # offloading checkpoint keeps in the host's memory stay there; a device sharding would
       # copy them back to the accelerator (H200, fine-tuning shapes, 2026-12-05: a peak of
       # 24.81 GiB against the one-program step's 14.96).
-      lowered[name] = jax.jit(
+      forward = jax.jit(
           lambda *args, i=i: self._forward(i, *args), in_shardings=example_in,
           out_shardings=(dev, None)).lower(*example_args, carries[i])
-      out, self._residuals[i] = lowered[name].out_info
+      yield name, forward
+      out, self._residuals[i] = forward.out_info
       carries.append(out)
-    name = self._name("gradient", n - 1)
-    lowered[name] = jax.jit(self._gradient, in_shardings=example_in, out_shardings=dev).lower(
-        *example_args, carries[n - 1])
-    last = lowered[name].out_info
+    gradient_program = jax.jit(self._gradient, in_shardings=example_in,
+                               out_shardings=dev).lower(*example_args, carries[n - 1])
+    yield self._name("gradient", n - 1), gradient_program
+    last = gradient_program.out_info
     gradient = last["gradient"]
+    scalars = last["scalars"]
+    sums = (_per_device(state.params, self._devices, jnp.float32),
+            {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
+             for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
+    yield "accumulate", jax.jit(
+        self._accumulate, in_shardings=(dev, dev, dev), out_shardings=dev,
+        donate_argnums=2).lower(gradient, scalars, sums)
+    yield "update", jax.jit(
+        lambda state, sums: self._update(state, sums, batch_size),
+        in_shardings=(self._state_shardings, dev),
+        out_shardings=(self._state_shardings, rep), donate_argnums=0).lower(state, sums)
     for i in reversed(range(n - 1)):
       inputs = self._backward_inputs(i, carries, self._residuals[i], carries[i + 1])
       inputs_sh = {**jax.tree.map(lambda _: dev, inputs), "residuals": [
           dev.with_memory_kind("pinned_host") if host else dev
           for host in self._host_residuals[i]]}
-      lowered[self._name("backward", i)] = jax.jit(
+      yield self._name("backward", i), jax.jit(
           lambda params, inputs, gradient, i=i: self._backward(i, params, inputs, gradient),
           in_shardings=(params_sh, inputs_sh, dev), out_shardings=dev, donate_argnums=2,
       ).lower(state.params, inputs, gradient)
-    scalars = last["scalars"]
-    sums = (_per_device(state.params, self._devices, jnp.float32),
-            {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
-             for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
-    lowered["accumulate"] = jax.jit(
-        self._accumulate, in_shardings=(dev, dev, dev), out_shardings=dev,
-        donate_argnums=2).lower(gradient, scalars, sums)
-    lowered["update"] = jax.jit(
-        lambda state, sums: self._update(state, sums, batch_size),
-        in_shardings=(self._state_shardings, dev),
-        out_shardings=(self._state_shardings, rep), donate_argnums=0).lower(state, sums)
-    lowered["zeros"] = jax.jit(
+    yield "zeros", jax.jit(
         lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums),
         out_shardings=dev).lower()
     self._local_examples = local_examples
-    return lowered
 
   @staticmethod
   def _backward_inputs(stage, carries, residuals, cotangent):
@@ -337,29 +344,31 @@ class SplitTrainStep:
   def compile(self, state: state_lib.TrainState, batch: Mapping[str, Any],
               concurrent: bool = True,
               lowered: dict[str, jax.stages.Lowered] | None = None) -> dict[str, float]:
-    """Traces and lowers the programs (`lower`), then has XLA compile them at the same time,
-    each on a thread of its own; `concurrent=False`: one after another, to time each alone.
-    (The recycling program once waited for the first forward program, to find its matrix
-    products' autotuning cached: on an H200 it still took 43.1 s after forward.trunk's
-    45.6 s, and that chain is the longest once the trunk's backward pass is cut in
-    stages.) Returns (and keeps in
-    `compile_seconds`) each program's XLA seconds, `trace_lower` and `wall` (all of it).
-    `lowered`: what `lower` returned for these shapes, not yet compiled (then `trace_lower`
-    is 0)."""
+    """Traces and lowers the programs (`lower`) while XLA compiles them, each on a thread of
+    its own as soon as it is lowered (XLA's compile does not hold Python's lock), so the
+    compiles overlap the tracing and each other; `concurrent=False`: everything lowered
+    first, then compiled one after another, to time each alone. (The recycling program once
+    waited for the first forward program, to find its matrix products' autotuning cached:
+    on an H200 it still took 43.1 s after forward.trunk's 45.6 s.) Returns (and keeps in
+    `compile_seconds`) each program's XLA seconds, `trace_lower` (the time until the last
+    program was lowered) and `wall` (all of it). `lowered`: what `lower` returned for these
+    shapes, not yet compiled (then `trace_lower` is 0)."""
     start = time.perf_counter()
-    lowered = lowered or self.lower(state, batch)
-    seconds = {"trace_lower": time.perf_counter() - start}
 
-    def compile_one(name):
+    def compile_one(name, program):
       begin = time.perf_counter()
-      return name, lowered[name].compile(), time.perf_counter() - begin
+      return name, program.compile(), time.perf_counter() - begin
 
-    names = self.program_names
+    programs = lowered.items() if lowered else self._lower_each(state, batch)
     if concurrent:
-      with concurrent_futures.ThreadPoolExecutor(max_workers=len(names)) as pool:
-        results = list(pool.map(compile_one, names))
+      with concurrent_futures.ThreadPoolExecutor(max_workers=len(self.program_names)) as pool:
+        pending = [pool.submit(compile_one, name, program) for name, program in programs]
+        seconds = {"trace_lower": 0.0 if lowered else time.perf_counter() - start}
+        results = [future.result() for future in pending]
     else:
-      results = [compile_one(name) for name in names]
+      programs = dict(programs)
+      seconds = {"trace_lower": 0.0 if lowered else time.perf_counter() - start}
+      results = [compile_one(name, programs[name]) for name in self.program_names]
     self.compiled = {name: compiled for name, compiled, _ in results}
     seconds.update({name: s for name, _, s in results})
     seconds["wall"] = time.perf_counter() - start

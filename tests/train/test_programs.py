@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import types
 
 import jax
@@ -126,6 +127,46 @@ def test_split_step_recompiles_only_for_new_shapes():
   state, metrics = split(state, mlp.make_batch(2, 3))  # another batch size: compiled again
   assert split.compiled["gradient.final"] is not first and int(state.step) == 3
   assert np.isfinite(float(metrics["loss"]))
+
+
+def test_programs_compile_while_the_next_are_lowered(monkeypatch):
+  """`compile` hands each program to XLA as soon as it is lowered: the first program's
+  compile has begun before the second is traced (so tracing overlaps compiling)."""
+  config = mlp.train_config()
+  model = mlp.MLP()
+  tx = optimizer_lib.make_optimizer(config.optimizer)
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  split = programs.SplitTrainStep(mlp.staged_objective(model), tx, config, mesh,
+                                  sharding_lib.replicated(mesh))
+  started = threading.Event()
+  order = []
+
+  class Watched:
+    def __init__(self, lowered):
+      self._lowered = lowered
+
+    def compile(self):
+      started.set()
+      return self._lowered.compile()
+
+  real = split._lower_each  # pylint: disable=protected-access
+
+  def watched(state, batch):
+    programs_lowered = real(state, batch)
+    name, first = next(programs_lowered)
+    yield name, Watched(first)
+    order.append(started.wait(60))  # before the next program is lowered
+    for name, program in programs_lowered:
+      order.append(name)
+      yield name, program
+
+  monkeypatch.setattr(split, "_lower_each", watched)
+  state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
+  seconds = split.compile(state, mlp.make_batch(1, 2))
+  assert order[0] is True
+  assert sorted(order[1:] + ["recycle"]) == sorted(split.program_names)
+  assert set(split.compiled) == set(split.program_names)
+  assert 0 < seconds["trace_lower"] <= seconds["wall"]
 
 
 def test_split_step_refuses_vmapped_examples():
