@@ -112,14 +112,19 @@ def test_offloaded_residuals_stay_in_host_memory_between_programs():
   assert split_step.residual_bytes(host=True)["forward.hidden"] == 2 * 4 * 16 * 4
 
 
-def test_split_step_recompiles_only_for_new_shapes():
+def _mlp_split_step(objective):
+  """A split step of the MLP's `objective` on one device, and its first train state."""
   config = mlp.train_config()
   model = mlp.MLP()
   tx = optimizer_lib.make_optimizer(config.optimizer)
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
-  split = programs.SplitTrainStep(mlp.objective(model), tx, config, mesh,
+  split = programs.SplitTrainStep(objective(model), tx, config, mesh,
                                   sharding_lib.replicated(mesh))
-  state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
+  return split, state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
+
+
+def test_split_step_recompiles_only_for_new_shapes():
+  split, state = _mlp_split_step(mlp.objective)
   state, _ = split(state, mlp.make_batch(0, 2))
   first = split.compiled["gradient.final"]
   state, _ = split(state, mlp.make_batch(1, 2))
@@ -132,12 +137,7 @@ def test_split_step_recompiles_only_for_new_shapes():
 def test_programs_compile_while_the_next_are_lowered(monkeypatch):
   """`compile` hands each program to XLA as soon as it is lowered: the first program's
   compile has begun before the second is traced (so tracing overlaps compiling)."""
-  config = mlp.train_config()
-  model = mlp.MLP()
-  tx = optimizer_lib.make_optimizer(config.optimizer)
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
-  split = programs.SplitTrainStep(mlp.staged_objective(model), tx, config, mesh,
-                                  sharding_lib.replicated(mesh))
+  split, state = _mlp_split_step(mlp.staged_objective)
   started = threading.Event()
   order = []
 
@@ -161,7 +161,6 @@ def test_programs_compile_while_the_next_are_lowered(monkeypatch):
       yield name, program
 
   monkeypatch.setattr(split, "_lower_each", watched)
-  state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
   seconds = split.compile(state, mlp.make_batch(1, 2))
   assert order[0] is True
   assert sorted(order[1:] + ["recycle"]) == sorted(split.program_names)
