@@ -4,7 +4,8 @@ Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 by
 test_sharding.py; argv: [--alphafold] [--split] meshes as data,fsdp pairs (1,1 = a single
 device), e.g. 1,1 8,1 4,2. The model is the test MLP, or with --alphafold the af2_tiny AlphaFold
 with its reference parameters on 8 perturbed copies of its reference batch. --split: the step
-as separately compiled programs (`programs.SplitTrainStep`) instead of one.
+as separately compiled programs (`programs.SplitTrainStep`) instead of one;
+--trunk_stages=SPEC: AlphaFold's trunk in those stages (`step.trunk_stages`).
 Prints one JSON object {"data,fsdp": result}.
 """
 
@@ -32,7 +33,7 @@ def mlp_setup():
           lambda i: mlp.make_batch(i, 8), MLP_RULES, mlp.train_config())
 
 
-def alphafold_setup():
+def alphafold_setup(trunk: str = "trunk"):
   from af2flax.model.alphafold import AlphaFold  # pylint: disable=g-import-not-at-top
   from tests.conftest import load_af2_tiny_training  # pylint: disable=g-import-not-at-top
   config, params, reference, _ = load_af2_tiny_training()
@@ -46,7 +47,7 @@ def alphafold_setup():
         *out["atom14_gt_positions"].shape).astype(np.float32)
     return out
 
-  objective = step_lib.alphafold_objective(AlphaFold(config), config)
+  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk)
   # AlphaFold's learning rate (1e-3) with a 2-step warm-up, so both steps really move.
   train_config = mlp.train_config()
   train_config.optimizer.learning_rate = 1e-3
@@ -87,7 +88,8 @@ def run(setup, data: int, fsdp: int, split: bool = False) -> dict:
 
 if __name__ == "__main__":
   args = sys.argv[1:]
-  setup = alphafold_setup() if "--alphafold" in args else mlp_setup()
+  trunk = next((a.split("=", 1)[1] for a in args if a.startswith("--trunk_stages=")), "trunk")
+  setup = alphafold_setup(trunk) if "--alphafold" in args else mlp_setup()
   meshes = [a for a in args if not a.startswith("--")]
   print(json.dumps({shape: run(setup, *map(int, shape.split(",")), split="--split" in args)
                     for shape in meshes}))
