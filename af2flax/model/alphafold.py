@@ -27,7 +27,7 @@ from af2flax.model.heads import (DistogramHead, ExperimentallyResolvedHead, Mask
                                  PredictedAlignedErrorHead, PredictedLDDTHead)
 from af2flax.model.primitives import layer_norm_recompute
 from af2flax.model.structure import StructureModule
-from af2flax.model.trunk import TRUNK_PARTS, EmbeddingsAndEvoformer, check_trunk_parts
+from af2flax.model.trunk import TRUNK_PARTS, EmbeddingsAndEvoformer
 
 # Head config name -> (module class, AlphaFold's Haiku module name).
 HEADS = {
@@ -185,8 +185,8 @@ class AlphaFold(nn.Module):
                        "given together; the parts are recycle_only=True, prev=... with or "
                        "without trunk_only=True (and trunk_parts=...), trunk_parts=... with "
                        "trunk_activations=... and trunk_only=True, and representations=...")
-    trunk_parts = check_trunk_parts(TRUNK_PARTS if trunk_parts is None else trunk_parts,
-                                    trunk_activations is not None)
+    # The parts themselves are checked where they run (`EmbeddingsAndEvoformer`).
+    trunk_parts = TRUNK_PARTS if trunk_parts is None else tuple(trunk_parts)
     with layer_norm_recompute(self.config.global_config.get("layer_norm_recompute", True)):
       return self._recycle(batch, deterministic, prev, recycle_only, trunk_only,
                            representations, trunk_parts, trunk_activations)

@@ -364,11 +364,10 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
     return model.apply({"params": params}, example, deterministic=False, recycle_only=True,
                        rngs={"dropout": dropout_rng})
 
-  def trunk_stage(parts, whole):
+  def trunk_stage(parts):
     def first(params, example, prev, dropout_rng):
       return model.apply({"params": params}, example, deterministic=False, prev=prev,
-                         trunk_only=True, trunk_parts=None if whole else parts,
-                         rngs={"dropout": dropout_rng})
+                         trunk_only=True, trunk_parts=parts, rngs={"dropout": dropout_rng})
 
     def later(params, example, activations, dropout_rng):
       return model.apply({"params": params}, example, deterministic=False, trunk_only=True,
@@ -385,7 +384,6 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
     return loss, aux
 
   stages = trunk_stages(trunk)
-  whole = len(stages) == 1
   return StagedObjective(recycle, tuple(
-      ("trunk" if whole else "+".join(parts), trunk_stage(parts, whole)) for parts in stages)
-      + (("heads", heads),))
+      ("trunk" if len(stages) == 1 else "+".join(parts), trunk_stage(parts))
+      for parts in stages) + (("heads", heads),))
