@@ -8,7 +8,14 @@ softmax, layer-norm statistics and structure geometry in float32, as the model d
 and prints each loss term of both and their relative difference. The performance issue's
 criterion: every term within 1e-2 of float32. With `--gradients`, also the total loss's
 gradient in both dtypes: the relative L2 difference of bfloat16's from float32's, biases and
-the other parameters apart. Needs jax, flax, numpy, ml_collections.
+the other parameters apart. With `--sums VARIANTS` (no reference needed), instead: every sum
+that JAX's trace of the presets' train step (`bench/train_step.py`'s variants, at `--shapes`)
+accumulates in 16 bits over more than one term (`af2flax.tools.low_precision_sums`), and exit
+status 1 if there is any:
+
+    JAX_PLATFORMS=cpu python bench/bf16_numerics.py --sums bf16-auto --shapes initial
+
+Needs jax, flax, numpy, ml_collections.
 """
 
 from __future__ import annotations
@@ -65,13 +72,60 @@ def print_gradient_differences(fp32: dict, bf16: dict) -> None:
     print(f"{label:20s} {len(pairs):7d} {diff / norm:24.2e}")
 
 
+def train_step_sums(variant: str, shape_name: str, smoke: bool = False) -> list:
+  """The 16-bit sums of `bench/train_step.py`'s train step for `variant` at `shape_name`
+  (its `SHAPES`; `smoke`: its smoke-sized network), traced on abstract values. Off a GPU,
+  our attention kernels are traced where the variant would run them on one (Pallas's
+  interpreter), and XLA's attention where it would run cuDNN (whose accumulators are its
+  own)."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import train_step  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from model_step import SHAPES, _training_example  # pylint: disable=g-import-not-at-top
+  from af2flax.tools import low_precision_sums  # pylint: disable=g-import-not-at-top
+  from af2flax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  settings = train_step.VARIANTS[variant]
+  if jax.default_backend() != "gpu":  # what traces here: our kernels interpreted, XLA for cuDNN
+    traced = {k: "auto_cudnn" if v == "cudnn" else v for k, v in settings.items()}
+    if traced.get("attention_impl", "auto") == "auto":
+      traced["attention_impl"] = "pallas"
+    train_step.VARIANTS[variant] = traced
+  try:
+    config, model, optimizer, step = train_step._step_parts(  # pylint: disable=protected-access
+        variant, shape_name, smoke)
+  finally:
+    train_step.VARIANTS[variant] = settings
+  if not callable(step) or hasattr(step, "program_names"):
+    raise ValueError(f"--sums: {variant} runs the step as separate programs; trace a "
+                     "variant with step_programs='one'")
+  example = _training_example(SHAPES[shape_name], config.model.num_recycle + 1, 0)
+  params = jax.eval_shape(lambda k: model.init(k, example)["params"], jax.random.PRNGKey(0))
+  state = jax.eval_shape(
+      lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
+  closed = jax.make_jaxpr(step)(state, train_step._batch_of(example))  # pylint: disable=protected-access
+  return low_precision_sums.low_precision_sums(closed)
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--reference", required=True)
+  parser.add_argument("--reference")
   parser.add_argument("--tolerance", type=float, default=1e-2)
   parser.add_argument("--gradients", action="store_true",
                       help="also compare the total loss's gradient in both dtypes")
+  parser.add_argument("--sums", metavar="VARIANTS",
+                      help="list the 16-bit sums of these train-step variants instead")
+  parser.add_argument("--shapes", default="initial", help="with --sums: initial, finetune")
   args = parser.parse_args()
+  if args.sums:
+    from af2flax.tools import low_precision_sums  # pylint: disable=g-import-not-at-top
+    found = 0
+    for variant in args.sums.split(","):
+      sums = train_step_sums(variant, args.shapes)
+      print(f"{variant} at {args.shapes} shapes:\n{low_precision_sums.format_sums(sums)}\n")
+      found += len(sums)
+    return 1 if found else 0
+  if not args.reference:
+    parser.error("--reference is required (unless --sums)")
   params_haiku, batch, _, config = parity.load_reference(args.reference)
   if args.gradients:
     print_gradient_differences(gradients(params_haiku, batch, config, "float32"),

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from af2flax.model.primitives import LayerNorm, Linear, compute_dtype
+from af2flax.model.primitives import LayerNorm, Linear, compute_dtype, expand
 from af2flax.model.template_features import (atom37_to_torsion_angles, dgram_from_positions,
                                              pseudo_beta)
 
@@ -41,10 +41,12 @@ class InputEmbedder(nn.Module):
     dtype = compute_dtype(self.global_config)
     preprocess_1d = Linear(c.msa_channel, dtype=dtype, name="preprocess_1d")(target_feat)
     preprocess_msa = Linear(c.msa_channel, dtype=dtype, name="preprocess_msa")(msa_feat)
-    msa_act = preprocess_1d[None] + preprocess_msa
+    # Broadcast with float32 gradient sums (`expand`): in bf16 JAX's would sum in 16 bits.
+    msa_act = expand(preprocess_1d[None], preprocess_msa.shape) + preprocess_msa
     left_single = Linear(c.pair_channel, dtype=dtype, name="left_single")(target_feat)
     right_single = Linear(c.pair_channel, dtype=dtype, name="right_single")(target_feat)
-    pair_act = left_single[:, None] + right_single[None]
+    pair_shape = left_single.shape[:1] + right_single.shape
+    pair_act = expand(left_single[:, None], pair_shape) + expand(right_single[None], pair_shape)
     return msa_act, pair_act
 
 

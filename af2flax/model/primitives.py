@@ -81,14 +81,48 @@ def _add_bias_forward(x, bias):
 
 
 def _add_bias_backward(bias, d_out):
-  lead = d_out.ndim - bias.ndim
-  axes = tuple(range(lead)) + tuple(
-      lead + i for i, size in enumerate(bias.shape) if size == 1 and d_out.shape[lead + i] != 1)
-  d_bias = jnp.sum(d_out.astype(jnp.float32), axis=axes).reshape(bias.shape)
-  return d_out, d_bias.astype(bias.dtype)
+  return d_out, _sum_to_shape_in_float32(d_out, bias.shape).astype(bias.dtype)
 
 
 add_bias.defvjp(_add_bias_forward, _add_bias_backward)
+
+
+def _sum_to_shape_in_float32(d_out: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """`d_out` summed in float32 over the axes that broadcasting an array of `shape` to
+  d_out's shape adds (leading axes, and size-1 axes of `shape`): the float32 transpose of
+  that broadcast."""
+  lead = d_out.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(
+      lead + i for i, size in enumerate(shape) if size == 1 and d_out.shape[lead + i] != 1)
+  return jnp.sum(d_out.astype(jnp.float32), axis=axes).reshape(shape)
+
+
+def expand(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """`jnp.broadcast_to(x, shape)` (numpy rules) whose gradient is summed over the broadcast
+  axes in float32, then rounded once to x's dtype.
+
+  For a 16-bit x broadcast along many rows before an elementwise op: JAX's own transpose of
+  the broadcast sums the cotangent in 16 bits (see `add_bias`). Used where an activation,
+  not a parameter, is broadcast: the input embedder's per-residue terms over the MSA rows
+  and over the pair (Suppl. Alg. 3 lines 1-3), the global column attention's output over
+  the extra MSA's rows (Alg. 19 line 8)."""
+  return _expand(x, tuple(x.shape), tuple(shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _expand(x, x_shape, shape):  # pylint: disable=unused-argument
+  return jnp.broadcast_to(x, shape)
+
+
+def _expand_forward(x, x_shape, shape):
+  return _expand(x, x_shape, shape), None
+
+
+def _expand_backward(x_shape, shape, _, d_out):  # pylint: disable=unused-argument
+  return (_sum_to_shape_in_float32(d_out, x_shape).astype(d_out.dtype),)
+
+
+_expand.defvjp(_expand_forward, _expand_backward)
 
 
 class Linear(nn.Module):
@@ -741,7 +775,7 @@ class GlobalAttention(_AttentionParams, nn.Module):
       gating_b = self._bias("gating_b", nn.initializers.ones, (heads, value_dim))
       gate_values = jax.nn.sigmoid(add_bias(jnp.einsum("bqc,chv->bqhv", q_data, gating_w),
                                             gating_b))
-      weighted_avg = weighted_avg[:, None] * gate_values
+      weighted_avg = expand(weighted_avg[:, None], gate_values.shape) * gate_values
       return add_bias(jnp.einsum("bqhc,hco->bqo", weighted_avg, output_w), output_b)
     output = add_bias(jnp.einsum("bhc,hco->bo", weighted_avg, output_w), output_b)
     return jnp.broadcast_to(output[:, None], q_data.shape[:2] + (self.output_dim,))
