@@ -1,6 +1,7 @@
 """Evoformer blocks and the trunk: shapes, parameter layout, chunking, remat/scan, bf16,
 dropout."""
 
+import functools
 import re
 from typing import Any
 
@@ -126,24 +127,33 @@ class _Stack(nn.Module):
                        True)
 
 
-def _check_stack_variant(block, overrides, num_layers=2):
+def _stack_value_and_grad(module, params, activations, masks):
+  def loss(p):
+    msa, pair = module.apply(p, activations, masks)
+    return jnp.sum(msa ** 2) + jnp.sum(pair ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_stack(block, num_layers):
+  """(parameters, loss, gradient) of the plain stack that `_check_stack_variant` compares
+  variants with: the same for every variant of one block and depth, so computed once per
+  test process (the tests do not change them)."""
   activations, masks = _stack_inputs()
   plain = _Stack(tiny_config(), block, num_layers)
-  variant = _Stack(tiny_config(**overrides), block, num_layers)
   params = random_params(plain.init, activations, masks)
+  return (params, *_stack_value_and_grad(plain, params, activations, masks))
+
+
+def _check_stack_variant(block, overrides, num_layers=2):
+  activations, masks = _stack_inputs()
+  variant = _Stack(tiny_config(**overrides), block, num_layers)
+  params, loss_plain, grads_plain = _plain_stack(block, num_layers)
   chex.assert_shape(params["params"]["evoformer_iteration"]["msa_transition"]["transition2"][
       "bias"], (num_layers, 16))
   assert jax.tree.map(jnp.shape, jax.eval_shape(variant.init, jax.random.PRNGKey(0), activations,
                                                 masks)) == jax.tree.map(jnp.shape, params)
-
-  def value_and_grad(module):
-    def loss(p):
-      msa, pair = module.apply(p, activations, masks)
-      return jnp.sum(msa ** 2) + jnp.sum(pair ** 2)
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  (loss_plain, grads_plain), (loss_variant, grads_variant) = value_and_grad(plain), \
-      value_and_grad(variant)
+  loss_variant, grads_variant = _stack_value_and_grad(variant, params, activations, masks)
   assert relative_error(loss_variant, loss_plain) < 1e-6
   flat_plain = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads_plain)])
   flat_variant = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads_variant)])
