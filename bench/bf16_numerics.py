@@ -78,7 +78,8 @@ def train_step_sums(variant: str, shape_name: str, smoke: bool = False) -> list:
   our attention kernels are traced where the variant would run them on one (Pallas's
   interpreter), and XLA's attention where it would run cuDNN (whose accumulators are its
   own)."""
-  sys.path.insert(0, str(REPO / "bench"))
+  if str(REPO / "bench") not in sys.path:
+    sys.path.insert(0, str(REPO / "bench"))
   import train_step  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   from model_step import SHAPES, _training_example  # pylint: disable=g-import-not-at-top
   from af2flax.tools import low_precision_sums  # pylint: disable=g-import-not-at-top

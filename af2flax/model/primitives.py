@@ -104,8 +104,8 @@ def expand(x: jax.Array, shape: Sequence[int]) -> jax.Array:
   For a 16-bit x broadcast along many rows before an elementwise op: JAX's own transpose of
   the broadcast sums the cotangent in 16 bits (see `add_bias`). Used where an activation,
   not a parameter, is broadcast: the input embedder's per-residue terms over the MSA rows
-  and over the pair (Suppl. Alg. 3 lines 1-3), the global column attention's output over
-  the extra MSA's rows (Alg. 19 line 8)."""
+  and over the pair (Suppl. Alg. 3), the global column attention's output over the extra
+  MSA's rows before its gate (Alg. 19)."""
   return _expand(x, tuple(x.shape), tuple(shape))
 
 
