@@ -22,17 +22,21 @@ then the heads with the losses):
                  stage i's backward pass (under remat: the recomputation and the backward
                  pass) from its residuals, for i = n-1 down to 1, added to the gradient,
                  whose buffer it takes over (donated);
-  accumulate     (gradient, scalars, sums) -> sums
-                 the example's gradient clipped (Suppl. 1.11.3) and added to the device's
-                 sums (donated);
+  accumulate     (gradient, scalars) -> sums
+                 the device's first example's gradient clipped (Suppl. 1.11.3): the sums,
+                 in the gradient's buffer (donated);
+  accumulate.add (gradient, scalars, sums) -> sums
+                 a later example's, added to the sums (donated); only where a device has
+                 more than one example;
   update         (state, sums) -> (state, metrics)
                  the sums added over devices, averaged, Adam and the EMA
-                 (`step.apply_summed_gradients`);
-  zeros          () -> sums.
+                 (`step.apply_summed_gradients`).
 
 Python runs recycle, the forwards, gradient, the backwards and accumulate once per example
 slot of a device (AlphaFold's one example per device: once), then update; a stage's
-residuals are let go as soon as its backward program has run. The values are those of the
+residuals are let go as soon as its backward program has run. No buffer of sums exists
+while the first example's programs run (a parameter-sized float32 buffer, 0.35 GiB for
+AlphaFold, that zeros made before them would keep through the backward passes' peak). The values are those of the
 one-program step with the same objective: the same per-example keys, split the same way;
 only XLA's fusion, hence rounding, differs. A one-stage objective has no forward or backward
 program: recycle, gradient, accumulate.
@@ -132,6 +136,7 @@ class SplitTrainStep:
     self._devices = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
     self.compiled: dict[str, Any] = {}  # name -> XLA's compiled program, after compile()
     self._signature = None
+    self._local_examples = 1  # examples per device: set from the batch when lowering
     self._vjp: dict[int, Any] = {}  # stage -> (treedef, layout) of its vjp, from tracing
     self._residuals: dict[int, Any] = {}  # stage -> its residuals, abstract
     self._host_residuals: dict[int, list[bool]] = {}  # stage -> which are in host memory
@@ -147,7 +152,8 @@ class SplitTrainStep:
     return (["recycle"] + [self._name("forward", i) for i in range(n - 1)]
             + [self._name("gradient", n - 1)]
             + [self._name("backward", i) for i in reversed(range(n - 1))]
-            + ["accumulate", "update", "zeros"])
+            + ["accumulate"] + (["accumulate.add"] if self._local_examples > 1 else [])
+            + ["update"])
 
   # Programs, as traced functions of global arrays.
 
@@ -239,15 +245,19 @@ class SplitTrainStep:
     return self._shard_map(local, (P(), _PER_DEVICE, _PER_DEVICE), _PER_DEVICE)(
         params, inputs, gradient)
 
-  def _accumulate(self, gradient, scalars, sums):
-    def local(local_gradient, local_scalars, local_sums):
+  def _accumulate(self, gradient, scalars, *sums):
+    """The clipped example (`sums` not given: the first) or the sums plus it."""
+    def local(local_gradient, local_scalars, *local_sums):
       grads, example = step_lib.clip_example_gradient(
           _unlead(local_gradient), _unlead(local_scalars), self._clip_norm)
-      grad_sums, scalar_sums = _unlead(local_sums)
+      if not local_sums:  # float32 sums, as `accumulate.add` and `update` take them
+        return _lead((jax.tree.map(lambda g: g.astype(jnp.float32), grads), example))
+      grad_sums, scalar_sums = _unlead(local_sums[0])
       return _lead((jax.tree.map(jnp.add, grad_sums, grads),
                     {k: scalar_sums[k] + example[k] for k in scalar_sums}))
 
-    return self._shard_map(local, (_PER_DEVICE,) * 3, _PER_DEVICE)(gradient, scalars, sums)
+    return self._shard_map(local, (_PER_DEVICE,) * (2 + len(sums)), _PER_DEVICE)(
+        gradient, scalars, *sums)
 
   def _update(self, state, sums, batch_size):
     param_specs = self._param_specs
@@ -272,11 +282,7 @@ class SplitTrainStep:
     order in which they run, except that accumulate and update come right after the
     gradient program (they need its outputs' shapes only, and the update is one of the
     longest compiles: 40.9 s on an H200, 2026-12-05), before the backward programs."""
-    batch_size = jax.tree.leaves(batch)[0].shape[0]
-    local_examples = batch_size // self._devices
-    if local_examples * self._devices != batch_size:
-      raise ValueError(f"batch of {batch_size} examples does not split over "
-                       f"{self._devices} devices")
+    batch_size = self._count_local_examples(batch)
     rep, dev = self._replicated, self._per_device
     # One sharding for the whole state (a pytree prefix) or a tree of them.
     params_sh, rng_sh, step_sh = (getattr(self._state_shardings, name, self._state_shardings)
@@ -314,8 +320,12 @@ class SplitTrainStep:
             {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
              for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
     yield "accumulate", jax.jit(
-        self._accumulate, in_shardings=(dev, dev, dev), out_shardings=dev,
-        donate_argnums=2).lower(gradient, scalars, sums)
+        self._accumulate, in_shardings=(dev, dev), out_shardings=dev,
+        donate_argnums=0).lower(gradient, scalars)
+    if self._local_examples > 1:
+      yield "accumulate.add", jax.jit(
+          self._accumulate, in_shardings=(dev, dev, dev), out_shardings=dev,
+          donate_argnums=2).lower(gradient, scalars, sums)
     yield "update", jax.jit(
         lambda state, sums: self._update(state, sums, batch_size),
         in_shardings=(self._state_shardings, dev),
@@ -329,10 +339,15 @@ class SplitTrainStep:
           lambda params, inputs, gradient, i=i: self._backward(i, params, inputs, gradient),
           in_shardings=(params_sh, inputs_sh, dev), out_shardings=dev, donate_argnums=2,
       ).lower(state.params, inputs, gradient)
-    yield "zeros", jax.jit(
-        lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums),
-        out_shardings=dev).lower()
-    self._local_examples = local_examples
+
+  def _count_local_examples(self, batch) -> int:
+    """Sets `_local_examples` (the examples per device) from `batch`; returns its size."""
+    batch_size = jax.tree.leaves(batch)[0].shape[0]
+    if batch_size % self._devices:
+      raise ValueError(f"batch of {batch_size} examples does not split over "
+                       f"{self._devices} devices")
+    self._local_examples = batch_size // self._devices
+    return batch_size
 
   @staticmethod
   def _backward_inputs(stage, carries, residuals, cotangent):
@@ -359,6 +374,7 @@ class SplitTrainStep:
       begin = time.perf_counter()
       return name, program.compile(), time.perf_counter() - begin
 
+    self._count_local_examples(batch)
     programs = lowered.items() if lowered else self._lower_each(state, batch)
     if concurrent:
       with concurrent_futures.ThreadPoolExecutor(max_workers=len(self.program_names)) as pool:
@@ -386,7 +402,7 @@ class SplitTrainStep:
       self.compile(state, batch)
     run, n = self.compiled, len(self._stages)
     example_args = (state.params, state.rng, state.step, batch)
-    sums = run["zeros"]()
+    sums = None
     for index in self._indices:
       carries = [run["recycle"](*example_args, index)]
       residuals = []
@@ -401,7 +417,8 @@ class SplitTrainStep:
         residuals[i] = None  # freed once the backward program has read them
         result = run[self._name("backward", i)](state.params, inputs, result["gradient"])
         del inputs
-      sums = run["accumulate"](result["gradient"], scalars, sums)
+      sums = (run["accumulate"](result["gradient"], scalars) if sums is None
+              else run["accumulate.add"](result["gradient"], scalars, sums))
     return run["update"](state, sums)
 
   def residual_bytes(self, host: bool = False) -> dict[str, int]:

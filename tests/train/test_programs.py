@@ -62,9 +62,22 @@ def test_split_step_equals_one_program_step():
     np.testing.assert_allclose(split_metrics[key], value, rtol=1e-5, err_msg=key)
   assert float(split_metrics["clipped_fraction"]) == 1.0  # clipping is exercised
   # Compiled once for the three steps; each program timed.
-  assert split_step.program_names == ["recycle", "gradient.final", "accumulate", "update",
-                                      "zeros"]
+  assert split_step.program_names == ["recycle", "gradient.final", "accumulate",
+                                      "accumulate.add", "update"]
   assert set(split_step.compile_seconds) == {"trace_lower", "wall", *split_step.program_names}
+
+
+def test_one_example_per_device_needs_no_sums_before_its_gradient():
+  """One example per device (AlphaFold's): the clipped gradient becomes the sums in its own
+  buffer, so no `accumulate.add` program, and no zero sums made before the example (a
+  parameter-sized buffer through the backward passes); the one-program step's values."""
+  (one, split), (one_metrics, split_metrics), split_step = _mlp_steps(batch_size=1)
+  _assert_same_states(one, split)
+  for key, value in one_metrics.items():
+    np.testing.assert_allclose(split_metrics[key], value, rtol=1e-5, err_msg=key)
+  assert split_step.program_names == ["recycle", "gradient.final", "accumulate", "update"]
+  donated = split_step.compiled["accumulate"].as_text()
+  assert "input_output_alias" in donated  # the gradient's buffer becomes the sums
 
 
 def test_two_stages_equal_one_program_step():
@@ -76,7 +89,8 @@ def test_two_stages_equal_one_program_step():
   for key, value in one_metrics.items():
     np.testing.assert_allclose(split_metrics[key], value, rtol=1e-5, err_msg=key)
   assert split_step.program_names == ["recycle", "forward.hidden", "gradient.output",
-                                      "backward.hidden", "accumulate", "update", "zeros"]
+                                      "backward.hidden", "accumulate", "accumulate.add",
+                                      "update"]
 
 
 def test_residuals_leave_out_the_parameters():
