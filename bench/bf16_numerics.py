@@ -81,9 +81,7 @@ def train_step_sums(variant: str, shape_name: str, smoke: bool = False) -> list:
   if str(REPO / "bench") not in sys.path:
     sys.path.insert(0, str(REPO / "bench"))
   import train_step  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  from model_step import SHAPES, _training_example  # pylint: disable=g-import-not-at-top
   from af2flax.tools import low_precision_sums  # pylint: disable=g-import-not-at-top
-  from af2flax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   settings = train_step.VARIANTS[variant]
   if jax.default_backend() != "gpu":  # what traces here: our kernels interpreted, XLA for cuDNN
@@ -92,18 +90,13 @@ def train_step_sums(variant: str, shape_name: str, smoke: bool = False) -> list:
       traced["attention_impl"] = "pallas"
     train_step.VARIANTS[variant] = traced
   try:
-    config, model, optimizer, step = train_step._step_parts(  # pylint: disable=protected-access
-        variant, shape_name, smoke)
+    config, step, state, batch = train_step.abstract_step(variant, shape_name, smoke)
   finally:
     train_step.VARIANTS[variant] = settings
-  if not callable(step) or hasattr(step, "program_names"):
+  if config.step_programs == "split":
     raise ValueError(f"--sums: {variant} runs the step as separate programs; trace a "
                      "variant with step_programs='one'")
-  example = _training_example(SHAPES[shape_name], config.model.num_recycle + 1, 0)
-  params = jax.eval_shape(lambda k: model.init(k, example)["params"], jax.random.PRNGKey(0))
-  state = jax.eval_shape(
-      lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
-  closed = jax.make_jaxpr(step)(state, train_step._batch_of(example))  # pylint: disable=protected-access
+  closed = jax.make_jaxpr(step)(state, batch)
   return low_precision_sums.low_precision_sums(closed)
 
 

@@ -670,6 +670,23 @@ def _trace_and_lower(step_fn, state, batch):
   return trace_s, time.perf_counter() - start, lowered
 
 
+def abstract_step(variant: str, shape_name: str, smoke: bool):
+  """(config, un-jitted train step, abstract train state, batch) of `_step_parts` at
+  `shape_name`: the state's parameters abstract (`jax.ShapeDtypeStruct`s, no
+  initialisation), the batch a random example's, to trace or lower the step."""
+  import jax
+
+  from af2flax.train import state as state_lib
+  from model_step import SHAPES, _training_example
+
+  config, model, optimizer, train_step = _step_parts(variant, shape_name, smoke)
+  example = _training_example(SHAPES[shape_name], config.model.num_recycle + 1, 0)
+  params = jax.eval_shape(lambda k: model.init(k, example)["params"], jax.random.PRNGKey(0))
+  state = jax.eval_shape(
+      lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
+  return config, train_step, state, _batch_of(example)
+
+
 def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool = False,
                    profile_dir: str | None = None, memory_report: str | None = None) -> dict:
   """Traces and lowers the train step on abstract parameters (no initialisation, no XLA
@@ -682,15 +699,7 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
   the flag before JAX starts)."""
   import jax
 
-  from af2flax.train import state as state_lib
-  from model_step import SHAPES, _training_example
-
-  config, model, optimizer, train_step = _step_parts(variant, shape_name, smoke)
-  example = _training_example(SHAPES[shape_name], config.model.num_recycle + 1, 0)
-  first = _batch_of(example)
-  params = jax.eval_shape(lambda k: model.init(k, example)["params"], jax.random.PRNGKey(0))
-  state = jax.eval_shape(
-      lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)), params)
+  config, train_step, state, first = abstract_step(variant, shape_name, smoke)
   if config.step_programs == "split":
     return _lower_split(variant, shape_name, train_step, state, first, compile_too)
   trace_s, lower_s, lowered = _trace_and_lower(jax.jit(train_step), state, first)
