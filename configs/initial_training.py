@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   # writes one gradient row per layer instead of one per parameter array (93 in an Evoformer
   # block). H200, 2026-12-05, side by side with the presets before: expected step 0.571
   # against 0.598 s, peak 6.67 against 6.38 GiB (docs/benchmarks.md). Does not combine with
-  # remat_group_size > 1. The fine-tuning preset has it too (measured there in the eighteenth session).
+  # remat_group_size > 1. The fine-tuning preset has it too (measured there in the
+  # eighteenth session).
   config.model.global_config.scan_flat_params = True
 
   # The input: AlphaFold's sampling and transforms at initial-training sizes.

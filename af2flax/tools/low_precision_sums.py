@@ -22,7 +22,6 @@ import dataclasses
 import math
 from typing import Any, Iterator
 
-import jax
 from jax.extend import core as jax_core
 import jax.numpy as jnp
 from jax._src import source_info_util  # the user frame of an equation (no public API)

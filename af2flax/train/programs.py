@@ -35,11 +35,11 @@ then the heads with the losses):
 Python runs recycle, the forwards, gradient, the backwards and accumulate once per example
 slot of a device (AlphaFold's one example per device: once), then update; a stage's
 residuals are let go as soon as its backward program has run. No buffer of sums exists
-while the first example's programs run (a parameter-sized float32 buffer, 0.35 GiB for
-AlphaFold, that zeros made before them would keep through the backward passes' peak). The values are those of the
-one-program step with the same objective: the same per-example keys, split the same way;
-only XLA's fusion, hence rounding, differs. A one-stage objective has no forward or backward
-program: recycle, gradient, accumulate.
+while the first example's programs run: zero sums made before them (a parameter-sized
+float32 buffer, 0.35 GiB for AlphaFold) would live through the backward passes' peak. The
+values are those of the one-program step with the same objective: the same per-example
+keys, split the same way; only XLA's fusion, hence rounding, differs. A one-stage objective
+has no forward or backward program: recycle, gradient, accumulate.
 
 A forward program's residuals are `jax.vjp`'s: its backward program is traced from the very
 function `jax.vjp` returned in the forward program's trace, so the two always agree, and both
