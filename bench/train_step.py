@@ -95,9 +95,9 @@ _COMPILE_WAIT_S = 1800.0
 # 'xla_flags' (added to XLA_FLAGS of its worker), 'step_programs' (the train config's:
 # 'split' runs `af2flax.train.programs.SplitTrainStep`, the step as separately compiled
 # programs compiled at the same time), 'trunk_stages' (the train config's: the split step's
-# trunk cut into more stages, `step.trunk_stages`) and 'flat_update'
-# (`config.optimizer.flat_update`).
-STEP_KEYS = ("xla_flags", "step_programs", "trunk_stages", "flat_update")
+# trunk cut into more stages, `step.trunk_stages`), 'head_stages' (its heads as the structure
+# module and the losses, `step.head_stages`) and 'flat_update' (`config.optimizer.flat_update`).
+STEP_KEYS = ("xla_flags", "step_programs", "trunk_stages", "head_stages", "flat_update")
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -361,6 +361,17 @@ VARIANTS.update({
     "bf16-pallas512-extracudnn-offload55-split2": {
         **_FINETUNE_PRESET, "step_programs": "split",
         "trunk_stages": "embeddings+extra_msa,evoformer"},
+    # and the heads' gradient program (41.5 s of XLA on an H200, 2026-12-05) cut in two:
+    # the structure module's forward and backward programs, and the losses' gradient.
+    "bf16-auto-split3h": {**_BF16_AUTO, "step_programs": "split",
+                          "trunk_stages": "embeddings,extra_msa,evoformer",
+                          "head_stages": "structure,losses"},
+    "bf16-auto-split3h-flatupdate": {**_BF16_AUTO, "step_programs": "split",
+                                     "trunk_stages": "embeddings,extra_msa,evoformer",
+                                     "head_stages": "structure,losses", "flat_update": True},
+    "bf16-pallas512-extracudnn-offload55-split3h": {
+        **_FINETUNE_PRESET, "step_programs": "split",
+        "trunk_stages": "embeddings,extra_msa,evoformer", "head_stages": "structure,losses"},
 })
 RECYCLES = (0, 1, 2, 3)
 
@@ -375,6 +386,7 @@ def _train_config(variant: str, smoke: bool, stage: str):
       {k: v for k, v in VARIANTS[variant].items() if k not in STEP_KEYS})
   config.step_programs = VARIANTS[variant].get("step_programs", config.step_programs)
   config.trunk_stages = VARIANTS[variant].get("trunk_stages", config.trunk_stages)
+  config.head_stages = VARIANTS[variant].get("head_stages", config.head_stages)
   config.optimizer.flat_update = VARIANTS[variant].get("flat_update",
                                                        config.optimizer.flat_update)
   config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))
@@ -419,7 +431,8 @@ def _step_parts(variant: str, shape_name: str, smoke: bool):
   model = AlphaFold(step_lib.model_config_for_step(config))  # marked when examples vmap
   optimizer = optimizer_lib.make_optimizer(config.optimizer)
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-  objective = step_lib.alphafold_objective(model, config.model, config.trunk_stages)
+  objective = step_lib.alphafold_objective(model, config.model, config.trunk_stages,
+                                           config.head_stages)
   if config.step_programs == "split":
     from af2flax.train import programs  # pylint: disable=g-import-not-at-top
     return config, model, optimizer, programs.SplitTrainStep(

@@ -83,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
   # af2flax.model.trunk.TRUNK_PARTS, in order; step.trunk_stages). Same values. With 'one'
   # the stages run one after another inside the one program.
   config.trunk_stages = "trunk"
+  # With 'split': the heads with every loss as one stage ('heads'), or 'structure,losses':
+  # the structure module as a stage of its own, then the other heads and the losses, so the
+  # heads' gradient is two shorter compiles (step.head_stages). Same values.
+  config.head_stages = "heads"
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
       "warmup_steps": 1000, "decay_steps": 50_000, "decay_factor": 0.95,

@@ -60,11 +60,14 @@ class AlphaFoldIteration(nn.Module):
                deterministic: bool = True, *,
                representations: Mapping[str, jax.Array] | None = None,
                trunk_only: bool = False, trunk_parts: Sequence[str] = TRUNK_PARTS,
-               trunk_activations: Mapping[str, jax.Array] | None = None) -> dict[str, Any]:
+               trunk_activations: Mapping[str, jax.Array] | None = None,
+               heads: Sequence[str] | None = None,
+               structure: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The iteration's outputs; `trunk_only=True`: only the trunk's `representations` (with
     `trunk_parts`, only those parts of it, after `trunk_activations`:
     `EmbeddingsAndEvoformer`); `representations=` those: only the heads (`prev` is then not
-    read)."""
+    read). `heads`: only these of the config's heads run (None: all); `structure`: the
+    structure module's outputs, computed elsewhere, in its place (pLDDT and PAE read them)."""
     c = self.config
     gc = c.global_config
     if representations is None:
@@ -82,8 +85,13 @@ class AlphaFoldIteration(nn.Module):
       outputs[name] = head_class(c.heads[name], gc, name=module_name)(
           representations, batch, deterministic)
 
+    wanted = set(c.heads) if heads is None else set(heads)
+    if structure is not None:
+      outputs["structure_module"] = dict(structure)
+      representations["structure_module"] = structure["act"]
+      wanted.discard("structure_module")
     for name in sorted(c.heads):
-      if name in _AFTER_STRUCTURE or not c.heads[name].weight:
+      if name in _AFTER_STRUCTURE or not c.heads[name].weight or name not in wanted:
         continue
       if name not in HEADS:
         raise ValueError(f"heads.{name}: unknown head; expected one of {', '.join(sorted(HEADS))}")
@@ -91,7 +99,7 @@ class AlphaFoldIteration(nn.Module):
       if name == "structure_module":
         representations["structure_module"] = outputs[name]["act"]
     for name in _AFTER_STRUCTURE:
-      if name in c.heads and c.heads[name].weight:
+      if name in c.heads and c.heads[name].weight and name in wanted:
         run_head(name)
     return outputs
 
@@ -152,7 +160,9 @@ class AlphaFold(nn.Module):
                trunk_only: bool = False,
                representations: Mapping[str, jax.Array] | None = None,
                trunk_parts: Sequence[str] | None = None,
-               trunk_activations: Mapping[str, jax.Array] | None = None) -> dict[str, Any]:
+               trunk_activations: Mapping[str, jax.Array] | None = None,
+               heads: Sequence[str] | None = None,
+               structure: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The final iteration's outputs, after the no-gradient recycling iterations.
 
     The parts can also run apart (the train step's separately compiled programs):
@@ -167,35 +177,45 @@ class AlphaFold(nn.Module):
       before 'evoformer' return the activations {'msa', 'pair'} that the next parts take as
       `trunk_activations=` (then without `prev=`: the recycled inputs are read only by
       'embeddings');
-    - `representations=` those runs only the final iteration's heads.
+    - `representations=` those runs only the final iteration's heads; with `heads=` only
+      those of them, and with `structure=` the structure module's outputs from an earlier
+      call in its place.
     `apply(recycle_only=True)`, `apply(prev=..., trunk_only=True)`, then
     `apply(representations=...)` compute what one call does, and so do the trunk's parts
-    one after another in place of the second.
+    one after another in place of the second, and `apply(representations=r,
+    heads=['structure_module'])` then `apply(representations=r, structure=s)` (s: the
+    first's `['structure_module']`) in place of the third.
     """
     given = {"recycle_only": recycle_only, "prev": prev is not None,
              "trunk_only": trunk_only, "representations": representations is not None,
              "trunk_parts": trunk_parts is not None,
-             "trunk_activations": trunk_activations is not None}
+             "trunk_activations": trunk_activations is not None,
+             "heads": heads is not None, "structure": structure is not None}
     allowed = (set(), {"recycle_only"}, {"prev"}, {"trunk_only"}, {"prev", "trunk_only"},
-               {"representations"}, {"trunk_only", "trunk_parts"},
+               {"representations"}, {"representations", "heads"},
+               {"representations", "structure"}, {"representations", "heads", "structure"},
+               {"trunk_only", "trunk_parts"},
                {"prev", "trunk_only", "trunk_parts"},
                {"trunk_only", "trunk_parts", "trunk_activations"})
     if {name for name, g in given.items() if g} not in allowed:
       raise ValueError(f"AlphaFold: {', '.join(n for n, g in given.items() if g)} cannot be "
                        "given together; the parts are recycle_only=True, prev=... with or "
                        "without trunk_only=True (and trunk_parts=...), trunk_parts=... with "
-                       "trunk_activations=... and trunk_only=True, and representations=...")
+                       "trunk_activations=... and trunk_only=True, and representations=... "
+                       "(with heads=... or structure=...)")
     # The parts themselves are checked where they run (`EmbeddingsAndEvoformer`).
     trunk_parts = TRUNK_PARTS if trunk_parts is None else tuple(trunk_parts)
     with layer_norm_recompute(self.config.global_config.get("layer_norm_recompute", True)):
       return self._recycle(batch, deterministic, prev, recycle_only, trunk_only,
-                           representations, trunk_parts, trunk_activations)
+                           representations, trunk_parts, trunk_activations, heads, structure)
 
   def _recycle(self, batch: Mapping[str, jax.Array], deterministic: bool,
                given_prev: Mapping[str, jax.Array] | None, recycle_only: bool,
                trunk_only: bool, representations: Mapping[str, jax.Array] | None,
                trunk_parts: tuple[str, ...],
-               trunk_activations: Mapping[str, jax.Array] | None) -> dict[str, Any]:
+               trunk_activations: Mapping[str, jax.Array] | None,
+               heads: Sequence[str] | None = None,
+               structure: Mapping[str, Any] | None = None) -> dict[str, Any]:
     c = self.config
     if batch["aatype"].ndim != 2:
       raise ValueError(f"batch['aatype'] has shape {batch['aatype'].shape}; expected "
@@ -216,7 +236,8 @@ class AlphaFold(nn.Module):
       num_iter = num_iter.astype(jnp.int32)
 
     if representations is not None:  # the trunk ran elsewhere: the heads only
-      return iteration(features(num_iter), {}, deterministic, representations=representations)
+      return iteration(features(num_iter), {}, deterministic, representations=representations,
+                       heads=heads, structure=structure)
     if trunk_activations is not None:  # the trunk's first parts ran elsewhere
       return iteration(features(num_iter), {}, deterministic, trunk_only=True,
                        trunk_parts=trunk_parts, trunk_activations=trunk_activations)

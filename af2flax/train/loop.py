@@ -96,7 +96,8 @@ def create_model(config: ml_collections.ConfigDict) -> ModelFns:
     return metrics
 
   objective = step_lib.alphafold_objective(model, config.model,
-                                           config.get("trunk_stages", "trunk"))
+                                           config.get("trunk_stages", "trunk"),
+                                           config.get("head_stages", "heads"))
   return ModelFns(init=init, objective=objective, evaluate=evaluate)
 
 

@@ -343,8 +343,20 @@ def trunk_stages(spec: str) -> tuple[tuple[str, ...], ...]:
   return stages
 
 
+HEAD_STAGES = ("heads", "structure,losses")
+
+
+def head_stages(spec: str) -> tuple[str, ...]:
+  """The train config's `head_stages`: 'heads' (the heads and the losses as one stage) or
+  'structure,losses' (the structure module, then the other heads with every loss)."""
+  names = tuple(part.strip() for part in spec.split(","))
+  if ",".join(names) not in HEAD_STAGES:
+    raise ValueError(f"head_stages={spec!r}: expected one of {', '.join(map(repr, HEAD_STAGES))}")
+  return names
+
+
 def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
-                        trunk: str = "trunk") -> StagedObjective:
+                        trunk: str = "trunk", heads: str = "heads") -> StagedObjective:
   """The per-example training objective of AlphaFold: model with dropout, then all losses.
 
   `model` is `af2flax.model.alphafold.AlphaFold(model_config)`; the loss is
@@ -353,7 +365,10 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
   recycling iterations (`AlphaFold(recycle_only=True)`), then the final iteration in
   stages: the trunk (embeddings, Evoformer: `AlphaFold(prev=..., trunk_only=True)`) and the
   heads with the losses (`AlphaFold(representations=...)`). `trunk` (`trunk_stages`) cuts
-  the trunk into more stages, each its own programs in the separately compiled step; the
+  the trunk into more stages, each its own programs in the separately compiled step, and
+  `heads` (`head_stages`) the heads: 'structure,losses' runs the structure module as a
+  stage of its own (`AlphaFold(representations=..., heads=['structure_module'])`), then
+  the other heads and the losses (`AlphaFold(representations=..., structure=...)`). The
   values are the same.
   """
   from af2flax.losses.total import alphafold_loss  # pylint: disable=g-import-not-at-top
@@ -376,14 +391,27 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
 
     return first if parts[0] == "embeddings" else later
 
-  def heads(params, example, representations, dropout_rng):
+  def losses(params, example, carry, dropout_rng, structure=None):
     outputs = model.apply({"params": params}, example, deterministic=False,
-                          representations=representations, rngs={"dropout": dropout_rng})
+                          representations=carry, structure=structure,
+                          rngs={"dropout": dropout_rng})
     outputs = to_float32(outputs)
     loss, aux = alphafold_loss(final_iteration_features(example), outputs, heads_config)
     return loss, aux
 
+  def structure_stage(params, example, representations, dropout_rng):
+    outputs = model.apply({"params": params}, example, deterministic=False,
+                          representations=representations, heads=("structure_module",),
+                          rngs={"dropout": dropout_rng})
+    return {"representations": representations, "structure_module": outputs["structure_module"]}
+
+  def losses_stage(params, example, carry, dropout_rng):
+    return losses(params, example, carry["representations"], dropout_rng,
+                  carry["structure_module"])
+
   stages = trunk_stages(trunk)
+  last = ((("heads", losses),) if head_stages(heads) == ("heads",)
+          else (("structure", structure_stage), ("losses", losses_stage)))
   return StagedObjective(recycle, tuple(
       ("trunk" if len(stages) == 1 else "+".join(parts), trunk_stage(parts))
-      for parts in stages) + (("heads", heads),))
+      for parts in stages) + last)

@@ -357,6 +357,61 @@ def test_alphafold_objective_in_three_trunk_stages_is_the_objective(tiny):
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
+def test_alphafold_heads_apart_compose_to_the_heads(tiny):
+  """`apply(representations=r, heads=['structure_module'])` then `apply(representations=r,
+  structure=...)` give every head's output of `apply(representations=r)`, with the same
+  dropout keys (the structure module's dropout on)."""
+  config, params, batch = tiny
+  config = _with_dropout(config)
+  config.heads.structure_module.dropout = 0.1
+  model = AlphaFold(config)
+  variables = {"params": params}
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+  representations = jax.jit(lambda b: model.apply(variables, b, trunk_only=True,
+                                                  deterministic=False, rngs=rngs))(batch)
+  heads = jax.jit(lambda b, r: model.apply(variables, b, representations=r, deterministic=False,
+                                           rngs=rngs))(batch, representations)
+  structure = jax.jit(lambda b, r: model.apply(
+      variables, b, representations=r, heads=["structure_module"], deterministic=False,
+      rngs=rngs))(batch, representations)
+  assert set(structure) == {"representations", "structure_module"}
+  rest = jax.jit(lambda b, r, s: model.apply(
+      variables, b, representations=r, structure=s, deterministic=False, rngs=rngs))(
+          batch, representations, structure["structure_module"])
+  assert set(rest) == set(heads)
+  for a, b in zip(jax.tree.leaves(heads), jax.tree.leaves(rest)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  without_dropout = jax.jit(lambda b, r: model.apply(
+      variables, b, representations=r, heads=["structure_module"]))(batch, representations)
+  assert not np.allclose(without_dropout["structure_module"]["final_atom_positions"],
+                         structure["structure_module"]["final_atom_positions"])
+
+
+def test_alphafold_objective_with_the_structure_module_apart_is_the_objective(tiny):
+  """`head_stages='structure,losses'` gives the one-stage heads' loss and gradient for the
+  same example key (dropout on, in the structure module too)."""
+  config, params, batch = tiny
+  config = _with_dropout(config)
+  config.heads.structure_module.dropout = 0.1
+  model = AlphaFold(config)
+  key = jax.random.PRNGKey(5)
+  objectives = [step_lib.alphafold_objective(model, config, "trunk", heads)
+                for heads in ("heads", "structure,losses")]
+  assert [name for name, _ in objectives[1].stages] == ["trunk", "structure", "losses"]
+  results = [jax.jit(jax.value_and_grad(lambda p, b, o=o: o(p, b, key)[0]))(params, batch)
+             for o in objectives]
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["structure", "losses,structure", "heads,losses", ""])
+def test_head_stages_are_checked(spec):
+  with pytest.raises(ValueError, match=re.escape(f"head_stages={spec!r}: expected one of")):
+    step_lib.head_stages(spec)
+  assert step_lib.head_stages(" structure , losses") == ("structure", "losses")
+
+
 def test_alphafold_prev_is_checked(tiny):
   config, params, batch = tiny
   model = AlphaFold(config)
@@ -376,14 +431,17 @@ def test_alphafold_prev_is_checked(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trunk", ["trunk", "embeddings+extra_msa,evoformer"])
-def test_alphafold_split_step_equals_one_program_step(tiny, trunk):
+@pytest.mark.parametrize("trunk,heads", [("trunk", "heads"),
+                                         ("embeddings+extra_msa,evoformer", "heads"),
+                                         ("trunk", "structure,losses")])
+def test_alphafold_split_step_equals_one_program_step(tiny, trunk, heads):
   """af2_tiny with its reference parameters and batch, dropout on: one step of the split
   step and of the one-program step give the same loss, metrics and parameters, with the
-  trunk in one stage or two."""
+  trunk in one stage or two, and the heads in one stage or two."""
   config, params, batch = tiny
   config = _with_dropout(config)
-  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk)
+  config.heads.structure_module.dropout = 0.1
+  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk, heads)
   train_config = mlp.train_config()
   train_config.optimizer.learning_rate = 1e-3
   tx = optimizer_lib.make_optimizer(train_config.optimizer)
