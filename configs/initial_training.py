@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
   # the structure module as a stage of its own, then the other heads and the losses, so the
   # heads' gradient is two shorter compiles (step.head_stages). Same values.
   config.head_stages = "heads"
+  # With 'split': True runs the recycling iterations as programs of their own per part (the
+  # trunk's stages, then the structure module), each run once per iteration, instead of
+  # one program holding them all (step.RecycleStages). Same values.
+  config.recycle_stages = False
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
       "warmup_steps": 1000, "decay_steps": 50_000, "decay_factor": 0.95,

@@ -104,7 +104,7 @@ class AlphaFoldIteration(nn.Module):
     return outputs
 
 
-def _initial_prev(num_res: int, config: Any) -> dict[str, jax.Array]:
+def initial_prev(num_res: int, config: Any) -> dict[str, jax.Array]:
   """Zero recycled inputs of the first iteration (Suppl. Alg. 2 line 1), float32."""
   emb = config.embeddings_and_evoformer
   prev = {}
@@ -116,7 +116,7 @@ def _initial_prev(num_res: int, config: Any) -> dict[str, jax.Array]:
   return prev
 
 
-def _prev_from_outputs(outputs: Mapping[str, Any], prev: Mapping[str, jax.Array]
+def prev_from_outputs(outputs: Mapping[str, Any], prev: Mapping[str, jax.Array]
                        ) -> dict[str, jax.Array]:
   """Recycled inputs of the next iteration, without gradient (Suppl. 1.10)."""
   sources = {
@@ -162,7 +162,8 @@ class AlphaFold(nn.Module):
                trunk_parts: Sequence[str] | None = None,
                trunk_activations: Mapping[str, jax.Array] | None = None,
                heads: Sequence[str] | None = None,
-               structure: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               structure: Mapping[str, Any] | None = None,
+               iteration: int | jax.Array | None = None) -> dict[str, Any]:
     """The final iteration's outputs, after the no-gradient recycling iterations.
 
     The parts can also run apart (the train step's separately compiled programs):
@@ -185,12 +186,22 @@ class AlphaFold(nn.Module):
     one after another in place of the second, and `apply(representations=r,
     heads=['structure_module'])` then `apply(representations=r, structure=s)` (s: the
     first's `['structure_module']`) in place of the third.
+    `iteration=i` with the parts that take `prev=`, `trunk_activations=` or
+    `representations=`: they read iteration i's features instead of the final iteration's.
+    So a recycling iteration runs as parts too: iteration i of `recycle_only=True`'s loop is
+    `apply(prev=p, iteration=i)` with the dropout key `jax.random.fold_in(key, i)` (the
+    loop's key: `nn.while_loop` folds in the iteration), and `prev_from_outputs` of its
+    outputs is the next `p`.
     """
     given = {"recycle_only": recycle_only, "prev": prev is not None,
              "trunk_only": trunk_only, "representations": representations is not None,
              "trunk_parts": trunk_parts is not None,
              "trunk_activations": trunk_activations is not None,
              "heads": heads is not None, "structure": structure is not None}
+    if iteration is not None and not (given["prev"] or given["trunk_activations"]
+                                      or given["representations"]):
+      raise ValueError("AlphaFold: iteration=... is taken only with prev=..., "
+                       "trunk_activations=... or representations=...")
     allowed = (set(), {"recycle_only"}, {"prev"}, {"trunk_only"}, {"prev", "trunk_only"},
                {"representations"}, {"representations", "heads"},
                {"representations", "structure"}, {"representations", "heads", "structure"},
@@ -207,7 +218,8 @@ class AlphaFold(nn.Module):
     trunk_parts = TRUNK_PARTS if trunk_parts is None else tuple(trunk_parts)
     with layer_norm_recompute(self.config.global_config.get("layer_norm_recompute", True)):
       return self._recycle(batch, deterministic, prev, recycle_only, trunk_only,
-                           representations, trunk_parts, trunk_activations, heads, structure)
+                           representations, trunk_parts, trunk_activations, heads, structure,
+                           iteration)
 
   def _recycle(self, batch: Mapping[str, jax.Array], deterministic: bool,
                given_prev: Mapping[str, jax.Array] | None, recycle_only: bool,
@@ -215,7 +227,8 @@ class AlphaFold(nn.Module):
                trunk_parts: tuple[str, ...],
                trunk_activations: Mapping[str, jax.Array] | None,
                heads: Sequence[str] | None = None,
-               structure: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               structure: Mapping[str, Any] | None = None,
+               at_iteration: int | jax.Array | None = None) -> dict[str, Any]:
     c = self.config
     if batch["aatype"].ndim != 2:
       raise ValueError(f"batch['aatype'] has shape {batch['aatype'].shape}; expected "
@@ -226,7 +239,7 @@ class AlphaFold(nn.Module):
     def features(index):
       return slice_recycle(batch, index if c.resample_msa_in_recycling else 0)
 
-    prev = _initial_prev(num_res, c)
+    prev = initial_prev(num_res, c)
     num_iter = jnp.asarray(0, jnp.int32)
     if c.num_recycle:
       if "num_iter_recycling" in batch:
@@ -234,6 +247,8 @@ class AlphaFold(nn.Module):
       else:
         num_iter = jnp.asarray(c.num_recycle)
       num_iter = num_iter.astype(jnp.int32)
+    if at_iteration is not None:  # a part of recycling iteration `at_iteration`, not the last
+      num_iter = jnp.asarray(at_iteration, jnp.int32)
 
     if representations is not None:  # the trunk ran elsewhere: the heads only
       return iteration(features(num_iter), {}, deterministic, representations=representations,
@@ -248,7 +263,7 @@ class AlphaFold(nn.Module):
       def body(module, carry):
         index, carry_prev = carry
         outputs = module(features(index), carry_prev, deterministic)
-        return index + 1, _prev_from_outputs(outputs, carry_prev)
+        return index + 1, prev_from_outputs(outputs, carry_prev)
 
       if self.is_initializing():
         # Parameters are created by one plain call; the loop needs them to exist.

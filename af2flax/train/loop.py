@@ -97,7 +97,8 @@ def create_model(config: ml_collections.ConfigDict) -> ModelFns:
 
   objective = step_lib.alphafold_objective(model, config.model,
                                            config.get("trunk_stages", "trunk"),
-                                           config.get("head_stages", "heads"))
+                                           config.get("head_stages", "heads"),
+                                           bool(config.get("recycle_stages", False)))
   return ModelFns(init=init, objective=objective, evaluate=evaluate)
 
 

@@ -9,7 +9,13 @@ then the heads with the losses):
 
   recycle        (params, rng, step, batch, k) -> prev
                  the no-gradient recycling iterations of each device's k-th example
-                 (Suppl. 1.10);
+                 (Suppl. 1.10); or, where the objective has them in parts
+                 (`step.RecycleStages`, AlphaFold's `recycle_stages`):
+  recycle.start  (params, rng, step, batch, k) -> prev, the first iteration's (zeros), and
+  recycle.r_j    (params, rng, step, batch, k, iteration, prev, carry_j) -> carry_j+1
+                 part j of one iteration, run for iterations 0..maximum-1 (Python's loop);
+                 an iteration past the example's count does nothing (the last part gives
+                 `prev` back), so every device may run its own count;
   forward.s_i    (params, rng, step, batch, k, carry_i) -> (carry_i+1, residuals_i)
                  stage i < n linearised with `jax.vjp` (carry_1 = prev);
   gradient.s_n   (params, rng, step, batch, k, carry_n)
@@ -146,10 +152,17 @@ class SplitTrainStep:
     return f"{kind}.{self._stages[stage][0]}"
 
   @property
+  def _recycle_names(self) -> list[str]:
+    parts = self._objective.recycle_stages
+    if parts is None:
+      return ["recycle"]
+    return ["recycle.start"] + [f"recycle.{name}" for name, _ in parts.stages]
+
+  @property
   def program_names(self) -> list[str]:
     """The programs, in the order they run."""
     n = len(self._stages)
-    return (["recycle"] + [self._name("forward", i) for i in range(n - 1)]
+    return (self._recycle_names + [self._name("forward", i) for i in range(n - 1)]
             + [self._name("gradient", n - 1)]
             + [self._name("backward", i) for i in reversed(range(n - 1))]
             + ["accumulate"] + (["accumulate.add"] if self._local_examples > 1 else [])
@@ -175,6 +188,36 @@ class SplitTrainStep:
 
     return self._shard_map(local, (P(), _PER_DEVICE, _PER_DEVICE, P()), _PER_DEVICE)(
         params, batch, rngs, index)
+
+  def _recycle_start(self, params, rng, step, batch, index):
+    del params, rng, step
+    parts = self._objective.recycle_stages
+
+    def local(local_batch, index):
+      return _lead(parts.initial(_example(local_batch, index)))
+
+    return self._shard_map(local, (_PER_DEVICE, P()), _PER_DEVICE)(batch, index)
+
+  def _recycle_part(self, part, params, rng, step, batch, index, iteration, prev, carry):
+    """Part `part` of recycling iteration `iteration` of this device's example `index`; past
+    the example's count of iterations, zeros (the last part: `prev` itself)."""
+    parts = self._objective.recycle_stages
+    stage_fn = parts.stages[part][1]
+    last = part == len(parts.stages) - 1
+    rngs = step_lib.example_rngs(rng, step, jax.tree.leaves(batch)[0].shape[0])
+
+    def local(params, local_batch, local_rngs, index, iteration, local_prev, local_carry):
+      example, recycle_rng, _ = self._local_example(local_batch, local_rngs, index)
+      prev, carry = _unlead(local_prev), _unlead(local_carry)
+      run = lambda: stage_fn(params, example, prev, carry if part else None,
+                             parts.key(recycle_rng, iteration), iteration)
+      skip = ((lambda: prev) if last else
+              (lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(run))))
+      return _lead(jax.lax.cond(iteration < parts.count(example), run, skip))
+
+    return self._shard_map(
+        local, (P(), _PER_DEVICE, _PER_DEVICE, P(), P(), _PER_DEVICE, _PER_DEVICE),
+        _PER_DEVICE)(params, batch, rngs, index, iteration, prev, carry)
 
   def _stage_on_example(self, stage, params, rng, step, batch, index, carry, local):
     """`local(primals, fn, params, carry)` inside `shard_map` for this device's example
@@ -293,10 +336,26 @@ class SplitTrainStep:
     example_in = (params_sh, rng_sh, step_sh, batch_sh, rep, dev)
     example_args = (state.params, state.rng, state.step, batch, index)
 
-    recycle = jax.jit(self._recycle, in_shardings=example_in[:5],
+    parts = self._objective.recycle_stages
+    if parts is None:
+      recycle = jax.jit(self._recycle, in_shardings=example_in[:5],
+                        out_shardings=dev).lower(*example_args)
+      yield "recycle", recycle
+      carries = [recycle.out_info]
+    else:
+      start = jax.jit(self._recycle_start, in_shardings=example_in[:5],
                       out_shardings=dev).lower(*example_args)
-    yield "recycle", recycle
-    carries = [recycle.out_info]
+      yield "recycle.start", start
+      prev = start.out_info
+      carry = {}
+      for j, name in enumerate(self._recycle_names[1:]):
+        program = jax.jit(
+            lambda *args, j=j: self._recycle_part(j, *args),
+            in_shardings=example_in[:5] + (rep, dev, dev), out_shardings=dev,
+        ).lower(*example_args, index, prev, carry)
+        yield name, program
+        carry = program.out_info
+      carries = [prev]
     for i in range(n - 1):
       name = self._name("forward", i)
       # The residuals' shardings are left to the program (None): per device, as shard_map
@@ -390,6 +449,9 @@ class SplitTrainStep:
     seconds["wall"] = time.perf_counter() - start
     rep = self._replicated
     self._indices = [jax.device_put(np.int32(k), rep) for k in range(self._local_examples)]
+    parts = self._objective.recycle_stages
+    self._iterations = [jax.device_put(np.int32(i), rep)
+                        for i in range(parts.maximum if parts is not None else 0)]
     self._signature = _signature((state, batch))
     self.compile_seconds = seconds
     logging.info("split train step compiled: %s",
@@ -404,7 +466,7 @@ class SplitTrainStep:
     example_args = (state.params, state.rng, state.step, batch)
     sums = None
     for index in self._indices:
-      carries = [run["recycle"](*example_args, index)]
+      carries = [self._run_recycling(example_args, index)]
       residuals = []
       for i in range(n - 1):
         out, stage_residuals = run[self._name("forward", i)](*example_args, index, carries[i])
@@ -420,6 +482,19 @@ class SplitTrainStep:
       sums = (run["accumulate"](result["gradient"], scalars) if sums is None
               else run["accumulate.add"](result["gradient"], scalars, sums))
     return run["update"](state, sums)
+
+  def _run_recycling(self, example_args, index):
+    """The recycling iterations of each device's example `index`: their `prev`."""
+    run = self.compiled
+    if self._objective.recycle_stages is None:
+      return run["recycle"](*example_args, index)
+    prev = run["recycle.start"](*example_args, index)
+    for iteration in self._iterations:
+      carry = {}
+      for name in self._recycle_names[1:]:
+        carry = run[name](*example_args, index, iteration, prev, carry)
+      prev = carry
+    return prev
 
   def residual_bytes(self, host: bool = False) -> dict[str, int]:
     """Bytes per device of each stage's residuals in the accelerator's memory (`host`: in

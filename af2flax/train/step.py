@@ -15,6 +15,7 @@ it from the model and the losses. This module imports neither TensorFlow nor `af
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -262,6 +263,46 @@ def final_iteration_features(example: Batch) -> dict[str, jax.Array]:
 
 
 Stage = Callable[[PyTree, Batch, PyTree, jax.Array], Any]
+# (params, example, prev, carry, rng, iteration) -> carry: a part of one recycling iteration.
+RecycleStage = Callable[[PyTree, Batch, PyTree, PyTree, jax.Array, jax.Array], PyTree]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecycleStages:
+  """The no-gradient recycling iterations (Suppl. 1.10) as parts, for the separately
+  compiled step to run each part as a program of its own, once per iteration.
+
+  `initial(example) -> prev`: the first iteration's recycled inputs (zeros);
+  `count(example)`: how many iterations this example runs (at most `maximum`);
+  `stages`: named parts of one iteration, each `(params, example, prev, carry, rng,
+  iteration) -> carry`: the first reads `prev` (its `carry` is None), the last returns the
+  next iteration's `prev`; `rng` is the iteration's key (`key`).
+  `run` runs them all in plain JAX; it equals the objective's `recycle` for the same key.
+  """
+  initial: Callable[[Batch], PyTree]
+  count: Callable[[Batch], jax.Array]
+  maximum: int
+  stages: tuple[tuple[str, RecycleStage], ...]
+
+  @staticmethod
+  def key(recycle_rng: jax.Array, iteration: jax.Array) -> jax.Array:
+    """Iteration `iteration`'s dropout key: `recycle_rng` with the iteration folded in, as
+    `nn.while_loop(split_rngs={'dropout': True})` makes it in the model's own loop."""
+    return jax.random.fold_in(recycle_rng, iteration)
+
+  def iteration(self, params: PyTree, example: Batch, prev: PyTree, rng: jax.Array,
+                iteration: jax.Array) -> PyTree:
+    """One iteration's stages one after another: the next `prev`."""
+    carry = None
+    for _, stage in self.stages:
+      carry = stage(params, example, prev, carry, self.key(rng, iteration), iteration)
+    return carry
+
+  def run(self, params: PyTree, example: Batch, rng: jax.Array) -> PyTree:
+    count = self.count(example)
+    return jax.lax.fori_loop(
+        0, count, lambda i, prev: self.iteration(params, example, prev, rng, i),
+        self.initial(example))
 
 
 class StagedObjective:
@@ -277,11 +318,15 @@ class StagedObjective:
   """
 
   def __init__(self, recycle: Callable[[PyTree, Batch, jax.Array], PyTree],
-               stages: tuple[tuple[str, Stage], ...]):
+               stages: tuple[tuple[str, Stage], ...],
+               recycle_stages: RecycleStages | None = None):
+    """`recycle_stages`: the recycling iterations as parts too (the same values as
+    `recycle`), which the separately compiled step then runs as programs of their own."""
     if not stages:
       raise ValueError("StagedObjective needs at least one stage")
     self.recycle = recycle
     self.stages = tuple(stages)
+    self.recycle_stages = recycle_stages
 
   def final(self, params: PyTree, example: Batch, prev: PyTree, rng: jax.Array
             ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
@@ -356,7 +401,8 @@ def head_stages(spec: str) -> tuple[str, ...]:
 
 
 def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
-                        trunk: str = "trunk", heads: str = "heads") -> StagedObjective:
+                        trunk: str = "trunk", heads: str = "heads",
+                        recycle_in_stages: bool = False) -> StagedObjective:
   """The per-example training objective of AlphaFold: model with dropout, then all losses.
 
   `model` is `af2flax.model.alphafold.AlphaFold(model_config)`; the loss is
@@ -368,8 +414,11 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
   the trunk into more stages, each its own programs in the separately compiled step, and
   `heads` (`head_stages`) the heads: 'structure,losses' runs the structure module as a
   stage of its own (`AlphaFold(representations=..., heads=['structure_module'])`), then
-  the other heads and the losses (`AlphaFold(representations=..., structure=...)`). The
-  values are the same.
+  the other heads and the losses (`AlphaFold(representations=..., structure=...)`).
+  `recycle_in_stages`: the recycling iterations as parts as well (`RecycleStages`: the
+  trunk's stages, then the structure module alone, each `AlphaFold(..., iteration=i)`), so
+  that the separately compiled step runs them as programs of their own. The values are the
+  same.
   """
   from af2flax.losses.total import alphafold_loss  # pylint: disable=g-import-not-at-top
 
@@ -410,8 +459,56 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
                   carry["structure_module"])
 
   stages = trunk_stages(trunk)
+  names = ["trunk" if len(stages) == 1 else "+".join(parts) for parts in stages]
   last = ((("heads", losses),) if head_stages(heads) == ("heads",)
           else (("structure", structure_stage), ("losses", losses_stage)))
-  return StagedObjective(recycle, tuple(
-      ("trunk" if len(stages) == 1 else "+".join(parts), trunk_stage(parts))
-      for parts in stages) + last)
+  return StagedObjective(
+      recycle, tuple(zip(names, map(trunk_stage, stages))) + last,
+      _alphafold_recycle_stages(model, model_config, stages, names)
+      if recycle_in_stages else None)
+
+
+def _alphafold_recycle_stages(model: Any, model_config: ml_collections.ConfigDict,
+                              stages: tuple[tuple[str, ...], ...],
+                              names: list[str]) -> RecycleStages:
+  """AlphaFold's recycling iterations in parts: the trunk's `stages`, then the structure
+  module, which makes the next iteration's `prev` (`AlphaFold(iteration=i)`: iteration i's
+  features, `alphafold.prev_from_outputs`)."""
+  from af2flax.model import alphafold as alphafold_lib  # pylint: disable=g-import-not-at-top
+
+  def apply(params, example, rng, iteration, **parts):
+    return model.apply({"params": params}, example, deterministic=False, iteration=iteration,
+                       rngs={"dropout": rng}, **parts)
+
+  def trunk_part(parts):
+    def first(params, example, prev, carry, rng, iteration):
+      del carry
+      return apply(params, example, rng, iteration, prev=prev, trunk_only=True,
+                   trunk_parts=parts)
+
+    def later(params, example, prev, carry, rng, iteration):
+      del prev
+      return apply(params, example, rng, iteration, trunk_only=True, trunk_parts=parts,
+                   trunk_activations=carry)
+
+    return first if parts[0] == "embeddings" else later
+
+  def structure(params, example, prev, representations, rng, iteration):
+    outputs = apply(params, example, rng, iteration, representations=representations,
+                    heads=("structure_module",))
+    return alphafold_lib.prev_from_outputs(outputs, prev)
+
+  def initial(example):
+    return alphafold_lib.initial_prev(example["aatype"].shape[1], model_config)
+
+  def count(example):
+    if not model_config.num_recycle:
+      return jnp.asarray(0, jnp.int32)
+    if "num_iter_recycling" not in example:
+      return jnp.asarray(model_config.num_recycle, jnp.int32)
+    return jnp.minimum(example["num_iter_recycling"][0],
+                       model_config.num_recycle).astype(jnp.int32)
+
+  return RecycleStages(
+      initial=initial, count=count, maximum=int(model_config.num_recycle),
+      stages=tuple(zip(names, map(trunk_part, stages))) + (("structure", structure),))

@@ -73,6 +73,45 @@ def staged_objective(model: MLP, offload: bool = False):
                                   (("hidden", hidden), ("output", output)))
 
 
+def recycling_objective(model: MLP):
+  """`staged_objective` with recycling (`step.RecycleStages`): each example runs one or two
+  no-gradient iterations (two where its inputs sum above 0), each in two parts, the hidden
+  layer with dropout, then the output that the next iteration adds to its hidden layer; the
+  final iteration reads the last one's output too."""
+  from af2flax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  def hidden_layer(params, example, prev, rng):
+    h = (example["x"] @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+         + prev["out"][:, None])
+    return jnp.tanh(nn.Dropout(model.dropout_rate, deterministic=False).apply(
+        {}, h, rngs={"dropout": rng}))
+
+  def first(params, example, prev, carry, rng, iteration):
+    del carry, iteration
+    return {"h": hidden_layer(params, example, prev, rng)}
+
+  def second(params, example, prev, carry, rng, iteration):
+    del prev, rng
+    out = (carry["h"] @ params["Dense_1"]["kernel"])[..., 0] + params["Dense_1"]["bias"][0]
+    return {"out": jax.lax.stop_gradient(out * (1.0 + iteration))}
+
+  parts = step_lib.RecycleStages(
+      initial=lambda example: {"out": jnp.zeros(example["x"].shape[:1])},
+      count=lambda example: jnp.where(example["x"].sum() > 0, 2, 1), maximum=2,
+      stages=(("first", first), ("second", second)))
+
+  def hidden(params, example, prev, rng):
+    return hidden_layer(params, example, prev, rng) @ params["Dense_1"]["kernel"]
+
+  def output(params, example, z, rng):
+    del rng
+    pred = (z + params["Dense_1"]["bias"])[..., 0]
+    mse = jnp.mean((pred - example["y"]) ** 2)
+    return mse, {"mse": mse, "per_point": (pred - example["y"]) ** 2}
+
+  return step_lib.StagedObjective(parts.run, (("hidden", hidden), ("output", output)), parts)
+
+
 def init_params(model: MLP, seed: int = 0):
   return model.init(jax.random.PRNGKey(seed), jnp.zeros((POINTS, FEATURES)))["params"]
 

@@ -93,6 +93,23 @@ def test_two_stages_equal_one_program_step():
                                       "update"]
 
 
+def test_recycling_in_parts_equals_one_program_step():
+  """Recycling iterations as parts (`step.RecycleStages`): recycle.start, then each part a
+  program run once per iteration up to the most any example runs (here 2; examples that
+  run 1 skip the second): the one-program step's values."""
+  (one, split), (one_metrics, split_metrics), split_step = _mlp_steps(
+      objective=mlp.recycling_objective)
+  _assert_same_states(one, split)
+  for key, value in one_metrics.items():
+    np.testing.assert_allclose(split_metrics[key], value, rtol=1e-5, err_msg=key)
+  assert split_step.program_names == [
+      "recycle.start", "recycle.first", "recycle.second", "forward.hidden", "gradient.output",
+      "backward.hidden", "accumulate", "accumulate.add", "update"]
+  counts = [int(np.where(mlp.make_batch(i, 4)["x"][k].sum() > 0, 2, 1))
+            for i in range(3) for k in range(4)]
+  assert set(counts) == {1, 2}  # both counts occur, so the skip is taken
+
+
 def test_residuals_leave_out_the_parameters():
   """The backward program takes the parameters again: the forward program's residuals do not
   copy the weights that the backward pass reads (here the output layer's kernel, [16, 1])."""
@@ -405,6 +422,35 @@ def test_alphafold_objective_with_the_structure_module_apart_is_the_objective(ti
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_alphafold_recycling_in_parts_is_the_models_loop(tiny):
+  """`recycle_in_stages`: the recycling iterations as parts (the trunk's three stages, then
+  the structure module), each iteration with `RecycleStages.key`, give the model's own
+  loop's `prev` exactly (dropout on, three iterations); `iteration=` is checked."""
+  config, params, batch = tiny
+  config = _with_dropout(config)
+  config.heads.structure_module.dropout = 0.1
+  config.num_recycle = 3
+  batch = {k: jnp.concatenate([v, v], 0) for k, v in batch.items()}  # 4 iterations' features
+  batch["num_iter_recycling"] = jnp.full_like(batch["num_iter_recycling"], 3)
+  model = AlphaFold(config)
+  objective = step_lib.alphafold_objective(model, config, "embeddings,extra_msa,evoformer",
+                                           recycle_in_stages=True)
+  parts = objective.recycle_stages
+  assert [name for name, _ in parts.stages] == ["embeddings", "extra_msa", "evoformer",
+                                                "structure"]
+  assert parts.maximum == 3 and int(parts.count(batch)) == 3
+  key = jax.random.PRNGKey(7)
+  loop = jax.jit(lambda p, b: objective.recycle(p, b, key))(params, batch)
+  staged = jax.jit(lambda p, b: parts.run(p, b, key))(params, batch)
+  assert set(staged) == set(loop) == {"prev_pos", "prev_msa_first_row", "prev_pair"}
+  for name in loop:
+    np.testing.assert_allclose(staged[name], loop[name], rtol=1e-6, atol=1e-6, err_msg=name)
+  other_key = jax.jit(lambda p, b: parts.run(p, b, jax.random.PRNGKey(8)))(params, batch)
+  assert not np.allclose(other_key["prev_pair"], loop["prev_pair"])
+  with pytest.raises(ValueError, match="iteration=... is taken only with"):
+    model.apply({"params": params}, batch, iteration=0)
+
+
 @pytest.mark.parametrize("spec", ["structure", "losses,structure", "heads,losses", ""])
 def test_head_stages_are_checked(spec):
   with pytest.raises(ValueError, match=re.escape(f"head_stages={spec!r}: expected one of")):
@@ -431,17 +477,18 @@ def test_alphafold_prev_is_checked(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trunk,heads", [("trunk", "heads"),
-                                         ("embeddings+extra_msa,evoformer", "heads"),
-                                         ("trunk", "structure,losses")])
-def test_alphafold_split_step_equals_one_program_step(tiny, trunk, heads):
+@pytest.mark.parametrize("trunk,heads,recycle", [
+    ("trunk", "heads", False), ("embeddings+extra_msa,evoformer", "heads", False),
+    ("trunk", "structure,losses", False), ("embeddings+extra_msa,evoformer", "heads", True)])
+def test_alphafold_split_step_equals_one_program_step(tiny, trunk, heads, recycle):
   """af2_tiny with its reference parameters and batch, dropout on: one step of the split
   step and of the one-program step give the same loss, metrics and parameters, with the
-  trunk in one stage or two, and the heads in one stage or two."""
+  trunk in one stage or two, the heads in one stage or two, and the recycling iterations
+  in one program or in parts."""
   config, params, batch = tiny
   config = _with_dropout(config)
   config.heads.structure_module.dropout = 0.1
-  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk, heads)
+  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk, heads, recycle)
   train_config = mlp.train_config()
   train_config.optimizer.learning_rate = 1e-3
   tx = optimizer_lib.make_optimizer(train_config.optimizer)
