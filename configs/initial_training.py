@@ -68,10 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Each device runs its examples one after another; >1 vmaps that many together (faster on
   # small models, more memory and compile time).
   config.vmap_batch_size = 1
-  # 'one': the train step is one XLA program. 'split': seven programs (recycling iterations;
+  # 'one': the train step is one XLA program. 'split': six programs (recycling iterations;
   # the trunk's forward and backward passes; the heads' losses and their gradient in one;
-  # the example's clipped gradient added up; update; zeros) that XLA compiles at the same
-  # time; same values (af2flax/train/programs.py). Needs vmap_batch_size 1. H200,
+  # the example's clipped gradient added up; update), more with the options below, that
+  # XLA compiles at the same time; same values (af2flax/train/programs.py). Needs
+  # vmap_batch_size 1. H200,
   # 2026-12-05 (eighteenth session): first compile 102.6 against 158.8 s, but the expected
   # step 0.592 against 0.571 s and the peak 8.09 against 6.69 GiB (fine-tuning shapes: 17.19
   # against 13.95 GiB), as the trunk's saved values stay alive through its whole backward
