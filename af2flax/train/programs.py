@@ -105,6 +105,13 @@ def _in_host_memory(x: Any) -> bool:
   return getattr(getattr(jax.typeof(x), "memory_space", None), "name", "") == "Host"
 
 
+def _check_same_shapes(got: PyTree, expected: PyTree) -> None:
+  """The last stage's gradient must be what the backward programs were lowered for."""
+  if _signature(got) != _signature(expected):
+    raise ValueError("the last stage's gradient is not shaped and typed as the parameters: "
+                     f"{_signature(got)} against {_signature(expected)}")
+
+
 def _per_device(tree: PyTree, devices: int, dtype: Any = None) -> PyTree:
   """Abstract per-device values of `tree`'s shapes: [devices, ...]."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct((devices,) + tuple(x.shape),
@@ -321,10 +328,12 @@ class SplitTrainStep:
     return dict(self._lower_each(state, batch))
 
   def _lower_each(self, state, batch):
-    """`lower`'s programs as (name, lowered) pairs, each as soon as it is lowered: the
-    order in which they run, except that accumulate and update come right after the
-    gradient program (they need its outputs' shapes only, and the update is one of the
-    longest compiles: 40.9 s on an H200, 2026-12-05), before the backward programs."""
+    """`lower`'s programs as (name, lowered) pairs, each as soon as it is lowered, so that
+    `compile` starts the longest compiles first: each stage's backward program right after
+    its forward program (it needs that trace's vjp and the shapes only; on an H200 the
+    trunk's backward program was the longest compile, 82.4 s, 2026-12-05), then the last
+    stage's gradient, accumulate and update, and the recycling iterations' parts last (each
+    a short compile; a one-program recycling comes first, it is one of the longest)."""
     batch_size = self._count_local_examples(batch)
     rep, dev = self._replicated, self._per_device
     # One sharding for the whole state (a pytree prefix) or a tree of them.
@@ -335,27 +344,19 @@ class SplitTrainStep:
     n = len(self._stages)
     example_in = (params_sh, rng_sh, step_sh, batch_sh, rep, dev)
     example_args = (state.params, state.rng, state.step, batch, index)
+    # The example's gradient, as the last stage's program returns it and each backward
+    # program adds to it: per device, shaped and typed as the parameters.
+    gradient = _per_device(state.params, self._devices)
 
     parts = self._objective.recycle_stages
     if parts is None:
       recycle = jax.jit(self._recycle, in_shardings=example_in[:5],
                         out_shardings=dev).lower(*example_args)
-      yield "recycle", recycle
-      carries = [recycle.out_info]
     else:
-      start = jax.jit(self._recycle_start, in_shardings=example_in[:5],
-                      out_shardings=dev).lower(*example_args)
-      yield "recycle.start", start
-      prev = start.out_info
-      carry = {}
-      for j, name in enumerate(self._recycle_names[1:]):
-        program = jax.jit(
-            lambda *args, j=j: self._recycle_part(j, *args),
-            in_shardings=example_in[:5] + (rep, dev, dev), out_shardings=dev,
-        ).lower(*example_args, index, prev, carry)
-        yield name, program
-        carry = program.out_info
-      carries = [prev]
+      recycle = jax.jit(self._recycle_start, in_shardings=example_in[:5],
+                        out_shardings=dev).lower(*example_args)
+    yield self._recycle_names[0], recycle
+    carries = [recycle.out_info]
     for i in range(n - 1):
       name = self._name("forward", i)
       # The residuals' shardings are left to the program (None): per device, as shard_map
@@ -369,27 +370,6 @@ class SplitTrainStep:
       yield name, forward
       out, self._residuals[i] = forward.out_info
       carries.append(out)
-    gradient_program = jax.jit(self._gradient, in_shardings=example_in,
-                               out_shardings=dev).lower(*example_args, carries[n - 1])
-    yield self._name("gradient", n - 1), gradient_program
-    last = gradient_program.out_info
-    gradient = last["gradient"]
-    scalars = last["scalars"]
-    sums = (_per_device(state.params, self._devices, jnp.float32),
-            {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
-             for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
-    yield "accumulate", jax.jit(
-        self._accumulate, in_shardings=(dev, dev), out_shardings=dev,
-        donate_argnums=0).lower(gradient, scalars)
-    if self._local_examples > 1:
-      yield "accumulate.add", jax.jit(
-          self._accumulate, in_shardings=(dev, dev, dev), out_shardings=dev,
-          donate_argnums=2).lower(gradient, scalars, sums)
-    yield "update", jax.jit(
-        lambda state, sums: self._update(state, sums, batch_size),
-        in_shardings=(self._state_shardings, dev),
-        out_shardings=(self._state_shardings, rep), donate_argnums=0).lower(state, sums)
-    for i in reversed(range(n - 1)):
       inputs = self._backward_inputs(i, carries, self._residuals[i], carries[i + 1])
       inputs_sh = {**jax.tree.map(lambda _: dev, inputs), "residuals": [
           dev.with_memory_kind("pinned_host") if host else dev
@@ -398,6 +378,35 @@ class SplitTrainStep:
           lambda params, inputs, gradient, i=i: self._backward(i, params, inputs, gradient),
           in_shardings=(params_sh, inputs_sh, dev), out_shardings=dev, donate_argnums=2,
       ).lower(state.params, inputs, gradient)
+    gradient_program = jax.jit(self._gradient, in_shardings=example_in,
+                               out_shardings=dev).lower(*example_args, carries[n - 1])
+    yield self._name("gradient", n - 1), gradient_program
+    last = gradient_program.out_info
+    _check_same_shapes(last["gradient"], gradient)
+    scalars = last["scalars"]
+    sums = (_per_device(state.params, self._devices, jnp.float32),
+            {k: jax.ShapeDtypeStruct((self._devices,), jnp.float32)
+             for k in list(scalars) + ["grad_norm", "clipped_fraction"]})
+    yield "accumulate", jax.jit(
+        self._accumulate, in_shardings=(dev, dev), out_shardings=dev,
+        donate_argnums=0).lower(last["gradient"], scalars)
+    if self._local_examples > 1:
+      yield "accumulate.add", jax.jit(
+          self._accumulate, in_shardings=(dev, dev, dev), out_shardings=dev,
+          donate_argnums=2).lower(last["gradient"], scalars, sums)
+    yield "update", jax.jit(
+        lambda state, sums: self._update(state, sums, batch_size),
+        in_shardings=(self._state_shardings, dev),
+        out_shardings=(self._state_shardings, rep), donate_argnums=0).lower(state, sums)
+    if parts is not None:
+      prev, carry = carries[0], {}
+      for j, name in enumerate(self._recycle_names[1:]):
+        program = jax.jit(
+            lambda *args, j=j: self._recycle_part(j, *args),
+            in_shardings=example_in[:5] + (rep, dev, dev), out_shardings=dev,
+        ).lower(*example_args, index, prev, carry)
+        yield name, program
+        carry = program.out_info
 
   def _count_local_examples(self, batch) -> int:
     """Sets `_local_examples` (the examples per device) from `batch`; returns its size."""
