@@ -20,7 +20,7 @@ from af2flax.common.packing import Packing
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
                                       LinearParams, ResidualDropout, Transition, add_bias,
                                       attention_settings, chunked_apply, compute_dtype,
-                                      fused_linear)
+                                      fused_linear, scan_trace_options)
 from af2flax.model.triangle import TriangleAttention, TriangleMultiplication, subbatch_size
 
 # Added to the number of sequences that see both residues before dividing (Suppl. Alg. 10).
@@ -527,7 +527,7 @@ def _layer_slice(block: nn.Module, body, carry: Any, start: int, stop: int, unro
   initialising). A slice only after initialisation (the parameters exist): the gradient
   flows back into the slice of the whole. `flat_params`: the parameters scanned as one
   [stop - start, P] array (`_FlatParams`; `body` splits each row)."""
-  scan = _scan_layers(body, stop - start, min(unroll, stop - start))
+  scan = _scan_layers(body, stop - start, min(unroll, stop - start), block.is_initializing())
   if whole and flat_params is None:
     return scan(block, carry, None)[0]
 
@@ -541,23 +541,26 @@ def _layer_slice(block: nn.Module, body, carry: Any, start: int, stop: int, unro
   return sliced(block, carry)
 
 
-def _scan_layers(body, length: int, unroll: int = 1):
+def _scan_layers(body, length: int, unroll: int = 1, initializing: bool = True):
   """`nn.scan` of `body` over `length` layers, each with its own parameters (a leading layer
-  axis) and its own parameter and dropout randomness."""
+  axis) and its own parameter and dropout randomness. `initializing=False`: without the
+  extra trace of the body (`primitives.scan_trace_options`)."""
   return nn.scan(body, variable_axes={"params": 0},
-                 split_rngs={"params": True, "dropout": True}, length=length, unroll=unroll)
+                 split_rngs={"params": True, "dropout": True}, length=length, unroll=unroll,
+                 **scan_trace_options(initializing))
 
 
 def _grouped_layer_stack(block: nn.Module, body, carry: Any, num_layers: int, group: int,
                          policy) -> Any:
   """`layer_stack` as num_layers/group rematerialised groups of `group` layers (see there)."""
   num_groups = num_layers // group
-  inner = _scan_layers(body, group)
+  inner = _scan_layers(body, group, initializing=block.is_initializing())
 
   def group_body(module, group_carry, _):
     return inner(module, group_carry, None)[0], None
 
-  outer = _scan_layers(nn.remat(group_body, policy=policy, prevent_cse=False), num_groups)
+  outer = _scan_layers(nn.remat(group_body, policy=policy, prevent_cse=False), num_groups,
+                       initializing=block.is_initializing())
 
   def grouped(tree):  # [num_layers, ...] -> [num_groups, group, ...]
     return jax.tree.map(lambda x: x.reshape((num_groups, group) + x.shape[1:]), tree)

@@ -347,6 +347,18 @@ def softmax_fp32(logits: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
 
 
+def scan_trace_options(initializing: bool) -> dict[str, bool]:
+  """`nn.scan`'s options for a scan traced `initializing` or not. Flax traces a scan's body
+  twice by default: once more to check that its broadcast values are loop invariants and to
+  collect the variables made inside it (its `check_constancy_invariants`). Past
+  initialisation no variable is made, and the scans here return no broadcast outputs, so that
+  trace is skipped: a scan nested in another (a stack's blocks per template) was traced four
+  times. On XLA:CPU the initial-training step's trace took 6.7 against 8.0 s as one program,
+  8.1 against 10.0 s as the split step's 16 programs (docs/benchmarks.md, twentieth
+  session)."""
+  return {"check_constancy_invariants": bool(initializing)}
+
+
 def chunked_apply(module: nn.Module, chunk_size: int | None, batched_args: Sequence[jax.Array],
                   nonbatched_args: Sequence[Any] = (), axis: int = 0) -> jax.Array:
   """Applies `module(*batched_args, *nonbatched_args)` in chunks of `chunk_size` along `axis`.
@@ -374,7 +386,8 @@ def chunked_apply(module: nn.Module, chunk_size: int | None, batched_args: Seque
     return carry, mdl(*chunk, *nonbatched_args)
 
   scan = nn.scan(body, variable_broadcast="params",
-                 split_rngs={"params": False, "dropout": True}, length=num_chunks)
+                 split_rngs={"params": False, "dropout": True}, length=num_chunks,
+                 **scan_trace_options(module.is_initializing()))
   _, outputs = scan(module, None, tuple(to_chunks(array) for array in batched_args))
   # outputs: [num_chunks, ..., chunk_size (at axis + 1), ...]
   outputs = jnp.moveaxis(outputs, axis + 1, 1)

@@ -24,7 +24,7 @@ import numpy as np
 
 from af2flax.geometry import all_atom
 from af2flax.geometry.rigid import Rigid, quat_multiply, quat_to_rot, rot_vec
-from af2flax.model.primitives import LayerNorm, Linear
+from af2flax.model.primitives import LayerNorm, Linear, scan_trace_options
 
 Array = jax.Array
 ConfigDict = ml_collections.ConfigDict
@@ -291,7 +291,8 @@ class StructureModule(nn.Module):
     # which also compiles the layer once instead of num_layer times.
     fold_iterations = nn.scan(
         FoldIteration, variable_broadcast="params", split_rngs={"params": False, "dropout": True},
-        in_axes=(nn.broadcast,) * 5, length=c.num_layer)
+        in_axes=(nn.broadcast,) * 5, length=c.num_layer,
+        **scan_trace_options(self.is_initializing()))
     (act, _, _), stacked = fold_iterations(c, self.global_config, dtype=dtype,
                                            name="fold_iteration")(
         (act, quat, trans), initial_act, pair_act, seq_mask, aatype, deterministic)

@@ -17,7 +17,7 @@ from af2flax.common import residue_constants as rc
 from af2flax.geometry.rigid import Rigid, rot_vec
 from af2flax.model.evoformer import layer_stack, pair_update_block
 from af2flax.model.primitives import (Attention, LayerNorm, Linear, ResidualDropout,
-                                      chunked_apply, compute_dtype)
+                                      chunked_apply, compute_dtype, scan_trace_options)
 from af2flax.model.template_features import dgram_from_positions
 from af2flax.model.triangle import subbatch_size
 
@@ -160,7 +160,8 @@ class TemplateEmbedding(nn.Module):
       return carry, module(template, mask_2d, deterministic)
 
     scan = nn.scan(embed_one, variable_broadcast="params",
-                   split_rngs={"params": False, "dropout": True}, length=num_templates)
+                   split_rngs={"params": False, "dropout": True}, length=num_templates,
+                   **scan_trace_options(self.is_initializing()))
     embedder = SingleTemplateEmbedding(c, gc, name="single_template_embedding")
     _, template_pair = scan(embedder, None, templates)  # [N_templ, N_res, N_res, c_t]
 
