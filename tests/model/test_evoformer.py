@@ -404,6 +404,47 @@ def test_partly_offloaded_stack_draws_new_randomness_per_layer():
   assert np.abs(layer1 - layer3).max() > 0.1
 
 
+class _Traces:
+  count = 0
+
+
+class _CountingBlock(nn.Module):
+  """`_DrawBlock` that counts how often Python traces it (`traces.count`)."""
+  traces: Any
+
+  @nn.compact
+  def __call__(self, activations, masks, deterministic):
+    self.traces.count += 1
+    return _DrawBlock(name="draw")(activations, masks, deterministic)
+
+
+class _CountingStack(nn.Module):
+  config: Any
+  traces: Any
+
+  @nn.compact
+  def __call__(self, activations, masks):
+    return layer_stack(_CountingBlock(self.traces, name="block"), activations, 4,
+                       self.config.global_config, masks, True)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"scan_flat_params": True}])
+def test_stack_body_is_traced_once_past_initialisation(overrides):
+  """Flax traces a scan's body once more to check its invariants
+  (`primitives.scan_trace_options`): only while initialising, where that trace collects
+  the new parameters; applying the stack traces its block once."""
+  activations, masks = _stack_inputs()
+  traces = _Traces()
+  stack = _CountingStack(tiny_config(use_remat=True, **overrides), traces)
+  variables = stack.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                         activations, masks)
+  assert traces.count == 2
+  traces.count = 0
+  jax.make_jaxpr(lambda v: stack.apply(v, activations, masks,
+                                       rngs={"dropout": jax.random.PRNGKey(2)}))(variables)
+  assert traces.count == 1
+
+
 def test_offloaded_block_inputs_refuse_groups_and_other_policies():
   activations, masks = _stack_inputs()
   for overrides, message in (({"remat_group_size": 2}, "set remat_group_size=1"),
