@@ -5,7 +5,10 @@ test_sharding.py; argv: [--alphafold] [--split] meshes as data,fsdp pairs (1,1 =
 device), e.g. 1,1 8,1 4,2. The model is the test MLP, or with --alphafold the af2_tiny AlphaFold
 with its reference parameters on 8 perturbed copies of its reference batch. --split: the step
 as separately compiled programs (`programs.SplitTrainStep`) instead of one;
---trunk_stages=SPEC: AlphaFold's trunk in those stages (`step.trunk_stages`).
+--trunk_stages=SPEC: AlphaFold's trunk in those stages (`step.trunk_stages`);
+--head_stages=SPEC: its heads (`step.head_stages`); --recycle_stages: its recycling
+iterations in parts (`step.RecycleStages`); --mixed_recycling: every other example runs no
+recycling iteration (the others the reference batch's one), so devices differ.
 Prints one JSON object {"data,fsdp": result}.
 """
 
@@ -33,7 +36,8 @@ def mlp_setup():
           lambda i: mlp.make_batch(i, 8), MLP_RULES, mlp.train_config())
 
 
-def alphafold_setup(trunk: str = "trunk"):
+def alphafold_setup(trunk: str = "trunk", heads: str = "heads", recycle: bool = False,
+                    mixed_recycling: bool = False):
   from af2flax.model.alphafold import AlphaFold  # pylint: disable=g-import-not-at-top
   from tests.conftest import load_af2_tiny_training  # pylint: disable=g-import-not-at-top
   config, params, reference, _ = load_af2_tiny_training()
@@ -45,9 +49,11 @@ def alphafold_setup(trunk: str = "trunk"):
     out["msa_feat"] = out["msa_feat"] + 0.1 * rs.randn(*out["msa_feat"].shape).astype(np.float32)
     out["atom14_gt_positions"] = out["atom14_gt_positions"] + rs.randn(
         *out["atom14_gt_positions"].shape).astype(np.float32)
+    if mixed_recycling:
+      out["num_iter_recycling"] = out["num_iter_recycling"] * (np.arange(8) % 2)[:, None]
     return out
 
-  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk)
+  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk, heads, recycle)
   # AlphaFold's learning rate (1e-3) with a 2-step warm-up, so both steps really move.
   train_config = mlp.train_config()
   train_config.optimizer.learning_rate = 1e-3
@@ -89,7 +95,10 @@ def run(setup, data: int, fsdp: int, split: bool = False) -> dict:
 if __name__ == "__main__":
   args = sys.argv[1:]
   trunk = next((a.split("=", 1)[1] for a in args if a.startswith("--trunk_stages=")), "trunk")
-  setup = alphafold_setup(trunk) if "--alphafold" in args else mlp_setup()
+  heads = next((a.split("=", 1)[1] for a in args if a.startswith("--head_stages=")), "heads")
+  setup = (alphafold_setup(trunk, heads, "--recycle_stages" in args,
+                           "--mixed_recycling" in args)
+           if "--alphafold" in args else mlp_setup())
   meshes = [a for a in args if not a.startswith("--")]
   print(json.dumps({shape: run(setup, *map(int, shape.split(",")), split="--split" in args)
                     for shape in meshes}))
