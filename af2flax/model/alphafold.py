@@ -127,6 +127,17 @@ def prev_from_outputs(outputs: Mapping[str, Any], prev: Mapping[str, jax.Array]
   return {key: jax.lax.stop_gradient(sources[key]().astype(jnp.float32)) for key in prev}
 
 
+def num_recycling_iterations(batch: Mapping[str, jax.Array], config: Any) -> jax.Array:
+  """How many no-gradient recycling iterations run before the final one (int32):
+  `batch['num_iter_recycling'][0]` capped at `config.num_recycle` (`num_recycle` when
+  absent; 0 when the config recycles nothing)."""
+  if not config.num_recycle:
+    return jnp.asarray(0, jnp.int32)
+  if "num_iter_recycling" not in batch:
+    return jnp.asarray(config.num_recycle, jnp.int32)
+  return jnp.minimum(batch["num_iter_recycling"][0], config.num_recycle).astype(jnp.int32)
+
+
 def _check_prev(given: Mapping[str, jax.Array], expected: Mapping[str, jax.Array]) -> None:
   """`prev=` must hold exactly the recycled inputs this config recycles, at their shapes."""
   if set(given) != set(expected):
@@ -240,13 +251,7 @@ class AlphaFold(nn.Module):
       return slice_recycle(batch, index if c.resample_msa_in_recycling else 0)
 
     prev = initial_prev(num_res, c)
-    num_iter = jnp.asarray(0, jnp.int32)
-    if c.num_recycle:
-      if "num_iter_recycling" in batch:
-        num_iter = jnp.minimum(batch["num_iter_recycling"][0], c.num_recycle)
-      else:
-        num_iter = jnp.asarray(c.num_recycle)
-      num_iter = num_iter.astype(jnp.int32)
+    num_iter = num_recycling_iterations(batch, c)
     if at_iteration is not None:  # a part of recycling iteration `at_iteration`, not the last
       num_iter = jnp.asarray(at_iteration, jnp.int32)
 

@@ -13,7 +13,8 @@ then the heads with the losses):
                  (`step.RecycleStages`, AlphaFold's `recycle_stages`):
   recycle.start  (params, rng, step, batch, k) -> prev, the first iteration's (zeros), and
   recycle.r_j    (params, rng, step, batch, k, iteration, prev, carry_j) -> carry_j+1
-                 part j of one iteration, run for iterations 0..maximum-1 (Python's loop);
+                 part j of one iteration (carry_0 is prev), run for iterations
+                 0..maximum-1 (Python's loop);
                  an iteration past the example's count does nothing (the last part gives
                  `prev` back), so every device may run its own count;
   forward.s_i    (params, rng, step, batch, k, carry_i) -> (carry_i+1, residuals_i)
@@ -216,7 +217,7 @@ class SplitTrainStep:
     def local(params, local_batch, local_rngs, index, iteration, local_prev, local_carry):
       example, recycle_rng, _ = self._local_example(local_batch, local_rngs, index)
       prev, carry = _unlead(local_prev), _unlead(local_carry)
-      run = lambda: stage_fn(params, example, prev, carry if part else None,
+      run = lambda: stage_fn(params, example, prev, carry if part else prev,
                              parts.key(recycle_rng, iteration), iteration)
       skip = ((lambda: prev) if last else
               (lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(run))))

@@ -275,8 +275,8 @@ class RecycleStages:
   `initial(example) -> prev`: the first iteration's recycled inputs (zeros);
   `count(example)`: how many iterations this example runs (at most `maximum`);
   `stages`: named parts of one iteration, each `(params, example, prev, carry, rng,
-  iteration) -> carry`: the first reads `prev` (its `carry` is None), the last returns the
-  next iteration's `prev`; `rng` is the iteration's key (`key`).
+  iteration) -> carry`: the first's `carry` is `prev`, the last returns the next
+  iteration's `prev`; `rng` is the iteration's key (`key`).
   `run` runs them all in plain JAX; it equals the objective's `recycle` for the same key.
   """
   initial: Callable[[Batch], PyTree]
@@ -293,7 +293,7 @@ class RecycleStages:
   def iteration(self, params: PyTree, example: Batch, prev: PyTree, rng: jax.Array,
                 iteration: jax.Array) -> PyTree:
     """One iteration's stages one after another: the next `prev`."""
-    carry = None
+    carry = prev
     for _, stage in self.stages:
       carry = stage(params, example, prev, carry, self.key(rng, iteration), iteration)
     return carry
@@ -429,16 +429,8 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
                        rngs={"dropout": dropout_rng})
 
   def trunk_stage(parts):
-    def first(params, example, prev, dropout_rng):
-      return model.apply({"params": params}, example, deterministic=False, prev=prev,
-                         trunk_only=True, trunk_parts=parts, rngs={"dropout": dropout_rng})
-
-    def later(params, example, activations, dropout_rng):
-      return model.apply({"params": params}, example, deterministic=False, trunk_only=True,
-                         trunk_parts=parts, trunk_activations=activations,
-                         rngs={"dropout": dropout_rng})
-
-    return first if parts[0] == "embeddings" else later
+    return lambda params, example, carry, dropout_rng: _apply_trunk_parts(
+        model, parts, params, example, carry, dropout_rng)
 
   def losses(params, example, carry, dropout_rng, structure=None):
     outputs = model.apply({"params": params}, example, deterministic=False,
@@ -449,9 +441,7 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
     return loss, aux
 
   def structure_stage(params, example, representations, dropout_rng):
-    outputs = model.apply({"params": params}, example, deterministic=False,
-                          representations=representations, heads=("structure_module",),
-                          rngs={"dropout": dropout_rng})
+    outputs = _apply_structure_module(model, params, example, representations, dropout_rng)
     return {"representations": representations, "structure_module": outputs["structure_module"]}
 
   def losses_stage(params, example, carry, dropout_rng):
@@ -468,6 +458,27 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
       if recycle_in_stages else None)
 
 
+def _apply_trunk_parts(model: Any, parts: tuple[str, ...], params: PyTree, example: Batch,
+                       carry: PyTree, rng: jax.Array, iteration: jax.Array | None = None
+                       ) -> PyTree:
+  """AlphaFold's trunk `parts` with dropout after `carry`: the recycled inputs (`prev`)
+  where the parts start with 'embeddings', else the activations of the parts before;
+  `iteration`: those of recycling iteration i, not the final iteration."""
+  source = "prev" if parts[0] == "embeddings" else "trunk_activations"
+  return model.apply({"params": params}, example, deterministic=False, trunk_only=True,
+                     trunk_parts=parts, iteration=iteration, rngs={"dropout": rng},
+                     **{source: carry})
+
+
+def _apply_structure_module(model: Any, params: PyTree, example: Batch,
+                            representations: PyTree, rng: jax.Array,
+                            iteration: jax.Array | None = None) -> dict[str, Any]:
+  """AlphaFold's structure module alone with dropout, on the trunk's `representations`."""
+  return model.apply({"params": params}, example, deterministic=False,
+                     representations=representations, heads=("structure_module",),
+                     iteration=iteration, rngs={"dropout": rng})
+
+
 def _alphafold_recycle_stages(model: Any, model_config: ml_collections.ConfigDict,
                               stages: tuple[tuple[str, ...], ...],
                               names: list[str]) -> RecycleStages:
@@ -476,39 +487,19 @@ def _alphafold_recycle_stages(model: Any, model_config: ml_collections.ConfigDic
   features, `alphafold.prev_from_outputs`)."""
   from af2flax.model import alphafold as alphafold_lib  # pylint: disable=g-import-not-at-top
 
-  def apply(params, example, rng, iteration, **parts):
-    return model.apply({"params": params}, example, deterministic=False, iteration=iteration,
-                       rngs={"dropout": rng}, **parts)
-
   def trunk_part(parts):
-    def first(params, example, prev, carry, rng, iteration):
-      del carry
-      return apply(params, example, rng, iteration, prev=prev, trunk_only=True,
-                   trunk_parts=parts)
-
-    def later(params, example, prev, carry, rng, iteration):
-      del prev
-      return apply(params, example, rng, iteration, trunk_only=True, trunk_parts=parts,
-                   trunk_activations=carry)
-
-    return first if parts[0] == "embeddings" else later
+    return lambda params, example, prev, carry, rng, iteration: _apply_trunk_parts(
+        model, parts, params, example, carry, rng, iteration)
 
   def structure(params, example, prev, representations, rng, iteration):
-    outputs = apply(params, example, rng, iteration, representations=representations,
-                    heads=("structure_module",))
+    outputs = _apply_structure_module(model, params, example, representations, rng, iteration)
     return alphafold_lib.prev_from_outputs(outputs, prev)
 
   def initial(example):
     return alphafold_lib.initial_prev(example["aatype"].shape[1], model_config)
 
-  def count(example):
-    if not model_config.num_recycle:
-      return jnp.asarray(0, jnp.int32)
-    if "num_iter_recycling" not in example:
-      return jnp.asarray(model_config.num_recycle, jnp.int32)
-    return jnp.minimum(example["num_iter_recycling"][0],
-                       model_config.num_recycle).astype(jnp.int32)
-
   return RecycleStages(
-      initial=initial, count=count, maximum=int(model_config.num_recycle),
+      initial=initial,
+      count=lambda example: alphafold_lib.num_recycling_iterations(example, model_config),
+      maximum=int(model_config.num_recycle),
       stages=tuple(zip(names, map(trunk_part, stages))) + (("structure", structure),))

@@ -87,8 +87,8 @@ def recycling_objective(model: MLP):
         {}, h, rngs={"dropout": rng}))
 
   def first(params, example, prev, carry, rng, iteration):
-    del carry, iteration
-    return {"h": hidden_layer(params, example, prev, rng)}
+    del prev, iteration  # the first part's carry is prev
+    return {"h": hidden_layer(params, example, carry, rng)}
 
   def second(params, example, prev, carry, rng, iteration):
     del prev, rng
