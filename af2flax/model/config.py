@@ -24,6 +24,10 @@ af2flax adds, under `global_config`:
                  Presets: True in initial training and fine-tuning (H200, 2026-12-05:
                  expected step 0.571 against 0.598 s, peak 6.67 against 6.38 GiB;
                  fine-tuning 1.903 against 1.945 s, 13.95 against 14.06 GiB); False here.
+                 With `use_remat` the backward pass concatenates the parameters again
+                 rather than keeping the forward pass's [num_layers, P] copy (335 MiB for
+                 the Evoformer in float32) unless `scan_flat_params_keep_copy`, which is
+                 the behaviour before 2026-12-05 (twenty-first session), for comparison.
   remat_offload  with `use_remat` ('nothing_saveable', no groups): each block's input, all a
                  block keeps for its backward pass, waits in the host's pinned memory instead
                  of the accelerator's (copied out in the forward pass, back in the backward
@@ -147,6 +151,7 @@ OUR_GLOBAL_DEFAULTS = {
     "remat_submodules": "none",
     "remat_group_size": 1,
     "scan_flat_params": False,
+    "scan_flat_params_keep_copy": False,
     "remat_offload": False,
     "remat_offload_fraction": 1.0,
     "extra_msa_subbatch_size": 0,
