@@ -20,7 +20,7 @@ from af2flax.common.packing import Packing
 from af2flax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear,
                                       LinearParams, ResidualDropout, Transition, add_bias,
                                       attention_settings, chunked_apply, compute_dtype,
-                                      fused_linear, scan_trace_options)
+                                      fused_linear, module_param, scan_trace_options)
 from af2flax.model.triangle import TriangleAttention, TriangleMultiplication, subbatch_size
 
 # Added to the number of sequences that see both residues before dividing (Suppl. Alg. 10).
@@ -47,9 +47,9 @@ class MSARowAttentionWithPairBias(nn.Module):
     msa_act = LayerNorm(name="query_norm")(msa_act)
     pair_act = LayerNorm(name="feat_2d_norm")(pair_act)
     pair_channels = pair_act.shape[-1]
-    feat_2d_weights = self.param("feat_2d_weights",
-                                 nn.initializers.normal(stddev=pair_channels ** -0.5),
-                                 (pair_channels, c.num_head), jnp.float32)
+    feat_2d_weights = module_param(self, "feat_2d_weights",
+                                   nn.initializers.normal(stddev=pair_channels ** -0.5),
+                                   (pair_channels, c.num_head), jnp.float32)
     nonbatched_bias = jnp.einsum("qkc,ch->hqk", pair_act.astype(dtype),
                                  feat_2d_weights.astype(dtype))
     attention = Attention(num_head=c.num_head, output_dim=msa_act.shape[-1],
@@ -144,12 +144,12 @@ class OuterProductMean(nn.Module):
 
     output_init = (nn.initializers.zeros if gc.zero_init
                    else nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal"))
-    output_w32 = self.param("output_w", output_init,
-                            (c.num_outer_channel, c.num_outer_channel, self.num_output_channel),
-                            jnp.float32)
+    output_w32 = module_param(self, "output_w", output_init,
+                              (c.num_outer_channel, c.num_outer_channel, self.num_output_channel),
+                              jnp.float32)
     output_w = output_w32.astype(dtype)
-    output_b = self.param("output_b", nn.initializers.zeros, (self.num_output_channel,),
-                          jnp.float32)
+    output_b = module_param(self, "output_b", nn.initializers.zeros,
+                            (self.num_output_channel,), jnp.float32)
 
     layout = outer_product_mean_layout(gc)
     # 'rows_first' and 'rows_batched' lay the product out [rows, c, c', N_res]: one matrix

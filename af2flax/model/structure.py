@@ -24,7 +24,7 @@ import numpy as np
 
 from af2flax.geometry import all_atom
 from af2flax.geometry.rigid import Rigid, quat_multiply, quat_to_rot, rot_vec
-from af2flax.model.primitives import LayerNorm, Linear, scan_trace_options
+from af2flax.model.primitives import LayerNorm, Linear, module_param, scan_trace_options
 
 Array = jax.Array
 ConfigDict = ml_collections.ConfigDict
@@ -106,9 +106,9 @@ class InvariantPointAttention(nn.Module):
     scalar_weight = float(np.sqrt(1.0 / (3 * max(num_scalar_qk, 1))))
     point_weight = float(np.sqrt(1.0 / (3 * max(num_point_qk, 1) * 9.0 / 2)))
     pair_weight = float(np.sqrt(1.0 / 3))
-    head_weights = self.param("trainable_point_weights",
-                              nn.initializers.constant(np.log(np.expm1(1.0))),  # softplus^-1(1)
-                              (num_head,), jnp.float32)
+    head_weights = module_param(self, "trainable_point_weights",
+                                nn.initializers.constant(np.log(np.expm1(1.0))),  # softplus^-1(1)
+                                (num_head,), jnp.float32)
     point_weights = point_weight * jax.nn.softplus(head_weights)  # [H]
 
     scalar_logits = jnp.einsum("qhc,khc->hqk", scalar_weight * q_scalar, k_scalar,

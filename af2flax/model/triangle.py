@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from af2flax.model.primitives import (Attention, LayerNorm, Linear, LinearParams,
-                                      add_bias, attention_settings, chunked_apply,
-                                      compute_dtype, final_init, fused_linear)
+from af2flax.model.primitives import (Attention, LayerNorm, Linear, LinearParams, add_bias,
+                                      attention_settings, chunked_apply, compute_dtype,
+                                      final_init, fused_linear, module_param)
 
 
 def subbatch_size(global_config: Any, extra_msa: bool = False) -> int | None:
@@ -151,9 +151,9 @@ class TriangleAttention(nn.Module):
 
     pair_act = LayerNorm(name="query_norm")(pair_act)
     channels = pair_act.shape[-1]
-    feat_2d_weights = self.param("feat_2d_weights",
-                                 nn.initializers.normal(stddev=channels ** -0.5),
-                                 (channels, c.num_head), jnp.float32)
+    feat_2d_weights = module_param(self, "feat_2d_weights",
+                                   nn.initializers.normal(stddev=channels ** -0.5),
+                                   (channels, c.num_head), jnp.float32)
     nonbatched_bias = jnp.einsum("qkc,ch->hqk", pair_act.astype(dtype),
                                  feat_2d_weights.astype(dtype))
 

@@ -1,5 +1,7 @@
 """Attention, global attention, transition, chunking and shared dropout."""
 
+from typing import Any
+
 import chex
 import flax.linen as nn
 import jax
@@ -348,3 +350,40 @@ def test_expand_sums_its_gradient_in_float32():
     assert not sums_in_16_bits(primitives.expand)
     assert [s.terms for s in sums_in_16_bits(jnp.broadcast_to)] == [4000 if x.ndim == 2
                                                                    else 24000]
+
+
+class _Calls:
+  def __init__(self):
+    self.shapes = []
+
+
+class _CountedParam(nn.Module):
+  """A module with one parameter whose initialiser counts its calls."""
+
+  calls: Any  # a _Calls
+  features: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    def init(key, shape, dtype):
+      self.calls.shapes.append(shape)
+      return jax.random.normal(key, shape, dtype)
+    return x @ primitives.module_param(self, "w", init, (x.shape[-1], self.features),
+                                       jnp.float32)
+
+
+def test_module_param_reads_without_tracing_the_initialiser_again():
+  """`primitives.module_param`: the parameter as `nn.Module.param` gives it, created once
+  while initialising; past that its initialiser is not traced again (flax's `param` traces
+  it on every read to check the shape), and a shape that the config does not give is still
+  an error naming the parameter."""
+  calls = _Calls()
+  x = jnp.ones((2, 4))
+  variables = _CountedParam(calls).init(jax.random.PRNGKey(0), x)
+  assert calls.shapes == [(4, 3)]
+  out = jax.jit(_CountedParam(calls).apply)(variables, x)
+  np.testing.assert_allclose(out, x @ variables["params"]["w"], rtol=1e-6)
+  assert calls.shapes == [(4, 3)]
+  with pytest.raises(ValueError, match=r"parameter 'w' .* has shape \(4, 3\), but the module's "
+                                       r"config asks for \(4, 5\)"):
+    _CountedParam(calls, features=5).apply(variables, x)
