@@ -498,7 +498,12 @@ def _flat_stack_policy(block_policy, offload_policy):
   inputs = jax.checkpoint_policies.save_only_these_names(BLOCK_INPUT)
   if block_policy in (None, jax.checkpoint_policies.nothing_saveable):
     return inputs
-  return lambda *args, **params: bool(block_policy(*args, **params) or inputs(*args, **params))
+
+  def policy(*args, **params):  # what the blocks' policy saves, and the block inputs
+    saved = block_policy(*args, **params)
+    return (saved or inputs(*args, **params)) if isinstance(saved, bool) else saved
+
+  return policy
 
 
 class _FlatParams:
