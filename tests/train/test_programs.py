@@ -499,16 +499,22 @@ def test_alphafold_prev_is_checked(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trunk,heads,recycle", [
-    ("trunk", "heads", False), ("embeddings+extra_msa,evoformer", "heads", False),
-    ("trunk", "structure,losses", False), ("embeddings+extra_msa,evoformer", "heads", True)])
-def test_alphafold_split_step_equals_one_program_step(tiny, trunk, heads, recycle):
+@pytest.mark.parametrize("trunk,heads,recycle,overrides", [
+    ("trunk", "heads", False, {}), ("embeddings+extra_msa,evoformer", "heads", False, {}),
+    ("trunk", "structure,losses", False, {}),
+    ("embeddings+extra_msa,evoformer", "heads", True, {}),
+    # the presets' flattened scan under remat (no copy of the parameters kept)
+    ("embeddings,extra_msa,evoformer", "structure,losses", True,
+     {"use_remat": True, "scan_flat_params": True})])
+def test_alphafold_split_step_equals_one_program_step(tiny, trunk, heads, recycle, overrides):
   """af2_tiny with its reference parameters and batch, dropout on: one step of the split
   step and of the one-program step give the same loss, metrics and parameters, with the
   trunk in one stage or two, the heads in one stage or two, and the recycling iterations
-  in one program or in parts."""
+  in one program or in parts; and with the stacks rematerialised and scanned over flat
+  parameters."""
   config, params, batch = tiny
   config = _with_dropout(config)
+  config.global_config.update(overrides)
   config.heads.structure_module.dropout = 0.1
   objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk, heads, recycle)
   train_config = mlp.train_config()
