@@ -97,9 +97,10 @@ _COMPILE_WAIT_S = 1800.0
 # programs compiled at the same time), 'trunk_stages' (the train config's: the split step's
 # trunk cut into more stages, `step.trunk_stages`), 'head_stages' (its heads as the structure
 # module and the losses, `step.head_stages`), 'recycle_stages' (its recycling iterations as
-# programs per part, `step.RecycleStages`) and 'flat_update' (`config.optimizer.flat_update`).
+# programs per part, `step.RecycleStages`), 'compile_workers' (how many of its programs XLA
+# compiles at a time) and 'flat_update' (`config.optimizer.flat_update`).
 STEP_KEYS = ("xla_flags", "step_programs", "trunk_stages", "head_stages", "recycle_stages",
-             "flat_update")
+             "compile_workers", "flat_update")
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -383,6 +384,19 @@ VARIANTS.update({
                                       "trunk_stages": "embeddings,extra_msa,evoformer",
                                       "head_stages": "structure,losses", "recycle_stages": True,
                                       "flat_update": True},
+    # The same, XLA compiling at most 2 or 4 of its programs at a time (`compile_workers`;
+    # all 16 at once on an H100, 2026-12-05: 84 s of XLA, about the sum of the programs
+    # compiled one after another).
+    "bf16-auto-split3hr-flatupdate-cw2": {**_BF16_AUTO, "step_programs": "split",
+                                          "trunk_stages": "embeddings,extra_msa,evoformer",
+                                          "head_stages": "structure,losses",
+                                          "recycle_stages": True, "flat_update": True,
+                                          "compile_workers": 2},
+    "bf16-auto-split3hr-flatupdate-cw4": {**_BF16_AUTO, "step_programs": "split",
+                                          "trunk_stages": "embeddings,extra_msa,evoformer",
+                                          "head_stages": "structure,losses",
+                                          "recycle_stages": True, "flat_update": True,
+                                          "compile_workers": 4},
     "bf16-pallas512-extracudnn-offload55-split3hr": {
         **_FINETUNE_PRESET, "step_programs": "split",
         "trunk_stages": "embeddings,extra_msa,evoformer", "head_stages": "structure,losses",
@@ -406,6 +420,8 @@ def _train_config(variant: str, smoke: bool, stage: str):
   config.trunk_stages = VARIANTS[variant].get("trunk_stages", config.trunk_stages)
   config.head_stages = VARIANTS[variant].get("head_stages", config.head_stages)
   config.recycle_stages = VARIANTS[variant].get("recycle_stages", config.recycle_stages)
+  config.compile_workers = VARIANTS[variant].get("compile_workers",
+                                                 config.get("compile_workers", 0))
   config.optimizer.flat_update = VARIANTS[variant].get("flat_update",
                                                        config.optimizer.flat_update)
   config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))

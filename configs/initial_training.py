@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   # trunk's stages, then the structure module), each run once per iteration, instead of
   # one program holding them all (step.RecycleStages). Same values.
   config.recycle_stages = False
+  # With 'split': how many programs XLA compiles at a time (0: all at once). On an H100 all
+  # 16 programs at once took as long as one after another (2026-12-05): they share the host's
+  # cores and autotune the same matrix products side by side. Not yet measured otherwise.
+  config.compile_workers = 0
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
       "warmup_steps": 1000, "decay_steps": 50_000, "decay_factor": 0.95,

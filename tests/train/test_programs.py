@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import jax
@@ -533,3 +534,58 @@ def test_alphafold_split_step_equals_one_program_step(tiny, trunk, heads, recycl
     np.testing.assert_allclose(split_metrics[key], one_metrics[key], rtol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(split_state.params)):
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 0])
+def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
+  """`compile_workers`: at most that many programs compile at once (each compile here is
+  held 200 ms, so unbounded ones overlap: 4 or more at once), every program is
+  compiled, and the step's values are those of the default."""
+  config = mlp.train_config()
+  config.compile_workers = workers
+  model = mlp.MLP()
+  tx = optimizer_lib.make_optimizer(config.optimizer)
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  split = programs.SplitTrainStep(mlp.staged_objective(model), tx, config, mesh,
+                                  sharding_lib.replicated(mesh))
+  lock, running, most = threading.Lock(), [0], [0]
+  real = split._lower_each  # pylint: disable=protected-access
+
+  class Held:
+    def __init__(self, lowered):
+      self._lowered = lowered
+
+    def compile(self):
+      with lock:
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+      try:
+        time.sleep(0.2)
+        return self._lowered.compile()
+      finally:
+        with lock:
+          running[0] -= 1
+
+  monkeypatch.setattr(split, "_lower_each",
+                      lambda state, batch: ((n, Held(p)) for n, p in real(state, batch)))
+  state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
+  batch = mlp.make_batch(0, 2)
+  split.compile(state, batch)
+  if workers:
+    assert most[0] == workers
+  else:  # all at once
+    assert most[0] >= 4, most
+  assert set(split.compiled) == set(split.program_names)
+  default, _ = _mlp_split_step(mlp.staged_objective)
+  _, metrics = split(jax.tree.map(jnp.copy, state), batch)
+  _, expected = default(jax.tree.map(jnp.copy, state), batch)
+  np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-6)
+
+
+def test_compile_workers_are_checked():
+  config = mlp.train_config()
+  config.compile_workers = -1
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  with pytest.raises(ValueError, match="compile_workers=-1"):
+    programs.SplitTrainStep(mlp.objective(mlp.MLP()), optimizer_lib.make_optimizer(
+        config.optimizer), config, mesh, sharding_lib.replicated(mesh))
