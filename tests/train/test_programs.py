@@ -539,7 +539,7 @@ def test_alphafold_split_step_equals_one_program_step(tiny, trunk, heads, recycl
 @pytest.mark.parametrize("workers", [1, 2, 0])
 def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
   """`compile_workers`: at most that many programs compile at once (each compile here is
-  held 200 ms, so unbounded ones overlap: 4 or more at once), every program is
+  held 0.8 s, so unbounded ones overlap: 3 or more at once), every program is
   compiled, and the step's values are those of the default."""
   config = mlp.train_config()
   config.compile_workers = workers
@@ -560,7 +560,7 @@ def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
         running[0] += 1
         most[0] = max(most[0], running[0])
       try:
-        time.sleep(0.2)
+        time.sleep(0.8)
         return self._lowered.compile()
       finally:
         with lock:
@@ -574,7 +574,7 @@ def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
   if workers:
     assert most[0] == workers
   else:  # all at once
-    assert most[0] >= 4, most
+    assert most[0] >= 3, most
   assert set(split.compiled) == set(split.program_names)
   default, _ = _mlp_split_step(mlp.staged_objective)
   _, metrics = split(jax.tree.map(jnp.copy, state), batch)
