@@ -384,19 +384,6 @@ VARIANTS.update({
                                       "trunk_stages": "embeddings,extra_msa,evoformer",
                                       "head_stages": "structure,losses", "recycle_stages": True,
                                       "flat_update": True},
-    # The same, XLA compiling at most 2 or 4 of its programs at a time (`compile_workers`;
-    # all 16 at once on an H100, 2026-12-05: 84 s of XLA, about the sum of the programs
-    # compiled one after another).
-    "bf16-auto-split3hr-flatupdate-cw2": {**_BF16_AUTO, "step_programs": "split",
-                                          "trunk_stages": "embeddings,extra_msa,evoformer",
-                                          "head_stages": "structure,losses",
-                                          "recycle_stages": True, "flat_update": True,
-                                          "compile_workers": 2},
-    "bf16-auto-split3hr-flatupdate-cw4": {**_BF16_AUTO, "step_programs": "split",
-                                          "trunk_stages": "embeddings,extra_msa,evoformer",
-                                          "head_stages": "structure,losses",
-                                          "recycle_stages": True, "flat_update": True,
-                                          "compile_workers": 4},
     "bf16-pallas512-extracudnn-offload55-split3hr": {
         **_FINETUNE_PRESET, "step_programs": "split",
         "trunk_stages": "embeddings,extra_msa,evoformer", "head_stages": "structure,losses",
@@ -405,6 +392,11 @@ VARIANTS.update({
         **_FINETUNE_PRESET, "step_programs": "split",
         "trunk_stages": "embeddings,extra_msa,evoformer", "head_stages": "structure,losses"},
 })
+# bf16-auto-split3hr-flatupdate with XLA compiling at most 2 or 4 of its programs at a time
+# (`compile_workers`; all 16 at once on an H100, 2026-12-05: 84 s of XLA, about the sum of the
+# programs compiled one after another).
+VARIANTS.update({f"bf16-auto-split3hr-flatupdate-cw{n}": {
+    **VARIANTS["bf16-auto-split3hr-flatupdate"], "compile_workers": n} for n in (2, 4)})
 RECYCLES = (0, 1, 2, 3)
 
 
@@ -420,8 +412,7 @@ def _train_config(variant: str, smoke: bool, stage: str):
   config.trunk_stages = VARIANTS[variant].get("trunk_stages", config.trunk_stages)
   config.head_stages = VARIANTS[variant].get("head_stages", config.head_stages)
   config.recycle_stages = VARIANTS[variant].get("recycle_stages", config.recycle_stages)
-  config.compile_workers = VARIANTS[variant].get("compile_workers",
-                                                 config.get("compile_workers", 0))
+  config.compile_workers = VARIANTS[variant].get("compile_workers", config.compile_workers)
   config.optimizer.flat_update = VARIANTS[variant].get("flat_update",
                                                        config.optimizer.flat_update)
   config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))
