@@ -727,7 +727,8 @@ def abstract_step(variant: str, shape_name: str, smoke: bool):
 
 
 def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool = False,
-                   profile_dir: str | None = None, memory_report: str | None = None) -> dict:
+                   profile_dir: str | None = None, memory_report: str | None = None,
+                   no_alone: bool = False) -> dict:
   """Traces and lowers the train step on abstract parameters (no initialisation, no XLA
   compilation): the device-independent part of the compile time, and the program's size.
   `compile_too`: also compiles it for this backend and reports XLA's scratch estimate
@@ -735,12 +736,14 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
   compilation is traced there (host events: `bench/profile_summary.py DIR --host`); with
   `memory_report`, what is live at the program's memory peak (`memory_peak.py`) is written to
   MEMORY_REPORT/VARIANT-SHAPES.peak.txt (XLA dumps into MEMORY_REPORT/dump: `main` sets
-  the flag before JAX starts)."""
+  the flag before JAX starts). `no_alone`: a split step's programs are compiled together
+  only, not again one after another (`_lower_split`)."""
   import jax
 
   config, train_step, state, first = abstract_step(variant, shape_name, smoke)
   if config.step_programs == "split":
-    return _lower_split(variant, shape_name, train_step, state, first, compile_too)
+    return _lower_split(variant, shape_name, train_step, state, first, compile_too, no_alone,
+                        profile_dir)
   trace_s, lower_s, lowered = _trace_and_lower(jax.jit(train_step), state, first)
   text = lowered.as_text()
   row = {"variant": variant, "shapes": shape_name, "trace_s": trace_s, "lower_s": lower_s,
@@ -767,12 +770,15 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
   return row
 
 
-def _lower_split(variant, shape_name, split_step, state, batch, compile_too) -> dict:
+def _lower_split(variant, shape_name, split_step, state, batch, compile_too,
+                 no_alone=False, profile_dir=None) -> dict:
   """`run_lower_only` for the split step: its programs traced and lowered (lines summed);
   with `compile_too`, compiled at the same time, as training does (`xla_compile_s`), then
   again one after another (each program's XLA seconds alone, `program_compile_s`: the longest
   bounds the concurrent compile on enough cores; on a GPU these reuse the first compile's
-  GEMM autotuning, which XLA caches in the process)."""
+  GEMM autotuning, which XLA caches in the process), unless `no_alone`. Each program's
+  seconds within the concurrent compile: `program_compile_together_s`; with `profile_dir`,
+  the concurrent compile is traced there (`bench/profile_summary.py DIR --host`)."""
   import jax
 
   start = time.perf_counter()
@@ -785,11 +791,17 @@ def _lower_split(variant, shape_name, split_step, state, batch, compile_too) -> 
   if compile_too:
     # The concurrent compile from these lowered programs; the one-at-a-time compile from a
     # fresh lowering (a lowered program keeps its executable once compiled).
-    together = split_step.compile(state, batch, lowered=lowered)
+    tracing = (jax.profiler.trace(profile_dir, create_perfetto_trace=True) if profile_dir
+               else contextlib.nullcontext())
+    with tracing:
+      together = split_step.compile(state, batch, lowered=lowered)
     row["xla_compile_s"] = together["wall"] - together["trace_lower"]
-    alone = split_step.compile(state, batch, concurrent=False)
-    row["program_compile_s"] = {k: v for k, v in alone.items()
-                                if k not in ("trace_lower", "wall")}
+    row["program_compile_together_s"] = {k: v for k, v in together.items()
+                                         if k not in ("trace_lower", "wall")}
+    if not no_alone:
+      alone = split_step.compile(state, batch, concurrent=False)
+      row["program_compile_s"] = {k: v for k, v in alone.items()
+                                  if k not in ("trace_lower", "wall")}
     row["program_temp_gib"] = _program_scratch_gib(split_step)
     largest = _largest_scratch_gib(row["program_temp_gib"])
     row["temp_gib"] = float("nan") if largest is None else largest
@@ -1091,6 +1103,10 @@ def main(argv=None) -> int:
                       "compilations before timing its steps beside them (its row says so)")
   parser.add_argument("--log_dir", help="keep each worker's stderr (progress lines, XLA's "
                       "messages) in LOG_DIR/VARIANT-SHAPES.log")
+  parser.add_argument("--no_alone", action="store_true",
+                      help="with --lower_only --compile_only and a split step: compile its "
+                      "programs together only, as training does, not again one after another "
+                      "(which about doubles the run)")
   parser.add_argument("--memory_report", help="with --lower_only --compile_only: XLA dumps "
                       "into MEMORY_REPORT/dump and what is live at the step's memory peak is "
                       "written to MEMORY_REPORT/VARIANT-SHAPES.peak.txt and printed")
@@ -1126,7 +1142,8 @@ def main(argv=None) -> int:
       for variant in args.variants.split(","):
         row = run_lower_only(variant, "smoke" if args.smoke else shape_name, args.smoke,
                              args.compile_only, args.profile_dir,
-                             os.path.abspath(args.memory_report) if args.memory_report else None)
+                             os.path.abspath(args.memory_report) if args.memory_report else None,
+                             args.no_alone)
         extra = (f" {row['xla_compile_s']:9.1f} {row['temp_gib']:11.2f}" if args.compile_only
                  else "")
         print(f"{variant:20s} {row['shapes']:8s} {row['trace_s']:8.1f} {row['lower_s']:8.1f} "
@@ -1134,11 +1151,13 @@ def main(argv=None) -> int:
               + (f", set {overrides}" if overrides else ""), flush=True)
         if row.get("program_lines"):  # the split step: each program's size (and compile)
           for name, lines in row["program_lines"].items():
+            together = row.get("program_compile_together_s", {}).get(name)
             alone = row.get("program_compile_s", {}).get(name)
             temp = row.get("program_temp_gib", {}).get(name)
             print(f"  {name:10s} {lines:8d} lines"
-                  + (f", XLA {alone:.1f} s alone, scratch {temp:.2f} GiB"
-                     if alone is not None and temp is not None else ""), flush=True)
+                  + (f", XLA {together:.1f} s together" if together is not None else "")
+                  + (f", {alone:.1f} s alone" if alone is not None else "")
+                  + (f", scratch {temp:.2f} GiB" if temp is not None else ""), flush=True)
           print(f"  residuals {row['residual_gib']['device']:.3f} GiB on the device, "
                 f"{row['residual_gib']['host']:.3f} GiB on the host", flush=True)
         if row.get("memory_report"):

@@ -269,3 +269,16 @@ def test_every_variant_sets_existing_global_config_keys():
   for name, overrides in train_step.VARIANTS.items():
     unknown = set(overrides) - keys - set(train_step.STEP_KEYS)
     assert not unknown, f"{name}: {sorted(unknown)}"
+
+
+@pytest.mark.slow
+def test_split_step_compiled_together_only_with_no_alone():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  done = subprocess.run([sys.executable, "bench/train_step.py", "--lower_only", "--compile_only",
+                         "--no_alone", "--smoke", "--variants", "bf16-auto-split3hr-flatupdate"],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  programs = [line for line in done.stdout.splitlines() if " lines, XLA" in line]
+  assert len(programs) == 16, done.stdout
+  assert all(" s together" in line and " s alone" not in line for line in programs), done.stdout
