@@ -26,7 +26,9 @@ seconds from the start) and the main process's: tracing, waiting, loading, and t
 the start to a compiled step, the number to hold against `bench/train_step.py --lower_only
 --compile_only --no_alone` (one process). Worker processes also autotune GEMMs side by side on
 the one GPU, which may time candidates less cleanly than one process does: compare step times
-before keeping this. Needs the device's jax only (no TensorFlow).
+before keeping this (`bench/train_step.py --variants bf16-auto-split3hr-flatupdate-procs4`
+compiles through `Workers` and then times the steps). Needs the device's jax only (no
+TensorFlow).
 """
 
 from __future__ import annotations
@@ -106,60 +108,83 @@ def run_worker(args) -> int:
   return 0
 
 
-def _cache_entries(cache_dir: str) -> int:
+def cache_entries(cache_dir: str) -> int:
   return sum(1 for path in pathlib.Path(cache_dir).rglob("*") if path.is_file())
+
+
+def new_cache(cache_dir: str | None = None) -> str:
+  """An empty directory for the persistent cache (`cache_dir`, made if missing, or a new
+  temporary one), set as this process's: call it before this process's first compile (JAX
+  opens its cache once)."""
+  cache_dir = cache_dir or tempfile.mkdtemp(prefix="compile_processes_cache_")
+  pathlib.Path(cache_dir).mkdir(parents=True, exist_ok=True)
+  if any(pathlib.Path(cache_dir).iterdir()):
+    raise SystemExit(f"cache directory {cache_dir}: not empty; the first compile needs a new "
+                     "cache")
+  _cache_config(cache_dir)
+  return cache_dir
+
+
+class Workers:
+  """Worker processes compiling `names` of `variant`'s split step into `cache_dir`, in
+  `processes` shares (`shares`); started at once, at `t0` (time.time())."""
+
+  def __init__(self, variant: str, shapes: str, smoke: bool, cache_dir: str, names: list[str],
+               processes: int, t0: float):
+    self.plan = shares(names, processes) if processes > 0 else []
+    self._dir = tempfile.mkdtemp(prefix="compile_processes_")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # Workers only compile: no preallocation of the accelerator's memory beside the main
+    # process (which may hold most of it).
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    self._workers = []
+    for k, programs in enumerate(self.plan):
+      out = os.path.join(self._dir, f"worker{k}.json")
+      command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--variant", variant,
+                 "--shapes", shapes, "--cache_dir", cache_dir, "--worker", ",".join(programs),
+                 "--t0", repr(t0), "--out", out] + (["--smoke"] if smoke else [])
+      with open(os.path.join(self._dir, f"worker{k}.log"), "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+      self._workers.append((process, out))
+
+  def wait(self) -> list[dict]:
+    """Each worker's report, once all are done; a worker that failed stops the run with the
+    end of its log."""
+    failed = [k for k, (process, _) in enumerate(self._workers) if process.wait() != 0]
+    if failed:
+      logs = "\n".join(pathlib.Path(self._dir, f"worker{k}.log").read_text(
+          encoding="utf-8")[-3000:] for k in failed)
+      raise SystemExit(f"compile workers {failed} failed; the end of their logs:\n{logs}")
+    return [json.loads(pathlib.Path(out).read_text(encoding="utf-8"))
+            for _, out in self._workers]
 
 
 def run_main(args) -> dict:
   """The workers, then the main process's compile from their cache: the result row."""
   t0 = time.time()
-  cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="compile_processes_cache_")
-  pathlib.Path(cache_dir).mkdir(parents=True, exist_ok=True)
-  if any(pathlib.Path(cache_dir).iterdir()):
-    raise SystemExit(f"--cache_dir {cache_dir}: not empty; the first compile needs a new cache")
-  _cache_config(cache_dir)
+  cache_dir = new_cache(args.cache_dir)
   import jax
 
   step, state, batch = _abstract_split_step(args.variant, args.shapes, args.smoke)
-  names = step.program_names
-  plan = shares(names, args.processes) if args.processes > 0 else []
-  out_dir = tempfile.mkdtemp(prefix="compile_processes_")
-  workers = []
-  env = dict(os.environ)
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  for k, programs in enumerate(plan):
-    out = os.path.join(out_dir, f"worker{k}.json")
-    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--variant", args.variant,
-               "--shapes", args.shapes, "--cache_dir", cache_dir, "--worker", ",".join(programs),
-               "--t0", repr(t0), "--out", out] + (["--smoke"] if args.smoke else [])
-    log = open(os.path.join(out_dir, f"worker{k}.log"), "w", encoding="utf-8")
-    workers.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT),
-                    out, log))
+  workers = Workers(args.variant, args.shapes, args.smoke, cache_dir, step.program_names,
+                    args.processes, t0)
   begin = time.time()
   lowered = step.lower(state, batch)
   traced = time.time()
-  failed = []
-  for k, (process, _, log) in enumerate(workers):
-    if process.wait() != 0:
-      failed.append(k)
-    log.close()
-  if failed:
-    logs = "\n".join(pathlib.Path(out_dir, f"worker{k}.log").read_text(encoding="utf-8")[-3000:]
-                     for k in failed)
-    raise SystemExit(f"workers {failed} failed; the end of their logs:\n{logs}")
+  reports = workers.wait()
   waited = time.time()
-  entries = _cache_entries(cache_dir)
+  entries = cache_entries(cache_dir)
   seconds = step.compile(state, batch, lowered=lowered)
   done = time.time()
   return {
       "variant": args.variant, "shapes": "smoke" if args.smoke else args.shapes,
-      "processes": len(plan), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-      "workers": [json.loads(pathlib.Path(out).read_text(encoding="utf-8"))
-                  for _, out, _ in workers],
+      "processes": len(workers.plan), "device": jax.devices()[0].device_kind,
+      "jax": jax.__version__, "workers": reports,
       "main": {"setup": begin - t0, "traced": traced - t0, "waited": waited - t0,
                "compile_wall_s": seconds["wall"],
                "compile_s": {k: v for k, v in seconds.items() if k not in ("wall", "trace_lower")},
-               "new_cache_entries": _cache_entries(cache_dir) - entries},
+               "new_cache_entries": cache_entries(cache_dir) - entries},
       "total_s": done - t0, "cache_dir": cache_dir,
   }
 

@@ -98,9 +98,11 @@ _COMPILE_WAIT_S = 1800.0
 # trunk cut into more stages, `step.trunk_stages`), 'head_stages' (its heads as the structure
 # module and the losses, `step.head_stages`), 'recycle_stages' (its recycling iterations as
 # programs per part, `step.RecycleStages`), 'compile_workers' (how many of its programs XLA
-# compiles at a time) and 'flat_update' (`config.optimizer.flat_update`).
+# compiles at a time), 'flat_update' (`config.optimizer.flat_update`) and 'compile_processes'
+# (the bench's own: N worker processes compile the split step's programs into a new
+# persistent cache, which its compile then reads; `bench/compile_processes.py`).
 STEP_KEYS = ("xla_flags", "step_programs", "trunk_stages", "head_stages", "recycle_stages",
-             "compile_workers", "flat_update")
+             "compile_workers", "flat_update", "compile_processes")
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -397,6 +399,10 @@ VARIANTS.update({
 # programs compiled one after another).
 VARIANTS.update({f"bf16-auto-split3hr-flatupdate-cw{n}": {
     **VARIANTS["bf16-auto-split3hr-flatupdate"], "compile_workers": n} for n in (2, 4)})
+# ... with its programs compiled by 4 or 8 worker processes (written 2026-12-05, twenty-second
+# session, untimed): the row's compile is from the workers' start to the step compiled.
+VARIANTS.update({f"bf16-auto-split3hr-flatupdate-procs{n}": {
+    **VARIANTS["bf16-auto-split3hr-flatupdate"], "compile_processes": n} for n in (4, 8)})
 RECYCLES = (0, 1, 2, 3)
 
 
@@ -500,6 +506,12 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   from model_step import SHAPES, _training_example
 
   config, model, optimizer, train_step = _step_parts(variant, shape_name, smoke)
+  processes = VARIANTS[variant].get("compile_processes", 0)
+  if processes:  # before this process's first compile: JAX opens its cache once
+    if config.step_programs != "split":
+      raise ValueError(f"{variant}: compile_processes needs step_programs='split'")
+    import compile_processes  # pylint: disable=g-import-not-at-top
+    cache_dir = compile_processes.new_cache()
   shapes = SHAPES[shape_name]
   num_slices = config.model.num_recycle + 1
   examples = {r: _training_example(shapes, num_slices, r) for r in recycles}
@@ -527,8 +539,25 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   init_s = clock[-1] - clock[0]
 
   _progress(f"{variant},{shape_name}: initialised ({init_s:.1f} s); tracing the step")
-  program_s = residual_gib = None
-  if config.step_programs == "split":
+  program_s = residual_gib = worker_reports = new_entries = None
+  if processes:
+    # The workers start now, each tracing the step and compiling its share into the cache;
+    # this process traces meanwhile, waits, then compiles from the cache. trace_s: its
+    # tracing; XLA s: from then until the step is compiled (waiting, then loading).
+    start = time.perf_counter()
+    workers = compile_processes.Workers(variant, shape_name, smoke, cache_dir,
+                                        train_step.program_names, processes, time.time())
+    lowered = train_step.lower(state, first)
+    trace_s = time.perf_counter() - start
+    worker_reports = workers.wait()
+    entries = compile_processes.cache_entries(cache_dir)
+    program_s = train_step.compile(state, first, lowered=lowered)
+    new_entries = compile_processes.cache_entries(cache_dir) - entries  # 0: all from the cache
+    xla_compile_s = time.perf_counter() - start - trace_s
+    compiled, temp_gib = train_step, _largest_scratch_gib(_program_scratch_gib(train_step))
+    residual_gib = _residual_gib(train_step)
+    lower_s, host_gib = 0.0, residual_gib["host"] or None
+  elif config.step_programs == "split":
     trace_s, xla_compile_s, compiled, temp_gib, program_s = _compile_split(
         train_step, state, first)
     residual_gib = _residual_gib(train_step)
@@ -556,6 +585,10 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   if program_s is not None:  # split: trace_s is tracing and lowering of all the programs
     row["program_compile_s"] = program_s
     row["residual_gib"] = residual_gib
+  if worker_reports is not None:
+    row["compile_processes"] = len(worker_reports)
+    row["compile_worker_reports"] = worker_reports
+    row["new_cache_entries"] = new_entries
   return row
 
 
@@ -941,6 +974,8 @@ def _format(rows: list[dict]) -> str:
                  + (f", split: residuals {row['residual_gib']['device']:.2f} GiB on the device"
                     if row.get("residual_gib") else "")
                  + (", compilation cache on" if row.get("compilation_cache") else "")
+                 + (f", compiled by {row['compile_processes']} worker processes (compile s: "
+                    "from their start)" if row.get("compile_processes") else "")
                  + (", TIMED BESIDE ANOTHER COMPILATION" if row.get("timed_beside_compilation")
                     else ""))
   return "\n".join(lines)

@@ -1,5 +1,6 @@
 """bench/train_step.py --lower_only: traces and lowers the product's train step without a GPU."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -282,3 +283,21 @@ def test_split_step_compiled_together_only_with_no_alone():
   programs = [line for line in done.stdout.splitlines() if " lines, XLA" in line]
   assert len(programs) == 16, done.stdout
   assert all(" s together" in line and " s alone" not in line for line in programs), done.stdout
+
+
+@pytest.mark.slow
+def test_split_step_compiled_by_worker_processes_is_read_from_their_cache(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  out = tmp_path / "rows.json"
+  done = subprocess.run([sys.executable, "bench/train_step.py", "--smoke", "--variants",
+                         "bf16-auto-split3hr-flatupdate-procs4", "--recycles", "0", "--steps",
+                         "1", "--json", str(out)], cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=900, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  row = json.loads(out.read_text())[0]
+  assert row["ok"] and row["finite"], row
+  assert row["compile_processes"] == 4 and "compiled by 4 worker processes" in done.stdout
+  compiled = sorted(n for report in row["compile_worker_reports"] for n in report["programs"])
+  assert compiled == sorted(k for k in row["program_compile_s"]
+                            if k not in ("trace_lower", "wall"))
+  assert row["new_cache_entries"] == 0  # this process compiled nothing itself
