@@ -1,6 +1,6 @@
 """Time, memory and achieved TFLOP/s of af2flax's full training step on one accelerator.
 
-    python bench/train_step.py                         # the default variants, initial shapes
+    python bench/train_step.py                         # the presets (bf16-auto), initial shapes
     python bench/train_step.py --variants bf16-cudnn,fp32-xla --shapes initial,finetune
     python bench/train_step.py --breakdown             # time per module (forward+backward)
     python bench/train_step.py --smoke                 # tiny model on the CPU (checks the script)
@@ -1102,7 +1102,10 @@ def _print_breakdown(variant: str, result: list[dict]) -> None:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--variants", default="bf16-cudnn,bf16-xla,fp32-xla")
+  parser.add_argument("--variants", default="bf16-auto",
+                      help="comma-separated names of VARIANTS (default: bf16-auto, the "
+                      "initial-training preset; the fine-tuning preset at --shapes finetune "
+                      "is bf16-pallas512-extracudnn-offload55)")
   parser.add_argument("--shapes", default="initial")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per recycling count")
   parser.add_argument("--recycles", default="0,1,2,3",

@@ -301,3 +301,27 @@ def test_split_step_compiled_by_worker_processes_is_read_from_their_cache(tmp_pa
   assert compiled == sorted(k for k in row["program_compile_s"]
                             if k not in ("trace_lower", "wall"))
   assert row["new_cache_entries"] == 0  # this process compiled nothing itself
+
+
+def test_preset_variants_time_the_shipped_presets():
+  """bf16-auto is configs/initial_training.py's model and step, and the fine-tuning variant
+  configs/finetune.py's (which asks for cuDNN on the extra MSA through 'auto_cudnn': the same
+  kernels on a GPU), so the default rows and the docs' preset rows time what users train."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  bench = bench_module("train_step")
+  for variant, stage, allowed in (
+      ("bf16-auto", "initial_training", {}),
+      ("bf16-pallas512-extracudnn-offload55", "finetune",
+       {"extra_msa_attention_impl": ("cudnn", "auto_cudnn")})):
+    ours = bench._train_config(variant, False, stage)  # pylint: disable=protected-access
+    preset = importlib.import_module(f"configs.{stage}").get_config()
+    gc_ours, gc_preset = ours.model.global_config.to_dict(), preset.model.global_config.to_dict()
+    differ = {k: (gc_ours.get(k), gc_preset.get(k)) for k in set(gc_ours) | set(gc_preset)
+              if gc_ours.get(k) != gc_preset.get(k)}
+    assert differ == allowed, (variant, differ)
+    rest = lambda c: {k: v for k, v in c.model.to_dict().items() if k != "global_config"}
+    assert rest(ours) == rest(preset), variant
+    for key in ("step_programs", "trunk_stages", "head_stages", "recycle_stages",
+                "compile_workers"):
+      assert ours.get(key) == preset.get(key), (variant, key)
+    assert ours.optimizer.to_dict() == preset.optimizer.to_dict(), variant
