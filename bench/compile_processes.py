@@ -160,15 +160,16 @@ class Workers:
             for _, out in self._workers]
 
 
-def run_main(args) -> dict:
-  """The workers, then the main process's compile from their cache: the result row."""
-  t0 = time.time()
-  cache_dir = new_cache(args.cache_dir)
-  import jax
-
-  step, state, batch = _abstract_split_step(args.variant, args.shapes, args.smoke)
-  workers = Workers(args.variant, args.shapes, args.smoke, cache_dir, step.program_names,
-                    args.processes, t0)
+def compile_through_workers(step, state, batch, variant: str, shapes: str, smoke: bool,
+                            cache_dir: str, processes: int, t0: float | None = None) -> dict:
+  """Split step `step` compiled as this bench measures it: `Workers` started, this process
+  tracing and lowering meanwhile, waiting for them, then compiling every program (which
+  their cache answers). Times in seconds from `t0` (time.time(); default: now): 'setup'
+  (the workers started), 'traced', 'waited', 'done'; 'compile_s' is `step.compile`'s
+  seconds, 'new_cache_entries' what this process's compile wrote (0: all from the workers),
+  'workers' their reports."""
+  t0 = time.time() if t0 is None else t0
+  workers = Workers(variant, shapes, smoke, cache_dir, step.program_names, processes, t0)
   begin = time.time()
   lowered = step.lower(state, batch)
   traced = time.time()
@@ -177,15 +178,30 @@ def run_main(args) -> dict:
   entries = cache_entries(cache_dir)
   seconds = step.compile(state, batch, lowered=lowered)
   done = time.time()
+  return {"processes": len(workers.plan), "workers": reports, "setup": begin - t0,
+          "traced": traced - t0, "waited": waited - t0, "done": done - t0,
+          "compile_s": seconds, "new_cache_entries": cache_entries(cache_dir) - entries}
+
+
+def run_main(args) -> dict:
+  """The workers, then the main process's compile from their cache: the result row."""
+  t0 = time.time()
+  cache_dir = new_cache(args.cache_dir)
+  import jax
+
+  step, state, batch = _abstract_split_step(args.variant, args.shapes, args.smoke)
+  result = compile_through_workers(step, state, batch, args.variant, args.shapes, args.smoke,
+                                   cache_dir, args.processes, t0)
+  seconds = result["compile_s"]
   return {
       "variant": args.variant, "shapes": "smoke" if args.smoke else args.shapes,
-      "processes": len(workers.plan), "device": jax.devices()[0].device_kind,
-      "jax": jax.__version__, "workers": reports,
-      "main": {"setup": begin - t0, "traced": traced - t0, "waited": waited - t0,
-               "compile_wall_s": seconds["wall"],
+      "processes": result["processes"], "device": jax.devices()[0].device_kind,
+      "jax": jax.__version__, "workers": result["workers"],
+      "main": {"setup": result["setup"], "traced": result["traced"],
+               "waited": result["waited"], "compile_wall_s": seconds["wall"],
                "compile_s": {k: v for k, v in seconds.items() if k not in ("wall", "trace_lower")},
-               "new_cache_entries": cache_entries(cache_dir) - entries},
-      "total_s": done - t0, "cache_dir": cache_dir,
+               "new_cache_entries": result["new_cache_entries"]},
+      "total_s": result["done"], "cache_dir": cache_dir,
   }
 
 

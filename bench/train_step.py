@@ -539,27 +539,21 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   init_s = clock[-1] - clock[0]
 
   _progress(f"{variant},{shape_name}: initialised ({init_s:.1f} s); tracing the step")
-  program_s = residual_gib = worker_reports = new_entries = None
-  if processes:
-    # The workers start now, each tracing the step and compiling its share into the cache;
-    # this process traces meanwhile, waits, then compiles from the cache. trace_s: its
-    # tracing; XLA s: from then until the step is compiled (waiting, then loading).
-    start = time.perf_counter()
-    workers = compile_processes.Workers(variant, shape_name, smoke, cache_dir,
-                                        train_step.program_names, processes, time.time())
-    lowered = train_step.lower(state, first)
-    trace_s = time.perf_counter() - start
-    worker_reports = workers.wait()
-    entries = compile_processes.cache_entries(cache_dir)
-    program_s = train_step.compile(state, first, lowered=lowered)
-    new_entries = compile_processes.cache_entries(cache_dir) - entries  # 0: all from the cache
-    xla_compile_s = time.perf_counter() - start - trace_s
-    compiled, temp_gib = train_step, _largest_scratch_gib(_program_scratch_gib(train_step))
-    residual_gib = _residual_gib(train_step)
-    lower_s, host_gib = 0.0, residual_gib["host"] or None
-  elif config.step_programs == "split":
-    trace_s, xla_compile_s, compiled, temp_gib, program_s = _compile_split(
-        train_step, state, first)
+  program_s = residual_gib = through_workers = None
+  if config.step_programs == "split":
+    if processes:
+      # The workers start now, each tracing the step and compiling its share into the cache;
+      # this process traces meanwhile, waits, then compiles from the cache. trace_s: its
+      # tracing; XLA s: from then until the step is compiled (waiting, then loading).
+      through_workers = compile_processes.compile_through_workers(
+          train_step, state, first, variant, shape_name, smoke, cache_dir, processes)
+      trace_s = through_workers["traced"]
+      xla_compile_s = through_workers["done"] - trace_s
+      compiled, program_s = train_step, through_workers["compile_s"]
+      temp_gib = _largest_scratch_gib(_program_scratch_gib(train_step))
+    else:
+      trace_s, xla_compile_s, compiled, temp_gib, program_s = _compile_split(
+          train_step, state, first)
     residual_gib = _residual_gib(train_step)
     # What the host's memory holds: the residuals left there (offloaded block inputs).
     lower_s, host_gib = 0.0, residual_gib["host"] or None
@@ -585,10 +579,10 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   if program_s is not None:  # split: trace_s is tracing and lowering of all the programs
     row["program_compile_s"] = program_s
     row["residual_gib"] = residual_gib
-  if worker_reports is not None:
-    row["compile_processes"] = len(worker_reports)
-    row["compile_worker_reports"] = worker_reports
-    row["new_cache_entries"] = new_entries
+  if through_workers is not None:
+    row["compile_processes"] = through_workers["processes"]
+    row["compile_worker_reports"] = through_workers["workers"]
+    row["new_cache_entries"] = through_workers["new_cache_entries"]
   return row
 
 

@@ -96,9 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   # one program holding them all (step.RecycleStages). Same values.
   config.recycle_stages = False
   # With 'split': how many programs XLA compiles at a time (0: all at once). On an H100 all
-  # 16 programs at once took as long as one after another (2026-12-05): they share the host's
-  # cores and autotune the same matrix products side by side; 2 or 4 at a time took as long
-  # again (96-103 s of XLA, 2026-12-05). A bound on a compile's host memory, no faster.
+  # 16 programs at once took about as long as one after another (2026-12-05), and 2 or 4 at a
+  # time as long again (96-103 s of XLA): a bound on a compile's host memory, no faster.
   config.compile_workers = 0
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,

@@ -444,12 +444,10 @@ class SplitTrainStep:
     shapes, not yet compiled (then `trace_lower` is 0). The config's `compile_workers` (N > 0)
     compiles at most N programs at a time, in the order they are lowered (longest compile
     first); the rest wait. On an H100 (2026-12-05) the 16 programs of
-    `bf16-auto-split3hr-flatupdate`, all at once, took 84 s of XLA against a sum of 88 s for
-    the same programs one after another with GEMM autotuning cached: each compile shares the
-    16 host cores with the others (the backward programs 93-100 s each, 11-12 s alone), and
-    programs compiled side by side autotune the same matrix products each. With 2 or 4 at a
-    time it took as long (96-103 s of XLA against 99.8 s, H100, 2026-12-05): a bound on the
-    compile's host memory, not its time."""
+    `bf16-auto-split3hr-flatupdate`, all at once, took 84-100 s of XLA against a sum of 88 s
+    for the same programs one after another with GEMM autotuning cached (the backward
+    programs 93-100 s each among the others, 11-12 s alone); with 2 or 4 at a time, 96-103 s.
+    So N bounds the compile's host memory, not its time."""
     start = time.perf_counter()
 
     def compile_one(name, program):
