@@ -716,7 +716,8 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
       "remat_group_size": gc.get("remat_group_size"),
       "remat_offload": gc.get("remat_offload", False),
       "remat_offload_fraction": gc.get("remat_offload_fraction", 1.0),
-      "xla_flags": VARIANTS[variant].get("xla_flags", ""), "temp_gib": temp_gib,
+      # The flags XLA ran under: the variant's added to the environment's XLA_FLAGS.
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "temp_gib": temp_gib,
       "host_gib": host_gib,
       "concurrent_workers": int(os.environ.get("AF2FLAX_BENCH_WORKERS", "1")),
       # JAX's persistent cache (JAX_COMPILATION_CACHE_DIR): compile_s may be a cache load.
@@ -775,7 +776,7 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
   text = lowered.as_text()
   row = {"variant": variant, "shapes": shape_name, "trace_s": trace_s, "lower_s": lower_s,
          "stablehlo_lines": text.count("\n"), "device": jax.devices()[0].device_kind,
-         "jax": jax.__version__}
+         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   if compile_too:
     if memory_report:  # this compilation's dump alone (several variants share the directory)
       for old in pathlib.Path(memory_report, "dump").glob("*"):
@@ -812,6 +813,7 @@ def _lower_split(variant, shape_name, split_step, state, batch, compile_too,
   lowered = split_step.lower(state, batch)
   row = {"variant": variant, "shapes": shape_name, "trace_s": time.perf_counter() - start,
          "lower_s": 0.0, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "stablehlo_lines": sum(low.as_text().count("\n") for low in lowered.values()),
          "program_lines": {name: low.as_text().count("\n") for name, low in lowered.items()},
          "residual_gib": _residual_gib(split_step)}
@@ -1167,6 +1169,15 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_dump_to={dump} --xla_dump_hlo_pass_re=^$").strip()
   if args.lower_only:
+    # The variants run in this process, whose XLA reads XLA_FLAGS once, as its backend starts
+    # (below): their flags go there, so they must agree.
+    variant_flags = {VARIANTS.get(v, {}).get("xla_flags", "") for v in args.variants.split(",")}
+    if len(variant_flags) > 1:
+      parser.error(f"--lower_only compiles every variant in one process, under one XLA_FLAGS: "
+                   f"{args.variants} set different xla_flags; run them one at a time")
+    if variant_flags != {""}:
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                                 + variant_flags.pop()).strip()
     rows = []
     print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}"
           + (f" {'compile s':>9s} {'scratch GiB':>11s}" if args.compile_only else ""))

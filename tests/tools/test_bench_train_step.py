@@ -47,6 +47,28 @@ def test_set_needs_key_and_value():
   assert done.returncode != 0 and "expected KEY=VALUE" in done.stderr
 
 
+def test_lower_only_runs_under_the_variants_xla_flags(tmp_path):
+  """In-process runs (--lower_only) add the variant's flags to XLA_FLAGS and the row says so."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  out = tmp_path / "row.json"
+  done = subprocess.run([sys.executable, "bench/train_step.py", "--lower_only", "--smoke",
+                         "--variants", "bf16-auto-nocb", "--json", str(out)], cwd=REPO_ROOT,
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = json.loads(out.read_text())
+  row = rows[0] if isinstance(rows, list) else rows
+  assert row["xla_flags"] == ("--xla_backend_optimization_level=0 "
+                              "--xla_gpu_enable_command_buffer=")
+
+
+def test_lower_only_refuses_variants_with_different_xla_flags():
+  done = subprocess.run([sys.executable, "bench/train_step.py", "--lower_only", "--smoke",
+                         "--variants", "bf16-auto,bf16-auto-nocb"], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0
+  assert "different xla_flags" in done.stderr and "one at a time" in done.stderr
+
+
 def _bench_module():
   return bench_module("train_step")
 
