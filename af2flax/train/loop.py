@@ -1,12 +1,14 @@
 """`train_and_evaluate(config, workdir)`: the training recipe, top to bottom.
 
-mesh → input → model → sharded train state → restore (or start from imported weights) →
-jitted step → loop with metrics, validation, checkpoints and preemption handling. Every knob
-is in the config (`configs/*.py`); the recipe's constants are Jumper et al. (2021) Suppl. 1.11.
+mesh → input → model → sharded train state → restore (or start from imported weights),
+while the jitted step is traced and lowered beside it → loop with metrics, validation,
+checkpoints and preemption handling. Every knob is in the config (`configs/*.py`); the
+recipe's constants are Jumper et al. (2021) Suppl. 1.11.
 """
 
 from __future__ import annotations
 
+from concurrent import futures
 import dataclasses
 import os
 import time
@@ -138,6 +140,35 @@ def make_step(objective: Any, optimizer: Any, config: ml_collections.ConfigDict,
       state_shardings, mesh)
 
 
+def _abstract_state(state_shape: PyTree, state_shardings: PyTree) -> PyTree:
+  """The state as `jax.ShapeDtypeStruct`s with its shardings and weak types: what the
+  created or restored state will be, so that jit's caches key both the same."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s,
+                                        weak_type=getattr(x, "weak_type", False)),
+      state_shape, state_shardings)
+
+
+def _lower_beside(train_step: Any, abstract_state: PyTree, batch: PyTree
+                  ) -> futures.Future:
+  """Traces and lowers `train_step` for this state and batch on a thread of its own; the
+  future gives (lowered, seconds). Tracing is Python and holds its lock, but XLA compiling
+  the initialisation and Orbax reading a checkpoint mostly do not, so the two overlap: the
+  step's XLA compilation then starts from a finished trace. The one-program step's jit
+  keeps the lowering in its cache (its first call traces nothing again); the split step
+  takes the lowered programs (`SplitTrainStep.compile(..., lowered=...)`)."""
+  def lower():
+    start = time.perf_counter()
+    lowered = train_step.lower(abstract_state, batch)
+    return lowered, time.perf_counter() - start
+
+  pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lower_train_step")
+  try:
+    return pool.submit(lower)
+  finally:
+    pool.shutdown(wait=False)
+
+
 def _check_skips(consecutive_skips: jax.Array | None, max_skips: int, step: int,
                  checkpointer: checkpoint_lib.Checkpointer, workdir: epath.Path) -> None:
   if consecutive_skips is None or int(consecutive_skips) < max_skips:
@@ -225,7 +256,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
   logging.info("model: %d parameters", num_params)
 
+  # The step over the mesh. It is traced and lowered (Python) on a thread of its own while
+  # the state is created or restored below, whose XLA compilation or checkpoint reads leave
+  # Python's lock free; the step's XLA compilation then follows (`_lower_beside`).
+  param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
+  train_step = make_step(model.objective, optimizer, config, mesh, state_shardings,
+                         param_specs)
+  first_global = sharding_lib.global_batch(first_batch, batch_sharding)
+  lowering = _lower_beside(train_step, _abstract_state(state_shape, state_shardings),
+                           first_global)
+
   # Resume from the latest checkpoint; else start from imported weights; else from scratch.
+  created = time.monotonic()
   checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
   latest = checkpointer.latest_step()
   if latest is not None:
@@ -247,11 +289,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       state = jax.jit(lambda p: state_lib.create_train_state(p, optimizer, state_rng),
                       out_shardings=state_shardings)(params)
   initial_step = int(jax.device_get(state.step))
-
-  # The step, jitted over the mesh; validation with the EMA parameters.
-  param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
-  train_step = make_step(model.objective, optimizer, config, mesh, state_shardings,
-                         param_specs)
+  created = time.monotonic() - created
+  lowered, lower_s = lowering.result()  # the thread's error, if any, is raised here
+  logging.info("train step traced and lowered in %.1f s beside the state's %s (%.1f s)",
+               lower_s, "restore" if latest is not None else "creation", created)
+  if isinstance(train_step, programs_lib.SplitTrainStep):
+    train_step.compile(state, first_global, lowered=lowered)
+  del lowered  # the one-program step: jit finds its lowering cached at the first call
+  if first_batch is None:
+    first_global = None
 
   def masked_metrics(params, example):
     mask = example[EVAL_MASK_KEY]
@@ -278,10 +324,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     while step < config.num_train_steps:
       step += 1
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        local_batch = first_batch if first_batch is not None else next(train_iter)
-        first_batch = None
-        state, metrics = train_step(state, sharding_lib.global_batch(local_batch,
-                                                                     batch_sharding))
+        batch = (first_global if first_global is not None
+                 else sharding_lib.global_batch(next(train_iter), batch_sharding))
+        first_global = None
+        state, metrics = train_step(state, batch)
+        del batch
       accumulator.add(metrics)
       for action in actions:
         action(step)

@@ -47,9 +47,9 @@ def main() -> None:
     if index == args.sigterm_before_batch:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  if args.step_programs != "one":  # the loop logs the split step's compile (tests read it)
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.set_verbosity(logging.INFO)
+  # The loop logs the step's lowering and the split step's compile (tests read them).
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
   nan_batches = tuple(int(b) for b in args.nan_batches.split(",") if b)
   mlp.patch_loop(loop, on_batch=on_batch, nan_batches=nan_batches)
   config = mlp.loop_config(num_train_steps=args.steps, step_programs=args.step_programs)

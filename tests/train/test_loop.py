@@ -22,10 +22,10 @@ def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
 
 
-def _worker(workdir, *args, expect_rc=0):
+def _worker(workdir, *args, expect_rc=0, env=None):
   result = subprocess.run([sys.executable, "-m", "tests.train.loop_worker", str(workdir),
-                           *args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=600, check=False)
+                           *args], cwd=REPO_ROOT, env={**_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == expect_rc, result.stderr[-4000:]
   return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
@@ -84,6 +84,26 @@ def test_split_step_programs_train_to_the_same_parameters(uninterrupted, tmp_pat
   assert len(final["params"]) == len(reference["params"])
   for ours, theirs in zip(final["params"], reference["params"]):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("step_programs", ["one", "split"])
+def test_step_is_lowered_beside_the_state_and_traced_once(tmp_path, step_programs):
+  """The step is traced and lowered while the state is created (or restored), and the first
+  step uses that lowering: jit finds it cached (one lowering of `train_step`); the split step
+  compiles the lowered programs once, before the loop, with no tracing left to do."""
+  env = {"JAX_LOG_COMPILES": "1"}
+  for steps, source in ((2, "creation"), (4, "restore")):
+    final, stderr = _worker(tmp_path, "--steps", str(steps), "--step_programs", step_programs,
+                            env=env)
+    assert final["latest"] == steps
+    assert "train step traced and lowered in" in stderr
+    assert f"beside the state's {source}" in stderr
+    if step_programs == "one":
+      # jit logs "Compiling" as it lowers: once, on the thread (a cache miss: twice).
+      assert stderr.count("Compiling jit(train_step)") == 1, stderr[-3000:]
+    else:
+      compiled = [line for line in stderr.splitlines() if "split train step compiled" in line]
+      assert len(compiled) == 1 and "trace_lower 0.0 s" in compiled[0], compiled
 
 
 def test_checkpoint_retention_keeps_last_and_best(uninterrupted):
