@@ -1,5 +1,10 @@
 """The split train step's first compile spread over processes sharing JAX's persistent cache.
 
+Measured (H200, 2026-12-05, docs/benchmarks.md twenty-third session): no faster. With 4
+workers the compiled step was ready after 112.0 s, with 8 after 133.9 s, against 115.2 s in
+one process: each program took about as many times its time alone as there were workers, so
+the host's work, two thirds of it XLA's autotuning, is the limit. Kept as that record.
+
     python bench/compile_processes.py --variant bf16-auto-split3hr-flatupdate --processes 4
     python bench/compile_processes.py --processes 0      # the same, compiled in this process only
     python bench/compile_processes.py --smoke --processes 2   # tiny model on the CPU
