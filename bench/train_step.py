@@ -98,11 +98,12 @@ _COMPILE_WAIT_S = 1800.0
 # trunk cut into more stages, `step.trunk_stages`), 'head_stages' (its heads as the structure
 # module and the losses, `step.head_stages`), 'recycle_stages' (its recycling iterations as
 # programs per part, `step.RecycleStages`), 'compile_workers' (how many of its programs XLA
-# compiles at a time), 'flat_update' (`config.optimizer.flat_update`) and 'compile_processes'
+# compiles at a time), 'flat_update' (`config.optimizer.flat_update`), 'compile_processes'
 # (the bench's own: N worker processes compile the split step's programs into a new
-# persistent cache, which its compile then reads; `bench/compile_processes.py`).
+# persistent cache, which its compile then reads; `bench/compile_processes.py`) and
+# 'recycle_through_forward' (its recycling iterations through the forward programs).
 STEP_KEYS = ("xla_flags", "step_programs", "trunk_stages", "head_stages", "recycle_stages",
-             "compile_workers", "flat_update", "compile_processes")
+             "compile_workers", "flat_update", "compile_processes", "recycle_through_forward")
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -386,6 +387,12 @@ VARIANTS.update({
                                       "trunk_stages": "embeddings,extra_msa,evoformer",
                                       "head_stages": "structure,losses", "recycle_stages": True,
                                       "flat_update": True},
+    # and the recycling iterations through the forward programs: no program per part, the
+    # four (~21 s of the 88 s of single-program compile work, H100) left out.
+    "bf16-auto-split3hr-flatupdate-fwdrecycle": {
+        **_BF16_AUTO, "step_programs": "split", "trunk_stages": "embeddings,extra_msa,evoformer",
+        "head_stages": "structure,losses", "recycle_stages": True,
+        "recycle_through_forward": True, "flat_update": True},
     "bf16-pallas512-extracudnn-offload55-split3hr": {
         **_FINETUNE_PRESET, "step_programs": "split",
         "trunk_stages": "embeddings,extra_msa,evoformer", "head_stages": "structure,losses",
@@ -418,6 +425,8 @@ def _train_config(variant: str, smoke: bool, stage: str):
   config.trunk_stages = VARIANTS[variant].get("trunk_stages", config.trunk_stages)
   config.head_stages = VARIANTS[variant].get("head_stages", config.head_stages)
   config.recycle_stages = VARIANTS[variant].get("recycle_stages", config.recycle_stages)
+  config.recycle_through_forward = VARIANTS[variant].get("recycle_through_forward",
+                                                         config.recycle_through_forward)
   config.compile_workers = VARIANTS[variant].get("compile_workers", config.compile_workers)
   config.optimizer.flat_update = VARIANTS[variant].get("flat_update",
                                                        config.optimizer.flat_update)

@@ -16,9 +16,16 @@ then the heads with the losses):
                  part j of one iteration (carry_0 is prev), run for iterations
                  0..maximum-1 (Python's loop);
                  an iteration past the example's count does nothing (the last part gives
-                 `prev` back), so every device may run its own count;
-  forward.s_i    (params, rng, step, batch, k, carry_i) -> (carry_i+1, residuals_i)
-                 stage i < n linearised with `jax.vjp` (carry_1 = prev);
+                 `prev` back), so every device may run its own count; or, with
+                 `recycle_through_forward` (and `RecycleStages.next_prev`), no program per
+                 part: iteration i runs the forward programs below with i's features and
+                 key (their residuals let go), then
+  recycle.next   (batch, k, iteration, carry_n, prev) -> prev, for as many iterations as
+                 `recycle.count` (batch, k) -> the most any device's example k runs says;
+  forward.s_i    (params, rng, step, batch, k, carry_i[, iteration])
+                 -> (carry_i+1, residuals_i)
+                 stage i < n linearised with `jax.vjp` (carry_1 = prev); `iteration` with
+                 `recycle_through_forward` (the final iteration: `maximum`);
   gradient.s_n   (params, rng, step, batch, k, carry_n)
                  -> {scalars, gradient, cotangent_n}
                  the last stage's loss and its gradient in one program (its forward and
@@ -106,6 +113,14 @@ def _in_host_memory(x: Any) -> bool:
   return getattr(getattr(jax.typeof(x), "memory_space", None), "name", "") == "Host"
 
 
+def _select_key(pred: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax.Array:
+  """`jnp.where` for PRNG keys, raw (uint32) or typed."""
+  if jax.dtypes.issubdtype(on_true.dtype, jax.dtypes.prng_key):
+    data = jnp.where(pred, jax.random.key_data(on_true), jax.random.key_data(on_false))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(on_true))
+  return jnp.where(pred, on_true, on_false)
+
+
 def _check_same_shapes(got: PyTree, expected: PyTree) -> None:
   """The last stage's gradient must be what the backward programs were lowered for."""
   if _signature(got) != _signature(expected):
@@ -145,6 +160,15 @@ class SplitTrainStep:
     self._state_shardings = state_shardings
     self._param_specs = param_specs
     self._flat = step_lib.flat_update(config, param_specs)
+    # The recycling iterations through the forward programs (`recycle_through_forward`).
+    self._through_forward = bool(config.get("recycle_through_forward", False))
+    parts = self._objective.recycle_stages
+    if self._through_forward and (parts is None or parts.next_prev is None
+                                  or len(self._stages) < 2):
+      raise ValueError("recycle_through_forward=True runs the recycling iterations through the "
+                       "forward programs of the final iteration: it needs recycle_stages=True "
+                       "and head_stages='structure,losses' (the structure module as a stage "
+                       "of its own, whose output makes the next iteration's inputs)")
     # How many programs XLA compiles at once (`compile_workers`; 0: all of them).
     self._compile_workers = int(config.get("compile_workers", 0) or 0)
     if self._compile_workers < 0:
@@ -169,6 +193,8 @@ class SplitTrainStep:
     parts = self._objective.recycle_stages
     if parts is None:
       return ["recycle"]
+    if self._through_forward:
+      return ["recycle.start", "recycle.count", "recycle.next"]
     return ["recycle.start"] + [f"recycle.{name}" for name, _ in parts.stages]
 
   @property
@@ -232,26 +258,63 @@ class SplitTrainStep:
         local, (P(), _PER_DEVICE, _PER_DEVICE, P(), P(), _PER_DEVICE, _PER_DEVICE),
         _PER_DEVICE)(params, batch, rngs, index, iteration, prev, carry)
 
-  def _stage_on_example(self, stage, params, rng, step, batch, index, carry, local):
+  def _recycle_count(self, batch, index):
+    """How many recycling iterations the devices' examples `index` run: the most of any
+    device (replicated), for Python to run that many (`recycle_through_forward`)."""
+    parts = self._objective.recycle_stages
+
+    def local(local_batch, index):
+      return jax.lax.pmax(parts.count(_example(local_batch, index)), sharding_lib.BATCH_AXES)
+
+    return self._shard_map(local, (_PER_DEVICE, P()), P())(batch, index)
+
+  def _recycle_next(self, batch, index, iteration, carry, prev):
+    """Iteration `iteration`'s `prev` for the next from the last forward program's output
+    (`RecycleStages.next_prev`); `prev` itself on a device whose example runs fewer
+    iterations (`recycle_through_forward`)."""
+    parts = self._objective.recycle_stages
+
+    def local(local_batch, index, iteration, local_carry, local_prev):
+      prev = _unlead(local_prev)
+      ran = iteration < parts.count(_example(local_batch, index))
+      return _lead(jax.tree.map(lambda new, old: jnp.where(ran, new, old),
+                                parts.next_prev(_unlead(local_carry), prev), prev))
+
+    return self._shard_map(local, (_PER_DEVICE, P(), P(), _PER_DEVICE, _PER_DEVICE),
+                           _PER_DEVICE)(batch, index, iteration, carry, prev)
+
+  def _stage_on_example(self, stage, params, rng, step, batch, index, carry, local,
+                        iteration=None):
     """`local(primals, fn, params, carry)` inside `shard_map` for this device's example
     `index`: `fn` is stage `stage` of the final iteration as a function of `primals` (the
     parameters, and the carry after the first stage: the recycled inputs carry no
-    gradient); `params` and `carry` are this device's values (a vjp's leaves may be them)."""
+    gradient); `params` and `carry` are this device's values (a vjp's leaves may be them).
+    `iteration` (`recycle_through_forward`): recycling iteration i with its features and
+    key (`RecycleStages.key`) where i is below the example's count, else the final
+    iteration (Python passes `maximum` for it)."""
     rngs = step_lib.example_rngs(rng, step, jax.tree.leaves(batch)[0].shape[0])
     stage_fn = self._stages[stage][1]
+    parts = self._objective.recycle_stages
 
-    def on_example(params, local_batch, local_rngs, index, local_carry):
-      example, _, final_rng = self._local_example(local_batch, local_rngs, index)
+    def on_example(params, local_batch, local_rngs, index, local_carry, *at):
+      example, recycle_rng, final_rng = self._local_example(local_batch, local_rngs, index)
       carry = _unlead(local_carry)
-      fn = lambda p, c: stage_fn(p, example, c, final_rng)
+      if at:
+        count = parts.count(example)
+        key = _select_key(at[0] >= count, final_rng, parts.key(recycle_rng, at[0]))
+        fn = lambda p, c: stage_fn(p, example, c, key, iteration=jnp.minimum(at[0], count))
+      else:
+        fn = lambda p, c: stage_fn(p, example, c, final_rng)
       if stage == 0:
         return local((params,), lambda p: fn(p, carry), params, carry)
       return local((params, carry), fn, params, carry)
 
-    return self._shard_map(on_example, (P(), _PER_DEVICE, _PER_DEVICE, P(), _PER_DEVICE),
-                           _PER_DEVICE)(params, batch, rngs, index, carry)
+    at = () if iteration is None else (iteration,)
+    return self._shard_map(
+        on_example, (P(), _PER_DEVICE, _PER_DEVICE, P(), _PER_DEVICE) + (P(),) * len(at),
+        _PER_DEVICE)(params, batch, rngs, index, carry, *at)
 
-  def _forward(self, stage, *args):
+  def _forward(self, stage, *args, iteration=None):
     def local(primals, fn, params, carry):
       out, vjp_fn = jax.vjp(fn, *primals)
       leaves, treedef = jax.tree.flatten(vjp_fn)
@@ -265,7 +328,7 @@ class SplitTrainStep:
       self._host_residuals[stage] = [_in_host_memory(leaf) for leaf in residuals]
       return _lead((out, residuals))
 
-    return self._stage_on_example(stage, *args, local)
+    return self._stage_on_example(stage, *args, local, iteration=iteration)
 
   def _gradient(self, *args):
     stage = len(self._stages) - 1
@@ -363,6 +426,9 @@ class SplitTrainStep:
                         out_shardings=dev).lower(*example_args)
     yield self._recycle_names[0], recycle
     carries = [recycle.out_info]
+    if self._through_forward:
+      yield "recycle.count", jax.jit(self._recycle_count, in_shardings=(batch_sh, rep),
+                                     out_shardings=rep).lower(batch, index)
     for i in range(n - 1):
       name = self._name("forward", i)
       # The residuals' shardings are left to the program (None): per device, as shard_map
@@ -370,9 +436,15 @@ class SplitTrainStep:
       # offloading checkpoint keeps in the host's memory stay there; a device sharding would
       # copy them back to the accelerator (H200, fine-tuning shapes, 2026-12-05: a peak of
       # 24.81 GiB against the one-program step's 14.96).
-      forward = jax.jit(
-          lambda *args, i=i: self._forward(i, *args), in_shardings=example_in,
-          out_shardings=(dev, None)).lower(*example_args, carries[i])
+      if self._through_forward:  # + the iteration (replicated): a recycling one or the final
+        forward = jax.jit(
+            lambda *args, i=i: self._forward(i, *args[:-1], iteration=args[-1]),
+            in_shardings=example_in + (rep,),
+            out_shardings=(dev, None)).lower(*example_args, carries[i], index)
+      else:
+        forward = jax.jit(
+            lambda *args, i=i: self._forward(i, *args), in_shardings=example_in,
+            out_shardings=(dev, None)).lower(*example_args, carries[i])
       yield name, forward
       out, self._residuals[i] = forward.out_info
       carries.append(out)
@@ -404,7 +476,11 @@ class SplitTrainStep:
         lambda state, sums: self._update(state, sums, batch_size),
         in_shardings=(self._state_shardings, dev),
         out_shardings=(self._state_shardings, rep), donate_argnums=0).lower(state, sums)
-    if parts is not None:
+    if parts is not None and self._through_forward:
+      yield "recycle.next", jax.jit(
+          self._recycle_next, in_shardings=(batch_sh, rep, rep, dev, dev), out_shardings=dev,
+      ).lower(batch, index, index, carries[n - 1], carries[0])
+    elif parts is not None:
       prev, carry = carries[0], {}
       for j, name in enumerate(self._recycle_names[1:]):
         program = jax.jit(
@@ -474,6 +550,9 @@ class SplitTrainStep:
     parts = self._objective.recycle_stages
     self._iterations = [jax.device_put(np.int32(i), rep)
                         for i in range(parts.maximum if parts is not None else 0)]
+    # The final iteration, as the forward programs take it (`recycle_through_forward`).
+    self._final_iteration = jax.device_put(
+        np.int32(parts.maximum if parts is not None else 0), rep)
     self._signature = _signature((state, batch))
     self.compile_seconds = seconds
     logging.info("split train step compiled: %s",
@@ -490,8 +569,10 @@ class SplitTrainStep:
     for index in self._indices:
       carries = [self._run_recycling(example_args, index)]
       residuals = []
+      final = (self._final_iteration,) if self._through_forward else ()
       for i in range(n - 1):
-        out, stage_residuals = run[self._name("forward", i)](*example_args, index, carries[i])
+        out, stage_residuals = run[self._name("forward", i)](*example_args, index, carries[i],
+                                                             *final)
         carries.append(out)
         residuals.append(stage_residuals)
       result = run[self._name("gradient", n - 1)](*example_args, index, carries[n - 1])
@@ -511,6 +592,17 @@ class SplitTrainStep:
     if self._objective.recycle_stages is None:
       return run["recycle"](*example_args, index)
     prev = run["recycle.start"](*example_args, index)
+    if self._through_forward:
+      # The final iteration's forward programs, then `recycle.next`, for as many iterations
+      # as the devices' examples run (Python waits for that count, so for the device to
+      # finish what was queued before it).
+      count = int(run["recycle.count"](example_args[3], index))
+      for iteration in self._iterations[:count]:
+        carry = prev
+        for i in range(len(self._stages) - 1):
+          carry, _ = run[self._name("forward", i)](*example_args, index, carry, iteration)
+        prev = run["recycle.next"](example_args[3], index, iteration, carry, prev)
+      return prev
     for iteration in self._iterations:
       carry = {}
       for name in self._recycle_names[1:]:

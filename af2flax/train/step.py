@@ -278,11 +278,18 @@ class RecycleStages:
   iteration) -> carry`: the first's `carry` is `prev`, the last returns the next
   iteration's `prev`; `rng` is the iteration's key (`key`).
   `run` runs them all in plain JAX; it equals the objective's `recycle` for the same key.
+  `next_prev(carry, prev) -> prev`, where given: the next iteration's `prev` from what the
+  objective's next-to-last stage returns. Then its stages before the last take
+  `iteration=i` (iteration i's features instead of the final iteration's) and, run with
+  iteration i's key (`key`), one after another, then `next_prev`, make iteration i as
+  `stages` do; so the separately compiled step can run the recycling iterations through
+  the final iteration's forward programs (`recycle_through_forward`).
   """
   initial: Callable[[Batch], PyTree]
   count: Callable[[Batch], jax.Array]
   maximum: int
   stages: tuple[tuple[str, RecycleStage], ...]
+  next_prev: Callable[[PyTree, PyTree], PyTree] | None = None
 
   @staticmethod
   def key(recycle_rng: jax.Array, iteration: jax.Array) -> jax.Array:
@@ -429,8 +436,8 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
                        rngs={"dropout": dropout_rng})
 
   def trunk_stage(parts):
-    return lambda params, example, carry, dropout_rng: _apply_trunk_parts(
-        model, parts, params, example, carry, dropout_rng)
+    return lambda params, example, carry, dropout_rng, iteration=None: _apply_trunk_parts(
+        model, parts, params, example, carry, dropout_rng, iteration)
 
   def losses(params, example, carry, dropout_rng, structure=None):
     outputs = model.apply({"params": params}, example, deterministic=False,
@@ -440,8 +447,9 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
     loss, aux = alphafold_loss(final_iteration_features(example), outputs, heads_config)
     return loss, aux
 
-  def structure_stage(params, example, representations, dropout_rng):
-    outputs = _apply_structure_module(model, params, example, representations, dropout_rng)
+  def structure_stage(params, example, representations, dropout_rng, iteration=None):
+    outputs = _apply_structure_module(model, params, example, representations, dropout_rng,
+                                      iteration)
     return {"representations": representations, "structure_module": outputs["structure_module"]}
 
   def losses_stage(params, example, carry, dropout_rng):
@@ -454,7 +462,8 @@ def alphafold_objective(model: Any, model_config: ml_collections.ConfigDict,
           else (("structure", structure_stage), ("losses", losses_stage)))
   return StagedObjective(
       recycle, tuple(zip(names, map(trunk_stage, stages))) + last,
-      _alphafold_recycle_stages(model, model_config, stages, names)
+      _alphafold_recycle_stages(model, model_config, stages, names,
+                                through_structure_stage=len(last) == 2)
       if recycle_in_stages else None)
 
 
@@ -480,11 +489,13 @@ def _apply_structure_module(model: Any, params: PyTree, example: Batch,
 
 
 def _alphafold_recycle_stages(model: Any, model_config: ml_collections.ConfigDict,
-                              stages: tuple[tuple[str, ...], ...],
-                              names: list[str]) -> RecycleStages:
+                              stages: tuple[tuple[str, ...], ...], names: list[str],
+                              through_structure_stage: bool = False) -> RecycleStages:
   """AlphaFold's recycling iterations in parts: the trunk's `stages`, then the structure
   module, which makes the next iteration's `prev` (`AlphaFold(iteration=i)`: iteration i's
-  features, `alphafold.prev_from_outputs`)."""
+  features, `alphafold.prev_from_outputs`). `through_structure_stage`: the objective has the
+  structure module as a stage of its own (`head_stages='structure,losses'`), whose output
+  (the representations and the structure module's) `next_prev` turns into the next `prev`."""
   from af2flax.model import alphafold as alphafold_lib  # pylint: disable=g-import-not-at-top
 
   def trunk_part(parts):
@@ -502,4 +513,5 @@ def _alphafold_recycle_stages(model: Any, model_config: ml_collections.ConfigDic
       initial=initial,
       count=lambda example: alphafold_lib.num_recycling_iterations(example, model_config),
       maximum=int(model_config.num_recycle),
-      stages=tuple(zip(names, map(trunk_part, stages))) + (("structure", structure),))
+      stages=tuple(zip(names, map(trunk_part, stages))) + (("structure", structure),),
+      next_prev=alphafold_lib.prev_from_outputs if through_structure_stage else None)

@@ -8,7 +8,8 @@ as separately compiled programs (`programs.SplitTrainStep`) instead of one;
 --trunk_stages=SPEC: AlphaFold's trunk in those stages (`step.trunk_stages`);
 --head_stages=SPEC: its heads (`step.head_stages`); --recycle_stages: its recycling
 iterations in parts (`step.RecycleStages`); --mixed_recycling: every other example runs no
-recycling iteration (the others the reference batch's one), so devices differ.
+recycling iteration (the others the reference batch's one), so devices differ;
+--recycle_through_forward: the split step runs them through its forward programs.
 Prints one JSON object {"data,fsdp": result}.
 """
 
@@ -37,7 +38,7 @@ def mlp_setup():
 
 
 def alphafold_setup(trunk: str = "trunk", heads: str = "heads", recycle: bool = False,
-                    mixed_recycling: bool = False):
+                    mixed_recycling: bool = False, through_forward: bool = False):
   from af2flax.model.alphafold import AlphaFold  # pylint: disable=g-import-not-at-top
   from tests.conftest import load_af2_tiny_training  # pylint: disable=g-import-not-at-top
   config, params, reference, _ = load_af2_tiny_training()
@@ -55,7 +56,7 @@ def alphafold_setup(trunk: str = "trunk", heads: str = "heads", recycle: bool = 
 
   objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk, heads, recycle)
   # AlphaFold's learning rate (1e-3) with a 2-step warm-up, so both steps really move.
-  train_config = mlp.train_config()
+  train_config = mlp.train_config(recycle_through_forward=through_forward)
   train_config.optimizer.learning_rate = 1e-3
   return objective, params, batch, ALPHAFOLD_RULES, train_config
 
@@ -97,7 +98,7 @@ if __name__ == "__main__":
   trunk = next((a.split("=", 1)[1] for a in args if a.startswith("--trunk_stages=")), "trunk")
   heads = next((a.split("=", 1)[1] for a in args if a.startswith("--head_stages=")), "heads")
   setup = (alphafold_setup(trunk, heads, "--recycle_stages" in args,
-                           "--mixed_recycling" in args)
+                           "--mixed_recycling" in args, "--recycle_through_forward" in args)
            if "--alphafold" in args else mlp_setup())
   meshes = [a for a in args if not a.startswith("--")]
   print(json.dumps({shape: run(setup, *map(int, shape.split(",")), split="--split" in args)

@@ -112,6 +112,44 @@ def recycling_objective(model: MLP):
   return step_lib.StagedObjective(parts.run, (("hidden", hidden), ("output", output)), parts)
 
 
+def recycling_through_forward_objective(model: MLP):
+  """`recycling_objective`'s kind of recycling that the split step can also run through the
+  final iteration's forward programs (`RecycleStages.next_prev`): the first stage takes
+  `iteration=` (iteration i's inputs, scaled by 1 + i; the final iteration's scale is
+  1 + its count) and returns the output that `next_prev` recycles."""
+  from af2flax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  count = lambda example: jnp.where(example["x"].sum() > 0, 2, 1)
+
+  def hidden(params, example, prev, rng, iteration=None):
+    scale = 1.0 + (count(example) if iteration is None else iteration)
+    h = (scale * example["x"] @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+         + prev["out"][:, None])
+    h = jnp.tanh(nn.Dropout(model.dropout_rate, deterministic=False).apply(
+        {}, h, rngs={"dropout": rng}))
+    return (h @ params["Dense_1"]["kernel"])[..., 0] + params["Dense_1"]["bias"][0]
+
+  def first(params, example, prev, carry, rng, iteration):
+    del prev
+    return {"pred": hidden(params, example, carry, rng, iteration)}
+
+  def second(params, example, prev, carry, rng, iteration):
+    del params, example, prev, rng, iteration
+    return {"out": jax.lax.stop_gradient(carry["pred"])}
+
+  parts = step_lib.RecycleStages(
+      initial=lambda example: {"out": jnp.zeros(example["x"].shape[:1])},
+      count=count, maximum=2, stages=(("first", first), ("second", second)),
+      next_prev=lambda pred, prev: {"out": jax.lax.stop_gradient(pred)})
+
+  def output(params, example, pred, rng):
+    del params, rng
+    mse = jnp.mean((pred - example["y"]) ** 2)
+    return mse, {"mse": mse, "per_point": (pred - example["y"]) ** 2}
+
+  return step_lib.StagedObjective(parts.run, (("hidden", hidden), ("output", output)), parts)
+
+
 def init_params(model: MLP, seed: int = 0):
   return model.init(jax.random.PRNGKey(seed), jnp.zeros((POINTS, FEATURES)))["params"]
 

@@ -25,8 +25,8 @@ from tests.conftest import REPO_ROOT, load_af2_tiny_training
 from tests.train import mlp
 
 
-def _mlp_steps(batch_size=4, steps=3, objective=mlp.objective):
-  config = mlp.train_config()
+def _mlp_steps(batch_size=4, steps=3, objective=mlp.objective, **config_overrides):
+  config = mlp.train_config(**config_overrides)
   model = mlp.MLP()
   tx = optimizer_lib.make_optimizer(config.optimizer)
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
@@ -109,6 +109,31 @@ def test_recycling_in_parts_equals_one_program_step():
   counts = [int(np.where(mlp.make_batch(i, 4)["x"][k].sum() > 0, 2, 1))
             for i in range(3) for k in range(4)]
   assert set(counts) == {1, 2}  # both counts occur, so the skip is taken
+
+
+def test_recycling_through_the_forward_programs_equals_one_program_step():
+  """`recycle_through_forward`: the recycling iterations run the final iteration's forward
+  programs (iteration i's inputs and key), then `recycle.next`, for as many iterations as
+  the devices' examples run (`recycle.count`; here 1 or 2): the one-program step's values
+  (its recycling runs the objective's parts), with no per-part recycling programs."""
+  (one, split), (one_metrics, split_metrics), split_step = _mlp_steps(
+      objective=mlp.recycling_through_forward_objective, recycle_through_forward=True)
+  _assert_same_states(one, split)
+  for key, value in one_metrics.items():
+    np.testing.assert_allclose(split_metrics[key], value, rtol=1e-5, err_msg=key)
+  assert split_step.program_names == ["recycle.start", "recycle.count", "recycle.next"] + [
+      "forward.hidden", "gradient.output", "backward.hidden", "accumulate", "accumulate.add",
+      "update"]
+
+
+def test_recycling_through_the_forward_programs_needs_next_prev():
+  config = mlp.train_config(recycle_through_forward=True)
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
+  tx = optimizer_lib.make_optimizer(config.optimizer)
+  for objective in (mlp.objective, mlp.recycling_objective):
+    with pytest.raises(ValueError, match="head_stages='structure,losses'"):
+      programs.SplitTrainStep(objective(mlp.MLP()), tx, config, mesh,
+                              sharding_lib.replicated(mesh))
 
 
 def test_residuals_leave_out_the_parameters():
@@ -242,17 +267,22 @@ def test_split_step_on_meshes_equals_one_device():
 
 
 @pytest.mark.slow
-def test_alphafold_split_step_in_parts_on_a_mesh_equals_one_device(shared_dir):
+@pytest.mark.parametrize("recycling", [[], ["--recycle_through_forward"]],
+                         ids=["parts", "through_forward"])
+def test_alphafold_split_step_in_parts_on_a_mesh_equals_one_device(shared_dir, recycling):
   """af2_tiny, two steps, every other example running no recycling iteration (so devices
   run different counts): the split step with the trunk in three stages, the structure
-  module apart and the recycling iterations in parts, on a 4 x 2 FSDP mesh, gives the
-  one-program step's losses, parameters and EMA on one device. (Measured 2026-12-05:
-  parameters within 2.6e-5, the Adam update's rounding, EMA within 6e-8.)"""
+  module apart and the recycling iterations in parts (or through the forward programs,
+  whose `recycle.next` keeps `prev` where a device's example has run its count), on a 4 x 2
+  FSDP mesh, gives the one-program step's losses, parameters and EMA on one device.
+  (Measured 2026-12-05: parameters within 2.6e-5, the Adam update's rounding, EMA within
+  6e-8.)"""
   del shared_dir
   reference = _mesh_worker("--alphafold", "--mixed_recycling", "1,1")["1,1"]
   result = _mesh_worker("--alphafold", "--mixed_recycling", "--split",
                         "--trunk_stages=embeddings,extra_msa,evoformer",
-                        "--head_stages=structure,losses", "--recycle_stages", "4,2")["4,2"]
+                        "--head_stages=structure,losses", "--recycle_stages", *recycling,
+                        "4,2")["4,2"]
   np.testing.assert_allclose(result["losses"], reference["losses"], rtol=1e-5)
   for tree, atol in (("params", 1e-4), ("ema", 1e-6)):
     for name, value in reference[tree].items():
@@ -506,19 +536,23 @@ def test_alphafold_prev_is_checked(tiny):
     ("embeddings+extra_msa,evoformer", "heads", True, {}),
     # the presets' flattened scan under remat (no copy of the parameters kept)
     ("embeddings,extra_msa,evoformer", "structure,losses", True,
+     {"use_remat": True, "scan_flat_params": True}),
+    # the recycling iterations through the forward programs
+    ("embeddings,extra_msa,evoformer", "structure,losses", "through_forward",
      {"use_remat": True, "scan_flat_params": True})])
 def test_alphafold_split_step_equals_one_program_step(tiny, trunk, heads, recycle, overrides):
   """af2_tiny with its reference parameters and batch, dropout on: one step of the split
   step and of the one-program step give the same loss, metrics and parameters, with the
   trunk in one stage or two, the heads in one stage or two, and the recycling iterations
-  in one program or in parts; and with the stacks rematerialised and scanned over flat
-  parameters."""
+  in one program, in parts or through the forward programs; and with the stacks
+  rematerialised and scanned over flat parameters."""
   config, params, batch = tiny
   config = _with_dropout(config)
   config.global_config.update(overrides)
   config.heads.structure_module.dropout = 0.1
-  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk, heads, recycle)
-  train_config = mlp.train_config()
+  objective = step_lib.alphafold_objective(AlphaFold(config), config, trunk, heads,
+                                           bool(recycle))
+  train_config = mlp.train_config(recycle_through_forward=recycle == "through_forward")
   train_config.optimizer.learning_rate = 1e-3
   tx = optimizer_lib.make_optimizer(train_config.optimizer)
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
