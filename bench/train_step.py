@@ -387,12 +387,6 @@ VARIANTS.update({
                                       "trunk_stages": "embeddings,extra_msa,evoformer",
                                       "head_stages": "structure,losses", "recycle_stages": True,
                                       "flat_update": True},
-    # and the recycling iterations through the forward programs: no program per part, the
-    # four (~21 s of the 88 s of single-program compile work, H100) left out.
-    "bf16-auto-split3hr-flatupdate-fwdrecycle": {
-        **_BF16_AUTO, "step_programs": "split", "trunk_stages": "embeddings,extra_msa,evoformer",
-        "head_stages": "structure,losses", "recycle_stages": True,
-        "recycle_through_forward": True, "flat_update": True},
     "bf16-pallas512-extracudnn-offload55-split3hr": {
         **_FINETUNE_PRESET, "step_programs": "split",
         "trunk_stages": "embeddings,extra_msa,evoformer", "head_stages": "structure,losses",
@@ -410,6 +404,10 @@ VARIANTS.update({f"bf16-auto-split3hr-flatupdate-cw{n}": {
 # session, untimed): the row's compile is from the workers' start to the step compiled.
 VARIANTS.update({f"bf16-auto-split3hr-flatupdate-procs{n}": {
     **VARIANTS["bf16-auto-split3hr-flatupdate"], "compile_processes": n} for n in (4, 8)})
+# ... with its recycling iterations through the forward programs: no program per part, the
+# four (~21 s of the 88 s of single-program compile work, H100) left out.
+VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle"] = {
+    **VARIANTS["bf16-auto-split3hr-flatupdate"], "recycle_through_forward": True}
 RECYCLES = (0, 1, 2, 3)
 
 
@@ -735,6 +733,11 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
   }
 
 
+def _with_flags(xla_flags: str, more: str) -> str:
+  """XLA_FLAGS `xla_flags` with a variant's flags `more` after them (XLA takes the last)."""
+  return f"{xla_flags} {more}".strip()
+
+
 def _trace_and_lower(step_fn, state, batch):
   """Python tracing and lowering to StableHLO, timed apart from XLA's compilation: these two
   are the same on every backend, so a CPU measures them for the GPU."""
@@ -999,7 +1002,7 @@ def _run_worker(variant: str, shape_name: str, args, env: dict):
   worker_env = dict(env)
   flags = VARIANTS[variant].get("xla_flags", "")
   if flags:
-    worker_env["XLA_FLAGS"] = (worker_env.get("XLA_FLAGS", "") + " " + flags).strip()
+    worker_env["XLA_FLAGS"] = _with_flags(worker_env.get("XLA_FLAGS", ""), flags)
   # The worker's stderr (its progress lines, XLA's messages) goes to a file: under --log_dir
   # it stays there, to be read while the run goes on or after it was cut short.
   if args.log_dir:
@@ -1185,8 +1188,7 @@ def main(argv=None) -> int:
       parser.error(f"--lower_only compiles every variant in one process, under one XLA_FLAGS: "
                    f"{args.variants} set different xla_flags; run them one at a time")
     if variant_flags != {""}:
-      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
-                                 + variant_flags.pop()).strip()
+      os.environ["XLA_FLAGS"] = _with_flags(os.environ.get("XLA_FLAGS", ""), variant_flags.pop())
     rows = []
     print(f"{'variant':20s} {'shapes':8s} {'trace s':>8s} {'lower s':>8s} {'StableHLO lines':>16s}"
           + (f" {'compile s':>9s} {'scratch GiB':>11s}" if args.compile_only else ""))

@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                            first_global)
 
   # Resume from the latest checkpoint; else start from imported weights; else from scratch.
-  created = time.monotonic()
+  creation_start = time.monotonic()
   checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
   latest = checkpointer.latest_step()
   if latest is not None:
@@ -289,10 +289,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       state = jax.jit(lambda p: state_lib.create_train_state(p, optimizer, state_rng),
                       out_shardings=state_shardings)(params)
   initial_step = int(jax.device_get(state.step))
-  created = time.monotonic() - created
+  creation_s = time.monotonic() - creation_start
   lowered, lower_s = lowering.result()  # the thread's error, if any, is raised here
   logging.info("train step traced and lowered in %.1f s beside the state's %s (%.1f s)",
-               lower_s, "restore" if latest is not None else "creation", created)
+               lower_s, "restore" if latest is not None else "creation", creation_s)
   if isinstance(train_step, programs_lib.SplitTrainStep):
     train_step.compile(state, first_global, lowered=lowered)
   del lowered  # the one-program step: jit finds its lowering cached at the first call

@@ -283,15 +283,14 @@ class SplitTrainStep:
     return self._shard_map(local, (_PER_DEVICE, P(), P(), _PER_DEVICE, _PER_DEVICE),
                            _PER_DEVICE)(batch, index, iteration, carry, prev)
 
-  def _stage_on_example(self, stage, params, rng, step, batch, index, carry, local,
-                        iteration=None):
+  def _stage_on_example(self, stage, local, params, rng, step, batch, index, carry, *at):
     """`local(primals, fn, params, carry)` inside `shard_map` for this device's example
     `index`: `fn` is stage `stage` of the final iteration as a function of `primals` (the
     parameters, and the carry after the first stage: the recycled inputs carry no
     gradient); `params` and `carry` are this device's values (a vjp's leaves may be them).
-    `iteration` (`recycle_through_forward`): recycling iteration i with its features and
-    key (`RecycleStages.key`) where i is below the example's count, else the final
-    iteration (Python passes `maximum` for it)."""
+    `at` (`recycle_through_forward`): the iteration i, recycling iteration i with its
+    features and key (`RecycleStages.key`) where i is below the example's count, else the
+    final iteration (Python passes `maximum` for it)."""
     rngs = step_lib.example_rngs(rng, step, jax.tree.leaves(batch)[0].shape[0])
     stage_fn = self._stages[stage][1]
     parts = self._objective.recycle_stages
@@ -309,12 +308,11 @@ class SplitTrainStep:
         return local((params,), lambda p: fn(p, carry), params, carry)
       return local((params, carry), fn, params, carry)
 
-    at = () if iteration is None else (iteration,)
     return self._shard_map(
         on_example, (P(), _PER_DEVICE, _PER_DEVICE, P(), _PER_DEVICE) + (P(),) * len(at),
         _PER_DEVICE)(params, batch, rngs, index, carry, *at)
 
-  def _forward(self, stage, *args, iteration=None):
+  def _forward(self, stage, *args):
     def local(primals, fn, params, carry):
       out, vjp_fn = jax.vjp(fn, *primals)
       leaves, treedef = jax.tree.flatten(vjp_fn)
@@ -328,7 +326,7 @@ class SplitTrainStep:
       self._host_residuals[stage] = [_in_host_memory(leaf) for leaf in residuals]
       return _lead((out, residuals))
 
-    return self._stage_on_example(stage, *args, local, iteration=iteration)
+    return self._stage_on_example(stage, local, *args)
 
   def _gradient(self, *args):
     stage = len(self._stages) - 1
@@ -341,7 +339,7 @@ class SplitTrainStep:
         result["cotangent"] = carry_cotangent[0]
       return _lead(result)
 
-    return self._stage_on_example(stage, *args, local)
+    return self._stage_on_example(stage, local, *args)
 
   def _backward(self, stage, params, inputs, gradient):
     treedef, layout = self._vjp[stage]
@@ -426,6 +424,8 @@ class SplitTrainStep:
                         out_shardings=dev).lower(*example_args)
     yield self._recycle_names[0], recycle
     carries = [recycle.out_info]
+    # The forward programs' iteration (replicated), with `recycle_through_forward`.
+    at = (index,) if self._through_forward else ()
     if self._through_forward:
       yield "recycle.count", jax.jit(self._recycle_count, in_shardings=(batch_sh, rep),
                                      out_shardings=rep).lower(batch, index)
@@ -436,15 +436,9 @@ class SplitTrainStep:
       # offloading checkpoint keeps in the host's memory stay there; a device sharding would
       # copy them back to the accelerator (H200, fine-tuning shapes, 2026-12-05: a peak of
       # 24.81 GiB against the one-program step's 14.96).
-      if self._through_forward:  # + the iteration (replicated): a recycling one or the final
-        forward = jax.jit(
-            lambda *args, i=i: self._forward(i, *args[:-1], iteration=args[-1]),
-            in_shardings=example_in + (rep,),
-            out_shardings=(dev, None)).lower(*example_args, carries[i], index)
-      else:
-        forward = jax.jit(
-            lambda *args, i=i: self._forward(i, *args), in_shardings=example_in,
-            out_shardings=(dev, None)).lower(*example_args, carries[i])
+      forward = jax.jit(
+          lambda *args, i=i: self._forward(i, *args), in_shardings=example_in + (rep,) * len(at),
+          out_shardings=(dev, None)).lower(*example_args, carries[i], *at)
       yield name, forward
       out, self._residuals[i] = forward.out_info
       carries.append(out)
