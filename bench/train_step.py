@@ -103,7 +103,8 @@ _COMPILE_WAIT_S = 1800.0
 # persistent cache, which its compile then reads; `bench/compile_processes.py`) and
 # 'recycle_through_forward' (its recycling iterations through the forward programs).
 STEP_KEYS = ("xla_flags", "step_programs", "trunk_stages", "head_stages", "recycle_stages",
-             "compile_workers", "flat_update", "compile_processes", "recycle_through_forward")
+             "compile_workers", "flat_update", "compile_processes", "recycle_through_forward",
+             "compile_schedule")
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -408,6 +409,15 @@ VARIANTS.update({f"bf16-auto-split3hr-flatupdate-procs{n}": {
 # four (~21 s of the 88 s of single-program compile work, H100) left out.
 VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle"] = {
     **VARIANTS["bf16-auto-split3hr-flatupdate"], "recycle_through_forward": True}
+# ... either, with a program started once the larger programs that tune its matrix products
+# are compiled (`compile_schedule`: '-share' waits only for programs that wait for nothing,
+# '-shareall' tunes every product once), so that XLA does not tune one product in several
+# programs at the same time: 238 distinct products in either's StableHLO, against 449 and 351
+# summed over their programs (2026-12-05, twenty-fourth session), untimed.
+for _name in ("bf16-auto-split3hr-flatupdate", "bf16-auto-split3hr-flatupdate-fwdrecycle"):
+  VARIANTS[f"{_name}-share"] = {**VARIANTS[_name], "compile_schedule": "share_autotuning"}
+  VARIANTS[f"{_name}-shareall"] = {**VARIANTS[_name],
+                                   "compile_schedule": "share_autotuning_all"}
 RECYCLES = (0, 1, 2, 3)
 
 
@@ -426,6 +436,7 @@ def _train_config(variant: str, smoke: bool, stage: str):
   config.recycle_through_forward = VARIANTS[variant].get("recycle_through_forward",
                                                          config.recycle_through_forward)
   config.compile_workers = VARIANTS[variant].get("compile_workers", config.compile_workers)
+  config.compile_schedule = VARIANTS[variant].get("compile_schedule", config.compile_schedule)
   config.optimizer.flat_update = VARIANTS[variant].get("flat_update",
                                                        config.optimizer.flat_update)
   config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))
@@ -788,7 +799,8 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
   text = lowered.as_text()
   row = {"variant": variant, "shapes": shape_name, "trace_s": trace_s, "lower_s": lower_s,
          "stablehlo_lines": text.count("\n"), "device": jax.devices()[0].device_kind,
-         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+         **_matrix_product_counts({"train_step": text})}
   if compile_too:
     if memory_report:  # this compilation's dump alone (several variants share the directory)
       for old in pathlib.Path(memory_report, "dump").glob("*"):
@@ -828,7 +840,8 @@ def _lower_split(variant, shape_name, split_step, state, batch, compile_too,
          "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "stablehlo_lines": sum(low.as_text().count("\n") for low in lowered.values()),
          "program_lines": {name: low.as_text().count("\n") for name, low in lowered.items()},
-         "residual_gib": _residual_gib(split_step)}
+         "residual_gib": _residual_gib(split_step),
+         **_matrix_product_counts({name: low.as_text() for name, low in lowered.items()})}
   if compile_too:
     # The concurrent compile from these lowered programs; the one-at-a-time compile from a
     # fresh lowering (a lowered program keeps its executable once compiled).
@@ -847,6 +860,17 @@ def _lower_split(variant, shape_name, split_step, state, batch, compile_too,
     largest = _largest_scratch_gib(row["program_temp_gib"])
     row["temp_gib"] = float("nan") if largest is None else largest
   return row
+
+
+def _matrix_product_counts(texts: dict) -> dict:
+  """The distinct matrix products of the programs' StableHLO (`texts`: name -> text) and
+  their count summed over the programs: how many XLA's GPU autotuning tunes if every program
+  compiles at once (each program tunes its own; one process caches them for later
+  compiles), against the fewest it could."""
+  from af2flax.train import programs  # pylint: disable=g-import-not-at-top
+  products = [programs.matrix_products(text) for text in texts.values()]
+  return {"matrix_products": len(frozenset().union(*products)),
+          "matrix_products_per_program": sum(len(p) for p in products)}
 
 
 def _scratch_gib(compiled) -> tuple[float | None, float | None]:
@@ -1214,6 +1238,8 @@ def main(argv=None) -> int:
                   + (f", scratch {temp:.2f} GiB" if temp is not None else ""), flush=True)
           print(f"  residuals {row['residual_gib']['device']:.3f} GiB on the device, "
                 f"{row['residual_gib']['host']:.3f} GiB on the host", flush=True)
+        print(f"  matrix products: {row['matrix_products']} distinct, "
+              f"{row['matrix_products_per_program']} summed over the programs", flush=True)
         if row.get("memory_report"):
           print(pathlib.Path(row["memory_report"]).read_text(encoding="utf-8"), flush=True)
         rows.append(row)

@@ -108,6 +108,19 @@ def get_config() -> ml_collections.ConfigDict:
   # 16 programs at once took about as long as one after another (2026-12-05), and 2 or 4 at a
   # time as long again (96-103 s of XLA): a bound on a compile's host memory, no faster.
   config.compile_workers = 0
+  # With 'split': 'together' compiles every program at once. 'share_autotuning_all' starts
+  # a program once the larger programs that tune its matrix products are compiled, so that
+  # XLA's GPU autotuning (two thirds of the split step's compile, H200) tunes each product
+  # once instead of once per program compiling it at the same time (the split step's 238
+  # distinct products are 449 summed over its programs; with recycle_through_forward, 351);
+  # 'share_autotuning' waits only where programs that wait for nothing tune at least half
+  # of a program's products (no chains of waits; some products tuned twice). Same programs
+  # (programs.autotuning_schedule); not yet timed on a GPU.
+  config.compile_schedule = "together"
+  # True: XLA compiles the train step on a thread of its own while the state is created (its
+  # own compile) or restored (Orbax's reads), right after the step is traced; False: the
+  # step is only traced there and compiled once the state exists. Same program.
+  config.compile_beside_state = True
   config.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
       "warmup_steps": 1000, "decay_steps": 50_000, "decay_factor": 0.95,

@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the training recipe, top to bottom.
 
 mesh → input → model → sharded train state → restore (or start from imported weights),
-while the jitted step is traced and lowered beside it → loop with metrics, validation,
+while the step is traced, lowered and compiled beside it → loop with metrics, validation,
 checkpoints and preemption handling. Every knob is in the config (`configs/*.py`); the
 recipe's constants are Jumper et al. (2021) Suppl. 1.11.
 """
@@ -149,24 +149,55 @@ def _abstract_state(state_shape: PyTree, state_shardings: PyTree) -> PyTree:
       state_shape, state_shardings)
 
 
-def _lower_beside(train_step: Any, abstract_state: PyTree, batch: PyTree
-                  ) -> futures.Future:
-  """Traces and lowers `train_step` for this state and batch on a thread of its own; the
-  future gives (lowered, seconds). Tracing is Python and holds its lock, but XLA compiling
-  the initialisation and Orbax reading a checkpoint mostly do not, so the two overlap: the
-  step's XLA compilation then starts from a finished trace. The one-program step's jit
-  keeps the lowering in its cache (its first call traces nothing again); the split step
-  takes the lowered programs (`SplitTrainStep.compile(..., lowered=...)`)."""
-  def lower():
+def _prepare_beside(train_step: Any, abstract_state: PyTree, batch: PyTree,
+                    compile_too: bool) -> futures.Future:
+  """Traces and lowers `train_step` for this state and batch on a thread of its own, then,
+  with `compile_too`, has XLA compile it there too; the future gives (step, lower seconds,
+  compile seconds or None). Tracing is Python and holds its lock, but XLA compiling (the
+  initialisation's program or this one) and Orbax reading a checkpoint mostly do not, so
+  the state's creation or restore overlaps the step's trace and compile.
+
+  The step the future gives: the split step, its programs compiled (`SplitTrainStep.compile`
+  with the lowered programs), or lowered only (its `compile(..., lowered=...)` left to the
+  caller); the one-program step as `_CompiledStep` (its executable, called directly), or,
+  lowered only, the jitted step itself, whose jit keeps the lowering in its cache (its first
+  call traces nothing again)."""
+  def prepare():
     start = time.perf_counter()
     lowered = train_step.lower(abstract_state, batch)
-    return lowered, time.perf_counter() - start
+    lower_s = time.perf_counter() - start
+    if not compile_too:
+      return (lowered if isinstance(train_step, programs_lib.SplitTrainStep) else train_step,
+              lower_s, None)
+    start = time.perf_counter()
+    if isinstance(train_step, programs_lib.SplitTrainStep):
+      train_step.compile(abstract_state, batch, lowered=lowered)
+      step = train_step
+    else:
+      step = _CompiledStep(lowered.compile(), train_step, batch)
+    return step, lower_s, time.perf_counter() - start
 
-  pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lower_train_step")
+  pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare_train_step")
   try:
-    return pool.submit(lower)
+    return pool.submit(prepare)
   finally:
     pool.shutdown(wait=False)
+
+
+class _CompiledStep:
+  """The one-program step compiled ahead of its first call: batches shaped as the one it was
+  compiled for run its executable directly (whatever jit's own caches hold: no second
+  compile); any other batch goes through the jitted step. The state's shapes and shardings
+  are the step's own (`jit_train_step` fixes both), so only the batch is checked."""
+
+  def __init__(self, compiled: Any, jitted: Any, batch: PyTree):
+    self._compiled, self._jitted = compiled, jitted
+    self._batch_signature = programs_lib.shapes_signature(batch)
+
+  def __call__(self, state: PyTree, batch: PyTree) -> Any:
+    if programs_lib.shapes_signature(batch) == self._batch_signature:
+      return self._compiled(state, batch)
+    return self._jitted(state, batch)
 
 
 def _check_skips(consecutive_skips: jax.Array | None, max_skips: int, step: int,
@@ -256,15 +287,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
   logging.info("model: %d parameters", num_params)
 
-  # The step over the mesh. It is traced and lowered (Python) on a thread of its own while
-  # the state is created or restored below, whose XLA compilation or checkpoint reads leave
-  # Python's lock free; the step's XLA compilation then follows (`_lower_beside`).
+  # The step over the mesh. It is traced, lowered and compiled on a thread of its own while
+  # the state is created or restored below (`_prepare_beside`; config.compile_beside_state).
   param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
   train_step = make_step(model.objective, optimizer, config, mesh, state_shardings,
                          param_specs)
   first_global = sharding_lib.global_batch(first_batch, batch_sharding)
-  lowering = _lower_beside(train_step, _abstract_state(state_shape, state_shardings),
-                           first_global)
+  compile_beside = bool(config.get("compile_beside_state", True))
+  preparing = _prepare_beside(train_step, _abstract_state(state_shape, state_shardings),
+                              first_global, compile_beside)
 
   # Resume from the latest checkpoint; else start from imported weights; else from scratch.
   creation_start = time.monotonic()
@@ -290,12 +321,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                       out_shardings=state_shardings)(params)
   initial_step = int(jax.device_get(state.step))
   creation_s = time.monotonic() - creation_start
-  lowered, lower_s = lowering.result()  # the thread's error, if any, is raised here
-  logging.info("train step traced and lowered in %.1f s beside the state's %s (%.1f s)",
-               lower_s, "restore" if latest is not None else "creation", creation_s)
-  if isinstance(train_step, programs_lib.SplitTrainStep):
-    train_step.compile(state, first_global, lowered=lowered)
-  del lowered  # the one-program step: jit finds its lowering cached at the first call
+  waiting = time.monotonic()
+  prepared, lower_s, compile_s = preparing.result()  # the thread's error is raised here
+  where = f"beside the state's {'restore' if latest is not None else 'creation'}"
+  if compile_beside:
+    logging.info("train step traced and lowered in %.1f s and compiled in %.1f s %s "
+                 "(%.1f s), then waited for %.1f s", lower_s, compile_s, where, creation_s,
+                 time.monotonic() - waiting)
+  else:
+    logging.info("train step traced and lowered in %.1f s %s (%.1f s)", lower_s, where,
+                 creation_s)
+    if isinstance(train_step, programs_lib.SplitTrainStep):
+      train_step.compile(state, first_global, lowered=prepared)
+  if not isinstance(train_step, programs_lib.SplitTrainStep):
+    train_step = prepared  # compiled beside the state, or the jit holding its lowering
+  del prepared
   if first_batch is None:
     first_global = None
 

@@ -67,6 +67,7 @@ Examples vmapped together (`vmap_batch_size` > 1) are not supported here.
 from __future__ import annotations
 
 from concurrent import futures as concurrent_futures
+import re
 import time
 from typing import Any, Mapping
 
@@ -102,9 +103,54 @@ def _unlead(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: x[0], tree)
 
 
-def _signature(tree: PyTree) -> tuple[Any, ...]:
+def shapes_signature(tree: PyTree) -> tuple[Any, ...]:
+  """The tree's structure with each leaf's shape and dtype (arrays or abstract)."""
   leaves, treedef = jax.tree.flatten(tree)
   return (treedef,) + tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+_DOT = re.compile(r"stablehlo\.dot_general\b([^\n]*)")
+_SSA_NAME = re.compile(r"%[\w.#:-]+")
+_LOCATION = re.compile(r"\s*loc\(.*$")
+
+COMPILE_SCHEDULES = ("together", "share_autotuning", "share_autotuning_all")
+
+
+def matrix_products(stablehlo: str) -> frozenset[str]:
+  """The distinct matrix products (`dot_general`s: operand and result types, dimension
+  numbers) of a program's StableHLO text. XLA's GPU compiler autotunes each of its matrix
+  product fusions once per process (its autotuning is cached), except where two programs
+  compiling at the same time tune the same one each."""
+  return frozenset(_LOCATION.sub("", _SSA_NAME.sub("%", match.group(1))).strip()
+                   for match in _DOT.finditer(stablehlo))
+
+
+def autotuning_schedule(products: Mapping[str, frozenset[str]], sizes: Mapping[str, int],
+                        shallow: bool = False) -> tuple[list[str], dict[str, list[str]]]:
+  """The order in which the programs start (the most matrix products first, then the longest
+  StableHLO), and for each program the earlier ones it waits for, so that it finds their
+  autotuning of its matrix products in XLA's cache instead of tuning the same products at
+  the same time (`compile_schedule`).
+
+  'share_autotuning_all' (`shallow=False`): for each of its products, the first program in
+  that order holding it (which tunes it): every product is tuned once, and a program may
+  wait for one that waits too. 'share_autotuning' (`shallow=True`): only programs that wait
+  for nothing tune; a program waits for them where they hold at least half of its products,
+  else it waits for nothing (and tunes all of its products, some also tuned beside it):
+  waits never chain. Programs without matrix products wait for nothing."""
+  order = sorted(products, key=lambda n: (-len(products[n]), -sizes.get(n, 0)))
+  tuner: dict[str, str] = {}  # product -> the program that tunes it
+  waits: dict[str, list[str]] = {}
+  for name in order:
+    held = {tuner[product] for product in products[name] if product in tuner}
+    tuned_before = sum(product in tuner for product in products[name])
+    if shallow and 2 * tuned_before < len(products[name]):
+      held = set()
+    waits[name] = [earlier for earlier in order if earlier in held]
+    if not (shallow and held):
+      for product in products[name]:
+        tuner.setdefault(product, name)
+  return order, waits
 
 
 def _in_host_memory(x: Any) -> bool:
@@ -123,9 +169,9 @@ def _select_key(pred: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax
 
 def _check_same_shapes(got: PyTree, expected: PyTree) -> None:
   """The last stage's gradient must be what the backward programs were lowered for."""
-  if _signature(got) != _signature(expected):
+  if shapes_signature(got) != shapes_signature(expected):
     raise ValueError("the last stage's gradient is not shaped and typed as the parameters: "
-                     f"{_signature(got)} against {_signature(expected)}")
+                     f"{shapes_signature(got)} against {shapes_signature(expected)}")
 
 
 def _per_device(tree: PyTree, devices: int, dtype: Any = None) -> PyTree:
@@ -174,6 +220,16 @@ class SplitTrainStep:
     if self._compile_workers < 0:
       raise ValueError(f"compile_workers={self._compile_workers}: expected 0 (every program "
                        "at once) or a positive number of programs compiled at a time")
+    # 'together': every program compiled at once; 'share_autotuning(_all)': a program waits
+    # for the larger programs that tune its matrix products (`autotuning_schedule`).
+    self._compile_schedule = str(config.get("compile_schedule", "together"))
+    if self._compile_schedule not in COMPILE_SCHEDULES:
+      raise ValueError(f"compile_schedule={self._compile_schedule!r}: expected one of "
+                       f"{COMPILE_SCHEDULES}")
+    if self._compile_workers and self._compile_schedule != "together":
+      raise ValueError(f"compile_workers={self._compile_workers} bounds the programs compiled "
+                       f"at once by compile_schedule='together'; compile_schedule="
+                       f"{self._compile_schedule!r} starts each when its waits end: set one")
     self._replicated = sharding_lib.replicated(mesh)
     self._per_device = NamedSharding(mesh, _PER_DEVICE)
     self._devices = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
@@ -517,7 +573,11 @@ class SplitTrainStep:
     `bf16-auto-split3hr-flatupdate`, all at once, took 84-100 s of XLA against a sum of 88 s
     for the same programs one after another with GEMM autotuning cached (the backward
     programs 93-100 s each among the others, 11-12 s alone); with 2 or 4 at a time, 96-103 s.
-    So N bounds the compile's host memory, not its time."""
+    So N bounds the compile's host memory, not its time. The config's `compile_schedule`
+    'share_autotuning' or 'share_autotuning_all' lowers every program first, then starts
+    each once the larger programs that tune its matrix products are compiled
+    (`autotuning_schedule`; the others at once; not with `compile_workers`), so that XLA tunes
+    a matrix product once, not once per program compiling it at the same time."""
     start = time.perf_counter()
 
     def compile_one(name, program):
@@ -526,7 +586,11 @@ class SplitTrainStep:
 
     self._count_local_examples(batch)
     programs = lowered.items() if lowered else self._lower_each(state, batch)
-    if concurrent:
+    if concurrent and self._compile_schedule != "together":
+      programs = dict(programs)
+      seconds = {"trace_lower": 0.0 if lowered else time.perf_counter() - start}
+      results = self._compile_sharing_autotuning(programs, compile_one)
+    elif concurrent:
       workers = self._compile_workers or len(self.program_names)
       with concurrent_futures.ThreadPoolExecutor(max_workers=workers) as pool:
         pending = [pool.submit(compile_one, name, program) for name, program in programs]
@@ -547,15 +611,40 @@ class SplitTrainStep:
     # The final iteration, as the forward programs take it (`recycle_through_forward`).
     self._final_iteration = jax.device_put(
         np.int32(parts.maximum if parts is not None else 0), rep)
-    self._signature = _signature((state, batch))
+    self._signature = shapes_signature((state, batch))
     self.compile_seconds = seconds
     logging.info("split train step compiled: %s",
                  ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return seconds
 
+  def _compile_sharing_autotuning(self, programs: dict[str, Any], compile_one: Any
+                                  ) -> list[tuple[str, Any, float]]:
+    """`compile` under a 'share_autotuning' schedule: every program on a thread of its own,
+    each starting once the programs it waits for (`autotuning_schedule`) are compiled."""
+    texts = {name: program.as_text() for name, program in programs.items()}
+    order, waits = autotuning_schedule(
+        {name: matrix_products(text) for name, text in texts.items()},
+        {name: text.count("\n") for name, text in texts.items()},
+        shallow=self._compile_schedule == "share_autotuning")
+    logging.info("split train step compile, programs sharing matrix products' autotuning: %s",
+                 "; ".join(f"{name} after {', '.join(waits[name])}"
+                           for name in order if waits[name]) or "none")
+    pending: dict[str, concurrent_futures.Future] = {}
+
+    def after_waits(name):
+      for earlier in waits[name]:
+        pending[earlier].result()  # an earlier program's error is raised here too
+      return compile_one(name, programs[name])
+
+    # Enough threads for every program: a waiting one never holds up a program it waits for.
+    with concurrent_futures.ThreadPoolExecutor(max_workers=len(order)) as pool:
+      for name in order:  # each program's waits are submitted before it
+        pending[name] = pool.submit(after_waits, name)
+      return [pending[name].result() for name in order]
+
   def __call__(self, state: state_lib.TrainState, batch: Mapping[str, jax.Array]
                ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-    if not self.compiled or _signature((state, batch)) != self._signature:
+    if not self.compiled or shapes_signature((state, batch)) != self._signature:
       self.compile(state, batch)
     run, n = self.compiled, len(self._stages)
     example_args = (state.params, state.rng, state.step, batch)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,9 @@ def test_lower_only_reports_trace_and_lower_times():
   assert float(trace_s) > 0 and float(lower_s) > 0
   assert int(lines) > 1000  # the whole step: recycling loop, block scans, losses, Adam, EMA
   assert "set {'remat_submodules': 'all'}" in stdout
+  # One program tunes each of its distinct matrix products once.
+  counts = re.search(r"matrix products: (\d+) distinct, (\d+) summed over the programs", stdout)
+  assert counts and int(counts[1]) == int(counts[2]) > 50, stdout
 
 
 @pytest.mark.slow

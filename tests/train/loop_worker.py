@@ -2,6 +2,7 @@
 
 argv: workdir [--kill_before_batch N] [--sigterm_before_batch N] [--steps N]
       [--nan_batches I,J] [--step_programs one|split]
+      [--compile_beside_state 0|1]
       [--process_id I --num_processes P --coordinator ADDR] .
 Prints a JSON line with the final step, the checkpointed steps and a parameter digest.
 """
@@ -25,6 +26,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=12)
   parser.add_argument("--nan_batches", type=str, default="")
   parser.add_argument("--step_programs", type=str, default="one")
+  parser.add_argument("--compile_beside_state", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=None)
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--coordinator", type=str, default=None)
@@ -52,7 +54,8 @@ def main() -> None:
   logging.set_verbosity(logging.INFO)
   nan_batches = tuple(int(b) for b in args.nan_batches.split(",") if b)
   mlp.patch_loop(loop, on_batch=on_batch, nan_batches=nan_batches)
-  config = mlp.loop_config(num_train_steps=args.steps, step_programs=args.step_programs)
+  config = mlp.loop_config(num_train_steps=args.steps, step_programs=args.step_programs,
+                           compile_beside_state=bool(args.compile_beside_state))
   try:
     metrics = loop.train_and_evaluate(config, args.workdir)
   except loop.NonFiniteTrainingError as e:

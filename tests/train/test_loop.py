@@ -86,21 +86,28 @@ def test_split_step_programs_train_to_the_same_parameters(uninterrupted, tmp_pat
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("step_programs", ["one", "split"])
-def test_step_is_lowered_beside_the_state_and_traced_once(tmp_path, step_programs):
-  """The step is traced and lowered while the state is created (or restored), and the first
-  step uses that lowering: jit finds it cached (one lowering of `train_step`); the split step
-  compiles the lowered programs once, before the loop, with no tracing left to do."""
+@pytest.mark.parametrize("step_programs,beside", [("one", 1), ("split", 1), ("one", 0),
+                                                  ("split", 0)])
+def test_step_is_prepared_beside_the_state_and_compiled_once(tmp_path, step_programs,
+                                                             beside):
+  """The step is traced, lowered and (by default) compiled while the state is created or
+  restored, and XLA compiles it once: the one-program step's first call runs that
+  executable (or, lowered only, jit finds the lowering cached and compiles it once); the
+  split step compiles the lowered programs once, before the loop, with no tracing left."""
   env = {"JAX_LOG_COMPILES": "1"}
-  for steps, source in ((2, "creation"), (4, "restore")):
+  runs = ((2, "creation"), (4, "restore")) if beside else ((2, "creation"),)
+  for steps, source in runs:
     final, stderr = _worker(tmp_path, "--steps", str(steps), "--step_programs", step_programs,
-                            env=env)
+                            "--compile_beside_state", str(beside), env=env)
     assert final["latest"] == steps
     assert "train step traced and lowered in" in stderr
+    assert ("and compiled in" in stderr) == bool(beside), stderr[-3000:]
     assert f"beside the state's {source}" in stderr
     if step_programs == "one":
-      # jit logs "Compiling" as it lowers: once, on the thread (a cache miss: twice).
+      # jit logs "Compiling" as it lowers (a cache miss: twice), XLA's compile "Finished XLA
+      # compilation" (a second compile at the first step: twice).
       assert stderr.count("Compiling jit(train_step)") == 1, stderr[-3000:]
+      assert stderr.count("Finished XLA compilation of jit(train_step)") == 1, stderr[-3000:]
     else:
       compiled = [line for line in stderr.splitlines() if "split train step compiled" in line]
       assert len(compiled) == 1 and "trace_lower 0.0 s" in compiled[0], compiled
@@ -161,3 +168,24 @@ def test_profile_trace_is_written(tmp_path, monkeypatch):
       mlp.loop_config(num_train_steps=6, profile_steps=2, profile_first_step=2), tmp_path)
   assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))  # TensorBoard's profile tab
   assert metrics["train/examples_per_sec"] > 0 and "val/mse" not in metrics
+
+
+def test_compiled_step_runs_batches_of_other_shapes_through_jit():
+  """The one-program step compiled beside the state runs its executable for the batch shapes
+  it was compiled for, and passes any other batch to the jitted step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from af2flax.train import loop  # pylint: disable=g-import-not-at-top
+
+  jitted = jax.jit(lambda state, batch: (state + batch["x"].sum(), {"n": batch["x"].size}))
+  calls = []
+
+  def counted(state, batch):
+    calls.append(batch["x"].shape)
+    return jitted(state, batch)
+
+  state, batch = np.float32(1.0), {"x": np.ones(2, np.float32)}
+  step = loop._CompiledStep(jitted.lower(state, batch).compile(), counted, batch)  # pylint: disable=protected-access
+  new_state, metrics = step(state, batch)
+  assert float(new_state) == 3.0 and int(metrics["n"]) == 2 and not calls
+  new_state, metrics = step(state, {"x": np.ones(3, np.float32)})
+  assert float(new_state) == 4.0 and int(metrics["n"]) == 3 and calls == [(3,)]

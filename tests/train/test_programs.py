@@ -169,15 +169,23 @@ def test_offloaded_residuals_stay_in_host_memory_between_programs():
   assert split_step.residual_bytes(host=True)["forward.hidden"] == 2 * 4 * 16 * 4
 
 
-def _mlp_split_step(objective):
+def _mlp_split_step(objective, **config_overrides):
   """A split step of the MLP's `objective` on one device, and its first train state."""
-  config = mlp.train_config()
+  config = mlp.train_config(**config_overrides)
   model = mlp.MLP()
   tx = optimizer_lib.make_optimizer(config.optimizer)
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
   split = programs.SplitTrainStep(objective(model), tx, config, mesh,
                                   sharding_lib.replicated(mesh))
   return split, state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
+
+
+def _assert_loss_of_default(split, state, batch):
+  """`split`'s loss on `batch` is that of a split step with the default settings."""
+  default, _ = _mlp_split_step(mlp.staged_objective)
+  _, metrics = split(jax.tree.map(jnp.copy, state), batch)
+  _, expected = default(jax.tree.map(jnp.copy, state), batch)
+  np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-6)
 
 
 def test_split_step_recompiles_only_for_new_shapes():
@@ -575,13 +583,7 @@ def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
   """`compile_workers`: at most that many programs compile at once (each compile here is
   held 0.8 s, so unbounded ones overlap: 3 or more at once), every program is
   compiled, and the step's values are those of the default."""
-  config = mlp.train_config()
-  config.compile_workers = workers
-  model = mlp.MLP()
-  tx = optimizer_lib.make_optimizer(config.optimizer)
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
-  split = programs.SplitTrainStep(mlp.staged_objective(model), tx, config, mesh,
-                                  sharding_lib.replicated(mesh))
+  split, state = _mlp_split_step(mlp.staged_objective, compile_workers=workers)
   lock, running, most = threading.Lock(), [0], [0]
   real = split._lower_each  # pylint: disable=protected-access
 
@@ -602,7 +604,6 @@ def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
 
   monkeypatch.setattr(split, "_lower_each",
                       lambda state, batch: ((n, Held(p)) for n, p in real(state, batch)))
-  state = state_lib.create_train_state(mlp.init_params(model), tx, jax.random.PRNGKey(1))
   batch = mlp.make_batch(0, 2)
   split.compile(state, batch)
   if workers:
@@ -610,16 +611,105 @@ def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
   else:  # all at once
     assert most[0] >= 3, most
   assert set(split.compiled) == set(split.program_names)
-  default, _ = _mlp_split_step(mlp.staged_objective)
-  _, metrics = split(jax.tree.map(jnp.copy, state), batch)
-  _, expected = default(jax.tree.map(jnp.copy, state), batch)
-  np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-6)
+  _assert_loss_of_default(split, state, batch)
 
 
-def test_compile_workers_are_checked():
-  config = mlp.train_config()
-  config.compile_workers = -1
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1})
-  with pytest.raises(ValueError, match="compile_workers=-1"):
-    programs.SplitTrainStep(mlp.objective(mlp.MLP()), optimizer_lib.make_optimizer(
-        config.optimizer), config, mesh, sharding_lib.replicated(mesh))
+@pytest.mark.parametrize("overrides,message", [
+    ({"compile_workers": -1}, "compile_workers=-1"),
+    ({"compile_schedule": "sometimes"}, "compile_schedule='sometimes'"),
+    ({"compile_schedule": "share_autotuning", "compile_workers": 2}, "compile_workers=2 bounds"),
+])
+def test_compile_settings_are_checked(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    _mlp_split_step(mlp.objective, **overrides)
+
+
+def test_matrix_products_are_read_from_the_stablehlo():
+  """The distinct `dot_general`s of a lowered program, by types and dimension numbers (not
+  by SSA name or location): two products of the same shapes count once."""
+  def f(x, w1, w2, v):
+    return (x @ w1) @ w2, jnp.einsum("bi,bi->b", x, v)
+
+  args = (jnp.ones((4, 8)), jnp.ones((8, 8)), jnp.ones((8, 8)), jnp.ones((4, 8)))
+  text = jax.jit(f).lower(*args).as_text()
+  products = programs.matrix_products(text)
+  assert text.count("stablehlo.dot_general") == 3
+  assert len(products) == 2, products
+  assert any("tensor<4x8xf32>, tensor<8x8xf32>" in p for p in products), products
+  assert not any("%" in p.replace("%,", "").replace("% ", "") or "loc(" in p
+                 for p in products), products
+  assert programs.matrix_products("no products here") == frozenset()
+
+
+def test_autotuning_schedule_waits_for_larger_programs_sharing_products():
+  """Each program waits for the programs that tune its products: for each product, the
+  first in the order (the most products first, then the longest) holding it."""
+  products = {"small": frozenset({"c", "d"}), "large": frozenset({"a", "b", "c"}),
+              "apart": frozenset({"e"}), "none": frozenset(),
+              "tie": frozenset({"a", "f", "g"}),
+              "later": frozenset({"a", "x"})}  # `a` is tie's to tune, though large holds it
+  order, waits = programs.autotuning_schedule(products, {"large": 10, "tie": 20, "small": 5})
+  assert order[:4] == ["tie", "large", "small", "later"]
+  assert waits == {"tie": [], "large": ["tie"], "small": ["large"], "later": ["tie"],
+                   "apart": [], "none": []}
+
+
+def test_shallow_autotuning_schedule_never_chains_waits():
+  """'share_autotuning' (shallow) against 'share_autotuning_all': only programs that wait
+  for nothing tune, and a program waits only where they tune at least half its products."""
+  products = {"big": frozenset("abcd"), "peer": frozenset("apqr"), "fwd": frozenset("abp"),
+              "chain": frozenset("ps"), "after": frozenset("st")}
+  sizes = {"big": 10, "peer": 5, "chain": 3, "after": 1}
+  order, full = programs.autotuning_schedule(products, sizes)
+  assert order == ["big", "peer", "fwd", "chain", "after"]
+  assert full == {"big": [], "peer": ["big"], "fwd": ["big", "peer"], "chain": ["peer"],
+                  "after": ["chain"]}
+  _, shallow = programs.autotuning_schedule(products, sizes, shallow=True)
+  assert shallow == {"big": [], "peer": [], "fwd": ["big", "peer"], "chain": ["peer"],
+                     "after": []}
+
+
+@pytest.mark.parametrize("schedule", ["share_autotuning", "share_autotuning_all"])
+def test_compile_schedule_sharing_autotuning(monkeypatch, schedule):
+  """`compile_schedule='share_autotuning(_all)'`: every program is lowered first; each starts
+  compiling only after the programs that tune its matrix products (larger ones) are
+  compiled; the step's values are the default's."""
+  split, state = _mlp_split_step(mlp.staged_objective, compile_schedule=schedule)
+  lock, times = threading.Lock(), {}
+  real = split._lower_each  # pylint: disable=protected-access
+
+  class Timed:
+    def __init__(self, name, lowered):
+      self._name, self._lowered = name, lowered
+
+    def as_text(self):
+      return self._lowered.as_text()
+
+    def compile(self):
+      begin = time.perf_counter()
+      time.sleep(0.3)
+      compiled = self._lowered.compile()
+      with lock:
+        times[self._name] = (begin, time.perf_counter())
+      return compiled
+
+  monkeypatch.setattr(split, "_lower_each",
+                      lambda state, batch: ((n, Timed(n, p)) for n, p in real(state, batch)))
+  # The MLP's forward and backward programs share no product (no rematerialisation): let
+  # every program holding one share it, so that one waits for the other.
+  monkeypatch.setattr(programs, "matrix_products", lambda text: frozenset(
+      {"shared"} if "stablehlo.dot_general" in text else ()))
+  seen = {}
+  real_schedule = programs.autotuning_schedule
+  monkeypatch.setattr(programs, "autotuning_schedule",
+                      lambda *a, **k: seen.setdefault("schedule", real_schedule(*a, **k)))
+  batch = mlp.make_batch(0, 2)
+  split.compile(state, batch)
+  assert set(split.compiled) == set(split.program_names) == set(times)
+  order, waits = seen["schedule"]
+  assert waits["backward.hidden"] == ["forward.hidden"] or waits["forward.hidden"] == [
+      "backward.hidden"], waits
+  for name, earlier in waits.items():
+    for other in earlier:
+      assert times[other][1] <= times[name][0], (name, other, times)
+  _assert_loss_of_default(split, state, batch)
