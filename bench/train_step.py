@@ -413,7 +413,8 @@ VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle"] = {
 # are compiled (`compile_schedule`: '-share' waits only for programs that wait for nothing,
 # '-shareall' tunes every product once), so that XLA does not tune one product in several
 # programs at the same time: 238 distinct products in either's StableHLO, against 449 and 351
-# summed over their programs (2026-12-05, twenty-fourth session), untimed.
+# summed over their programs (XLA:CPU). H100 (2026-12-05, twenty-fourth session), -fwdrecycle:
+# XLA 80.1 s all at once, 82.4 -share, 89.3 -shareall (the summed program seconds 507, 336, 240).
 for _name in ("bf16-auto-split3hr-flatupdate", "bf16-auto-split3hr-flatupdate-fwdrecycle"):
   VARIANTS[f"{_name}-share"] = {**VARIANTS[_name], "compile_schedule": "share_autotuning"}
   VARIANTS[f"{_name}-shareall"] = {**VARIANTS[_name],
@@ -744,6 +745,21 @@ def _row(variant, shape_name, config, shapes, recycles, step_times, losses, *,
   }
 
 
+def _warm_device(seconds: float) -> None:
+  """Runs a bf16 matrix product on the device for `seconds` (its clocks up, its libraries
+  loaded), as a training run's initialisation has done before the step compiles: whether a
+  compile-only run's slower XLA compile (80.1 against 64.3 s after the initialisation, H100,
+  twenty-fourth session) is the device's warm-up."""
+  import jax
+  import jax.numpy as jnp
+
+  matmul = jax.jit(lambda a: (a @ a) * 1e-3)
+  a = jnp.ones((4096, 4096), jnp.bfloat16)
+  end = time.perf_counter() + seconds
+  while time.perf_counter() < end:
+    a = matmul(a).block_until_ready()
+
+
 def _with_flags(xla_flags: str, more: str) -> str:
   """XLA_FLAGS `xla_flags` with a variant's flags `more` after them (XLA takes the last)."""
   return f"{xla_flags} {more}".strip()
@@ -779,7 +795,7 @@ def abstract_step(variant: str, shape_name: str, smoke: bool):
 
 def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool = False,
                    profile_dir: str | None = None, memory_report: str | None = None,
-                   no_alone: bool = False) -> dict:
+                   no_alone: bool = False, warm_device_s: float = 0.0) -> dict:
   """Traces and lowers the train step on abstract parameters (no initialisation, no XLA
   compilation): the device-independent part of the compile time, and the program's size.
   `compile_too`: also compiles it for this backend and reports XLA's scratch estimate
@@ -788,9 +804,12 @@ def run_lower_only(variant: str, shape_name: str, smoke: bool, compile_too: bool
   `memory_report`, what is live at the program's memory peak (`memory_peak.py`) is written to
   MEMORY_REPORT/VARIANT-SHAPES.peak.txt (XLA dumps into MEMORY_REPORT/dump: `main` sets
   the flag before JAX starts). `no_alone`: a split step's programs are compiled together
-  only, not again one after another (`_lower_split`)."""
+  only, not again one after another (`_lower_split`). `warm_device_s`: first run matrix
+  products on the device for that long (`_warm_device`)."""
   import jax
 
+  if warm_device_s > 0:
+    _warm_device(warm_device_s)
   config, train_step, state, first = abstract_step(variant, shape_name, smoke)
   if config.step_programs == "split":
     return _lower_split(variant, shape_name, train_step, state, first, compile_too, no_alone,
@@ -1177,6 +1196,9 @@ def main(argv=None) -> int:
                       help="with --lower_only --compile_only and a split step: compile its "
                       "programs together only, as training does, not again one after another "
                       "(which about doubles the run)")
+  parser.add_argument("--warm_device", type=float, default=0.0, metavar="SECONDS",
+                      help="with --lower_only: first run matrix products on the device for "
+                      "SECONDS, as a training run's initialisation runs before the step compiles")
   parser.add_argument("--memory_report", help="with --lower_only --compile_only: XLA dumps "
                       "into MEMORY_REPORT/dump and what is live at the step's memory peak is "
                       "written to MEMORY_REPORT/VARIANT-SHAPES.peak.txt and printed")
@@ -1221,7 +1243,7 @@ def main(argv=None) -> int:
         row = run_lower_only(variant, "smoke" if args.smoke else shape_name, args.smoke,
                              args.compile_only, args.profile_dir,
                              os.path.abspath(args.memory_report) if args.memory_report else None,
-                             args.no_alone)
+                             args.no_alone, args.warm_device)
         extra = (f" {row['xla_compile_s']:9.1f} {row['temp_gib']:11.2f}" if args.compile_only
                  else "")
         print(f"{variant:20s} {row['shapes']:8s} {row['trace_s']:8.1f} {row['lower_s']:8.1f} "
