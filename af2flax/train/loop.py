@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the training recipe, top to bottom.
 
 mesh → input → model → sharded train state → restore (or start from imported weights),
-while the step is traced, lowered and compiled beside it → loop with metrics, validation,
+while the step is traced and lowered (optionally compiled) beside it → loop with metrics, validation,
 checkpoints and preemption handling. Every knob is in the config (`configs/*.py`); the
 recipe's constants are Jumper et al. (2021) Suppl. 1.11.
 """
@@ -287,13 +287,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))
   logging.info("model: %d parameters", num_params)
 
-  # The step over the mesh. It is traced, lowered and compiled on a thread of its own while
-  # the state is created or restored below (`_prepare_beside`; config.compile_beside_state).
+  # The step over the mesh. It is traced and lowered (with config.compile_beside_state, also
+  # compiled) on a thread of its own while the state is created or restored below
+  # (`_prepare_beside`).
   param_specs = jax.tree.map(lambda s: s.spec, state_shardings.params)
   train_step = make_step(model.objective, optimizer, config, mesh, state_shardings,
                          param_specs)
   first_global = sharding_lib.global_batch(first_batch, batch_sharding)
-  compile_beside = bool(config.get("compile_beside_state", True))
+  compile_beside = bool(config.get("compile_beside_state", False))
   preparing = _prepare_beside(train_step, _abstract_state(state_shape, state_shardings),
                               first_global, compile_beside)
 
