@@ -1,9 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the training recipe, top to bottom.
 
 mesh → input → model → sharded train state → restore (or start from imported weights),
-while the step is traced and lowered (optionally compiled) beside it → loop with metrics, validation,
-checkpoints and preemption handling. Every knob is in the config (`configs/*.py`); the
-recipe's constants are Jumper et al. (2021) Suppl. 1.11.
+while the step is traced and lowered (optionally compiled) beside it → loop with metrics,
+validation, checkpoints and preemption handling. Every knob is in the config
+(`configs/*.py`); the recipe's constants are Jumper et al. (2021) Suppl. 1.11.
 """
 
 from __future__ import annotations

@@ -184,7 +184,8 @@ def test_compiled_step_runs_batches_of_other_shapes_through_jit():
     return jitted(state, batch)
 
   state, batch = np.float32(1.0), {"x": np.ones(2, np.float32)}
-  step = loop._CompiledStep(jitted.lower(state, batch).compile(), counted, batch)  # pylint: disable=protected-access
+  compiled = jitted.lower(state, batch).compile()
+  step = loop._CompiledStep(compiled, counted, batch)  # pylint: disable=protected-access
   new_state, metrics = step(state, batch)
   assert float(new_state) == 3.0 and int(metrics["n"]) == 2 and not calls
   new_state, metrics = step(state, {"x": np.ones(3, np.float32)})
