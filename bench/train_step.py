@@ -854,13 +854,14 @@ def _lower_split(variant, shape_name, split_step, state, batch, compile_too,
 
   start = time.perf_counter()
   lowered = split_step.lower(state, batch)
-  row = {"variant": variant, "shapes": shape_name, "trace_s": time.perf_counter() - start,
+  trace_s = time.perf_counter() - start
+  texts = {name: low.as_text() for name, low in lowered.items()}  # printed once each
+  program_lines = {name: text.count("\n") for name, text in texts.items()}
+  row = {"variant": variant, "shapes": shape_name, "trace_s": trace_s,
          "lower_s": 0.0, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-         "stablehlo_lines": sum(low.as_text().count("\n") for low in lowered.values()),
-         "program_lines": {name: low.as_text().count("\n") for name, low in lowered.items()},
-         "residual_gib": _residual_gib(split_step),
-         **_matrix_product_counts({name: low.as_text() for name, low in lowered.items()})}
+         "stablehlo_lines": sum(program_lines.values()), "program_lines": program_lines,
+         "residual_gib": _residual_gib(split_step), **_matrix_product_counts(texts)}
   if compile_too:
     # The concurrent compile from these lowered programs; the one-at-a-time compile from a
     # fresh lowering (a lowered program keeps its executable once compiled).

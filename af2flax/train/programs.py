@@ -142,9 +142,9 @@ def autotuning_schedule(products: Mapping[str, frozenset[str]], sizes: Mapping[s
   tuner: dict[str, str] = {}  # product -> the program that tunes it
   waits: dict[str, list[str]] = {}
   for name in order:
-    held = {tuner[product] for product in products[name] if product in tuner}
-    tuned_before = sum(product in tuner for product in products[name])
-    if shallow and 2 * tuned_before < len(products[name]):
+    tuned_before = [product for product in products[name] if product in tuner]
+    held = {tuner[product] for product in tuned_before}
+    if shallow and 2 * len(tuned_before) < len(products[name]):
       held = set()
     waits[name] = [earlier for earlier in order if earlier in held]
     if not (shallow and held):
