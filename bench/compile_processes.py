@@ -105,7 +105,7 @@ def run_worker(args) -> int:
   seconds = {}
   for name in args.worker.split(","):
     begin = time.perf_counter()
-    lowered[name].compile()
+    lowered[name].compile(compiler_options=step.compiler_options(name))
     seconds[name] = time.perf_counter() - begin
   result = {"programs": args.worker.split(","), "started": started - args.t0,
             "traced": traced - args.t0, "compile_s": seconds, "done": time.time() - args.t0}

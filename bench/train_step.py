@@ -100,11 +100,13 @@ _COMPILE_WAIT_S = 1800.0
 # programs per part, `step.RecycleStages`), 'compile_workers' (how many of its programs XLA
 # compiles at a time), 'flat_update' (`config.optimizer.flat_update`), 'compile_processes'
 # (the bench's own: N worker processes compile the split step's programs into a new
-# persistent cache, which its compile then reads; `bench/compile_processes.py`) and
-# 'recycle_through_forward' (its recycling iterations through the forward programs).
+# persistent cache, which its compile then reads; `bench/compile_processes.py`),
+# 'recycle_through_forward' (its recycling iterations through the forward programs),
+# 'compile_schedule' (the order its programs compile in) and 'cublas_stages' (stages whose
+# programs compile with XLA's Triton GEMMs off).
 STEP_KEYS = ("xla_flags", "step_programs", "trunk_stages", "head_stages", "recycle_stages",
              "compile_workers", "flat_update", "compile_processes", "recycle_through_forward",
-             "compile_schedule")
+             "compile_schedule", "cublas_stages")
 VARIANTS = {
     "bf16-cudnn": {"dtype": "bfloat16", "attention_impl": "cudnn"},
     "bf16-xla": {"dtype": "bfloat16", "attention_impl": "xla"},
@@ -419,6 +421,16 @@ for _name in ("bf16-auto-split3hr-flatupdate", "bf16-auto-split3hr-flatupdate-fw
   VARIANTS[f"{_name}-share"] = {**VARIANTS[_name], "compile_schedule": "share_autotuning"}
   VARIANTS[f"{_name}-shareall"] = {**VARIANTS[_name],
                                    "compile_schedule": "share_autotuning_all"}
+# ... -fwdrecycle with the programs of some stages compiled with XLA's Triton GEMMs off
+# (`cublas_stages`): cuBLAS's autotuning compiles no kernel, Triton's ~30-40 per product.
+# '-cublas3': the stages outside the two block stacks (embeddings with the templates, the
+# structure module, the heads and losses); '-cublas4': and the extra-MSA stack.
+VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle-cublas3"] = {
+    **VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle"],
+    "cublas_stages": "embeddings,structure,losses"}
+VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle-cublas4"] = {
+    **VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle"],
+    "cublas_stages": "embeddings,extra_msa,structure,losses"}
 RECYCLES = (0, 1, 2, 3)
 
 
@@ -438,6 +450,7 @@ def _train_config(variant: str, smoke: bool, stage: str):
                                                          config.recycle_through_forward)
   config.compile_workers = VARIANTS[variant].get("compile_workers", config.compile_workers)
   config.compile_schedule = VARIANTS[variant].get("compile_schedule", config.compile_schedule)
+  config.cublas_stages = VARIANTS[variant].get("cublas_stages", config.cublas_stages)
   config.optimizer.flat_update = VARIANTS[variant].get("flat_update",
                                                        config.optimizer.flat_update)
   config.model.global_config.update(json.loads(os.environ.get("AF2FLAX_BENCH_SET", "{}")))

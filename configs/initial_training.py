@@ -121,6 +121,13 @@ def get_config() -> ml_collections.ConfigDict:
   # recycle_through_forward: the programs' summed compile seconds 507 -> 336 / 240, but the
   # wall 80.1 -> 82.4 / 89.3 s (the largest program's own autotuning, then the waits).
   config.compile_schedule = "together"
+  # With 'split': stages (comma-separated names of `trunk_stages` and `head_stages`, e.g.
+  # 'embeddings,structure,losses') whose programs XLA compiles with its Triton GEMMs off:
+  # their matrix products go to cuBLAS, whose autotuning compiles nothing, where Triton's
+  # compiles ~30-40 candidate kernels per product (two thirds of the split step's compile).
+  # Fewer kernels to compile on the host, for whatever those stages' products lose to cuBLAS.
+  # Same values up to float rounding. '' (none): every program as XLA_FLAGS says.
+  config.cublas_stages = ""
   # True: XLA compiles the train step on a thread of its own while the state is created (its
   # own compile) or restored (Orbax's reads), right after the step is traced; False: the
   # step is only traced there and compiled once the state exists. Same program. Off until

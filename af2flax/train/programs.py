@@ -230,6 +230,16 @@ class SplitTrainStep:
       raise ValueError(f"compile_workers={self._compile_workers} bounds the programs compiled "
                        f"at once by compile_schedule='together'; compile_schedule="
                        f"{self._compile_schedule!r} starts each when its waits end: set one")
+    # Stages whose programs XLA compiles without Triton GEMMs (`cublas_stages`).
+    self._cublas_stages = tuple(name.strip() for name in
+                                str(config.get("cublas_stages", "") or "").split(",")
+                                if name.strip())
+    stage_names = [name for name, _ in self._stages]
+    unknown = [name for name in self._cublas_stages if name not in stage_names]
+    if unknown:
+      raise ValueError(f"cublas_stages={','.join(self._cublas_stages)!r}: no stage "
+                       f"{', '.join(map(repr, unknown))}; this step's stages are "
+                       f"{', '.join(stage_names)}")
     self._replicated = sharding_lib.replicated(mesh)
     self._per_device = NamedSharding(mesh, _PER_DEVICE)
     self._devices = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
@@ -262,6 +272,19 @@ class SplitTrainStep:
             + [self._name("backward", i) for i in reversed(range(n - 1))]
             + ["accumulate"] + (["accumulate.add"] if self._local_examples > 1 else [])
             + ["update"])
+
+  def compiler_options(self, name: str) -> dict[str, Any] | None:
+    """XLA's options for program `name`: a program of a stage named in the config's
+    `cublas_stages` (its forward, backward or gradient program, or a recycling part of that
+    name) compiles with `xla_gpu_enable_triton_gemm=False`, so that its matrix products go
+    to cuBLAS, whose autotuning times the library's algorithms and compiles no kernel, where
+    XLA's Triton GEMM autotuning compiles ~30-40 candidate kernels per product (its Hopper
+    list; two thirds of the split step's compile, H200, 2026-12-05). Other programs: None
+    (XLA_FLAGS as they are). XLA:CPU accepts and ignores the option."""
+    stage = name.partition(".")[2]
+    if stage in self._cublas_stages:
+      return {"xla_gpu_enable_triton_gemm": False}
+    return None
 
   # Programs, as traced functions of global arrays.
 
@@ -582,7 +605,8 @@ class SplitTrainStep:
 
     def compile_one(name, program):
       begin = time.perf_counter()
-      return name, program.compile(), time.perf_counter() - begin
+      compiled = program.compile(compiler_options=self.compiler_options(name))
+      return name, compiled, time.perf_counter() - begin
 
     self._count_local_examples(batch)
     programs = lowered.items() if lowered else self._lower_each(state, batch)

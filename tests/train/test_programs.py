@@ -591,13 +591,13 @@ def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
     def __init__(self, lowered):
       self._lowered = lowered
 
-    def compile(self):
+    def compile(self, compiler_options=None):
       with lock:
         running[0] += 1
         most[0] = max(most[0], running[0])
       try:
         time.sleep(0.8)
-        return self._lowered.compile()
+        return self._lowered.compile(compiler_options=compiler_options)
       finally:
         with lock:
           running[0] -= 1
@@ -618,10 +618,39 @@ def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
     ({"compile_workers": -1}, "compile_workers=-1"),
     ({"compile_schedule": "sometimes"}, "compile_schedule='sometimes'"),
     ({"compile_schedule": "share_autotuning", "compile_workers": 2}, "compile_workers=2 bounds"),
+    ({"cublas_stages": "final,trunk"}, "no stage 'trunk'; this step's stages are final$"),
 ])
 def test_compile_settings_are_checked(overrides, message):
   with pytest.raises(ValueError, match=message):
     _mlp_split_step(mlp.objective, **overrides)
+
+
+def test_cublas_stages_compile_their_programs_without_triton_gemms(monkeypatch):
+  """`cublas_stages`: the programs of those stages (forward, backward) are compiled with
+  XLA's Triton GEMMs off, every other program with no options; the step's values are the
+  default's (XLA:CPU ignores the option, so this checks the plumbing)."""
+  split, state = _mlp_split_step(mlp.staged_objective, cublas_stages=" hidden ")
+  seen = {}
+  real = split._lower_each  # pylint: disable=protected-access
+
+  class Recorded:
+    def __init__(self, name, lowered):
+      self._name, self._lowered = name, lowered
+
+    def compile(self, compiler_options=None):
+      seen[self._name] = compiler_options
+      return self._lowered.compile(compiler_options=compiler_options)
+
+  monkeypatch.setattr(split, "_lower_each", lambda state, batch: (
+      (n, Recorded(n, p)) for n, p in real(state, batch)))
+  batch = mlp.make_batch(0, 2)
+  split.compile(state, batch)
+  off = {"xla_gpu_enable_triton_gemm": False}
+  assert set(seen) == set(split.program_names)
+  assert {name for name, options in seen.items() if options == off} == {
+      "forward.hidden", "backward.hidden"}, seen
+  assert all(options is None for name, options in seen.items() if not name.endswith(".hidden"))
+  _assert_loss_of_default(split, state, batch)
 
 
 def test_matrix_products_are_read_from_the_stablehlo():
@@ -685,10 +714,10 @@ def test_compile_schedule_sharing_autotuning(monkeypatch, schedule):
     def as_text(self):
       return self._lowered.as_text()
 
-    def compile(self):
+    def compile(self, compiler_options=None):
       begin = time.perf_counter()
       time.sleep(0.3)
-      compiled = self._lowered.compile()
+      compiled = self._lowered.compile(compiler_options=compiler_options)
       with lock:
         times[self._name] = (begin, time.perf_counter())
       return compiled
