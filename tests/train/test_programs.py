@@ -210,9 +210,9 @@ def test_programs_compile_while_the_next_are_lowered(monkeypatch):
     def __init__(self, lowered):
       self._lowered = lowered
 
-    def compile(self):
+    def compile(self, compiler_options=None):
       started.set()
-      return self._lowered.compile()
+      return self._lowered.compile(compiler_options=compiler_options)
 
   real = split._lower_each  # pylint: disable=protected-access
 
