@@ -135,6 +135,10 @@ def make_step(objective: Any, optimizer: Any, config: ml_collections.ConfigDict,
                                        param_specs)
   if kind != "one":
     raise ValueError(f"config.step_programs={kind!r}; expected 'one' or 'split'")
+  if config.get("cublas_stages"):
+    raise ValueError(f"config.cublas_stages={config.cublas_stages!r} names stages of the "
+                     "split step's programs; with step_programs='one' the step is one "
+                     "program: set step_programs='split' or cublas_stages=''")
   return sharding_lib.jit_train_step(
       step_lib.make_train_step(objective, optimizer, config, mesh, param_specs),
       state_shardings, mesh)

@@ -190,3 +190,14 @@ def test_compiled_step_runs_batches_of_other_shapes_through_jit():
   assert float(new_state) == 3.0 and int(metrics["n"]) == 2 and not calls
   new_state, metrics = step(state, {"x": np.ones(3, np.float32)})
   assert float(new_state) == 4.0 and int(metrics["n"]) == 3 and calls == [(3,)]
+
+
+def test_cublas_stages_need_the_split_step():
+  """`cublas_stages` names the split step's stages: with the one-program step it would do
+  nothing, so the loop refuses it rather than ignore it."""
+  from af2flax.train import loop  # pylint: disable=g-import-not-at-top
+  from tests.train import mlp  # pylint: disable=g-import-not-at-top
+  config = mlp.loop_config(num_train_steps=1)
+  config.step_programs, config.cublas_stages = "one", "final"
+  with pytest.raises(ValueError, match="cublas_stages='final' names stages of the split"):
+    loop.make_step(None, None, config, None, None, None)
