@@ -188,6 +188,28 @@ def _assert_loss_of_default(split, state, batch):
   np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-6)
 
 
+class _Hooked:
+  """A lowered program whose `compile` goes through `hook(name, compiler_options, compile)`,
+  where `compile()` is the program's own compile with those options."""
+
+  def __init__(self, name, lowered, hook):
+    self._name, self._lowered, self._hook = name, lowered, hook
+
+  def as_text(self):
+    return self._lowered.as_text()
+
+  def compile(self, compiler_options=None):
+    return self._hook(self._name, compiler_options,
+                      lambda: self._lowered.compile(compiler_options=compiler_options))
+
+
+def _hook_compiles(monkeypatch, split, hook):
+  """Every program that `split` lowers compiles through `hook` (`_Hooked`)."""
+  real = split._lower_each  # pylint: disable=protected-access
+  monkeypatch.setattr(split, "_lower_each", lambda state, batch: (
+      (name, _Hooked(name, program, hook)) for name, program in real(state, batch)))
+
+
 def test_split_step_recompiles_only_for_new_shapes():
   split, state = _mlp_split_step(mlp.objective)
   state, _ = split(state, mlp.make_batch(0, 2))
@@ -206,20 +228,16 @@ def test_programs_compile_while_the_next_are_lowered(monkeypatch):
   started = threading.Event()
   order = []
 
-  class Watched:
-    def __init__(self, lowered):
-      self._lowered = lowered
-
-    def compile(self, compiler_options=None):
-      started.set()
-      return self._lowered.compile(compiler_options=compiler_options)
+  def start(name, compiler_options, compile_program):  # pylint: disable=unused-argument
+    started.set()
+    return compile_program()
 
   real = split._lower_each  # pylint: disable=protected-access
 
   def watched(state, batch):
     programs_lowered = real(state, batch)
     name, first = next(programs_lowered)
-    yield name, Watched(first)
+    yield name, _Hooked(name, first, start)
     order.append(started.wait(60))  # before the next program is lowered
     for name, program in programs_lowered:
       order.append(name)
@@ -585,25 +603,19 @@ def test_compile_workers_bound_the_compiles_at_a_time(monkeypatch, workers):
   compiled, and the step's values are those of the default."""
   split, state = _mlp_split_step(mlp.staged_objective, compile_workers=workers)
   lock, running, most = threading.Lock(), [0], [0]
-  real = split._lower_each  # pylint: disable=protected-access
 
-  class Held:
-    def __init__(self, lowered):
-      self._lowered = lowered
-
-    def compile(self, compiler_options=None):
+  def held(name, compiler_options, compile_program):  # pylint: disable=unused-argument
+    with lock:
+      running[0] += 1
+      most[0] = max(most[0], running[0])
+    try:
+      time.sleep(0.8)
+      return compile_program()
+    finally:
       with lock:
-        running[0] += 1
-        most[0] = max(most[0], running[0])
-      try:
-        time.sleep(0.8)
-        return self._lowered.compile(compiler_options=compiler_options)
-      finally:
-        with lock:
-          running[0] -= 1
+        running[0] -= 1
 
-  monkeypatch.setattr(split, "_lower_each",
-                      lambda state, batch: ((n, Held(p)) for n, p in real(state, batch)))
+  _hook_compiles(monkeypatch, split, held)
   batch = mlp.make_batch(0, 2)
   split.compile(state, batch)
   if workers:
@@ -631,18 +643,12 @@ def test_cublas_stages_compile_their_programs_without_triton_gemms(monkeypatch):
   default's (XLA:CPU ignores the option, so this checks the plumbing)."""
   split, state = _mlp_split_step(mlp.staged_objective, cublas_stages=" hidden ")
   seen = {}
-  real = split._lower_each  # pylint: disable=protected-access
 
-  class Recorded:
-    def __init__(self, name, lowered):
-      self._name, self._lowered = name, lowered
+  def recorded(name, compiler_options, compile_program):
+    seen[name] = compiler_options
+    return compile_program()
 
-    def compile(self, compiler_options=None):
-      seen[self._name] = compiler_options
-      return self._lowered.compile(compiler_options=compiler_options)
-
-  monkeypatch.setattr(split, "_lower_each", lambda state, batch: (
-      (n, Recorded(n, p)) for n, p in real(state, batch)))
+  _hook_compiles(monkeypatch, split, recorded)
   batch = mlp.make_batch(0, 2)
   split.compile(state, batch)
   off = {"xla_gpu_enable_triton_gemm": False}
@@ -705,25 +711,16 @@ def test_compile_schedule_sharing_autotuning(monkeypatch, schedule):
   compiled; the step's values are the default's."""
   split, state = _mlp_split_step(mlp.staged_objective, compile_schedule=schedule)
   lock, times = threading.Lock(), {}
-  real = split._lower_each  # pylint: disable=protected-access
 
-  class Timed:
-    def __init__(self, name, lowered):
-      self._name, self._lowered = name, lowered
+  def timed(name, compiler_options, compile_program):  # pylint: disable=unused-argument
+    begin = time.perf_counter()
+    time.sleep(0.3)
+    compiled = compile_program()
+    with lock:
+      times[name] = (begin, time.perf_counter())
+    return compiled
 
-    def as_text(self):
-      return self._lowered.as_text()
-
-    def compile(self, compiler_options=None):
-      begin = time.perf_counter()
-      time.sleep(0.3)
-      compiled = self._lowered.compile(compiler_options=compiler_options)
-      with lock:
-        times[self._name] = (begin, time.perf_counter())
-      return compiled
-
-  monkeypatch.setattr(split, "_lower_each",
-                      lambda state, batch: ((n, Timed(n, p)) for n, p in real(state, batch)))
+  _hook_compiles(monkeypatch, split, timed)
   # The MLP's forward and backward programs share no product (no rematerialisation): let
   # every program holding one share it, so that one waits for the other.
   monkeypatch.setattr(programs, "matrix_products", lambda text: frozenset(
