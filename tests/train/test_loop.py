@@ -90,10 +90,11 @@ def test_split_step_programs_train_to_the_same_parameters(uninterrupted, tmp_pat
                                                   ("split", 0)])
 def test_step_is_prepared_beside_the_state_and_compiled_once(tmp_path, step_programs,
                                                              beside):
-  """The step is traced, lowered and (by default) compiled while the state is created or
-  restored, and XLA compiles it once: the one-program step's first call runs that
-  executable (or, lowered only, jit finds the lowering cached and compiles it once); the
-  split step compiles the lowered programs once, before the loop, with no tracing left."""
+  """The step is traced, lowered and (`compile_beside_state`, the worker's default; the
+  presets' is off) compiled while the state is created or restored, and XLA compiles it
+  once: the one-program step's first call runs that executable (or, lowered only, jit finds
+  the lowering cached and compiles it once); the split step compiles the lowered programs
+  once, before the loop, with no tracing left."""
   env = {"JAX_LOG_COMPILES": "1"}
   runs = ((2, "creation"), (4, "restore")) if beside else ((2, "creation"),)
   for steps, source in runs:
