@@ -532,8 +532,10 @@ def _residual_gib(split_step) -> dict:
 
 
 def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
-            recycles: tuple[int, ...] = RECYCLES, profile_dir: str | None = None) -> dict:
-  """Compiles the train step for one variant and times it at every recycling count."""
+            recycles: tuple[int, ...] = RECYCLES, profile_dir: str | None = None,
+            program_times: bool = False) -> dict:
+  """Compiles the train step for one variant and times it at every recycling count
+  (`program_times`: and a split step's programs one by one, `_time_programs`)."""
   import jax
 
   from af2flax.train import state as state_lib
@@ -605,11 +607,14 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   beside_compilation = not _wait_for_compilations()
   with _timing_lock():
     _progress(f"{variant},{shape_name}: timing steps")
-    step_times, losses = _time_steps(compiled, state, examples, recycles, steps, profile_dir)
+    step_times, losses, program_ms = _time_steps(compiled, state, examples, recycles, steps,
+                                                 profile_dir, program_times)
   row = _row(variant, shape_name, config, shapes, recycles, step_times, losses,
              init_s=init_s, init_parts=init_parts, trace_s=trace_s, lower_s=lower_s,
              xla_compile_s=xla_compile_s, temp_gib=temp_gib, host_gib=host_gib)
   row["timed_beside_compilation"] = beside_compilation
+  if program_ms:
+    row["program_ms"] = program_ms
   if program_s is not None:  # split: trace_s is tracing and lowering of all the programs
     row["program_compile_s"] = program_s
     row["residual_gib"] = residual_gib
@@ -625,8 +630,9 @@ def _progress(message: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
-  """Median step time and last loss per recycling count (and a profile, if asked)."""
+def _time_steps(compiled, state, examples, recycles, steps, profile_dir, program_times=False):
+  """Median step time and last loss per recycling count (and a profile, if asked); with
+  `program_times` and a split step, its programs timed one by one (`_time_programs`)."""
   import jax
 
   step_times, losses = {}, {}
@@ -643,6 +649,11 @@ def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
     step_times[count] = statistics.median(times)
     losses[count] = float(metrics["loss"])
 
+  program_ms = {}
+  if program_times and getattr(compiled, "compiled", None):
+    for count in recycles:
+      state, program_ms[str(count)] = _time_programs(compiled, state, examples[count], steps)
+
   if profile_dir:  # A trace of two steps (perfetto JSON, readable by bench/profile_summary.py).
     import gzip  # pylint: disable=g-import-not-at-top
     os.makedirs(profile_dir, exist_ok=True)
@@ -656,7 +667,50 @@ def _time_steps(compiled, state, examples, recycles, steps, profile_dir):
       for _ in range(2):
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
-  return step_times, losses
+  return step_times, losses, program_ms
+
+
+def _time_programs(split_step, state, example, steps):
+  """A split step's programs timed one by one: `steps` steps in which the host waits for each
+  program's outputs before it starts the next, so each program's time is its dispatch and its
+  run on the device alone (the GPU idles between programs; the step is slower than untimed).
+  Returns the state and {program: [median ms per call, calls per step]}; '(step)' is the
+  median step so timed, '(gaps)' the step less the programs' sum."""
+  import jax
+
+  programs = split_step.compiled
+  originals = dict(programs)
+  times: dict = {name: [] for name in originals}
+
+  def timed(name, program):
+    def call(*args):
+      start = time.perf_counter()
+      out = jax.block_until_ready(program(*args))
+      times[name].append(time.perf_counter() - start)
+      return out
+    return call
+
+  batch = jax.device_put(_batch_of(example))
+  step_s, programs_s = [], []
+  try:
+    programs.update({name: timed(name, program) for name, program in originals.items()})
+    for _ in range(steps + 1):  # the first as warm-up
+      for name in times:
+        times[name].clear()
+      start = time.perf_counter()
+      state, metrics = split_step(state, batch)
+      jax.block_until_ready(metrics)
+      step_s.append(time.perf_counter() - start)
+      programs_s.append({name: (sum(t), len(t)) for name, t in times.items() if t})
+  finally:
+    programs.update(originals)
+  step_s, programs_s = step_s[1:], programs_s[1:]
+  result = {name: [1e3 * statistics.median(p[name][0] / p[name][1] for p in programs_s),
+                   programs_s[0][name][1]] for name in programs_s[0]}
+  result["(step)"] = [1e3 * statistics.median(step_s), 1]
+  result["(gaps)"] = [1e3 * statistics.median(
+      s - sum(total for total, _ in p.values()) for s, p in zip(step_s, programs_s)), 1]
+  return state, result
 
 
 def _wait_for_compilations(poll_s: float = 1.0, limit_s: float | None = None) -> bool:
@@ -1055,6 +1109,8 @@ def _run_worker(variant: str, shape_name: str, args, env: dict):
              "--examples", str(args.examples)]
   if args.smoke:
     command.append("--smoke")
+  if args.program_times:
+    command.append("--program_times")
   if args.profile_dir:  # several jobs: each traces into its own subdirectory
     command += ["--profile_dir", os.path.join(args.profile_dir, f"{variant}-{shape_name}")
                 if args.profile_per_job else args.profile_dir]
@@ -1157,6 +1213,22 @@ def _stop(signum, frame):  # pylint: disable=unused-argument
   _STOP_REQUESTED["signalled"] = True
 
 
+def _print_program_ms(row: dict) -> None:
+  """A split step's programs timed one by one (`--program_times`): ms per call at each
+  recycling count."""
+  by_count = row.get("program_ms") if isinstance(row, dict) else None
+  if not by_count:
+    return
+  counts = list(by_count)
+  print(f"  {row['variant']}: its programs one by one (ms per call x calls per step)",
+        flush=True)
+  print("  " + f"{'program':24s}" + "".join(f" {'r=' + c:>14s}" for c in counts), flush=True)
+  for name in by_count[counts[0]]:
+    cells = "".join(f" {by_count[c][name][0]:8.2f} x {by_count[c][name][1]:2d}"
+                    if name in by_count[c] else f" {'':>14s}" for c in counts)
+    print(f"  {name:24s}{cells}", flush=True)
+
+
 def _print_breakdown(variant: str, result: list[dict]) -> None:
   total = sum(r["per_call_ms"] * r["count"] for r in result)
   print(f"\nper-module forward+backward, variant {variant}, initial shapes "
@@ -1180,6 +1252,9 @@ def main(argv=None) -> int:
   parser.add_argument("--profile_dir", help="also trace two steps into this directory (several "
                       "variants or shapes: a subdirectory VARIANT-SHAPES each; with "
                       "--lower_only --compile_only: trace XLA's compilation instead)")
+  parser.add_argument("--program_times", action="store_true",
+                      help="a split step: after the timed steps, its programs timed one by "
+                      "one (the host waits for each) at every recycling count")
   parser.add_argument("--breakdown", action="store_true")
   parser.add_argument("--lower_only", action="store_true",
                       help="only trace and lower (no init, no XLA compile): the compile time's "
@@ -1292,7 +1367,7 @@ def main(argv=None) -> int:
     else:
       recycles = tuple(int(r) for r in args.recycles.split(","))
       print("RESULT " + json.dumps(run_one(variant, shape_name, args.steps, args.smoke,
-                                           recycles, args.profile_dir)))
+                                           recycles, args.profile_dir, args.program_times)))
     return 0
 
   env = dict(os.environ)
@@ -1362,6 +1437,7 @@ def main(argv=None) -> int:
         else:
           finished[number] = result
           print(_format([result]).splitlines()[-1], flush=True)
+          _print_program_ms(result)
         if args.json:
           pathlib.Path(args.json).write_text(json.dumps(in_job_order(), indent=1))
   except (_Stopped, KeyboardInterrupt):
