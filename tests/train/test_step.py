@@ -205,30 +205,3 @@ def test_flat_update_is_off_for_parameters_split_over_devices():
   assert step_lib.flat_update(config, {"w": P(), "b": P(None)})
   assert not step_lib.flat_update(config, {"w": P(None, "fsdp"), "b": P()})
 
-
-@pytest.mark.parametrize("flat", [False, True])
-def test_update_skipped_by_select_equals_the_conditional(flat):
-  """`skip_by='select'` (the update computed, then kept or dropped array by array) gives the
-  conditional's state and metrics, for a finite and a non-finite gradient."""
-  config, model, tx, state, _ = _setup()
-  objective = mlp.objective(model)
-  example = jax.tree.map(lambda x: x[0], mlp.make_batch(0, 1))
-  grads = jax.grad(lambda p: objective(p, example, jax.random.PRNGKey(0))[0])(state.params)
-  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
-  ema = float(config.optimizer.ema_decay)
-  for gradient, skipped in ((grads, 0), (bad, 1)):
-    results = [
-        jax.jit(functools.partial(step_lib.apply_summed_gradients, batch_size=2, optimizer=tx,
-                                  ema_decay=ema, flat=flat, skip_by=skip_by))(
-            state, gradient, {"loss": jnp.float32(2.0)})
-        for skip_by in ("cond", "select")]
-    (by_cond, cond_metrics), (by_select, select_metrics) = results
-    assert int(by_select.skipped_steps) == skipped
-    assert jax.tree.structure(by_cond) == jax.tree.structure(by_select)
-    for a, b in zip(jax.tree.leaves(by_cond), jax.tree.leaves(by_select)):
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
-    for key, value in cond_metrics.items():
-      np.testing.assert_allclose(select_metrics[key], value, rtol=1e-6, err_msg=key)
-    if skipped:
-      for a, b in zip(jax.tree.leaves(by_select.params), jax.tree.leaves(state.params)):
-        np.testing.assert_array_equal(a, b)
