@@ -533,9 +533,10 @@ def _residual_gib(split_step) -> dict:
 
 def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
             recycles: tuple[int, ...] = RECYCLES, profile_dir: str | None = None,
-            program_times: bool = False) -> dict:
+            program_times: bool = False, pipelined: bool = False) -> dict:
   """Compiles the train step for one variant and times it at every recycling count
-  (`program_times`: and a split step's programs one by one, `_time_programs`)."""
+  (`program_times`: and a split step's programs one by one, `_time_programs`; `pipelined`:
+  and its steps back to back, `_time_steps`)."""
   import jax
 
   from af2flax.train import state as state_lib
@@ -607,14 +608,19 @@ def run_one(variant: str, shape_name: str, steps: int, smoke: bool,
   beside_compilation = not _wait_for_compilations()
   with _timing_lock():
     _progress(f"{variant},{shape_name}: timing steps")
+    pipelined_s = {} if pipelined else None
     step_times, losses, program_ms = _time_steps(compiled, state, examples, recycles, steps,
-                                                 profile_dir, program_times)
+                                                 profile_dir, program_times, pipelined_s)
   row = _row(variant, shape_name, config, shapes, recycles, step_times, losses,
              init_s=init_s, init_parts=init_parts, trace_s=trace_s, lower_s=lower_s,
              xla_compile_s=xla_compile_s, temp_gib=temp_gib, host_gib=host_gib)
   row["timed_beside_compilation"] = beside_compilation
   if program_ms:
     row["program_ms"] = program_ms
+  if pipelined_s:
+    row["pipelined_s"] = pipelined_s
+    row["pipelined_expected_s"] = (sum(pipelined_s.values()) / len(pipelined_s)
+                                   if set(recycles) == set(RECYCLES) else None)
   if program_s is not None:  # split: trace_s is tracing and lowering of all the programs
     row["program_compile_s"] = program_s
     row["residual_gib"] = residual_gib
@@ -630,9 +636,14 @@ def _progress(message: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _time_steps(compiled, state, examples, recycles, steps, profile_dir, program_times=False):
+def _time_steps(compiled, state, examples, recycles, steps, profile_dir, program_times=False,
+                pipelined=None):
   """Median step time and last loss per recycling count (and a profile, if asked); with
-  `program_times` and a split step, its programs timed one by one (`_time_programs`)."""
+  `program_times` and a split step, its programs timed one by one (`_time_programs`); given a
+  dict `pipelined`, the mean step of `steps` steps run back to back per count is put in it
+  (the host waits only after the last: it dispatches ahead of the device, as the training
+  loop's host does, which waits for a step's results one step late; the median above waits
+  for each step, so it includes the time the host takes to start the next)."""
   import jax
 
   step_times, losses = {}, {}
@@ -648,6 +659,17 @@ def _time_steps(compiled, state, examples, recycles, steps, profile_dir, program
       times.append(time.perf_counter() - start)
     step_times[count] = statistics.median(times)
     losses[count] = float(metrics["loss"])
+
+  if pipelined is not None:  # steps back to back, as the training loop runs them (the host ahead)
+    for count in recycles:
+      batch = jax.device_put(_batch_of(examples[count]))
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+      pipelined[str(count)] = (time.perf_counter() - start) / steps
 
   program_ms = {}
   if program_times and getattr(compiled, "compiled", None):
@@ -1111,6 +1133,8 @@ def _run_worker(variant: str, shape_name: str, args, env: dict):
     command.append("--smoke")
   if args.program_times:
     command.append("--program_times")
+  if args.pipelined:
+    command.append("--pipelined")
   if args.profile_dir:  # several jobs: each traces into its own subdirectory
     command += ["--profile_dir", os.path.join(args.profile_dir, f"{variant}-{shape_name}")
                 if args.profile_per_job else args.profile_dir]
@@ -1213,6 +1237,17 @@ def _stop(signum, frame):  # pylint: disable=unused-argument
   _STOP_REQUESTED["signalled"] = True
 
 
+def _print_pipelined(row: dict) -> None:
+  """Steps back to back (`--pipelined`): s per step at each recycling count."""
+  pipelined = row.get("pipelined_s") if isinstance(row, dict) else None
+  if not pipelined:
+    return
+  expected = row.get("pipelined_expected_s")
+  print(f"  {row['variant']}: steps back to back, s per step: "
+        + ", ".join(f"r={count} {seconds:.3f}" for count, seconds in pipelined.items())
+        + (f"; expected {expected:.3f}" if expected is not None else ""), flush=True)
+
+
 def _print_program_ms(row: dict) -> None:
   """A split step's programs timed one by one (`--program_times`): ms per call at each
   recycling count."""
@@ -1255,6 +1290,9 @@ def main(argv=None) -> int:
   parser.add_argument("--program_times", action="store_true",
                       help="a split step: after the timed steps, its programs timed one by "
                       "one (the host waits for each) at every recycling count")
+  parser.add_argument("--pipelined", action="store_true",
+                      help="also time --steps steps back to back per recycling count, the "
+                      "host waiting only after the last, as the training loop runs them")
   parser.add_argument("--breakdown", action="store_true")
   parser.add_argument("--lower_only", action="store_true",
                       help="only trace and lower (no init, no XLA compile): the compile time's "
@@ -1367,7 +1405,8 @@ def main(argv=None) -> int:
     else:
       recycles = tuple(int(r) for r in args.recycles.split(","))
       print("RESULT " + json.dumps(run_one(variant, shape_name, args.steps, args.smoke,
-                                           recycles, args.profile_dir, args.program_times)))
+                                           recycles, args.profile_dir, args.program_times,
+                                           args.pipelined)))
     return 0
 
   env = dict(os.environ)
@@ -1438,6 +1477,7 @@ def main(argv=None) -> int:
           finished[number] = result
           print(_format([result]).splitlines()[-1], flush=True)
           _print_program_ms(result)
+          _print_pipelined(result)
         if args.json:
           pathlib.Path(args.json).write_text(json.dumps(in_job_order(), indent=1))
   except (_Stopped, KeyboardInterrupt):

@@ -388,3 +388,26 @@ def test_program_times_time_each_program_and_put_the_programs_back():
   assert 1.5 <= result["forward"][0] < 20 and 5 <= result["backward"][0] < 40
   assert result["(step)"][0] >= 3 * result["forward"][0] + result["backward"][0] - 1
   assert result["(gaps)"][0] >= 0
+
+
+def test_pipelined_steps_run_back_to_back(monkeypatch):
+  """`--pipelined`: per recycling count, one warm-up step, then `steps` steps with a single
+  wait after the last; their mean is the count's time."""
+  import jax.numpy as jnp
+
+  bench = _bench_module()
+  calls = []
+
+  def step(state, batch):
+    calls.append(int(batch["n"][0]))
+    return state + 1, {"loss": jnp.float32(0.0)}
+
+  monkeypatch.setattr(bench, "_batch_of", lambda example: {"n": [example["n"]]})
+  examples = {0: {"n": 0}, 2: {"n": 2}}
+  pipelined = {}
+  times, losses, programs = bench._time_steps(step, jnp.float32(0.0), examples, (0, 2), 3,
+                                              None, pipelined=pipelined)
+  # 1 warm-up + 3 timed (median), then 1 warm-up + 3 back to back, per count.
+  assert calls == [0] * 4 + [2] * 4 + [0] * 4 + [2] * 4
+  assert set(pipelined) == {"0", "2"} and all(0 <= s < 1 for s in pipelined.values())
+  assert set(times) == {0, 2} and programs == {}
