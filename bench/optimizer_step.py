@@ -105,11 +105,17 @@ def _variants(config):
     vector = step_lib.FlatView(grads).ravel(grads)
     return step_lib.clip_example_gradient(vector, scalars, clip_norm)
 
+  def gradient_only(state, grads, scalars):  # pylint: disable=unused-argument
+    return grads, scalars
+
+  def with_state(state, grads, scalars):
+    return state, grads, scalars
+
   return optimizer, {
-      "accumulate": (accumulate, (0,), lambda state, grads, scalars: (grads, scalars)),
-      "update": (update(False), (0, 1), lambda state, grads, scalars: (state, grads, scalars)),
-      "update-flat": (update(True), (0, 1), lambda state, grads, scalars: (state, grads, scalars)),
-      "accumulate-flat": (accumulate_flat, (0,), lambda state, grads, scalars: (grads, scalars)),
+      "accumulate": (accumulate, (0,), gradient_only),
+      "accumulate-flat": (accumulate_flat, (0,), gradient_only),
+      "update": (update(False), (0, 1), with_state),
+      "update-flat": (update(True), (0, 1), with_state),
   }
 
 
@@ -144,7 +150,7 @@ def run(variants: list[str], shape_name: str, runs: int, profile_dir: str | None
     compile_s = time.perf_counter() - start
     kernels = _kernels(compiled.as_text())
     times, dispatch = [], []
-    for i in range(runs + 1 + (3 if profile_dir else 0)):
+    for i in range(runs + 1 + bool(profile_dir)):  # a warm-up, the runs, the traced call
       args = arguments(state, fresh_grads(), scalars)
       jax.block_until_ready(args)
       tracing = (jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True)

@@ -204,4 +204,3 @@ def test_flat_update_is_off_for_parameters_split_over_devices():
   config.optimizer.flat_update = True
   assert step_lib.flat_update(config, {"w": P(), "b": P(None)})
   assert not step_lib.flat_update(config, {"w": P(None, "fsdp"), "b": P()})
-
