@@ -6,6 +6,9 @@
     python bench/train_step.py --smoke                 # tiny model on the CPU (checks the script)
     python bench/train_step.py --lower_only            # tracing + lowering only (any device)
     python bench/train_step.py --lower_only --compile_only --memory_report DIR  # peak's buffers
+    python bench/train_step.py --pipelined             # also steps back to back, as in training
+    python bench/train_step.py --variants bf16-auto-split3hr-flatupdate-fwdrecycle \
+        --program_times                                # a split step's programs one by one
 
 The step is the product's own (`af2flax.train.step.make_train_step` with
 `alphafold_objective`): the model with random recycling (`num_iter_recycling` no-gradient
@@ -22,7 +25,9 @@ The batch holds random features and the ground truth of a random chain at the gi
 One compilation serves every recycling count (it is a loop bound in the batch), so each
 variant reports the step at each recycling count (r=0: the gradient pass only) and the
 expected step of initial training (recycles uniform in 0..3: the mean of the four), each the
-median of `--steps` steps after warm-up; the table also names the shapes (residues/MSA/extra
+median of `--steps` steps after warm-up, each waited for (`--pipelined` adds the mean of
+`--steps` steps run back to back, which the training loop's host keeps ahead of the device);
+the table also names the shapes (residues/MSA/extra
 MSA/templates), the activation dtype and the remat policy ('nothing' saved per block, ',g4'
 for groups of 4 blocks). TFLOP/s use the analytic count of
 `af2flax.model.flops` (matrix products only) for the expected step. Each variant runs in its own
