@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from tests.tools.helpers import bench_module
 
@@ -24,6 +25,7 @@ def test_kernels_counts_launches_outside_fused_computations():
   assert bench_module("optimizer_step")._kernels(hlo) == 3
 
 
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 def test_every_variant_runs_on_a_small_parameter_tree(monkeypatch, capsys):
   """Each variant compiles and runs (a two-array tree in place of the model's), and its row
   has the timings and the kernel count."""
