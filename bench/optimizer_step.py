@@ -80,7 +80,8 @@ def _random_like(shapes, seed: int):
 
 
 def _variants(config):
-  """{name: (function, donated argument numbers, builds its arguments from (state, grads))}."""
+  """{name: (function, whether it takes the train state before the gradient and scalars)}.
+  Its array arguments (the state, the gradient) are donated, as the split step's are."""
   import jax
   import jax.numpy as jnp
 
@@ -105,17 +106,11 @@ def _variants(config):
     vector = step_lib.FlatView(grads).ravel(grads)
     return step_lib.clip_example_gradient(vector, scalars, clip_norm)
 
-  def gradient_only(state, grads, scalars):  # pylint: disable=unused-argument
-    return grads, scalars
-
-  def with_state(state, grads, scalars):
-    return state, grads, scalars
-
   return optimizer, {
-      "accumulate": (accumulate, (0,), gradient_only),
-      "accumulate-flat": (accumulate_flat, (0,), gradient_only),
-      "update": (update(False), (0, 1), with_state),
-      "update-flat": (update(True), (0, 1), with_state),
+      "accumulate": (accumulate, False),
+      "accumulate-flat": (accumulate_flat, False),
+      "update": (update(False), True),
+      "update-flat": (update(True), True),
   }
 
 
@@ -137,21 +132,24 @@ def run(variants: list[str], shape_name: str, runs: int, profile_dir: str | None
   sizes = [math.prod(s.shape) for s in leaves]
   rows = []
   for name in variants:
-    fn, donate, arguments = known[name]
-    params = _random_like(shapes, 0)
-    state = jax.jit(lambda p: state_lib.create_train_state(p, optimizer, jax.random.PRNGKey(1)))(
-        params)
+    fn, takes_state = known[name]
+    state = (jax.jit(lambda p: state_lib.create_train_state(p, optimizer,
+                                                            jax.random.PRNGKey(1)))(
+        _random_like(shapes, 0)) if takes_state else None)
     scalars = {"loss": jnp.float32(1.0)}
-    jitted = jax.jit(fn, donate_argnums=donate)
-    fresh_grads = lambda: _random_like(shapes, 1)  # noqa: E731  (donated: new each call)
-    args = arguments(state, fresh_grads(), scalars)
+    jitted = jax.jit(fn, donate_argnums=(0, 1) if takes_state else (0,))
+
+    def arguments():  # the gradient is donated: a new one for each call
+      return ((state,) if takes_state else ()) + (_random_like(shapes, 1), scalars)
+
+    args = arguments()
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - start
     kernels = _kernels(compiled.as_text())
     times, dispatch = [], []
     for i in range(runs + 1 + bool(profile_dir)):  # a warm-up, the runs, the traced call
-      args = arguments(state, fresh_grads(), scalars)
+      args = arguments()
       jax.block_until_ready(args)
       tracing = (jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True)
                  if profile_dir and i == runs + 1 else contextlib.nullcontext())
@@ -163,7 +161,7 @@ def run(variants: list[str], shape_name: str, runs: int, profile_dir: str | None
       if 0 < i <= runs:
         times.append(time.perf_counter() - start)
         dispatch.append(returned - start)
-      if name.startswith("update"):
+      if takes_state:
         state = out[0]
     rows.append({"variant": name, "shapes": shape_name, "ms": 1e3 * statistics.median(times),
                  "dispatch_ms": 1e3 * statistics.median(dispatch),
