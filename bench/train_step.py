@@ -438,6 +438,16 @@ VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle-cublas3"] = {
 VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle-cublas4"] = {
     **VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle"],
     "cublas_stages": "embeddings,extra_msa,structure,losses"}
+# The transitions' forward pass as one Pallas kernel (`global_config.transition_impl`,
+# `af2flax/model/pallas_transition.py`; the presets' 'auto' since 2026-12-06), against XLA's
+# layers ('-xlatrans', the presets before) and the kernel at 64 rows and 4 warps ('-ptrans64',
+# the variant then named '-ptrans'). H100, side by side: expected step 0.685 s ('-xlatrans'),
+# 0.678 s ('-ptrans64'), 0.669 s (128 rows, 8 warps: the presets now).
+VARIANTS["bf16-auto-xlatrans"] = {**_BF16_AUTO, "transition_impl": "xla"}
+VARIANTS["bf16-auto-ptrans64"] = {**_BF16_AUTO, "transition_impl": "auto",
+                                  "transition_tiling": "block_rows=64,warps=4"}
+VARIANTS["bf16-pallas512-extracudnn-offload55-xlatrans"] = {**_FINETUNE_PRESET,
+                                                            "transition_impl": "xla"}
 RECYCLES = (0, 1, 2, 3)
 
 

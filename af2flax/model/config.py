@@ -127,6 +127,17 @@ af2flax adds, under `global_config`:
                  values; gradients equal up to float rounding. Presets: True (H200: expected
                  step 0.612 against 0.625 s, fine-tuning peak 14.92 against 15.21 GiB;
                  docs/benchmarks.md, 2026-12-04 thirteenth session).
+  transition_impl 'xla' | 'auto' | 'pallas' (`primitives.transition_path`): the MSA and
+                 pair transitions' forward pass as one Pallas kernel that keeps the hidden
+                 layer on chip (`pallas_transition`; 'auto': on a GPU with 16-bit
+                 activations), its backward pass JAX's differentiation of the same layers in
+                 XLA. Same parameters; values equal up to the compute dtype's rounding.
+                 Presets: 'auto' (H100, side by side: expected initial step 0.669 against
+                 0.685 s, peak 6.74 against 6.73 GiB; docs/benchmarks.md, 2026-12-06
+                 twenty-seventh session; fine-tuning not yet timed with it).
+  transition_tiling  rows per program, hidden channels per loop step, warps and stages of
+                 that kernel (`pallas_transition.Tiling` fields, e.g. 'block_rows=128,warps=8').
+                 Presets: "".
 and turns `use_remat` on in the presets (AlphaFold's file has it off: its inference does not
 need it; training at crop 256 does). Everything else equals AlphaFold's values.
 `from_alphafold_dict(d)` builds this tree from an AlphaFold `model_config` dict, e.g. the
@@ -170,6 +181,8 @@ OUR_GLOBAL_DEFAULTS = {
     "outer_product_mean_chunking": "low_memory",
     "outer_product_mean_layout": "rows_first",
     "layer_norm_recompute": True,
+    "transition_impl": "auto",
+    "transition_tiling": "",
 }
 
 

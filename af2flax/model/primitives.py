@@ -813,6 +813,53 @@ class GlobalAttention(_AttentionParams, nn.Module):
 
 # --- Transition (Suppl. Alg. 9, 15) -----------------------------------------------------------
 
+TRANSITION_IMPLS = ("xla", "auto", "pallas")
+
+
+def transition_path(global_config: Any, act: jax.Array, dtype: Dtype, hidden: int) -> str:
+  """Which transition runs for this (static) input: 'pallas' or 'xla'.
+
+  `global_config.transition_impl`: 'xla' (layer norm and two `Linear`s, the hidden layer
+  in memory, chunked with `chunk_size`), 'auto' (our kernel, `pallas_transition`, on a GPU
+  when the activations are 16-bit and in the compute dtype, and the widths are powers of two
+  >= 16; else XLA), 'pallas' (our kernel wherever the widths allow, through Pallas's
+  interpreter off GPUs: tests). A `Transition` given chunks (`low_memory`, the fine-tuning
+  preset's `extra_msa_subbatch_size`) runs XLA's chunks whatever this says: the kernel's
+  forward pass never writes the hidden layer, but its backward pass (XLA's) would write it
+  for all rows at once.
+  """
+  # pylint: disable-next=import-outside-toplevel
+  from af2flax.model import pallas_transition  # it imports this module
+  return kernel_path(global_config, "transition_impl", act, dtype,
+                     pallas_transition.unsupported_reason(act.shape[-1], hidden) is None)
+
+
+def kernel_path(global_config: Any, key: str, act: jax.Array, dtype: Dtype,
+                widths_fit: bool) -> str:
+  """'pallas' or 'xla' for a layer whose Pallas kernel `global_config[key]` chooses
+  (`TRANSITION_IMPLS`; unset: 'xla'): 'auto' takes the kernel on a GPU when `act` is 16-bit
+  and in the compute dtype `dtype`; 'pallas' wherever the backend is a GPU or the CPU
+  (Pallas's interpreter: tests); either only when `widths_fit`."""
+  impl = global_config.get(key, "xla") or "xla"
+  if impl not in TRANSITION_IMPLS:
+    raise ValueError(f"global_config.{key}={impl!r}; expected one of {TRANSITION_IMPLS}")
+  if impl == "xla" or not widths_fit:
+    return "xla"
+  if impl == "pallas":
+    return "pallas" if jax.default_backend() in ("gpu", "cpu") else "xla"
+  return ("pallas" if jax.default_backend() == "gpu" and act.dtype == dtype
+          and jnp.dtype(dtype).itemsize == 2 else "xla")
+
+
+class LayerNormParams(nn.Module):
+  """A `LayerNorm`'s `scale` and `offset` [c] (same names and initialisers), unapplied."""
+
+  @nn.compact
+  def __call__(self, channels: int) -> tuple[jax.Array, jax.Array]:
+    return (module_param(self, "scale", nn.initializers.ones, (channels,), jnp.float32),
+            module_param(self, "offset", nn.initializers.zeros, (channels,), jnp.float32))
+
+
 class _TransitionMLP(nn.Module):
   """The two linear layers of a transition; shares its parent's parameter scope."""
 
@@ -835,7 +882,10 @@ class Transition(nn.Module):
 
   Jumper et al. (2021) Suppl. Alg. 9 "MSATransition" / Alg. 15 "PairTransition". Rows along
   axis 0 are independent, so the layer runs in chunks of `chunk_size` rows when given
-  (AlphaFold's inference subbatching). As in AlphaFold the mask is not applied.
+  (AlphaFold's inference subbatching). As in AlphaFold the mask is not applied. With
+  `global_config.transition_impl` 'auto' on a GPU (`transition_path`) the whole layer runs
+  as one Pallas kernel that keeps the hidden layer on chip (`pallas_transition`), with the
+  same parameters.
   """
 
   config: Any           # num_intermediate_factor
@@ -847,8 +897,21 @@ class Transition(nn.Module):
     del mask  # AlphaFold's transition ignores the mask; padded rows are masked downstream.
     dtype = compute_dtype(self.global_config)
     channels = act.shape[-1]
+    hidden = int(channels * self.config.num_intermediate_factor)
+    chunked = self.chunk_size is not None and 0 < self.chunk_size < act.shape[0]
+    if not chunked and transition_path(self.global_config, act, dtype, hidden) == "pallas":
+      # pylint: disable-next=import-outside-toplevel
+      from af2flax.model import pallas_transition  # it imports this module
+      scale, offset = LayerNormParams(name="input_layer_norm")(channels)
+      w1, b1 = LinearParams(hidden, initializer="relu", name="transition1")(channels)
+      w2, b2 = LinearParams(channels, initializer=final_init(self.global_config.zero_init),
+                            name="transition2")(hidden)
+      return pallas_transition.transition(
+          act, scale, offset, w1, b1, w2, b2, LAYER_NORM_EPSILON,
+          tiling=pallas_transition.tiling_from_text(
+              self.global_config.get("transition_tiling", "") or ""),
+          interpret=jax.default_backend() != "gpu")
     act = LayerNorm(name="input_layer_norm")(act)
-    mlp = _TransitionMLP(int(channels * self.config.num_intermediate_factor), channels,
-                         self.global_config.zero_init, dtype)
+    mlp = _TransitionMLP(hidden, channels, self.global_config.zero_init, dtype)
     nn.share_scope(self, mlp)
     return chunked_apply(mlp, self.chunk_size, [act], axis=0)

@@ -1,0 +1,219 @@
+"""The transition layer as one Pallas kernel for the GPU: layer norm, Linear + ReLU, Linear,
+with the hidden layer kept on chip.
+
+Jumper et al. (2021) Suppl. Alg. 9 "MSATransition" / Alg. 15 "PairTransition":
+`y = Linear_2(relu(Linear_1(LayerNorm(x))))`, hidden width n*c (n = 4 in the Evoformer). In
+XLA these are a layer-norm fusion, a matrix product that writes the [rows, n*c] hidden layer,
+a fusion that adds its bias and applies the ReLU (cuBLAS's product takes neither), and a
+second product that reads it back: at crop 256 the MSA transition's hidden layer is
+`bf16[33792, 1024]`, 66 MiB written and read twice in every forward pass.
+
+Here one program per block of rows (Triton backend) normalises its rows in float32, then
+walks the hidden layer in chunks: `h = relu(x̂ W1[:, chunk] + b1[chunk])` in float32,
+rounded to the compute dtype, and `acc += h W2[chunk, :]` with float32 accumulation, so the
+hidden layer never reaches memory. Each program reads all of W1 and W2 (from L2).
+
+The backward pass (`jax.custom_vjp`) is JAX's differentiation of `transition_reference`, the
+same layers as `primitives.Transition`'s XLA path (`primitives.layer_norm`, `add_bias`):
+it recomputes the layer norm and the first layer in XLA and writes the hidden layer's
+gradient as before. Under the blocks' rematerialisation the recomputed forward pass is this
+kernel (its output feeds the next module), and the backward rule recomputes what it needs.
+
+Values: the kernel adds the first bias to the float32 product before rounding (XLA's path
+rounds the product to the compute dtype, then adds the bias in it), so in bfloat16 the
+outputs differ by bfloat16 rounding; in float32 they agree to float32 rounding.
+`interpret=True` runs the kernel through Pallas's interpreter (tests on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from af2flax.model import primitives
+
+_F32 = jnp.float32
+# Triton's matrix product takes tiles of at least 16 along every axis.
+MIN_BLOCK = 16
+# The hidden chunk shrinks until the kernel's shared memory (`_shared_memory_bytes`) fits in
+# this (an H100 or H200 multiprocessor offers 227 KiB to one program).
+SHARED_MEMORY_BYTES = 200 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Rows per program, hidden channels per step of its loop, Triton warps and pipeline
+  stages. Each block shrinks to the largest power of two dividing its axis (the hidden
+  chunk also to fit `SHARED_MEMORY_BYTES`).
+
+  H100, 2026-12-06 (docs/benchmarks.md, twenty-seventh session): 128 rows and 8 warps made
+  the MSA transition's forward pass 0.109-0.116 ms against 0.168-0.174 ms at 64 rows and 4
+  warps (XLA's layers: 0.185 ms), and the expected training step 0.669 s against 0.678 s
+  (XLA's: 0.685 s). The pair and extra-MSA transitions time within noise of each other at
+  either tiling.
+  """
+
+  block_rows: int = 128
+  block_hidden: int = 64
+  warps: int = 8
+  stages: int = 2
+
+
+DEFAULT_TILING = Tiling()
+
+
+def tiling_from_text(text: str, base: Tiling = DEFAULT_TILING) -> Tiling:
+  """`base` with the fields `text` sets ('block_rows=128,warps=8'; "" is `base`).
+  Raises ValueError naming an unknown field or a value that is not a positive integer."""
+  fields = {f.name for f in dataclasses.fields(Tiling)}
+  changes = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, sep, value = item.partition("=")
+    name = name.strip()
+    if not sep or name not in fields:
+      raise ValueError(f"transition tiling {text!r}: {item!r} is not FIELD=VALUE with a field "
+                       f"of Tiling ({', '.join(sorted(fields))})")
+    try:
+      number = int(value)
+    except ValueError:
+      number = 0
+    if number < 1:
+      raise ValueError(f"transition tiling {text!r}: {name}={value.strip()!r} is not a "
+                       "positive integer")
+    changes[name] = number
+  return dataclasses.replace(base, **changes) if changes else base
+
+
+def block_size(n: int, preferred: int) -> int | None:
+  """The largest power of two <= `preferred` dividing `n`, or None if under `MIN_BLOCK`."""
+  size = preferred
+  while size >= MIN_BLOCK:
+    if n % size == 0:
+      return size
+    size //= 2
+  return None
+
+
+def _shared_memory_bytes(block_rows: int, block_hidden: int, channels: int, stages: int,
+                         itemsize: int) -> int:
+  """Triton's shared memory for the kernel: each pipeline stage holds a chunk of W1 and of W2,
+  plus the block of rows (this matched the 294,912 bytes Triton asked for at 64 rows, 128
+  hidden, 256 channels and 2 stages in bfloat16, more than an H100's 232,448)."""
+  return (stages * 2 * channels * block_hidden + block_rows * channels) * itemsize
+
+
+def unsupported_reason(channels: int, hidden: int) -> str | None:
+  """Why a transition of `channels` -> `hidden` -> `channels` cannot run here (None when it
+  can): Triton's tiles need power-of-two widths of at least 16 along both."""
+  for name, width in (("channels", channels), ("hidden channels", hidden)):
+    if width < MIN_BLOCK or width & (width - 1):
+      return f"{name} {width} is not a power of two >= {MIN_BLOCK}"
+  return None
+
+
+def transition_reference(x, scale, offset, w1, b1, w2, b2, eps: float) -> jax.Array:
+  """The transition in XLA, as `primitives.Transition` computes it without chunking: x [..., c]
+  in the compute dtype, scale and offset [c], w1 [c, h] and w2 [h, c] in the compute dtype,
+  b1 [h] and b2 [c] (any float dtype; their gradients are summed in float32)."""
+  dtype = x.dtype
+  normed = primitives.layer_norm(x, scale, offset, x.ndim - 1, eps, dtype)
+  hidden = jax.nn.relu(primitives.add_bias(jnp.einsum("...a,ah->...h", normed, w1), b1))
+  return primitives.add_bias(jnp.einsum("...h,hc->...c", hidden, w2), b2)
+
+
+def _kernel(x_ref, scale_ref, offset_ref, w1_ref, b1_ref, w2_ref, b2_ref, out_ref, *,
+            eps: float, block_hidden: int):
+  x = x_ref[...].astype(_F32)                                     # [rows, c]
+  mean = jnp.mean(x, axis=1, keepdims=True)
+  centred = x - mean
+  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=1, keepdims=True) + eps)
+  normed = (centred * rstd * scale_ref[...].astype(_F32)[None, :]
+            + offset_ref[...].astype(_F32)[None, :]).astype(w1_ref.dtype)
+  rows, channels = x.shape
+
+  def body(index, acc):
+    chunk = pl.ds(index * block_hidden, block_hidden)
+    hidden = jax.lax.dot_general(normed, w1_ref[:, chunk], (((1,), (0,)), ((), ())),
+                                 preferred_element_type=_F32)
+    hidden = jnp.maximum(hidden + b1_ref[chunk].astype(_F32)[None, :], 0.0)
+    return acc + jax.lax.dot_general(hidden.astype(w2_ref.dtype), w2_ref[chunk, :],
+                                     (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+
+  acc = jax.lax.fori_loop(0, w1_ref.shape[1] // block_hidden, body,
+                          jnp.zeros((rows, channels), _F32))
+  out_ref[...] = (acc + b2_ref[...].astype(_F32)[None, :]).astype(out_ref.dtype)
+
+
+def _forward_kernel_call(x2d, scale, offset, w1, b1, w2, b2, eps, tiling, interpret):
+  rows, channels = x2d.shape
+  hidden = w1.shape[1]
+  block_rows = block_size(rows, tiling.block_rows)
+  padding = 0
+  if block_rows is None:          # no power-of-two factor >= 16: pad the rows
+    block_rows = MIN_BLOCK
+    padding = -rows % MIN_BLOCK
+    x2d = jnp.pad(x2d, ((0, padding), (0, 0)))
+  block_hidden = block_size(hidden, tiling.block_hidden)
+  while (block_hidden > MIN_BLOCK
+         and _shared_memory_bytes(block_rows, block_hidden, channels, tiling.stages,
+                                  jnp.dtype(w1.dtype).itemsize) > SHARED_MEMORY_BYTES):
+    block_hidden //= 2
+  full = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+  out = pl.pallas_call(
+      functools.partial(_kernel, eps=eps, block_hidden=block_hidden),
+      grid=(x2d.shape[0] // block_rows,),
+      in_specs=[pl.BlockSpec((block_rows, channels), lambda i: (i, 0)),
+                full(channels), full(channels), full(channels, hidden), full(hidden),
+                full(hidden, channels), full(channels)],
+      out_specs=pl.BlockSpec((block_rows, channels), lambda i: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct(x2d.shape, x2d.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=tiling.warps,
+                                           num_stages=tiling.stages),
+      interpret=interpret,
+      name="af2_transition_forward",
+  )(x2d, scale, offset, w1, b1, w2, b2)
+  return out[:rows] if padding else out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _transition(x, scale, offset, w1, b1, w2, b2, eps, tiling, interpret):
+  shape = x.shape
+  out = _forward_kernel_call(x.reshape(-1, shape[-1]), scale, offset, w1, b1, w2, b2, eps,
+                             tiling, interpret)
+  return out.reshape(shape)
+
+
+def _transition_forward(x, scale, offset, w1, b1, w2, b2, eps, tiling, interpret):
+  return (_transition(x, scale, offset, w1, b1, w2, b2, eps, tiling, interpret),
+          (x, scale, offset, w1, b1, w2, b2))
+
+
+def _transition_backward(eps, tiling, interpret, residuals, d_out):
+  del tiling, interpret
+  _, pullback = jax.vjp(functools.partial(transition_reference, eps=eps), *residuals)
+  return pullback(d_out)
+
+
+_transition.defvjp(_transition_forward, _transition_backward)
+
+
+def transition(x: jax.Array, scale: jax.Array, offset: jax.Array, w1: jax.Array,
+               b1: jax.Array, w2: jax.Array, b2: jax.Array, eps: float,
+               tiling: Tiling = DEFAULT_TILING, interpret: bool = False) -> jax.Array:
+  """`transition_reference(x, ...)` with the forward pass in one Pallas kernel (see the module
+  docstring); differentiable. x [..., c] in the compute dtype (w1 and w2 are cast to it);
+  scale, offset [c]; b1 [h], b2 [c]. The widths must pass `unsupported_reason`."""
+  channels, hidden = w1.shape
+  reason = unsupported_reason(channels, hidden)
+  if reason is not None:
+    raise ValueError(f"pallas transition {channels} -> {hidden}: {reason}")
+  if x.shape[-1] != channels or w2.shape != (hidden, channels):
+    raise ValueError(f"pallas transition: x {x.shape}, w1 {w1.shape}, w2 {w2.shape} do not "
+                     "fit [..., c], [c, h], [h, c]")
+  return _transition(x, scale, offset, w1.astype(x.dtype), b1, w2.astype(x.dtype), b2,
+                     float(eps), tiling, interpret)
