@@ -138,6 +138,14 @@ af2flax adds, under `global_config`:
   transition_tiling  rows per program, hidden channels per loop step, warps and stages of
                  that kernel (`pallas_transition.Tiling` fields, e.g. 'block_rows=128,warps=8').
                  Presets: "".
+  triangle_projection_impl 'xla' | 'auto' | 'pallas', as `transition_impl`, for the
+                 triangle multiplication's input side with `triangle_channels_first`: its
+                 layer norm, edge projections, their gates and mask, and the output gate's
+                 projection as one Pallas kernel (`pallas_triangle`), which writes only the
+                 gated edges [c, N, N] and the gate's logits; the backward pass XLA's. Same
+                 parameters. Presets: 'xla' (not yet timed on a GPU).
+  triangle_projection_tiling  that kernel's `pallas_transition.Tiling` fields (its
+                 defaults: 64 rows, 4 warps, `pallas_triangle.DEFAULT_TILING`). Presets: "".
 and turns `use_remat` on in the presets (AlphaFold's file has it off: its inference does not
 need it; training at crop 256 does). Everything else equals AlphaFold's values.
 `from_alphafold_dict(d)` builds this tree from an AlphaFold `model_config` dict, e.g. the
@@ -183,6 +191,8 @@ OUR_GLOBAL_DEFAULTS = {
     "layer_norm_recompute": True,
     "transition_impl": "auto",
     "transition_tiling": "",
+    "triangle_projection_impl": "xla",
+    "triangle_projection_tiling": "",
 }
 
 

@@ -12,9 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from af2flax.model.primitives import (Attention, LayerNorm, Linear, LinearParams, add_bias,
+from af2flax.model import pallas_triangle
+from af2flax.model.primitives import (LAYER_NORM_EPSILON, Attention, LayerNorm,
+                                      LayerNormParams, Linear, LinearParams, add_bias,
                                       attention_settings, chunked_apply, compute_dtype,
-                                      final_init, fused_linear, module_param)
+                                      final_init, fused_linear, kernel_path, module_param)
 
 
 def subbatch_size(global_config: Any, extra_msa: bool = False) -> int | None:
@@ -57,8 +59,12 @@ class TriangleMultiplication(nn.Module):
     channels = c.num_intermediate_channel
     gate_init = final_init(gc.zero_init)
 
-    act = LayerNorm(name="layer_norm_input")(pair_act)
     output_channel = pair_act.shape[-1]
+    if gc.get("triangle_channels_first", False) and kernel_path(
+        gc, "triangle_projection_impl", pair_act, dtype,
+        pallas_triangle.unsupported_reason(output_channel, channels) is None) == "pallas":
+      return self._edge_kernel(pair_act, pair_mask, output_channel, dtype, gate_init)
+    act = LayerNorm(name="layer_norm_input")(pair_act)
     if gc.get("triangle_channels_first", False):
       return self._channels_first(act, pair_mask, output_channel, dtype, gate_init)
     mask = pair_mask[..., None].astype(dtype)
@@ -105,6 +111,27 @@ class TriangleMultiplication(nn.Module):
     mask = pair_mask[None].astype(dtype)
     left_proj = mask * left * jax.nn.sigmoid(left_gate)
     right_proj = mask * right * jax.nn.sigmoid(right_gate)
+    return self._product_and_output(left_proj, right_proj, gate, output_channel, dtype,
+                                    gate_init)
+
+  def _edge_kernel(self, pair_act, pair_mask, output_channel, dtype, gate_init):
+    """`_channels_first` with its layer norm, edge projections, gates, mask and the output
+    gate's projection as one Pallas kernel (`pallas_triangle`; same parameters)."""
+    scale, offset = LayerNormParams(name="layer_norm_input")(pair_act.shape[-1])
+    edges = [layer(pair_act.shape[-1]) for layer in self._edge_projections(gate_init)]
+    w_gate, b_gate = LinearParams(output_channel, initializer=gate_init, bias_init=1.0,
+                                  name="gating_linear")(pair_act.shape[-1])
+    left_proj, right_proj, gate = pallas_triangle.edge_projections(
+        pair_act, pair_mask, scale, offset, jnp.concatenate([w for w, _ in edges], axis=-1),
+        jnp.concatenate([b for _, b in edges]), w_gate, b_gate, LAYER_NORM_EPSILON,
+        tiling=pallas_triangle.tiling_from_text(
+            self.global_config.get("triangle_projection_tiling", "") or ""),
+        interpret=jax.default_backend() != "gpu")
+    return self._product_and_output(left_proj, right_proj, gate, output_channel, dtype,
+                                    gate_init)
+
+  def _product_and_output(self, left_proj, right_proj, gate, output_channel, dtype, gate_init):
+    """The channels-first triangle product, its layer norm, output projection and gate."""
     act = jnp.einsum(channels_first_equation(self.config.equation), left_proj, right_proj)
     act = LayerNorm(axis=0, name="center_layer_norm")(act)
     weights, bias = LinearParams(output_channel, initializer=gate_init,
