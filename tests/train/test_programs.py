@@ -485,10 +485,13 @@ def test_alphafold_heads_apart_compose_to_the_heads(tiny):
 
 def test_alphafold_objective_with_the_structure_module_apart_is_the_objective(tiny):
   """`head_stages='structure,losses'` gives the one-stage heads' loss and gradient for the
-  same example key (dropout on, in the structure module too)."""
+  same example key (dropout on, in the structure module too). Without recycling iterations
+  (they run before the heads either way): the test compiles two whole gradients, which
+  the recycling loop made the slowest test of the suite (130 s on CI's machine)."""
   config, params, batch = tiny
   config = _with_dropout(config)
   config.heads.structure_module.dropout = 0.1
+  config.num_recycle = 0
   model = AlphaFold(config)
   key = jax.random.PRNGKey(5)
   objectives = [step_lib.alphafold_objective(model, config, "trunk", heads)
