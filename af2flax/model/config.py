@@ -138,6 +138,12 @@ af2flax adds, under `global_config`:
   transition_tiling  rows per program, hidden channels per loop step, warps and stages of
                  that kernel (`pallas_transition.Tiling` fields, e.g. 'block_rows=128,warps=8').
                  Presets: "".
+  transition_backward  with the transition kernel: 'xla' (JAX's differentiation of the
+                 layers) | 'pallas' (a kernel recomputes the layer norm and the hidden layer
+                 and writes the hidden layer's gradient and the normalised input's, on chip
+                 through both layers; XLA takes the weights' products and sums:
+                 `pallas_transition.transition(backward=...)`). Presets: 'xla' ('pallas' not
+                 yet timed on a GPU).
   triangle_projection_impl 'xla' | 'auto' | 'pallas', as `transition_impl`, for the
                  triangle multiplication's input side with `triangle_channels_first`: its
                  layer norm, edge projections, their gates and mask, and the output gate's
@@ -191,6 +197,7 @@ OUR_GLOBAL_DEFAULTS = {
     "layer_norm_recompute": True,
     "transition_impl": "auto",
     "transition_tiling": "",
+    "transition_backward": "xla",
     "triangle_projection_impl": "xla",
     "triangle_projection_tiling": "",
 }

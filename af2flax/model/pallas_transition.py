@@ -40,7 +40,7 @@ from af2flax.model import primitives
 _F32 = jnp.float32
 # Triton's matrix product takes tiles of at least 16 along every axis.
 MIN_BLOCK = 16
-# The hidden chunk shrinks until the kernel's shared memory (`_shared_memory_bytes`) fits in
+# The hidden chunk shrinks until the kernel's shared memory (`_tiles`) fits in
 # this (an H100 or H200 multiprocessor offers 227 KiB to one program).
 SHARED_MEMORY_BYTES = 200 * 1024
 
@@ -99,14 +99,6 @@ def block_size(n: int, preferred: int) -> int | None:
   return None
 
 
-def _shared_memory_bytes(block_rows: int, block_hidden: int, channels: int, stages: int,
-                         itemsize: int) -> int:
-  """Triton's shared memory for the kernel: each pipeline stage holds a chunk of W1 and of W2,
-  plus the block of rows (this matched the 294,912 bytes Triton asked for at 64 rows, 128
-  hidden, 256 channels and 2 stages in bfloat16, more than an H100's 232,448)."""
-  return (stages * 2 * channels * block_hidden + block_rows * channels) * itemsize
-
-
 def unsupported_reason(channels: int, hidden: int) -> str | None:
   """Why a transition of `channels` -> `hidden` -> `channels` cannot run here (None when it
   can): Triton's tiles need power-of-two widths of at least 16 along both."""
@@ -152,17 +144,13 @@ def _kernel(x_ref, scale_ref, offset_ref, w1_ref, b1_ref, w2_ref, b2_ref, out_re
 def _forward_kernel_call(x2d, scale, offset, w1, b1, w2, b2, eps, tiling, interpret):
   rows, channels = x2d.shape
   hidden = w1.shape[1]
-  block_rows = block_size(rows, tiling.block_rows)
-  padding = 0
-  if block_rows is None:          # no power-of-two factor >= 16: pad the rows
-    block_rows = MIN_BLOCK
-    padding = -rows % MIN_BLOCK
+  # Each pipeline stage holds a chunk of W1 and one of W2, plus the block of rows: at 64
+  # rows, 128 hidden, 256 channels and 2 stages in bfloat16 this is the 294,912 bytes Triton
+  # asked for, more than an H100's 232,448.
+  block_rows, padding, block_hidden = _tiles(rows, channels, hidden,
+                                             jnp.dtype(w1.dtype).itemsize, tiling, 2)
+  if padding:
     x2d = jnp.pad(x2d, ((0, padding), (0, 0)))
-  block_hidden = block_size(hidden, tiling.block_hidden)
-  while (block_hidden > MIN_BLOCK
-         and _shared_memory_bytes(block_rows, block_hidden, channels, tiling.stages,
-                                  jnp.dtype(w1.dtype).itemsize) > SHARED_MEMORY_BYTES):
-    block_hidden //= 2
   full = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
   out = pl.pallas_call(
       functools.partial(_kernel, eps=eps, block_hidden=block_hidden),
@@ -180,23 +168,127 @@ def _forward_kernel_call(x2d, scale, offset, w1, b1, w2, b2, eps, tiling, interp
   return out[:rows] if padding else out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _transition(x, scale, offset, w1, b1, w2, b2, eps, tiling, interpret):
+def _backward_kernel(x_ref, scale_ref, offset_ref, w1_ref, b1_ref, w2_ref, dy_ref,
+                     normed_ref, hidden_ref, d_hidden_ref, d_normed_ref, *, eps: float,
+                     block_hidden: int):
+  x = x_ref[...].astype(_F32)                                     # [rows, c]
+  mean = jnp.mean(x, axis=1, keepdims=True)
+  centred = x - mean
+  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=1, keepdims=True) + eps)
+  normed = (centred * rstd * scale_ref[...].astype(_F32)[None, :]
+            + offset_ref[...].astype(_F32)[None, :]).astype(w1_ref.dtype)
+  normed_ref[...] = normed
+  d_out = dy_ref[...]
+  rows, channels = x.shape
+
+  def body(index, acc):
+    chunk = pl.ds(index * block_hidden, block_hidden)
+    w1 = w1_ref[:, chunk]                                         # [c, bh]
+    pre = jax.lax.dot_general(normed, w1, (((1,), (0,)), ((), ())),
+                              preferred_element_type=_F32) + b1_ref[chunk].astype(_F32)[None, :]
+    hidden_ref[:, chunk] = jnp.maximum(pre, 0.0).astype(hidden_ref.dtype)
+    grad = jax.lax.dot_general(d_out, w2_ref[chunk, :], (((1,), (1,)), ((), ())),
+                               preferred_element_type=_F32)      # [rows, bh]
+    d_hidden = jnp.where(pre > 0, grad, 0.0).astype(d_hidden_ref.dtype)
+    d_hidden_ref[:, chunk] = d_hidden
+    return acc + jax.lax.dot_general(d_hidden, w1, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=_F32)
+
+  acc = jax.lax.fori_loop(0, w1_ref.shape[1] // block_hidden, body,
+                          jnp.zeros((rows, channels), _F32))
+  d_normed_ref[...] = acc.astype(d_normed_ref.dtype)
+
+
+def _tiles(rows, channels, hidden, itemsize, tiling, buffers, row_tiles=1):
+  """(block_rows, row padding, block_hidden) for a kernel whose shared memory holds
+  `buffers` [c, hidden chunk] chunks of the weights per pipeline stage and `row_tiles`
+  [rows, c] blocks."""
+  block_rows = block_size(rows, tiling.block_rows)
+  padding = 0
+  if block_rows is None:          # no power-of-two factor >= 16: pad the rows
+    block_rows = MIN_BLOCK
+    padding = -rows % MIN_BLOCK
+  block_hidden = block_size(hidden, tiling.block_hidden)
+  while (block_hidden > MIN_BLOCK
+         and (tiling.stages * buffers * channels * block_hidden
+              + row_tiles * block_rows * channels)
+         * itemsize > SHARED_MEMORY_BYTES):
+    block_hidden //= 2
+  return block_rows, padding, block_hidden
+
+
+def _backward_kernel_call(x2d, scale, offset, w1, b1, w2, dy2d, eps, tiling, interpret):
+  """(normed, hidden, d_hidden, d_normed) of the rows, in the compute dtype: the layer norm's
+  output and the hidden layer recomputed, the hidden layer's gradient through the ReLU,
+  and the normalised input's gradient (= d_hidden W1^T)."""
+  rows, channels = x2d.shape
+  hidden = w1.shape[1]
+  block_rows, padding, block_hidden = _tiles(rows, channels, hidden,
+                                             jnp.dtype(w1.dtype).itemsize, tiling, 2, 2)
+  if padding:      # zero rows: a zero gradient adds nothing to the weights' sums
+    x2d, dy2d = (jnp.pad(a, ((0, padding), (0, 0))) for a in (x2d, dy2d))
+  padded = x2d.shape[0]
+  full = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+  row_tile = lambda width: pl.BlockSpec((block_rows, width), lambda i: (i, 0))  # noqa: E731
+  dtype = x2d.dtype
+  normed, hidden_act, d_hidden, d_normed = pl.pallas_call(
+      functools.partial(_backward_kernel, eps=eps, block_hidden=block_hidden),
+      grid=(padded // block_rows,),
+      in_specs=[row_tile(channels), full(channels), full(channels), full(channels, hidden),
+                full(hidden), full(hidden, channels), row_tile(channels)],
+      out_specs=[row_tile(channels), row_tile(hidden), row_tile(hidden), row_tile(channels)],
+      out_shape=[jax.ShapeDtypeStruct((padded, channels), dtype),
+                 jax.ShapeDtypeStruct((padded, hidden), dtype),
+                 jax.ShapeDtypeStruct((padded, hidden), dtype),
+                 jax.ShapeDtypeStruct((padded, channels), dtype)],
+      compiler_params=plgpu.CompilerParams(num_warps=tiling.warps,
+                                           num_stages=tiling.stages),
+      interpret=interpret,
+      name="af2_transition_backward",
+  )(x2d, scale, offset, w1, b1, w2, dy2d.astype(dtype))
+  if padding:
+    normed, hidden_act, d_hidden, d_normed = (
+        a[:rows] for a in (normed, hidden_act, d_hidden, d_normed))
+  return normed, hidden_act, d_hidden, d_normed
+
+
+BACKWARDS = ("xla", "pallas")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _transition(x, scale, offset, w1, b1, w2, b2, eps, tiling, interpret, backward):
+  del backward
   shape = x.shape
   out = _forward_kernel_call(x.reshape(-1, shape[-1]), scale, offset, w1, b1, w2, b2, eps,
                              tiling, interpret)
   return out.reshape(shape)
 
 
-def _transition_forward(x, scale, offset, w1, b1, w2, b2, eps, tiling, interpret):
-  return (_transition(x, scale, offset, w1, b1, w2, b2, eps, tiling, interpret),
+def _transition_forward(x, scale, offset, w1, b1, w2, b2, eps, tiling, interpret, backward):
+  return (_transition(x, scale, offset, w1, b1, w2, b2, eps, tiling, interpret, backward),
           (x, scale, offset, w1, b1, w2, b2))
 
 
-def _transition_backward(eps, tiling, interpret, residuals, d_out):
-  del tiling, interpret
-  _, pullback = jax.vjp(functools.partial(transition_reference, eps=eps), *residuals)
-  return pullback(d_out)
+def _transition_backward(eps, tiling, interpret, backward, residuals, d_out):
+  if backward == "xla":
+    _, pullback = jax.vjp(functools.partial(transition_reference, eps=eps), *residuals)
+    return pullback(d_out)
+  x, scale, offset, w1, b1, w2, b2 = residuals
+  channels = x.shape[-1]
+  x2d, dy2d = x.reshape(-1, channels), d_out.reshape(-1, channels)
+  normed, hidden, d_hidden, d_normed = _backward_kernel_call(
+      x2d, scale, offset, w1, b1, w2, dy2d, eps, tiling, interpret)
+  dy2d = dy2d.astype(x.dtype)
+  # The weights' gradients as XLA's layers have them: products in the compute dtype, the
+  # biases' sums in float32 (`primitives.add_bias`).
+  d_w2 = jnp.einsum("mh,mc->hc", hidden, dy2d).astype(w2.dtype)
+  d_w1 = jnp.einsum("mc,mh->ch", normed, d_hidden).astype(w1.dtype)
+  d_b2 = jnp.sum(dy2d.astype(_F32), axis=0).astype(b2.dtype)
+  d_b1 = jnp.sum(d_hidden.astype(_F32), axis=0).astype(b1.dtype)
+  _, norm_pullback = jax.vjp(
+      lambda a, s, o: primitives.layer_norm(a, s, o, 1, eps, x.dtype), x2d, scale, offset)
+  d_x, d_scale, d_offset = norm_pullback(d_normed)
+  return d_x.reshape(x.shape), d_scale, d_offset, d_w1, d_b1, d_w2, d_b2
 
 
 _transition.defvjp(_transition_forward, _transition_backward)
@@ -204,10 +296,20 @@ _transition.defvjp(_transition_forward, _transition_backward)
 
 def transition(x: jax.Array, scale: jax.Array, offset: jax.Array, w1: jax.Array,
                b1: jax.Array, w2: jax.Array, b2: jax.Array, eps: float,
-               tiling: Tiling = DEFAULT_TILING, interpret: bool = False) -> jax.Array:
+               tiling: Tiling = DEFAULT_TILING, interpret: bool = False,
+               backward: str = "xla") -> jax.Array:
   """`transition_reference(x, ...)` with the forward pass in one Pallas kernel (see the module
   docstring); differentiable. x [..., c] in the compute dtype (w1 and w2 are cast to it);
-  scale, offset [c]; b1 [h], b2 [c]. The widths must pass `unsupported_reason`."""
+  scale, offset [c]; b1 [h], b2 [c]. The widths must pass `unsupported_reason`.
+
+  `backward`: 'xla' (JAX's differentiation of `transition_reference`) or 'pallas': one
+  kernel per block of rows recomputes the layer norm and the hidden layer, and writes the
+  normalised input, the hidden layer, its gradient through the ReLU and the normalised
+  input's gradient (`d_hidden W1^T`, accumulated on chip); XLA then takes the weights'
+  products and sums and the layer norm's backward pass. That skips XLA's separate passes for
+  the first layer's bias and ReLU and for the ReLU's gradient."""
+  if backward not in BACKWARDS:
+    raise ValueError(f"pallas transition: backward={backward!r}; expected one of {BACKWARDS}")
   channels, hidden = w1.shape
   reason = unsupported_reason(channels, hidden)
   if reason is not None:
@@ -216,4 +318,4 @@ def transition(x: jax.Array, scale: jax.Array, offset: jax.Array, w1: jax.Array,
     raise ValueError(f"pallas transition: x {x.shape}, w1 {w1.shape}, w2 {w2.shape} do not "
                      "fit [..., c], [c, h], [h, c]")
   return _transition(x, scale, offset, w1.astype(x.dtype), b1, w2.astype(x.dtype), b2,
-                     float(eps), tiling, interpret)
+                     float(eps), tiling, interpret, backward)

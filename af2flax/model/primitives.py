@@ -910,7 +910,8 @@ class Transition(nn.Module):
           act, scale, offset, w1, b1, w2, b2, LAYER_NORM_EPSILON,
           tiling=pallas_transition.tiling_from_text(
               self.global_config.get("transition_tiling", "") or ""),
-          interpret=jax.default_backend() != "gpu")
+          interpret=jax.default_backend() != "gpu",
+          backward=self.global_config.get("transition_backward", "xla") or "xla")
     act = LayerNorm(name="input_layer_norm")(act)
     mlp = _TransitionMLP(hidden, channels, self.global_config.zero_init, dtype)
     nn.share_scope(self, mlp)

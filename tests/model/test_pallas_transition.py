@@ -83,10 +83,10 @@ def test_kernel_under_vmap_and_remat():
   np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5)
 
 
-def _module(impl: str, channels: int = 16, factor: int = 4):
+def _module(impl: str, factor: int = 4, backward: str = "xla"):
   global_config = ml_collections.ConfigDict({
       "dtype": "float32", "zero_init": False, "transition_impl": impl,
-      "transition_tiling": "block_rows=16,block_hidden=16"})
+      "transition_tiling": "block_rows=16,block_hidden=16", "transition_backward": backward})
   config = ml_collections.ConfigDict({"num_intermediate_factor": factor})
   return primitives.Transition(config, global_config)
 
@@ -148,3 +148,49 @@ def test_tiling_from_text_and_checks():
   assert pallas_transition.unsupported_reason(64, 256) is None
   with pytest.raises(ValueError, match="48 -> 192"):
     pallas_transition.transition(*_inputs((4,), 48, 192, jnp.float32), _EPS, interpret=True)
+
+
+@pytest.mark.parametrize("shape,channels,hidden", _CASES)
+def test_backward_kernel_gives_the_xla_layers_gradients_in_float32(shape, channels, hidden):
+  """`backward='pallas'`: the same gradients as JAX's differentiation of the layers, to
+  float32 rounding (rows padded inside for the 35-row case)."""
+  args = _inputs(shape, channels, hidden, jnp.float32, seed=6)
+  cotangent = jnp.asarray(np.random.default_rng(7).normal(size=args[0].shape), jnp.float32)
+  kernel = lambda *a: pallas_transition.transition(  # noqa: E731
+      *a, _EPS, tiling=pallas_transition.Tiling(block_rows=32, block_hidden=32),
+      interpret=True, backward="pallas")
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * cotangent)  # noqa: E731
+  got = jax.grad(loss(kernel), argnums=tuple(range(7)))(*args)
+  want = jax.grad(loss(_reference), argnums=tuple(range(7)))(*args)
+  for name, a, b in zip(("x", "scale", "offset", "w1", "b1", "w2", "b2"), got, want):
+    assert a.dtype == b.dtype and a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_backward_kernel_in_bfloat16_within_rounding():
+  args = _inputs((4, 48), 32, 128, jnp.bfloat16, seed=8)
+  cotangent = jnp.asarray(np.random.default_rng(9).normal(size=args[0].shape), jnp.float32)
+  kernel = lambda *a: pallas_transition.transition(  # noqa: E731
+      *a, _EPS, tiling=pallas_transition.Tiling(block_rows=32, block_hidden=32),
+      interpret=True, backward="pallas")
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent)  # noqa: E731
+  got = jax.grad(loss(kernel), argnums=tuple(range(7)))(*args)
+  xla = jax.grad(loss(_reference), argnums=tuple(range(7)))(*args)
+  exact = jax.grad(loss(_reference), argnums=tuple(range(7)))(
+      *(a.astype(jnp.float32) for a in args))
+  for name, a, b, c in zip(("x", "scale", "offset", "w1", "b1", "w2", "b2"), got, xla, exact):
+    assert a.dtype == b.dtype, name
+    err_kernel = np.abs(np.asarray(a, np.float32) - c).max()
+    err_xla = np.abs(np.asarray(b, np.float32) - c).max()
+    assert err_kernel <= 2 * err_xla + 2 ** -7 * np.abs(c).max(), name
+  with pytest.raises(ValueError, match="backward='triton'"):
+    pallas_transition.transition(*args, _EPS, interpret=True, backward="triton")
+
+
+def test_module_gradients_with_the_backward_kernel():
+  act = jnp.asarray(np.random.default_rng(10).normal(size=(3, 20, 16)), jnp.float32)
+  params = _module("xla").init(jax.random.PRNGKey(1), act)
+  grads = [jax.grad(lambda p, x, m=m: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(
+      params, act) for m in (_module("xla"), _module("pallas", backward="pallas"))]
+  for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
