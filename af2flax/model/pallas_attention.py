@@ -124,20 +124,30 @@ def tiling_from_text(text: str, base: Tiling = DEFAULT_TILING) -> Tiling:
   (`global_config.pallas_tiling`, e.g. 'forward_stages=2,lg_block_q=64'; "" is `base`).
   Raises ValueError naming an unknown field, a value that is not a positive integer, or
   `backward` (chosen by `global_config.pallas_backward`)."""
-  fields = {f.name for f in dataclasses.fields(Tiling) if f.name != "backward"}
+  return replace_from_text(text, base, "pallas tiling", excluded=("backward",),
+                           zero_allowed=("lg_max_chunk_bytes",))
+
+
+def replace_from_text(text: str, base, what: str, excluded=(), zero_allowed=()):
+  """The dataclass `base` with the integer fields that `text` sets ('field=value',
+  comma-separated; "" is `base`), for the kernels' tilings. Raises ValueError (naming `what`)
+  for a field not in `base` or in `excluded`, or a value that is not a positive integer (0
+  allowed for the fields in `zero_allowed`)."""
+  fields = {f.name for f in dataclasses.fields(base) if f.name not in excluded}
+  kind = type(base).__name__
   changes = {}
   for item in filter(None, (part.strip() for part in text.split(","))):
     name, sep, value = item.partition("=")
     name = name.strip()
     if not sep or name not in fields:
-      raise ValueError(f"pallas tiling {text!r}: {item!r} is not FIELD=VALUE with a field of "
-                       f"Tiling ({', '.join(sorted(fields))})")
+      raise ValueError(f"{what} {text!r}: {item!r} is not FIELD=VALUE with a field of "
+                       f"{kind} ({', '.join(sorted(fields))})")
     try:
       number = int(value)
     except ValueError:
       number = None
-    if number is None or number < (0 if name == "lg_max_chunk_bytes" else 1):
-      raise ValueError(f"pallas tiling {text!r}: {name}={value.strip()!r} is not a "
+    if number is None or number < (0 if name in zero_allowed else 1):
+      raise ValueError(f"{what} {text!r}: {name}={value.strip()!r} is not a "
                        "positive integer")
     changes[name] = number
   return dataclasses.replace(base, **changes) if changes else base
@@ -171,7 +181,7 @@ def _scaled(q: jax.Array, scale: float) -> jax.Array:
   return q if scale == 1.0 else (q.astype(_F32) * scale).astype(q.dtype)
 
 
-def _block(n: int, preferred: int) -> int | None:
+def block_size(n: int, preferred: int) -> int | None:
   """The largest power of two <= `preferred` dividing `n`, or None if under `MIN_BLOCK`."""
   size = preferred
   while size >= MIN_BLOCK:
@@ -213,7 +223,7 @@ def unsupported_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
     return f"head dim {head_dim} is not between 1 and {MAX_HEAD_DIM}"
   if pad_lengths:
     q_len, k_len = padded_length(q_len), padded_length(k_len)
-  if _block(q_len, 64) is None or _block(k_len, 64) is None:
+  if block_size(q_len, 64) is None or block_size(k_len, 64) is None:
     return f"query length {q_len} or key length {k_len} is not a multiple of {MIN_BLOCK}"
   if differentiable:
     if q_len > max_queries:
@@ -226,7 +236,7 @@ def unsupported_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
 def _query_blocks_reason(q_len: int, preferred_block: int) -> str | None:
   """Why the key/value/bias kernel cannot unroll `q_len` queries in blocks of (up to)
   `preferred_block` (None when it can)."""
-  block_q = _block(q_len, preferred_block)
+  block_q = block_size(q_len, preferred_block)
   if q_len // block_q > MAX_QUERY_BLOCKS:
     return (f"the backward pass takes {q_len} queries in {q_len // block_q} blocks of "
             f"{block_q}, more than {MAX_QUERY_BLOCKS}")
@@ -324,8 +334,8 @@ def _forward_kernel(*refs, has_bias: bool, block_k: int, scale: float, absent_ke
 def _forward(q, k, v, bias, key_mask, tiling, interpret, layout):
   batch, q_len, _, head_dim = q.shape
   k_len, heads = k.shape[1], layout.heads
-  block_q = _block(q_len, tiling.forward_block_q)
-  block_k = _block(k_len, tiling.forward_block_k)
+  block_q = block_size(q_len, tiling.forward_block_q)
+  block_k = block_size(k_len, tiling.forward_block_k)
   operands, in_specs, query_tile, query_stat = _query_block_specs(q, k, v, bias, key_mask,
                                                                   block_q, layout)
   stat_shape = jax.ShapeDtypeStruct((batch, heads, q_len), _F32)
@@ -495,8 +505,8 @@ def _query_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, interpret,
   block)."""
   q_len, k_len = q.shape[1], k.shape[1]
   batch, head_dim, heads = q.shape[0], q.shape[-1], layout.heads
-  block_q = _block(q_len, tiling.query_block_q)
-  block_k = _block(k_len, tiling.query_block_k)
+  block_q = block_size(q_len, tiling.query_block_q)
+  block_k = block_size(k_len, tiling.query_block_k)
   operands, in_specs, query_tile, query_stat = _query_block_specs(q, k, v, bias, key_mask,
                                                                   block_q, layout)
   operands += [d_out] + query_stats
@@ -616,8 +626,8 @@ def _grouped_key_value_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling
   reason = _query_blocks_reason(q_len, tiling.kv_block_q)
   if reason is not None:
     raise ValueError(f"pallas attention: {reason} (Tiling.kv_block_q)")
-  block_q = _block(q_len, tiling.kv_block_q)
-  block_k = _block(k_len, tiling.kv_block_k)
+  block_q = block_size(q_len, tiling.kv_block_q)
+  block_k = block_size(k_len, tiling.kv_block_k)
   key_blocks = k_len // block_k
   groups = _row_groups(batch, heads, key_blocks, has_bias, tiling.kv_target_programs)
   rows = batch // groups
@@ -647,8 +657,8 @@ def _key_value_logit_grads(q, k, v, bias, key_mask, d_out, query_stats, tiling, 
   grid (row, head, key block)."""
   batch, q_len = q.shape[:2]
   k_len, heads = k.shape[1], layout.heads
-  block_q = _block(q_len, tiling.lg_block_q)
-  block_k = _block(k_len, tiling.lg_block_k)
+  block_q = block_size(q_len, tiling.lg_block_q)
+  block_k = block_size(k_len, tiling.lg_block_k)
   operands, in_specs, out_specs, out_shape = _key_block_operands(
       q, k, v, bias, key_mask, d_out, query_stats, layout, None, block_k,
       lambda b, h, j: (b, h, j))

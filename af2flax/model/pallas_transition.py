@@ -35,11 +35,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from af2flax.model import primitives
+from af2flax.model import pallas_attention, primitives
 
 _F32 = jnp.float32
 # Triton's matrix product takes tiles of at least 16 along every axis.
-MIN_BLOCK = 16
+MIN_BLOCK = pallas_attention.MIN_BLOCK
+# The largest power of two <= `preferred` dividing `n`, or None if under `MIN_BLOCK`.
+block_size = pallas_attention.block_size
 # The hidden chunk shrinks until the kernel's shared memory (`_tiles`) fits in
 # this (an H100 or H200 multiprocessor offers 227 KiB to one program).
 SHARED_MEMORY_BYTES = 200 * 1024
@@ -70,33 +72,7 @@ DEFAULT_TILING = Tiling()
 def tiling_from_text(text: str, base: Tiling = DEFAULT_TILING) -> Tiling:
   """`base` with the fields `text` sets ('block_rows=128,warps=8'; "" is `base`).
   Raises ValueError naming an unknown field or a value that is not a positive integer."""
-  fields = {f.name for f in dataclasses.fields(Tiling)}
-  changes = {}
-  for item in filter(None, (part.strip() for part in text.split(","))):
-    name, sep, value = item.partition("=")
-    name = name.strip()
-    if not sep or name not in fields:
-      raise ValueError(f"transition tiling {text!r}: {item!r} is not FIELD=VALUE with a field "
-                       f"of Tiling ({', '.join(sorted(fields))})")
-    try:
-      number = int(value)
-    except ValueError:
-      number = 0
-    if number < 1:
-      raise ValueError(f"transition tiling {text!r}: {name}={value.strip()!r} is not a "
-                       "positive integer")
-    changes[name] = number
-  return dataclasses.replace(base, **changes) if changes else base
-
-
-def block_size(n: int, preferred: int) -> int | None:
-  """The largest power of two <= `preferred` dividing `n`, or None if under `MIN_BLOCK`."""
-  size = preferred
-  while size >= MIN_BLOCK:
-    if n % size == 0:
-      return size
-    size //= 2
-  return None
+  return pallas_attention.replace_from_text(text, base, "transition tiling")
 
 
 def unsupported_reason(channels: int, hidden: int) -> str | None:
@@ -118,15 +94,21 @@ def transition_reference(x, scale, offset, w1, b1, w2, b2, eps: float) -> jax.Ar
   return primitives.add_bias(jnp.einsum("...h,hc->...c", hidden, w2), b2)
 
 
-def _kernel(x_ref, scale_ref, offset_ref, w1_ref, b1_ref, w2_ref, b2_ref, out_ref, *,
-            eps: float, block_hidden: int):
-  x = x_ref[...].astype(_F32)                                     # [rows, c]
+def normalise_rows(x_ref, scale_ref, offset_ref, eps: float, dtype) -> jax.Array:
+  """Inside a kernel: the layer norm of a block of rows [rows, c] over its channels,
+  statistics in float32, `* scale + offset`, rounded to `dtype`."""
+  x = x_ref[...].astype(_F32)
   mean = jnp.mean(x, axis=1, keepdims=True)
   centred = x - mean
   rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=1, keepdims=True) + eps)
-  normed = (centred * rstd * scale_ref[...].astype(_F32)[None, :]
-            + offset_ref[...].astype(_F32)[None, :]).astype(w1_ref.dtype)
-  rows, channels = x.shape
+  return (centred * rstd * scale_ref[...].astype(_F32)[None, :]
+          + offset_ref[...].astype(_F32)[None, :]).astype(dtype)
+
+
+def _kernel(x_ref, scale_ref, offset_ref, w1_ref, b1_ref, w2_ref, b2_ref, out_ref, *,
+            eps: float, block_hidden: int):
+  normed = normalise_rows(x_ref, scale_ref, offset_ref, eps, w1_ref.dtype)  # [rows, c]
+  rows, channels = normed.shape
 
   def body(index, acc):
     chunk = pl.ds(index * block_hidden, block_hidden)
@@ -171,15 +153,10 @@ def _forward_kernel_call(x2d, scale, offset, w1, b1, w2, b2, eps, tiling, interp
 def _backward_kernel(x_ref, scale_ref, offset_ref, w1_ref, b1_ref, w2_ref, dy_ref,
                      normed_ref, hidden_ref, d_hidden_ref, d_normed_ref, *, eps: float,
                      block_hidden: int):
-  x = x_ref[...].astype(_F32)                                     # [rows, c]
-  mean = jnp.mean(x, axis=1, keepdims=True)
-  centred = x - mean
-  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=1, keepdims=True) + eps)
-  normed = (centred * rstd * scale_ref[...].astype(_F32)[None, :]
-            + offset_ref[...].astype(_F32)[None, :]).astype(w1_ref.dtype)
+  normed = normalise_rows(x_ref, scale_ref, offset_ref, eps, w1_ref.dtype)  # [rows, c]
   normed_ref[...] = normed
   d_out = dy_ref[...]
-  rows, channels = x.shape
+  rows, channels = normed.shape
 
   def body(index, acc):
     chunk = pl.ds(index * block_hidden, block_hidden)

@@ -64,12 +64,8 @@ def edge_projections_reference(x, mask, scale, offset, w_edges, b_edges, w_gate,
 
 def _kernel(x_ref, mask_ref, scale_ref, offset_ref, w_ref, b_ref, wg_ref, bg_ref,
             left_ref, right_ref, gate_ref, *, eps: float, edge_channels: int):
-  x = x_ref[...].astype(_F32)                                     # [rows, c_z]
-  mean = jnp.mean(x, axis=1, keepdims=True)
-  centred = x - mean
-  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=1, keepdims=True) + eps)
-  normed = (centred * rstd * scale_ref[...].astype(_F32)[None, :]
-            + offset_ref[...].astype(_F32)[None, :]).astype(w_ref.dtype)
+  normed = pallas_transition.normalise_rows(x_ref, scale_ref, offset_ref, eps,
+                                            w_ref.dtype)                 # [rows, c_z]
   mask = mask_ref[...].astype(_F32)[None, :]                      # [1, rows]
 
   def edge(index):
