@@ -124,6 +124,9 @@ def test_a_real_batch_trains_the_tiny_model(built):
   from af2flax.tools import parity  # pylint: disable=import-outside-toplevel
   from tests.conftest import REFERENCE  # pylint: disable=import-outside-toplevel
   params, reference_batch, _, model_config = parity.load_reference(REFERENCE / "af2_tiny")
+  # Without recycling iterations: the loop (no gradient through it) is most of the compile
+  # of this test, and the pipeline's recycling features are checked by the pipeline's tests.
+  model_config["num_recycle"] = 0
   config = _af2_tiny_data_config()
   iterator = input_pipeline.make_iterator(str(built), config, batch_size=1, seed=3,
                                           process_index=0, process_count=1)
