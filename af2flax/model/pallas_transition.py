@@ -13,11 +13,13 @@ walks the hidden layer in chunks: `h = relu(x̂ W1[:, chunk] + b1[chunk])` in fl
 rounded to the compute dtype, and `acc += h W2[chunk, :]` with float32 accumulation, so the
 hidden layer never reaches memory. Each program reads all of W1 and W2 (from L2).
 
-The backward pass (`jax.custom_vjp`) is JAX's differentiation of `transition_reference`, the
-same layers as `primitives.Transition`'s XLA path (`primitives.layer_norm`, `add_bias`):
-it recomputes the layer norm and the first layer in XLA and writes the hidden layer's
-gradient as before. Under the blocks' rematerialisation the recomputed forward pass is this
-kernel (its output feeds the next module), and the backward rule recomputes what it needs.
+The backward pass (`jax.custom_vjp`) is by default JAX's differentiation of
+`transition_reference`, the same layers as `primitives.Transition`'s XLA path
+(`primitives.layer_norm`, `add_bias`): it recomputes the layer norm and the first layer in
+XLA and writes the hidden layer's gradient as before. `transition(..., backward='pallas')`
+(`global_config.transition_backward`) runs a second kernel there instead (see `transition`).
+Under the blocks' rematerialisation the recomputed forward pass is this kernel (its output
+feeds the next module), and the backward rule recomputes what it needs.
 
 Values: the kernel adds the first bias to the float32 product before rounding (XLA's path
 rounds the product to the compute dtype, then adds the bias in it), so in bfloat16 the
