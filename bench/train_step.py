@@ -446,12 +446,12 @@ VARIANTS["bf16-auto-split3hr-flatupdate-fwdrecycle-cublas4"] = {
 VARIANTS["bf16-auto-xlatrans"] = {**_BF16_AUTO, "transition_impl": "xla"}
 VARIANTS["bf16-auto-ptrans64"] = {**_BF16_AUTO, "transition_impl": "auto",
                                   "transition_tiling": "block_rows=64,warps=4"}
+# The transition kernel's backward pass as a kernel too (`global_config.transition_backward`;
+# written 2026-12-06, twenty-seventh session, not yet timed on a GPU).
+VARIANTS["bf16-auto-ptransbwd"] = {**_BF16_AUTO, "transition_backward": "pallas"}
 # The triangle multiplication's layer norm, edge projections, gates and mask as one Pallas
 # kernel (`global_config.triangle_projection_impl`, `af2flax/model/pallas_triangle.py`):
-# written 2026-12-06 (twenty-seventh session), not yet timed on a GPU.
-# The transition kernel's backward pass as a kernel too (`global_config.transition_backward`;
-# written the same session, not yet timed on a GPU).
-VARIANTS["bf16-auto-ptransbwd"] = {**_BF16_AUTO, "transition_backward": "pallas"}
+# written the same session, not yet timed on a GPU.
 VARIANTS["bf16-auto-ptri"] = {**_BF16_AUTO, "triangle_projection_impl": "auto"}
 VARIANTS["bf16-pallas512-extracudnn-offload55-ptri"] = {**_FINETUNE_PRESET,
                                                         "triangle_projection_impl": "auto"}

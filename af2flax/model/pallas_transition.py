@@ -135,17 +135,15 @@ def _forward_kernel_call(x2d, scale, offset, w1, b1, w2, b2, eps, tiling, interp
                                              jnp.dtype(w1.dtype).itemsize, tiling, 2)
   if padding:
     x2d = jnp.pad(x2d, ((0, padding), (0, 0)))
-  full = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
   out = pl.pallas_call(
       functools.partial(_kernel, eps=eps, block_hidden=block_hidden),
       grid=(x2d.shape[0] // block_rows,),
       in_specs=[pl.BlockSpec((block_rows, channels), lambda i: (i, 0)),
-                full(channels), full(channels), full(channels, hidden), full(hidden),
-                full(hidden, channels), full(channels)],
+                whole(channels), whole(channels), whole(channels, hidden), whole(hidden),
+                whole(hidden, channels), whole(channels)],
       out_specs=pl.BlockSpec((block_rows, channels), lambda i: (i, 0)),
       out_shape=jax.ShapeDtypeStruct(x2d.shape, x2d.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=tiling.warps,
-                                           num_stages=tiling.stages),
+      compiler_params=compiler_params(tiling),
       interpret=interpret,
       name="af2_transition_forward",
   )(x2d, scale, offset, w1, b1, w2, b2)
@@ -178,15 +176,31 @@ def _backward_kernel(x_ref, scale_ref, offset_ref, w1_ref, b1_ref, w2_ref, dy_re
   d_normed_ref[...] = acc.astype(d_normed_ref.dtype)
 
 
+def row_blocks(rows: int, preferred: int) -> tuple[int, int]:
+  """(rows per program, padding rows to add) for a kernel over blocks of rows: the largest
+  power of two <= `preferred` dividing `rows`; with none >= `MIN_BLOCK`, blocks of
+  `MIN_BLOCK` over the rows padded to a multiple of it."""
+  block_rows = block_size(rows, preferred)
+  if block_rows is None:
+    return MIN_BLOCK, -rows % MIN_BLOCK
+  return block_rows, 0
+
+
+def whole(*shape: int) -> pl.BlockSpec:
+  """The block spec of an operand every program of a 1-D grid reads whole (weights)."""
+  return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+
+
+def compiler_params(tiling: Tiling):
+  """Triton's warps and pipeline stages of `tiling`."""
+  return plgpu.CompilerParams(num_warps=tiling.warps, num_stages=tiling.stages)
+
+
 def _tiles(rows, channels, hidden, itemsize, tiling, buffers, row_tiles=1):
   """(block_rows, row padding, block_hidden) for a kernel whose shared memory holds
   `buffers` [c, hidden chunk] chunks of the weights per pipeline stage and `row_tiles`
   [rows, c] blocks."""
-  block_rows = block_size(rows, tiling.block_rows)
-  padding = 0
-  if block_rows is None:          # no power-of-two factor >= 16: pad the rows
-    block_rows = MIN_BLOCK
-    padding = -rows % MIN_BLOCK
+  block_rows, padding = row_blocks(rows, tiling.block_rows)
   block_hidden = block_size(hidden, tiling.block_hidden)
   while (block_hidden > MIN_BLOCK
          and (tiling.stages * buffers * channels * block_hidden
@@ -197,7 +211,8 @@ def _tiles(rows, channels, hidden, itemsize, tiling, buffers, row_tiles=1):
 
 
 def _backward_kernel_call(x2d, scale, offset, w1, b1, w2, dy2d, eps, tiling, interpret):
-  """(normed, hidden, d_hidden, d_normed) of the rows, in the compute dtype: the layer norm's
+  """(normed, hidden, d_hidden, d_normed) of the rows (dy2d in x2d's dtype), in the compute
+  dtype: the layer norm's
   output and the hidden layer recomputed, the hidden layer's gradient through the ReLU,
   and the normalised input's gradient (= d_hidden W1^T)."""
   rows, channels = x2d.shape
@@ -207,24 +222,22 @@ def _backward_kernel_call(x2d, scale, offset, w1, b1, w2, dy2d, eps, tiling, int
   if padding:      # zero rows: a zero gradient adds nothing to the weights' sums
     x2d, dy2d = (jnp.pad(a, ((0, padding), (0, 0))) for a in (x2d, dy2d))
   padded = x2d.shape[0]
-  full = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
   row_tile = lambda width: pl.BlockSpec((block_rows, width), lambda i: (i, 0))  # noqa: E731
   dtype = x2d.dtype
   normed, hidden_act, d_hidden, d_normed = pl.pallas_call(
       functools.partial(_backward_kernel, eps=eps, block_hidden=block_hidden),
       grid=(padded // block_rows,),
-      in_specs=[row_tile(channels), full(channels), full(channels), full(channels, hidden),
-                full(hidden), full(hidden, channels), row_tile(channels)],
+      in_specs=[row_tile(channels), whole(channels), whole(channels), whole(channels, hidden),
+                whole(hidden), whole(hidden, channels), row_tile(channels)],
       out_specs=[row_tile(channels), row_tile(hidden), row_tile(hidden), row_tile(channels)],
       out_shape=[jax.ShapeDtypeStruct((padded, channels), dtype),
                  jax.ShapeDtypeStruct((padded, hidden), dtype),
                  jax.ShapeDtypeStruct((padded, hidden), dtype),
                  jax.ShapeDtypeStruct((padded, channels), dtype)],
-      compiler_params=plgpu.CompilerParams(num_warps=tiling.warps,
-                                           num_stages=tiling.stages),
+      compiler_params=compiler_params(tiling),
       interpret=interpret,
       name="af2_transition_backward",
-  )(x2d, scale, offset, w1, b1, w2, dy2d.astype(dtype))
+  )(x2d, scale, offset, w1, b1, w2, dy2d)
   if padding:
     normed, hidden_act, d_hidden, d_normed = (
         a[:rows] for a in (normed, hidden_act, d_hidden, d_normed))
@@ -254,10 +267,9 @@ def _transition_backward(eps, tiling, interpret, backward, residuals, d_out):
     return pullback(d_out)
   x, scale, offset, w1, b1, w2, b2 = residuals
   channels = x.shape[-1]
-  x2d, dy2d = x.reshape(-1, channels), d_out.reshape(-1, channels)
+  x2d, dy2d = x.reshape(-1, channels), d_out.reshape(-1, channels).astype(x.dtype)
   normed, hidden, d_hidden, d_normed = _backward_kernel_call(
       x2d, scale, offset, w1, b1, w2, dy2d, eps, tiling, interpret)
-  dy2d = dy2d.astype(x.dtype)
   # The weights' gradients as XLA's layers have them: products in the compute dtype, the
   # biases' sums in float32 (`primitives.add_bias`).
   d_w2 = jnp.einsum("mh,mc->hc", hidden, dy2d).astype(w2.dtype)

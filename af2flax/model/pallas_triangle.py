@@ -25,7 +25,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from af2flax.model import pallas_transition, primitives
 
@@ -86,32 +85,28 @@ def _kernel_call(x2d, mask1d, scale, offset, w_edges, b_edges, w_gate, b_gate, e
                  interpret):
   rows, pair_channels = x2d.shape
   edge_channels = w_edges.shape[1] // 4
-  block_rows = pallas_transition.block_size(rows, tiling.block_rows)
-  padding = 0
-  if block_rows is None:          # no power-of-two factor >= 16: pad the rows
-    block_rows = pallas_transition.MIN_BLOCK
-    padding = -rows % block_rows
+  block_rows, padding = pallas_transition.row_blocks(rows, tiling.block_rows)
+  if padding:
     x2d = jnp.pad(x2d, ((0, padding), (0, 0)))
     mask1d = jnp.pad(mask1d, (0, padding))
   padded = x2d.shape[0]
-  full = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+  whole = pallas_transition.whole
   dtype = x2d.dtype
   left, right, gate = pl.pallas_call(
       functools.partial(_kernel, eps=eps, edge_channels=edge_channels),
       grid=(padded // block_rows,),
       in_specs=[pl.BlockSpec((block_rows, pair_channels), lambda i: (i, 0)),
                 pl.BlockSpec((block_rows,), lambda i: (i,)),
-                full(pair_channels), full(pair_channels),
-                full(pair_channels, 4 * edge_channels), full(4 * edge_channels),
-                full(pair_channels, pair_channels), full(pair_channels)],
+                whole(pair_channels), whole(pair_channels),
+                whole(pair_channels, 4 * edge_channels), whole(4 * edge_channels),
+                whole(pair_channels, pair_channels), whole(pair_channels)],
       out_specs=[pl.BlockSpec((edge_channels, block_rows), lambda i: (0, i)),
                  pl.BlockSpec((edge_channels, block_rows), lambda i: (0, i)),
                  pl.BlockSpec((block_rows, pair_channels), lambda i: (i, 0))],
       out_shape=[jax.ShapeDtypeStruct((edge_channels, padded), dtype),
                  jax.ShapeDtypeStruct((edge_channels, padded), dtype),
                  jax.ShapeDtypeStruct((padded, pair_channels), dtype)],
-      compiler_params=plgpu.CompilerParams(num_warps=tiling.warps,
-                                           num_stages=tiling.stages),
+      compiler_params=pallas_transition.compiler_params(tiling),
       interpret=interpret,
       name="af2_triangle_edges",
   )(x2d, mask1d, scale, offset, w_edges, b_edges, w_gate, b_gate)

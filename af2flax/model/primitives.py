@@ -813,7 +813,7 @@ class GlobalAttention(_AttentionParams, nn.Module):
 
 # --- Transition (Suppl. Alg. 9, 15) -----------------------------------------------------------
 
-TRANSITION_IMPLS = ("xla", "auto", "pallas")
+KERNEL_IMPLS = ("xla", "auto", "pallas")
 
 
 def transition_path(global_config: Any, act: jax.Array, dtype: Dtype, hidden: int) -> str:
@@ -837,12 +837,12 @@ def transition_path(global_config: Any, act: jax.Array, dtype: Dtype, hidden: in
 def kernel_path(global_config: Any, key: str, act: jax.Array, dtype: Dtype,
                 widths_fit: bool) -> str:
   """'pallas' or 'xla' for a layer whose Pallas kernel `global_config[key]` chooses
-  (`TRANSITION_IMPLS`; unset: 'xla'): 'auto' takes the kernel on a GPU when `act` is 16-bit
+  (`KERNEL_IMPLS`; unset: 'xla'): 'auto' takes the kernel on a GPU when `act` is 16-bit
   and in the compute dtype `dtype`; 'pallas' wherever the backend is a GPU or the CPU
   (Pallas's interpreter: tests); either only when `widths_fit`."""
   impl = global_config.get(key, "xla") or "xla"
-  if impl not in TRANSITION_IMPLS:
-    raise ValueError(f"global_config.{key}={impl!r}; expected one of {TRANSITION_IMPLS}")
+  if impl not in KERNEL_IMPLS:
+    raise ValueError(f"global_config.{key}={impl!r}; expected one of {KERNEL_IMPLS}")
   if impl == "xla" or not widths_fit:
     return "xla"
   if impl == "pallas":
